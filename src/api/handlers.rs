@@ -1,0 +1,475 @@
+//! Thin handlers: check the request, call the store, shape the answer.
+
+use std::collections::HashSet;
+use std::ops::Bound;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, SecondsFormat};
+use serde::Serialize;
+use serde_json::json;
+
+use super::cursor::CursorScope;
+use super::error::ApiError;
+use super::request::{
+    BodyKind, Query, body_kind, check_key, check_value_size, decode_value, key_from_path,
+    parse_json, read_body, write_condition,
+};
+use super::types::{
+    BatchGetRequest, BatchGetResponse, BatchOpKind, BatchRequest, BatchResponse, BatchResult,
+    EntryBody, ListResponse, PutBody, PutResponse,
+};
+use super::{AppState, DEFAULT_PAGE_LIMIT, MAX_BATCH_OPS, MAX_PAGE_LIMIT, MAX_PAGE_VALUE_BYTES};
+use crate::storage::{Condition, Entry, OpResult, ScanRequest, WriteOp, WriteOutcome};
+
+type ApiResult = Result<Response, ApiError>;
+
+fn json_response<T: Serialize>(status: StatusCode, body: &T) -> ApiResult {
+    let bytes = serde_json::to_vec(body)
+        .map_err(|err| ApiError::internal(format!("encoding the answer: {err}")))?;
+    let mut response = (status, bytes).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}
+
+fn with_etag(mut response: Response, version: u64) -> Response {
+    if let Ok(tag) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(header::ETAG, tag);
+    }
+    response
+}
+
+fn timestamp(micros: i64) -> String {
+    DateTime::from_timestamp_micros(micros)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn key_text(key: Vec<u8>) -> String {
+    // Keys are checked to be UTF-8 before they are stored.
+    String::from_utf8(key).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// An entry as the API shows it: `value` when the bytes are UTF-8, else
+/// `value_base64`; neither for a keys-only listing.
+pub(crate) fn entry_body(entry: Entry, keys_only: bool) -> EntryBody {
+    let (value, value_base64) = if keys_only {
+        (None, None)
+    } else {
+        match String::from_utf8(entry.value) {
+            Ok(text) => (Some(text), None),
+            Err(err) => (None, Some(STANDARD.encode(err.as_bytes()))),
+        }
+    };
+    EntryBody {
+        key: key_text(entry.key),
+        value,
+        value_base64,
+        version: entry.version,
+        revision: entry.revision,
+        created_at: timestamp(entry.created_at_us),
+        updated_at: timestamp(entry.updated_at_us),
+    }
+}
+
+/// Whether the client asked for the raw value bytes.
+fn wants_raw(query: &Query, headers: &HeaderMap) -> Result<bool, ApiError> {
+    if query.flag("raw")? {
+        return Ok(true);
+    }
+    Ok(headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| {
+            accept.split(',').any(|media| {
+                media
+                    .split(';')
+                    .next()
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/octet-stream"))
+            })
+        }))
+}
+
+pub(crate) async fn get_key(State(state): State<AppState>, request: Request) -> ApiResult {
+    let key = key_from_path(request.uri().path(), &state.limits)?;
+    let query = Query::parse(request.uri().query(), &["raw"])?;
+    let raw = wants_raw(&query, request.headers())?;
+    let entry = state
+        .store
+        .get(&key)
+        .await?
+        .ok_or_else(|| ApiError::not_found("the key does not exist"))?;
+    let version = entry.version;
+    let response = if raw {
+        let mut response = (StatusCode::OK, entry.value).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        response
+    } else {
+        json_response(StatusCode::OK, &entry_body(entry, false))?
+    };
+    Ok(with_etag(response, version))
+}
+
+pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> ApiResult {
+    let (parts, body) = request.into_parts();
+    let key = key_from_path(parts.uri.path(), &state.limits)?;
+    Query::parse(parts.uri.query(), &[])?;
+    let condition = write_condition(&parts.headers)?.unwrap_or(Condition::Any);
+    let kind = body_kind(&parts.headers, true)?;
+    let body = read_body(&parts.headers, body, &state.limits).await?;
+    let value = match kind {
+        BodyKind::Raw => {
+            check_value_size(body.len(), &state.limits)?;
+            body.to_vec()
+        }
+        BodyKind::Json => {
+            let put: PutBody = parse_json(&body)?;
+            decode_value(put.value, put.value_base64, &state.limits, "body")?
+        }
+    };
+    let outcome = state
+        .store
+        .write(vec![WriteOp::Put {
+            key: key.clone(),
+            value,
+            condition,
+        }])
+        .await?;
+    match outcome {
+        WriteOutcome::Applied { revision, results } => {
+            let Some(OpResult::Put { version, created }) = results.first().cloned() else {
+                return Err(ApiError::internal("a put had no put result"));
+            };
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let body = PutResponse {
+                key: key_text(key),
+                version,
+                revision,
+                created,
+            };
+            Ok(with_etag(json_response(status, &body)?, version))
+        }
+        WriteOutcome::Rejected { failed } => Err(ApiError::version_mismatch(
+            failed.first().and_then(|f| f.current_version),
+        )),
+    }
+}
+
+pub(crate) async fn delete_key(State(state): State<AppState>, request: Request) -> ApiResult {
+    let key = key_from_path(request.uri().path(), &state.limits)?;
+    Query::parse(request.uri().query(), &[])?;
+    let condition = write_condition(request.headers())?;
+    if condition == Some(Condition::Absent) {
+        return Err(ApiError::invalid_request(
+            "If-None-Match: * cannot be used with DELETE",
+        ));
+    }
+    // Without a condition, an absent key is a 404 and takes no revision.
+    let outcome = state
+        .store
+        .write(vec![WriteOp::Delete {
+            key,
+            condition: condition.unwrap_or(Condition::Exists),
+        }])
+        .await?;
+    match outcome {
+        WriteOutcome::Applied { .. } => Ok(StatusCode::NO_CONTENT.into_response()),
+        WriteOutcome::Rejected { failed } if condition.is_some() => Err(
+            ApiError::version_mismatch(failed.first().and_then(|f| f.current_version)),
+        ),
+        WriteOutcome::Rejected { .. } => Err(ApiError::not_found("the key does not exist")),
+    }
+}
+
+/// The smallest key above every key that starts with `prefix`, if any.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn range_bound(query: &Query, name: &str, state: &AppState) -> Result<Option<Vec<u8>>, ApiError> {
+    query
+        .get(name)
+        .map(|text| {
+            check_key(text, &state.limits)
+                .map(|()| text.as_bytes().to_vec())
+                .map_err(|err| ApiError::invalid_request(format!("{name}: {}", err.message)))
+        })
+        .transpose()
+}
+
+pub(crate) async fn list(State(state): State<AppState>, request: Request) -> ApiResult {
+    let query = Query::parse(
+        request.uri().query(),
+        &[
+            "start",
+            "end",
+            "prefix",
+            "limit",
+            "cursor",
+            "keys_only",
+            "reverse",
+        ],
+    )?;
+    let start = range_bound(&query, "start", &state)?;
+    let end = range_bound(&query, "end", &state)?;
+    let prefix = range_bound(&query, "prefix", &state)?;
+    if prefix.is_some() && (start.is_some() || end.is_some()) {
+        return Err(ApiError::invalid_request(
+            "prefix cannot be combined with start or end",
+        ));
+    }
+    let limit = match query.get("limit") {
+        None => DEFAULT_PAGE_LIMIT,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid_request(format!(
+                    "limit must be a whole number from 1 to {MAX_PAGE_LIMIT}, not '{text}'"
+                ))
+            })?,
+    };
+    let keys_only = query.flag("keys_only")?;
+    let reverse = query.flag("reverse")?;
+    let scope = CursorScope {
+        start: start.as_deref(),
+        end: end.as_deref(),
+        prefix: prefix.as_deref(),
+        reverse,
+    };
+    let after = query
+        .get("cursor")
+        .map(|cursor| {
+            scope.decode(cursor).ok_or_else(|| {
+                ApiError::invalid_request(
+                    "the cursor was not issued by this server for this range; pass back \
+                     next_cursor with the same start, end, prefix and reverse",
+                )
+            })
+        })
+        .transpose()?;
+
+    let (mut lower, mut upper) = match &prefix {
+        Some(p) => (
+            Bound::Included(p.clone()),
+            prefix_end(p).map_or(Bound::Unbounded, Bound::Excluded),
+        ),
+        None => (
+            start.clone().map_or(Bound::Unbounded, Bound::Included),
+            end.clone().map_or(Bound::Unbounded, Bound::Excluded),
+        ),
+    };
+    if let Some(after) = after {
+        if reverse {
+            upper = Bound::Excluded(after);
+        } else {
+            lower = Bound::Excluded(after);
+        }
+    }
+    let page = state
+        .store
+        .scan(ScanRequest {
+            lower,
+            upper,
+            reverse,
+            limit,
+            keys_only,
+            max_value_bytes: MAX_PAGE_VALUE_BYTES,
+        })
+        .await?;
+    let next_cursor = match page.entries.last() {
+        Some(last) if page.more => Some(scope.encode(&last.key)),
+        _ => None,
+    };
+    let items = page
+        .entries
+        .into_iter()
+        .map(|entry| entry_body(entry, keys_only))
+        .collect();
+    json_response(StatusCode::OK, &ListResponse { items, next_cursor })
+}
+
+/// Reads and parses a JSON body of one of the POST endpoints.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    request: Request,
+    state: &AppState,
+) -> Result<T, ApiError> {
+    let (parts, body) = request.into_parts();
+    Query::parse(parts.uri.query(), &[])?;
+    body_kind(&parts.headers, false)?;
+    let body = read_body(&parts.headers, body, &state.limits).await?;
+    parse_json(&body)
+}
+
+fn batch_ops(request: BatchRequest, state: &AppState) -> Result<Vec<WriteOp>, ApiError> {
+    if request.ops.is_empty() {
+        return Err(ApiError::invalid_request(
+            "ops is empty; give 1 to 1000 ops",
+        ));
+    }
+    if request.ops.len() > MAX_BATCH_OPS {
+        return Err(ApiError::invalid_request(format!(
+            "{} ops given; a batch takes at most {MAX_BATCH_OPS}",
+            request.ops.len()
+        )));
+    }
+    let mut seen = HashSet::with_capacity(request.ops.len());
+    let mut ops = Vec::with_capacity(request.ops.len());
+    for (index, op) in request.ops.into_iter().enumerate() {
+        let at = format!("ops[{index}]");
+        check_key(&op.key, &state.limits)
+            .map_err(|err| ApiError::invalid_key(format!("{at}: {}", err.message)))?;
+        if !seen.insert(op.key.clone()) {
+            return Err(ApiError::invalid_request(format!(
+                "{at}: key '{}' appears more than once in the batch",
+                op.key
+            )));
+        }
+        let condition = match (op.if_version, op.if_absent) {
+            (Some(_), Some(true)) => {
+                return Err(ApiError::invalid_request(format!(
+                    "{at}: give if_version or if_absent, not both"
+                )));
+            }
+            (Some(0), _) => {
+                return Err(ApiError::invalid_request(format!(
+                    "{at}: if_version must be 1 or more"
+                )));
+            }
+            (Some(v), _) => Condition::Version(v),
+            (None, Some(true)) => Condition::Absent,
+            (None, _) => Condition::Any,
+        };
+        let key = op.key.into_bytes();
+        ops.push(match op.op {
+            BatchOpKind::Put => WriteOp::Put {
+                key,
+                value: decode_value(op.value, op.value_base64, &state.limits, &at)?,
+                condition,
+            },
+            BatchOpKind::Delete => {
+                if op.value.is_some() || op.value_base64.is_some() {
+                    return Err(ApiError::invalid_request(format!(
+                        "{at}: a delete takes no value"
+                    )));
+                }
+                if condition == Condition::Absent {
+                    return Err(ApiError::invalid_request(format!(
+                        "{at}: if_absent applies to puts only"
+                    )));
+                }
+                WriteOp::Delete { key, condition }
+            }
+        });
+    }
+    Ok(ops)
+}
+
+pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> ApiResult {
+    let body: BatchRequest = json_body(request, &state).await?;
+    let ops = batch_ops(body, &state)?;
+    let keys: Vec<String> = ops.iter().map(|op| key_text(op.key().to_vec())).collect();
+    match state.store.write(ops).await? {
+        WriteOutcome::Applied { revision, results } => {
+            let results = keys
+                .into_iter()
+                .zip(results)
+                .map(|(key, result)| match result {
+                    OpResult::Put { version, .. } => BatchResult {
+                        key,
+                        version: Some(version),
+                        deleted: None,
+                    },
+                    OpResult::Deleted { existed } => BatchResult {
+                        key,
+                        version: None,
+                        deleted: Some(existed),
+                    },
+                })
+                .collect();
+            json_response(StatusCode::OK, &BatchResponse { revision, results })
+        }
+        WriteOutcome::Rejected { failed } => {
+            let indexes: Vec<usize> = failed.iter().map(|f| f.index).collect();
+            let versions: Vec<Option<u64>> = failed.iter().map(|f| f.current_version).collect();
+            Err(ApiError {
+                status: StatusCode::PRECONDITION_FAILED,
+                code: "version_mismatch",
+                message: format!(
+                    "{} condition(s) failed (ops {indexes:?}); nothing was written",
+                    indexes.len()
+                ),
+                details: serde_json::Map::new(),
+            }
+            .with_detail("failed", json!(indexes))
+            .with_detail("current_versions", json!(versions)))
+        }
+    }
+}
+
+pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -> ApiResult {
+    let body: BatchGetRequest = json_body(request, &state).await?;
+    if body.keys.len() > MAX_BATCH_OPS {
+        return Err(ApiError::invalid_request(format!(
+            "{} keys given; a batch read takes at most {MAX_BATCH_OPS}",
+            body.keys.len()
+        )));
+    }
+    for (index, key) in body.keys.iter().enumerate() {
+        check_key(key, &state.limits)
+            .map_err(|err| ApiError::invalid_key(format!("keys[{index}]: {}", err.message)))?;
+    }
+    let keys: Vec<Vec<u8>> = body.keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+    let found = state.store.get_many(keys).await?;
+    let mut items = Vec::new();
+    let mut missing = Vec::new();
+    for (key, entry) in body.keys.into_iter().zip(found) {
+        match entry {
+            Some(entry) => items.push(entry_body(entry, false)),
+            None => missing.push(key),
+        }
+    }
+    json_response(StatusCode::OK, &BatchGetResponse { items, missing })
+}
+
+pub(crate) async fn healthz() -> ApiResult {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+pub(crate) async fn readyz(State(state): State<AppState>) -> ApiResult {
+    state.store.ready().await?;
+    json_response(StatusCode::OK, &json!({"status": "ready"}))
+}
+
+pub(crate) async fn no_route(request: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no such endpoint: {} {}; see the API documentation",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+pub(crate) async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}

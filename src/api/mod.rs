@@ -1,0 +1,76 @@
+//! The HTTP contract of API v1: routes, request parsing, limits and the error
+//! shape. [`router`] is the only place routes are listed.
+
+mod cursor;
+pub mod error;
+mod handlers;
+mod request;
+pub mod types;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+
+use crate::storage::Store;
+
+/// Size limits of requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest key, in bytes of UTF-8.
+    pub max_key_bytes: usize,
+    /// Largest value, counted on the decoded bytes.
+    pub max_value_bytes: usize,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    /// The limits of API.md: 1024-byte keys, 1 MiB values, 16 MiB bodies.
+    fn default() -> Self {
+        Limits {
+            max_key_bytes: 1024,
+            max_value_bytes: 1 << 20,
+            max_body_bytes: 16 << 20,
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub limits: Limits,
+}
+
+/// Ops in one batch, keys in one batch read, and items on one range page, at most.
+pub const MAX_BATCH_OPS: usize = 1000;
+pub const MAX_PAGE_LIMIT: usize = 1000;
+pub const DEFAULT_PAGE_LIMIT: usize = 100;
+/// A range page ends early once its values add up to this many bytes.
+pub const MAX_PAGE_VALUE_BYTES: usize = 4 << 20;
+
+/// The whole API as one router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/kv", get(handlers::list))
+        .route(
+            "/v1/kv/",
+            get(handlers::get_key)
+                .put(handlers::put_key)
+                .delete(handlers::delete_key),
+        )
+        .route(
+            "/v1/kv/{*key}",
+            get(handlers::get_key)
+                .put(handlers::put_key)
+                .delete(handlers::delete_key),
+        )
+        .route("/v1/batch", post(handlers::batch))
+        .route("/v1/batch/get", post(handlers::batch_get))
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .fallback(handlers::no_route)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .with_state(state)
+}

@@ -1,0 +1,307 @@
+//! A typed async client of API v1, over a pooled hyper connection.
+//!
+//! [`Client::send`] is the raw layer (any method, path, headers and body);
+//! the typed methods build on it with the bodies of [`crate::api::types`].
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::header::{self, HeaderName};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::types::{
+    BatchGetRequest, BatchGetResponse, BatchRequest, BatchResponse, EntryBody, ErrorBody,
+    ErrorResponse, ListResponse, PutResponse,
+};
+use crate::storage::Condition;
+
+/// Characters of a key sent as they are in a path; `/` needs no escape.
+const PATH_SAFE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
+
+/// Characters of a query value sent as they are.
+const QUERY_SAFE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// What can go wrong calling the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached, or the connection broke.
+    #[error("cannot reach the server: {0}")]
+    Transport(String),
+    /// The server answered with an error.
+    #[error("{status}: {} ({})", error.message, error.code)]
+    Api {
+        status: StatusCode,
+        error: ErrorBody,
+    },
+    /// The answer was not what API v1 describes.
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+}
+
+/// An answer as it came.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl RawResponse {
+    /// The body parsed as JSON.
+    ///
+    /// # Errors
+    /// When the body is not JSON of that shape.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
+        serde_json::from_slice(&self.body).map_err(|err| {
+            ClientError::Protocol(format!("{err} in {}", String::from_utf8_lossy(&self.body)))
+        })
+    }
+
+    /// Success bodies as `T`, error answers as [`ClientError::Api`].
+    fn into_result<T: DeserializeOwned>(self) -> Result<T, ClientError> {
+        if self.status.is_success() {
+            self.json()
+        } else {
+            Err(self.into_error())
+        }
+    }
+
+    fn into_error(self) -> ClientError {
+        match self.json::<ErrorResponse>() {
+            Ok(body) => ClientError::Api {
+                status: self.status,
+                error: body.error,
+            },
+            Err(err) => err,
+        }
+    }
+}
+
+/// Options of a range read; `None` leaves a parameter out.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    pub start: Option<String>,
+    pub end: Option<String>,
+    pub prefix: Option<String>,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+    pub keys_only: bool,
+    pub reverse: bool,
+}
+
+/// A client of one kvstore server.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+}
+
+impl Client {
+    /// A client of the server at `base_url` (`http://host:port`).
+    ///
+    /// # Errors
+    /// When the URL is not an `http://` URL.
+    pub fn new(base_url: &str) -> Result<Self, ClientError> {
+        let base = base_url.trim_end_matches('/').to_owned();
+        if !base.starts_with("http://") {
+            return Err(ClientError::Transport(format!(
+                "'{base_url}' is not an http:// URL"
+            )));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let http = HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Client { base, http })
+    }
+
+    /// The path of a key, percent-encoded.
+    pub fn key_path(key: &str) -> String {
+        format!("/v1/kv/{}", utf8_percent_encode(key, PATH_SAFE))
+    }
+
+    /// Sends one request and reads the whole answer.
+    ///
+    /// # Errors
+    /// [`ClientError::Transport`] when the server cannot be reached.
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(HeaderName, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<RawResponse, ClientError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path_and_query}", self.base));
+        for (name, value) in headers {
+            request = request.header(name, *value);
+        }
+        let request = request
+            .body(Full::new(body.into()))
+            .map_err(|err| ClientError::Transport(format!("bad request: {err}")))?;
+        let response = self
+            .http
+            .request(request)
+            .await
+            .map_err(|err| ClientError::Transport(format!("{err:?}")))?;
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|err| ClientError::Transport(err.to_string()))?
+            .to_bytes();
+        Ok(RawResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    async fn send_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.send(
+            Method::POST,
+            path,
+            &[(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+        .await?
+        .into_result()
+    }
+
+    /// The entry of `key`, or `None` when it does not exist.
+    ///
+    /// # Errors
+    /// Transport and server errors.
+    pub async fn get(&self, key: &str) -> Result<Option<EntryBody>, ClientError> {
+        let response = self
+            .send(Method::GET, &Self::key_path(key), &[], Bytes::new())
+            .await?;
+        if response.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        response.into_result().map(Some)
+    }
+
+    /// Writes `value` (any bytes) under `key`, if `condition` holds.
+    ///
+    /// # Errors
+    /// [`ClientError::Api`] with code `version_mismatch` when the condition fails.
+    pub async fn put(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        condition: Condition,
+    ) -> Result<PutResponse, ClientError> {
+        let tag;
+        let mut headers = vec![(header::CONTENT_TYPE, "application/octet-stream")];
+        match condition {
+            Condition::Any => {}
+            Condition::Version(v) => {
+                tag = format!("\"{v}\"");
+                headers.push((header::IF_MATCH, tag.as_str()));
+            }
+            Condition::Exists => headers.push((header::IF_MATCH, "*")),
+            Condition::Absent => headers.push((header::IF_NONE_MATCH, "*")),
+        }
+        self.send(Method::PUT, &Self::key_path(key), &headers, value)
+            .await?
+            .into_result()
+    }
+
+    /// Deletes `key`; `Ok(false)` when it did not exist.
+    ///
+    /// # Errors
+    /// [`ClientError::Api`] with code `version_mismatch` when `if_version` fails.
+    pub async fn delete(&self, key: &str, if_version: Option<u64>) -> Result<bool, ClientError> {
+        let tag = if_version.map(|v| format!("\"{v}\""));
+        let headers: Vec<(HeaderName, &str)> = tag
+            .as_deref()
+            .map(|t| (header::IF_MATCH, t))
+            .into_iter()
+            .collect();
+        let response = self
+            .send(Method::DELETE, &Self::key_path(key), &headers, Bytes::new())
+            .await?;
+        match response.status {
+            StatusCode::NO_CONTENT => Ok(true),
+            StatusCode::NOT_FOUND if if_version.is_none() => Ok(false),
+            _ => Err(response.into_error()),
+        }
+    }
+
+    /// One page of a range read.
+    ///
+    /// # Errors
+    /// Transport and server errors.
+    pub async fn list(&self, params: &ListParams) -> Result<ListResponse, ClientError> {
+        let mut query = Vec::new();
+        let mut text = |name: &str, value: &Option<String>| {
+            if let Some(v) = value {
+                query.push(format!("{name}={}", utf8_percent_encode(v, QUERY_SAFE)));
+            }
+        };
+        text("start", &params.start);
+        text("end", &params.end);
+        text("prefix", &params.prefix);
+        text("cursor", &params.cursor);
+        if let Some(limit) = params.limit {
+            query.push(format!("limit={limit}"));
+        }
+        if params.keys_only {
+            query.push("keys_only=1".into());
+        }
+        if params.reverse {
+            query.push("reverse=1".into());
+        }
+        let path = if query.is_empty() {
+            "/v1/kv".to_owned()
+        } else {
+            format!("/v1/kv?{}", query.join("&"))
+        };
+        self.send(Method::GET, &path, &[], Bytes::new())
+            .await?
+            .into_result()
+    }
+
+    /// An atomic batch of writes.
+    ///
+    /// # Errors
+    /// [`ClientError::Api`] with code `version_mismatch` (and `failed`,
+    /// `current_versions` in its details) when a condition fails.
+    pub async fn batch(&self, request: &BatchRequest) -> Result<BatchResponse, ClientError> {
+        self.send_json("/v1/batch", request).await
+    }
+
+    /// Several keys read from one consistent view.
+    ///
+    /// # Errors
+    /// Transport and server errors.
+    pub async fn batch_get(&self, keys: Vec<String>) -> Result<BatchGetResponse, ClientError> {
+        self.send_json("/v1/batch/get", &BatchGetRequest { keys })
+            .await
+    }
+}

@@ -1,0 +1,620 @@
+//! The embedded engine: fjall, with our own group commit.
+//!
+//! Reads go straight to fjall. Writes go through one committer thread: it takes
+//! every write that is waiting, checks conditions against the current versions
+//! (and against the writes before it in the same group), assigns versions and
+//! revisions, commits one fjall batch, syncs once, and only then answers every
+//! write of the group. Under load many writes share one sync; alone, a write
+//! costs one sync.
+//!
+//! fjall's batch with a sync durability writes its journal, syncs it, and only
+//! then makes the batch visible to readers, so no reader sees a write that a
+//! crash could still take away.
+//!
+//! The store-wide revision is kept in a `meta` keyspace and written in the same
+//! batch as the entries it orders, so it never goes back, across restarts and
+//! deletes too.
+
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+use tokio::sync::{mpsc, oneshot};
+
+use super::codec::{self, RecordMeta};
+use super::{
+    Entry, FailedCondition, OpResult, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+};
+use crate::error::{StoreError, StoreResult};
+
+/// When an acknowledged write is on stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// A write is answered after the sync (fdatasync) that covers it.
+    Fsync,
+    /// A write is answered once it is in the operating system's buffers, and a
+    /// background sync runs at least every sync interval: a process crash loses
+    /// nothing acknowledged, a machine crash loses at most the last interval.
+    Buffered,
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Durability::Fsync => "fsync",
+            Durability::Buffered => "buffered",
+        })
+    }
+}
+
+/// What the committer reports to a [`CommitHook`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitEvent {
+    /// A group of writes was committed to the engine; no write of it has been
+    /// answered yet. `synced` is true when the commit included the sync.
+    Committed { last_revision: u64, synced: bool },
+    /// A background sync (buffered mode) made everything up to `revision` durable.
+    Synced { revision: u64 },
+}
+
+/// Called by the committer thread before it answers a group, and by the
+/// background syncer after each sync. It may block: the writes it covers wait.
+/// Tests use it to prove that nothing is answered before its sync.
+pub type CommitHook = Arc<dyn Fn(&CommitEvent) + Send + Sync>;
+
+/// How to open the embedded engine.
+#[derive(Clone)]
+pub struct EmbeddedConfig {
+    pub path: PathBuf,
+    pub durability: Durability,
+    /// How often buffered mode syncs.
+    pub sync_interval: Duration,
+    pub commit_hook: Option<CommitHook>,
+}
+
+impl EmbeddedConfig {
+    /// Defaults: `fsync` durability, a 10 ms sync interval, no hook.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        EmbeddedConfig {
+            path: path.into(),
+            durability: Durability::Fsync,
+            sync_interval: Duration::from_millis(10),
+            commit_hook: None,
+        }
+    }
+}
+
+/// A commit group is cut at this many ops or bytes, so one huge group cannot
+/// hold up the writes queued behind it for long.
+const MAX_GROUP_OPS: usize = 8192;
+const MAX_GROUP_BYTES: usize = 64 << 20;
+/// Writes waiting for the committer before new ones wait to be queued.
+const QUEUE_DEPTH: usize = 4096;
+const REVISION_KEY: &[u8] = b"revision";
+
+type Reply = oneshot::Sender<StoreResult<WriteOutcome>>;
+
+enum Job {
+    Write {
+        ops: Vec<WriteOp>,
+        reply: Reply,
+    },
+    Close {
+        reply: oneshot::Sender<StoreResult<()>>,
+    },
+}
+
+/// State shared by the store handle, the committer and the syncer.
+struct Shared {
+    db: Database,
+    kv: Keyspace,
+    meta: Keyspace,
+    /// Set once a commit or sync fails; writes are refused from then on,
+    /// because the engine's state after a failed sync is unknown.
+    failure: Mutex<Option<String>>,
+    /// The last revision committed to the engine.
+    committed_revision: AtomicU64,
+    closed: AtomicBool,
+    hook: Option<CommitHook>,
+}
+
+impl Shared {
+    fn fail(&self, why: String) -> StoreError {
+        tracing::error!(error = %why, "storage write failed; refusing writes until restart");
+        if let Ok(mut failure) = self.failure.lock() {
+            failure.get_or_insert(why.clone());
+        }
+        StoreError::Unavailable(why)
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    fn notify(&self, event: CommitEvent) {
+        if let Some(hook) = &self.hook {
+            hook(&event);
+        }
+    }
+
+    fn record_meta(&self, key: &[u8]) -> StoreResult<Option<RecordMeta>> {
+        match self.kv.get(key)? {
+            Some(record) => Ok(Some(codec::decode(&record)?.0)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The embedded, durable engine.
+pub struct EmbeddedStore {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+    durability: Durability,
+    path: PathBuf,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the engine in `config.path` and starts its committer.
+    ///
+    /// # Errors
+    /// When the directory cannot be created or opened, holds data fjall cannot
+    /// recover, or is in use by another process.
+    pub fn open(config: EmbeddedConfig) -> StoreResult<Self> {
+        std::fs::create_dir_all(&config.path)?;
+        let db = Database::builder(&config.path)
+            .manual_journal_persist(true)
+            .open()?;
+        let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let revision = match meta.get(REVISION_KEY)? {
+            Some(raw) => u64::from_le_bytes(
+                raw.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Internal("corrupt revision record".into()))?,
+            ),
+            None => 0,
+        };
+        let shared = Arc::new(Shared {
+            db,
+            kv,
+            meta,
+            failure: Mutex::new(None),
+            committed_revision: AtomicU64::new(revision),
+            closed: AtomicBool::new(false),
+            hook: config.commit_hook.clone(),
+        });
+
+        let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
+        let mut threads = Vec::new();
+        let (syncer_stop, syncer) = match config.durability {
+            Durability::Fsync => (None, None),
+            Durability::Buffered => {
+                let (stop, stopped) = std::sync::mpsc::channel::<()>();
+                let shared = Arc::clone(&shared);
+                let interval = config.sync_interval;
+                let handle = std::thread::Builder::new()
+                    .name("kvstore-syncer".into())
+                    .spawn(move || run_syncer(&shared, interval, &stopped))?;
+                (Some(stop), Some(handle))
+            }
+        };
+        let committer = Committer {
+            shared: Arc::clone(&shared),
+            persist: match config.durability {
+                Durability::Fsync => PersistMode::SyncData,
+                Durability::Buffered => PersistMode::Buffer,
+            },
+            revision,
+            syncer_stop,
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name("kvstore-committer".into())
+                .spawn(move || committer.run(queue))?,
+        );
+        threads.extend(syncer);
+
+        Ok(EmbeddedStore {
+            shared,
+            jobs,
+            durability: config.durability,
+            path: config.path,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// The last revision committed to the engine.
+    pub fn committed_revision(&self) -> u64 {
+        self.shared.committed_revision.load(Ordering::Acquire)
+    }
+
+    async fn run_blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Shared) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || work(&shared))
+            .await
+            .map_err(|e| StoreError::Internal(format!("storage task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
+        // A point read is a memtable or block-cache lookup (microseconds), cheaper
+        // than handing it to a blocking thread.
+        match self.shared.kv.get(key)? {
+            Some(record) => Ok(Some(to_entry(key.to_vec(), &record, false)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+        self.run_blocking(move |shared| {
+            let snapshot = shared.db.snapshot();
+            keys.into_iter()
+                .map(|key| match snapshot.get(&shared.kv, &key)? {
+                    Some(record) => Ok(Some(to_entry(key, &record, false)?)),
+                    None => Ok(None),
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Write { ops, reply })
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the store closed before the write".into()))?
+    }
+
+    async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
+        if range_is_empty(&request.lower, &request.upper) {
+            return Ok(ScanPage {
+                entries: Vec::new(),
+                more: false,
+            });
+        }
+        self.run_blocking(move |shared| scan_snapshot(shared, &request))
+            .await
+    }
+
+    async fn ready(&self) -> StoreResult<()> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable("the store is closed".into()));
+        }
+        match self.shared.failure() {
+            Some(why) => Err(StoreError::Unavailable(why)),
+            None => Ok(()),
+        }
+    }
+
+    async fn close(&self) -> StoreResult<()> {
+        let (reply, done) = oneshot::channel();
+        if self.jobs.send(Job::Close { reply }).await.is_ok() {
+            done.await
+                .map_err(|_| StoreError::Internal("committer stopped before closing".into()))??;
+        }
+        let threads = match self.threads.lock() {
+            Ok(mut threads) => std::mem::take(&mut *threads),
+            Err(_) => Vec::new(),
+        };
+        tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("joining storage threads: {e}")))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "embedded (fjall, {}, durability {})",
+            self.path.display(),
+            self.durability
+        )
+    }
+}
+
+fn to_entry(key: Vec<u8>, record: &[u8], keys_only: bool) -> StoreResult<Entry> {
+    let (meta, value) = codec::decode(record)?;
+    Ok(Entry {
+        key,
+        value: if keys_only {
+            Vec::new()
+        } else {
+            value.to_vec()
+        },
+        version: meta.version,
+        revision: meta.revision,
+        created_at_us: meta.created_at_us,
+        updated_at_us: meta.updated_at_us,
+    })
+}
+
+/// Whether no key can lie between the bounds (fjall, like `BTreeMap`, must not
+/// be asked for an inverted range).
+fn range_is_empty(lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> bool {
+    match (lower, upper) {
+        (Bound::Included(l), Bound::Included(u)) => l > u,
+        (Bound::Included(l), Bound::Excluded(u))
+        | (Bound::Excluded(l), Bound::Included(u))
+        | (Bound::Excluded(l), Bound::Excluded(u)) => l >= u,
+        _ => false,
+    }
+}
+
+fn scan_snapshot(shared: &Shared, request: &ScanRequest) -> StoreResult<ScanPage> {
+    let snapshot = shared.db.snapshot();
+    let range = snapshot.range(&shared.kv, (request.lower.clone(), request.upper.clone()));
+    let items: Box<dyn Iterator<Item = fjall::Guard>> = if request.reverse {
+        Box::new(range.rev())
+    } else {
+        Box::new(range)
+    };
+    let mut entries = Vec::with_capacity(request.limit.min(1024));
+    let mut value_bytes = 0usize;
+    for item in items {
+        let (key, record) = item.into_inner()?;
+        if entries.len() == request.limit {
+            return Ok(ScanPage {
+                entries,
+                more: true,
+            });
+        }
+        let entry = to_entry(key.to_vec(), &record, request.keys_only)?;
+        value_bytes = value_bytes.saturating_add(record.len() - codec::HEADER_LEN);
+        if !entries.is_empty() && !request.keys_only && value_bytes > request.max_value_bytes {
+            return Ok(ScanPage {
+                entries,
+                more: true,
+            });
+        }
+        entries.push(entry);
+    }
+    Ok(ScanPage {
+        entries,
+        more: false,
+    })
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// The single writer of the engine.
+struct Committer {
+    shared: Arc<Shared>,
+    persist: PersistMode,
+    /// The last revision assigned.
+    revision: u64,
+    /// Dropped on close, which stops the buffered-mode syncer.
+    syncer_stop: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// A write of the current group that passed its conditions, waiting for the commit.
+struct Accepted {
+    reply: Reply,
+    outcome: WriteOutcome,
+}
+
+impl Committer {
+    fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+        let mut carried: Option<Job> = None;
+        loop {
+            let Some(first) = carried.take().or_else(|| queue.blocking_recv()) else {
+                break;
+            };
+            let mut writes = Vec::new();
+            let (mut ops, mut bytes) = (0usize, 0usize);
+            let mut close = None;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Close { reply } => {
+                        close = Some(reply);
+                        break;
+                    }
+                    Job::Write { ops: w, reply } => {
+                        let weight: usize = w.iter().map(WriteOp::weight).sum();
+                        if !writes.is_empty()
+                            && (ops + w.len() > MAX_GROUP_OPS || bytes + weight > MAX_GROUP_BYTES)
+                        {
+                            carried = Some(Job::Write { ops: w, reply });
+                            break;
+                        }
+                        ops += w.len();
+                        bytes += weight;
+                        writes.push((w, reply));
+                    }
+                }
+                next = queue.try_recv().ok();
+            }
+            if !writes.is_empty() {
+                self.commit_group(writes);
+            }
+            if let Some(reply) = close {
+                let _ = reply.send(self.close());
+                queue.close();
+                // Writes that were already queued behind the close are refused.
+                while let Ok(job) = queue.try_recv() {
+                    if let Job::Write { reply, .. } = job {
+                        let _ =
+                            reply.send(Err(StoreError::Unavailable("the store is closed".into())));
+                    }
+                }
+                break;
+            }
+        }
+    }
+
+    fn close(&mut self) -> StoreResult<()> {
+        self.shared.closed.store(true, Ordering::Release);
+        self.syncer_stop.take();
+        self.shared.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    fn commit_group(&mut self, writes: Vec<(Vec<WriteOp>, Reply)>) {
+        if let Some(why) = self.shared.failure() {
+            for (_, reply) in writes {
+                let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+            }
+            return;
+        }
+        let first_revision = self.revision;
+        let mut accepted = Vec::with_capacity(writes.len());
+        // The group's writes, one per key: two writes of one key must not share
+        // a fjall batch (they would get the same sequence number).
+        let mut pending = HashMap::new();
+        for (ops, reply) in writes {
+            match self.apply(ops, &mut pending) {
+                Ok(WriteOutcome::Rejected { failed }) => {
+                    let _ = reply.send(Ok(WriteOutcome::Rejected { failed }));
+                }
+                Ok(outcome) => accepted.push(Accepted { reply, outcome }),
+                Err(err) => {
+                    // A read failed: nothing of the group is committed.
+                    self.revision = first_revision;
+                    let err = self.shared.fail(err.to_string());
+                    for Accepted { reply, .. } in accepted {
+                        let _ = reply.send(Err(StoreError::Unavailable(err.to_string())));
+                    }
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        let mut batch =
+            fjall::OwnedWriteBatch::with_capacity(self.shared.db.clone(), pending.len() + 1)
+                .durability(Some(self.persist));
+        for (key, write) in pending {
+            match write {
+                Some((_, record)) => batch.insert(&self.shared.kv, key, record),
+                None => batch.remove(&self.shared.kv, key),
+            }
+        }
+        batch.insert(&self.shared.meta, REVISION_KEY, self.revision.to_le_bytes());
+        if let Err(err) = batch.commit() {
+            self.revision = first_revision;
+            let err = self.shared.fail(format!("commit failed: {err}"));
+            for Accepted { reply, .. } in accepted {
+                let _ = reply.send(Err(StoreError::Unavailable(err.to_string())));
+            }
+            return;
+        }
+        self.shared
+            .committed_revision
+            .store(self.revision, Ordering::Release);
+        self.shared.notify(CommitEvent::Committed {
+            last_revision: self.revision,
+            synced: matches!(self.persist, PersistMode::SyncData | PersistMode::SyncAll),
+        });
+        for Accepted { reply, outcome } in accepted {
+            let _ = reply.send(Ok(outcome));
+        }
+    }
+
+    /// Checks one write's conditions and, when they hold, adds its ops to the
+    /// group under the next revision.
+    fn apply(
+        &mut self,
+        ops: Vec<WriteOp>,
+        pending: &mut PendingWrites,
+    ) -> StoreResult<WriteOutcome> {
+        let mut current = Vec::with_capacity(ops.len());
+        let mut failed = Vec::new();
+        for (index, op) in ops.iter().enumerate() {
+            let meta = match pending.get(op.key()) {
+                Some(write) => write.as_ref().map(|(meta, _)| *meta),
+                None => self.shared.record_meta(op.key())?,
+            };
+            let version = meta.map(|m| m.version);
+            if !op.condition().holds(version) {
+                failed.push(FailedCondition {
+                    index,
+                    current_version: version,
+                });
+            }
+            current.push(meta);
+        }
+        if !failed.is_empty() {
+            return Ok(WriteOutcome::Rejected { failed });
+        }
+
+        self.revision += 1;
+        let revision = self.revision;
+        let now = now_us();
+        let mut results = Vec::with_capacity(ops.len());
+        for (op, meta) in ops.into_iter().zip(current) {
+            match op {
+                WriteOp::Put { key, value, .. } => {
+                    let new = RecordMeta {
+                        version: meta.map_or(1, |m| m.version + 1),
+                        revision,
+                        created_at_us: meta.map_or(now, |m| m.created_at_us),
+                        // Never before the previous write, even if the clock steps back.
+                        updated_at_us: meta.map_or(now, |m| now.max(m.updated_at_us)),
+                    };
+                    results.push(OpResult::Put {
+                        version: new.version,
+                        created: meta.is_none(),
+                    });
+                    pending.insert(key, Some((new, codec::encode(&new, &value))));
+                }
+                WriteOp::Delete { key, .. } => {
+                    results.push(OpResult::Deleted {
+                        existed: meta.is_some(),
+                    });
+                    if meta.is_some() {
+                        pending.insert(key, None);
+                    }
+                }
+            }
+        }
+        Ok(WriteOutcome::Applied { revision, results })
+    }
+}
+
+/// The writes of a commit group by key: the new record, or `None` for a delete.
+type PendingWrites = HashMap<Vec<u8>, Option<(RecordMeta, Vec<u8>)>>;
+
+/// Buffered mode: sync whatever was committed since the last sync, every interval.
+fn run_syncer(shared: &Shared, interval: Duration, stop: &std::sync::mpsc::Receiver<()>) {
+    let mut synced = shared.committed_revision.load(Ordering::Acquire);
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        let committed = shared.committed_revision.load(Ordering::Acquire);
+        if committed == synced {
+            continue;
+        }
+        match shared.db.persist(PersistMode::SyncData) {
+            Ok(()) => {
+                synced = committed;
+                shared.notify(CommitEvent::Synced { revision: synced });
+            }
+            Err(err) => {
+                shared.fail(format!("background sync failed: {err}"));
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Persistence behind one object-safe trait.
+//!
+//! The HTTP layer turns requests into the plain types of this module and calls a
+//! [`Store`]; every backend keeps the same rules (versions, conditions, revisions,
+//! snapshots), so the API behaves the same whichever engine is configured.
+
+mod codec;
+pub mod embedded;
+
+use std::ops::Bound;
+
+use async_trait::async_trait;
+
+use crate::error::StoreResult;
+
+/// One stored key with its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// 1 when the key was created, plus one for every write since.
+    pub version: u64,
+    /// The store-wide revision of the write that produced this version.
+    pub revision: u64,
+    /// Microseconds since the Unix epoch.
+    pub created_at_us: i64,
+    /// Microseconds since the Unix epoch.
+    pub updated_at_us: i64,
+}
+
+/// What must hold about a key's current version for a write to go ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// No condition.
+    Any,
+    /// The key exists with exactly this version.
+    Version(u64),
+    /// The key does not exist.
+    Absent,
+    /// The key exists, whatever its version.
+    Exists,
+}
+
+impl Condition {
+    /// Whether the condition holds when the key's current version is `current`
+    /// (`None` for an absent key).
+    pub fn holds(self, current: Option<u64>) -> bool {
+        match self {
+            Condition::Any => true,
+            Condition::Version(v) => current == Some(v),
+            Condition::Absent => current.is_none(),
+            Condition::Exists => current.is_some(),
+        }
+    }
+}
+
+/// One write of an atomic group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        condition: Condition,
+    },
+    Delete {
+        key: Vec<u8>,
+        condition: Condition,
+    },
+}
+
+impl WriteOp {
+    pub fn key(&self) -> &[u8] {
+        match self {
+            WriteOp::Put { key, .. } | WriteOp::Delete { key, .. } => key,
+        }
+    }
+
+    pub fn condition(&self) -> Condition {
+        match self {
+            WriteOp::Put { condition, .. } | WriteOp::Delete { condition, .. } => *condition,
+        }
+    }
+
+    /// Bytes this op adds to a commit, for sizing commit groups.
+    pub(crate) fn weight(&self) -> usize {
+        match self {
+            WriteOp::Put { key, value, .. } => key.len() + value.len(),
+            WriteOp::Delete { key, .. } => key.len(),
+        }
+    }
+}
+
+/// What one op of an applied write did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpResult {
+    Put {
+        version: u64,
+        created: bool,
+    },
+    /// `existed` is false for an unconditional delete of an absent key.
+    Deleted {
+        existed: bool,
+    },
+}
+
+/// A condition that did not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedCondition {
+    /// Index into the ops of the write.
+    pub index: usize,
+    /// The key's version when the condition was checked (`None`: absent).
+    pub current_version: Option<u64>,
+}
+
+/// The outcome of a write: all ops applied under one revision, or none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Applied {
+        revision: u64,
+        /// One per op, in the order of the ops.
+        results: Vec<OpResult>,
+    },
+    /// Nothing was written.
+    Rejected { failed: Vec<FailedCondition> },
+}
+
+/// A range read: bounds already combine start/end/prefix and the cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanRequest {
+    pub lower: Bound<Vec<u8>>,
+    pub upper: Bound<Vec<u8>>,
+    pub reverse: bool,
+    /// At most this many entries.
+    pub limit: usize,
+    /// Leave `Entry::value` empty.
+    pub keys_only: bool,
+    /// End the page once the values returned add up to this many bytes; an
+    /// entry that would cross it is left for the next page unless it is the
+    /// first of the page.
+    pub max_value_bytes: usize,
+}
+
+/// One page of a range read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPage {
+    pub entries: Vec<Entry>,
+    /// Whether at least one more entry lies in the range after this page.
+    pub more: bool,
+}
+
+/// A key-value backend.
+///
+/// Implementations assign versions and revisions inside their own atomic write,
+/// so concurrent writers never race on a read-modify-write.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// The current entry of a key.
+    async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>>;
+
+    /// Entries of several keys, read from one snapshot, in the order asked.
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>>;
+
+    /// Applies the ops atomically under one new revision when every condition
+    /// holds; otherwise writes nothing. Keys must be distinct. Returns once the
+    /// write is durable under the store's durability mode.
+    async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome>;
+
+    /// One page of entries in key order, read from one snapshot.
+    async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage>;
+
+    /// Whether the backend answers (for `/readyz`).
+    async fn ready(&self) -> StoreResult<()>;
+
+    /// Finishes queued writes, makes everything durable and stops the backend.
+    /// Writes after this fail with `Unavailable`.
+    async fn close(&self) -> StoreResult<()>;
+
+    /// A short name for logs.
+    fn describe(&self) -> String;
+}
