@@ -235,6 +235,11 @@ impl EmbeddedStore {
         self.shared.committed_revision.load(Ordering::Acquire)
     }
 
+    /// Writes waiting in the committer's queue.
+    pub fn queue_depth(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
+
     async fn run_blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&Shared) -> StoreResult<T> + Send + 'static,

@@ -1,0 +1,275 @@
+//! Crash tests of the real binary: writers run against `kvstore serve`, the
+//! process is killed with SIGKILL mid-stream, restarted on the same data
+//! directory, and every acknowledged write must be there with its version.
+//! A write in flight at the kill may or may not have landed, but a batch lands
+//! whole or not at all, and revisions never go back.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
+use kvstore::client::Client;
+use kvstore::storage::Condition;
+
+struct Server {
+    child: Child,
+    client: Client,
+}
+
+/// Starts the binary on an ephemeral port and waits for its "listening" line.
+fn start(data_dir: &Path, durability: &str) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--durability",
+            durability,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kvstore");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("kvstore exited before listening")
+            .expect("read stderr");
+        if let Some(rest) = line.split("address=").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_owned();
+        }
+    };
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server {
+        child,
+        client: Client::new(&format!("http://{address}")).expect("client"),
+    }
+}
+
+/// What the writers know: per key, the last acknowledged (value, version), and
+/// the write in flight when the server died, if any.
+#[derive(Default)]
+struct Ledger {
+    acked: HashMap<String, (String, u64)>,
+    in_flight: HashMap<String, String>,
+    /// Batches: (keys, value, acknowledged).
+    batches: Vec<(Vec<String>, String, bool)>,
+    max_revision: u64,
+}
+
+async fn single_writer(client: Client, ledger: Arc<Mutex<Ledger>>, writer: usize, cycle: u64) {
+    for n in 0.. {
+        let key = format!("w{writer}/k{}", n % 25);
+        let value = format!("c{cycle}-w{writer}-n{n}");
+        ledger
+            .lock()
+            .unwrap()
+            .in_flight
+            .insert(key.clone(), value.clone());
+        let Ok(answer) = client.put(&key, value.clone(), Condition::Any).await else {
+            return;
+        };
+        let mut ledger = ledger.lock().unwrap();
+        ledger.in_flight.remove(&key);
+        ledger.max_revision = ledger.max_revision.max(answer.revision);
+        ledger.acked.insert(key, (value, answer.version));
+    }
+}
+
+async fn batch_writer(client: Client, ledger: Arc<Mutex<Ledger>>, cycle: u64) {
+    for n in 0.. {
+        let value = format!("c{cycle}-b{n}");
+        let keys: Vec<String> = (0..10).map(|i| format!("b/c{cycle}/n{n}/{i}")).collect();
+        let index = {
+            let mut ledger = ledger.lock().unwrap();
+            ledger.batches.push((keys.clone(), value.clone(), false));
+            ledger.batches.len() - 1
+        };
+        let request = BatchRequest {
+            ops: keys
+                .iter()
+                .map(|key| BatchOp {
+                    op: BatchOpKind::Put,
+                    key: key.clone(),
+                    value: Some(value.clone()),
+                    value_base64: None,
+                    if_version: None,
+                    if_absent: Some(true),
+                })
+                .collect(),
+        };
+        let Ok(answer) = client.batch(&request).await else {
+            return;
+        };
+        let mut ledger = ledger.lock().unwrap();
+        ledger.batches[index].2 = true;
+        ledger.max_revision = ledger.max_revision.max(answer.revision);
+    }
+}
+
+async fn verify(client: &Client, ledger: &mut Ledger) {
+    for (key, (value, version)) in &mut ledger.acked {
+        let entry = client
+            .get(key)
+            .await
+            .expect("get")
+            .expect("acknowledged key is missing");
+        let got = entry.value.expect("text value");
+        match ledger.in_flight.get(key) {
+            Some(pending) if *pending == got => {
+                assert_eq!(
+                    entry.version,
+                    *version + 1,
+                    "{key}: in-flight write with a wrong version"
+                );
+                *value = got;
+                *version = entry.version;
+            }
+            _ => {
+                assert_eq!(&got, value, "{key}: acknowledged value lost");
+                assert_eq!(entry.version, *version, "{key}: wrong version");
+            }
+        }
+    }
+    ledger.in_flight.clear();
+    for (keys, value, acked) in &mut ledger.batches {
+        let found = client.batch_get(keys.clone()).await.expect("batch get");
+        if *acked {
+            assert!(
+                found.missing.is_empty(),
+                "acknowledged batch lost keys {:?}",
+                found.missing
+            );
+        } else {
+            // A batch in flight at the kill: all or nothing.
+            assert!(
+                found.missing.is_empty() || found.items.is_empty(),
+                "a batch landed in part: {} of {} keys",
+                found.items.len(),
+                keys.len()
+            );
+            *acked = found.missing.is_empty();
+        }
+        assert!(
+            found
+                .items
+                .iter()
+                .all(|e| e.value.as_deref() == Some(value.as_str()))
+        );
+    }
+    ledger.batches.retain(|(_, _, acked)| *acked);
+}
+
+/// Takes the ledger out, checks it against the restarted server, and puts the
+/// updated ledger back; then checks that a new write gets a newer revision.
+async fn verify_after_restart(client: &Client, shared: &Mutex<Ledger>) {
+    let mut ledger = std::mem::take(&mut *shared.lock().unwrap());
+    verify(client, &mut ledger).await;
+    let answer = client
+        .put("probe", "p", Condition::Any)
+        .await
+        .expect("probe put");
+    assert!(
+        answer.revision > ledger.max_revision,
+        "revision went back after a crash: {} after {}",
+        answer.revision,
+        ledger.max_revision
+    );
+    ledger.max_revision = answer.revision;
+    *shared.lock().unwrap() = ledger;
+}
+
+async fn crash_cycles(durability: &str, cycles: u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    for cycle in 0..cycles {
+        let mut server = start(dir.path(), durability);
+        if cycle > 0 {
+            verify_after_restart(&server.client, &ledger).await;
+        }
+        let acked_before = ledger.lock().unwrap().acked.len();
+        let mut writers = Vec::new();
+        for w in 0..6 {
+            let ledger = Arc::clone(&ledger);
+            writers.push(tokio::spawn(single_writer(
+                server.client.clone(),
+                ledger,
+                w,
+                cycle,
+            )));
+        }
+        writers.push(tokio::spawn(batch_writer(
+            server.client.clone(),
+            Arc::clone(&ledger),
+            cycle,
+        )));
+        // Vary the moment of the kill from cycle to cycle.
+        tokio::time::sleep(Duration::from_millis(250 + 120 * cycle)).await;
+        server.child.kill().expect("SIGKILL");
+        server.child.wait().expect("reap");
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let ledger = ledger.lock().unwrap();
+        assert!(
+            ledger.acked.len() + ledger.batches.len() > acked_before,
+            "nothing was written in cycle {cycle}"
+        );
+    }
+    let mut server = start(dir.path(), durability);
+    verify_after_restart(&server.client, &ledger).await;
+    server.child.kill().expect("kill");
+    server.child.wait().expect("reap");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_sigkill() {
+    crash_cycles("fsync", 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_mode_loses_nothing_acknowledged_on_a_process_crash() {
+    crash_cycles("buffered", 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let mut server = start(dir.path(), "fsync");
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        writers.push(tokio::spawn(single_writer(
+            server.client.clone(),
+            Arc::clone(&ledger),
+            w,
+            0,
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = i32::try_from(server.child.id()).expect("pid");
+    // SAFETY: kill(2) with a valid pid of our own child has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = server.child.wait().expect("wait");
+    assert!(
+        status.success(),
+        "kvstore exited with {status} after SIGTERM"
+    );
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let mut server = start(dir.path(), "fsync");
+    verify_after_restart(&server.client, &ledger).await;
+    server.child.kill().expect("kill");
+    server.child.wait().expect("reap");
+}

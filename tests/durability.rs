@@ -1,0 +1,196 @@
+//! A process kill cannot see a missing sync (the operating system keeps the
+//! data), so these tests watch the committer through its commit hook and prove
+//! that no write is answered before the sync that covers it, and that
+//! concurrent writes share one sync.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use common::TestServer;
+use kvstore::server::ServerConfig;
+use kvstore::storage::Condition;
+use kvstore::storage::embedded::{CommitEvent, Durability};
+use tokio::sync::mpsc;
+
+/// A gate the commit hook waits at until the test opens it.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.changed.wait(open).unwrap();
+        }
+    }
+
+    fn set(&self, open: bool) {
+        *self.open.lock().unwrap() = open;
+        self.changed.notify_all();
+    }
+}
+
+/// A server whose commit hook reports every event on a channel, then waits at
+/// the gate.
+async fn gated_server(gate: Arc<Gate>) -> (TestServer, mpsc::UnboundedReceiver<CommitEvent>) {
+    let (events, received) = mpsc::unbounded_channel();
+    let server = TestServer::start_with(ServerConfig::default(), move |engine| {
+        engine.commit_hook = Some(Arc::new(move |event: &CommitEvent| {
+            let _ = events.send(*event);
+            gate.wait();
+        }));
+    })
+    .await;
+    (server, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_not_answered_while_its_sync_is_held() {
+    let gate = Arc::new(Gate::default());
+    let (server, mut events) = gated_server(Arc::clone(&gate)).await;
+
+    let client = server.client.clone();
+    let put = tokio::spawn(async move { client.put("k", "v", Condition::Any).await });
+    let event = events.recv().await.expect("commit event");
+    assert_eq!(
+        event,
+        CommitEvent::Committed {
+            last_revision: 1,
+            synced: true
+        }
+    );
+    // The commit, sync included, is done, but the hook holds the committer:
+    // the answer must not have gone out.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !put.is_finished(),
+        "the write was answered before its sync was reported"
+    );
+
+    gate.set(true);
+    let answer = put.await.unwrap().expect("put");
+    assert_eq!(answer.revision, 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_queued_during_a_sync_share_the_next_one() {
+    let gate = Arc::new(Gate::default());
+    let (server, mut events) = gated_server(Arc::clone(&gate)).await;
+
+    // The first write's commit is held at the hook ...
+    let client = server.client.clone();
+    let first = tokio::spawn(async move { client.put("first", "v", Condition::Any).await });
+    events.recv().await.expect("first commit");
+
+    // ... while ten more writes queue up behind it.
+    let mut queued = Vec::new();
+    for i in 0..10 {
+        let client = server.client.clone();
+        queued.push(tokio::spawn(async move {
+            client.put(&format!("k{i}"), "v", Condition::Any).await
+        }));
+    }
+    while server.store.queue_depth() < 10 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gate.set(true);
+
+    // All ten go out in one commit with one sync.
+    assert_eq!(
+        events.recv().await.expect("second commit"),
+        CommitEvent::Committed {
+            last_revision: 11,
+            synced: true
+        }
+    );
+    first.await.unwrap().expect("first put");
+    let mut revisions: Vec<u64> = Vec::new();
+    for put in queued {
+        revisions.push(put.await.unwrap().expect("put").revision);
+    }
+    revisions.sort_unstable();
+    assert_eq!(revisions, (2..=11).collect::<Vec<_>>());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_was_synced_first() {
+    let synced = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&synced);
+    let server = TestServer::start_with(ServerConfig::default(), move |engine| {
+        engine.commit_hook = Some(Arc::new(move |event: &CommitEvent| {
+            if let CommitEvent::Committed {
+                last_revision,
+                synced: true,
+            } = event
+            {
+                seen.fetch_max(*last_revision, Ordering::SeqCst);
+            }
+        }));
+    })
+    .await;
+
+    let mut writers = Vec::new();
+    for w in 0..16 {
+        let client = server.client.clone();
+        let synced = Arc::clone(&synced);
+        writers.push(tokio::spawn(async move {
+            for i in 0..40 {
+                let answer = client
+                    .put(&format!("w{w}/{i}"), "v", Condition::Any)
+                    .await
+                    .expect("put");
+                let covered = synced.load(Ordering::SeqCst);
+                assert!(
+                    covered >= answer.revision,
+                    "revision {} answered when syncs covered only {covered}",
+                    answer.revision
+                );
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_mode_syncs_in_the_background() {
+    let (events, mut received) = mpsc::unbounded_channel();
+    let server = TestServer::start_with(ServerConfig::default(), move |engine| {
+        engine.durability = Durability::Buffered;
+        engine.sync_interval = Duration::from_millis(5);
+        engine.commit_hook = Some(Arc::new(move |event: &CommitEvent| {
+            let _ = events.send(*event);
+        }));
+    })
+    .await;
+
+    let answer = server
+        .client
+        .put("k", "v", Condition::Any)
+        .await
+        .expect("put");
+    assert_eq!(
+        received.recv().await,
+        Some(CommitEvent::Committed {
+            last_revision: answer.revision,
+            synced: false
+        })
+    );
+    assert_eq!(
+        received.recv().await,
+        Some(CommitEvent::Synced {
+            revision: answer.revision
+        })
+    );
+    server.stop().await;
+}

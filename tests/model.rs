@@ -1,0 +1,275 @@
+//! Model-based test of the storage contract: random sequences of puts,
+//! conditional puts, deletes, batches, reads and scans, with the store closed
+//! and reopened in between, checked step by step against a `BTreeMap` model.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use kvstore::storage::{
+    Condition, FailedCondition, OpResult, ScanRequest, Store, WriteOp, WriteOutcome,
+};
+use proptest::prelude::*;
+
+/// Few keys, so that writes collide; some share prefixes.
+const KEYS: &[&str] = &["a", "a/", "a/b", "ab", "b", "b/c", "c", "é"];
+
+#[derive(Debug, Clone)]
+enum Step {
+    Write(Vec<WriteOp>),
+    Get(usize),
+    GetMany(Vec<usize>),
+    Scan {
+        lower: Bound<usize>,
+        upper: Bound<usize>,
+        reverse: bool,
+        limit: usize,
+        keys_only: bool,
+    },
+    Reopen,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ModelEntry {
+    value: Vec<u8>,
+    version: u64,
+    revision: u64,
+}
+
+#[derive(Default)]
+struct Model {
+    entries: BTreeMap<Vec<u8>, ModelEntry>,
+    revision: u64,
+}
+
+impl Model {
+    fn write(&mut self, ops: &[WriteOp]) -> WriteOutcome {
+        let failed: Vec<FailedCondition> = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(index, op)| {
+                let current = self.entries.get(op.key()).map(|e| e.version);
+                (!op.condition().holds(current)).then_some(FailedCondition {
+                    index,
+                    current_version: current,
+                })
+            })
+            .collect();
+        if !failed.is_empty() {
+            return WriteOutcome::Rejected { failed };
+        }
+        self.revision += 1;
+        let revision = self.revision;
+        let results = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Put { key, value, .. } => {
+                    let previous = self.entries.get(key).map(|e| e.version);
+                    let version = previous.map_or(1, |v| v + 1);
+                    self.entries.insert(
+                        key.clone(),
+                        ModelEntry {
+                            value: value.clone(),
+                            version,
+                            revision,
+                        },
+                    );
+                    OpResult::Put {
+                        version,
+                        created: previous.is_none(),
+                    }
+                }
+                WriteOp::Delete { key, .. } => OpResult::Deleted {
+                    existed: self.entries.remove(key).is_some(),
+                },
+            })
+            .collect();
+        WriteOutcome::Applied { revision, results }
+    }
+}
+
+fn key(i: usize) -> Vec<u8> {
+    KEYS[i % KEYS.len()].as_bytes().to_vec()
+}
+
+fn condition() -> impl Strategy<Value = Condition> {
+    prop_oneof![
+        3 => Just(Condition::Any),
+        2 => (1u64..4).prop_map(Condition::Version),
+        1 => Just(Condition::Absent),
+        1 => Just(Condition::Exists),
+    ]
+}
+
+fn op() -> impl Strategy<Value = WriteOp> {
+    prop_oneof![
+        3 => (0..KEYS.len(), proptest::collection::vec(any::<u8>(), 0..16), condition())
+            .prop_map(|(k, value, condition)| WriteOp::Put { key: key(k), value, condition }),
+        1 => (0..KEYS.len(), condition().prop_filter("absent delete", |c| *c != Condition::Absent))
+            .prop_map(|(k, condition)| WriteOp::Delete { key: key(k), condition }),
+    ]
+}
+
+fn bound() -> impl Strategy<Value = Bound<usize>> {
+    prop_oneof![
+        Just(Bound::Unbounded),
+        (0..KEYS.len()).prop_map(Bound::Included),
+        (0..KEYS.len()).prop_map(Bound::Excluded),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => op().prop_map(|op| Step::Write(vec![op])),
+        3 => proptest::collection::vec(op(), 1..5).prop_map(|ops| {
+            // A batch names each key at most once.
+            let mut seen = std::collections::HashSet::new();
+            Step::Write(ops.into_iter().filter(|op| seen.insert(op.key().to_vec())).collect())
+        }),
+        2 => (0..KEYS.len()).prop_map(Step::Get),
+        1 => proptest::collection::vec(0..KEYS.len(), 0..5).prop_map(Step::GetMany),
+        2 => (bound(), bound(), any::<bool>(), 1usize..6, any::<bool>()).prop_map(
+            |(lower, upper, reverse, limit, keys_only)| Step::Scan { lower, upper, reverse, limit, keys_only }
+        ),
+        1 => Just(Step::Reopen),
+    ]
+}
+
+fn key_bound(b: &Bound<usize>) -> Bound<Vec<u8>> {
+    match b {
+        Bound::Included(i) => Bound::Included(key(*i)),
+        Bound::Excluded(i) => Bound::Excluded(key(*i)),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+fn open(path: &std::path::Path) -> Arc<EmbeddedStore> {
+    Arc::new(EmbeddedStore::open(EmbeddedConfig::new(path)).expect("open store"))
+}
+
+async fn check(steps: Vec<Step>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut store = open(dir.path());
+    let mut model = Model::default();
+    for (n, step) in steps.into_iter().enumerate() {
+        match step {
+            Step::Write(ops) => {
+                let got = store.write(ops.clone()).await.expect("write");
+                assert_eq!(got, model.write(&ops), "step {n}: {ops:?}");
+            }
+            Step::Get(i) => {
+                let got = store.get(&key(i)).await.expect("get");
+                let want = model.entries.get(&key(i));
+                assert_eq!(
+                    got.map(|e| ModelEntry {
+                        value: e.value,
+                        version: e.version,
+                        revision: e.revision
+                    }),
+                    want.cloned(),
+                    "step {n}: get {}",
+                    KEYS[i]
+                );
+            }
+            Step::GetMany(keys) => {
+                let got = store
+                    .get_many(keys.iter().map(|i| key(*i)).collect())
+                    .await
+                    .expect("get_many");
+                let got: Vec<Option<u64>> =
+                    got.iter().map(|e| e.as_ref().map(|e| e.version)).collect();
+                let want: Vec<Option<u64>> = keys
+                    .iter()
+                    .map(|i| model.entries.get(&key(*i)).map(|e| e.version))
+                    .collect();
+                assert_eq!(got, want, "step {n}: get_many");
+            }
+            Step::Scan {
+                lower,
+                upper,
+                reverse,
+                limit,
+                keys_only,
+            } => {
+                let (lower, upper) = (key_bound(&lower), key_bound(&upper));
+                let page = store
+                    .scan(ScanRequest {
+                        lower: lower.clone(),
+                        upper: upper.clone(),
+                        reverse,
+                        limit,
+                        keys_only,
+                        max_value_bytes: 4 << 20,
+                    })
+                    .await
+                    .expect("scan");
+                let inverted = match (&lower, &upper) {
+                    (
+                        Bound::Included(l) | Bound::Excluded(l),
+                        Bound::Included(u) | Bound::Excluded(u),
+                    ) => {
+                        l > u
+                            || (l == u
+                                && !matches!(
+                                    (&lower, &upper),
+                                    (Bound::Included(_), Bound::Included(_))
+                                ))
+                    }
+                    _ => false,
+                };
+                let mut want: Vec<(Vec<u8>, ModelEntry)> = if inverted {
+                    Vec::new()
+                } else {
+                    model
+                        .entries
+                        .range((lower, upper))
+                        .map(|(k, e)| (k.clone(), e.clone()))
+                        .collect()
+                };
+                if reverse {
+                    want.reverse();
+                }
+                let more = want.len() > limit;
+                want.truncate(limit);
+                let got: Vec<(Vec<u8>, ModelEntry)> = page
+                    .entries
+                    .into_iter()
+                    .map(|e| {
+                        (
+                            e.key,
+                            ModelEntry {
+                                value: e.value,
+                                version: e.version,
+                                revision: e.revision,
+                            },
+                        )
+                    })
+                    .collect();
+                if keys_only {
+                    for (_, e) in &mut want {
+                        e.value.clear();
+                    }
+                }
+                assert_eq!(got, want, "step {n}: scan");
+                assert_eq!(page.more, more, "step {n}: scan more");
+            }
+            Step::Reopen => {
+                store.close().await.expect("close");
+                drop(store);
+                store = open(dir.path());
+            }
+        }
+    }
+    store.close().await.expect("close");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(check(steps));
+    }
+}
