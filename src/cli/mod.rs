@@ -1,0 +1,3 @@
+//! The subcommands of the `kvstore` binary, one module per group.
+
+pub(crate) mod serve;
