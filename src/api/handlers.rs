@@ -146,7 +146,10 @@ pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> 
         .await?;
     match outcome {
         WriteOutcome::Applied { revision, results } => {
-            let Some(OpResult::Put { version, created }) = results.first().cloned() else {
+            let Some(OpResult::Put {
+                version, created, ..
+            }) = results.first().cloned()
+            else {
                 return Err(ApiError::internal("a put had no put result"));
             };
             let status = if created {

@@ -583,6 +583,8 @@ impl Committer {
                     results.push(OpResult::Put {
                         version: new.version,
                         created: meta.is_none(),
+                        created_at_us: new.created_at_us,
+                        updated_at_us: new.updated_at_us,
                     });
                     pending.insert(key, Some((new, codec::encode(&new, &value))));
                 }

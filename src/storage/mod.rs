@@ -93,14 +93,15 @@ impl WriteOp {
 /// What one op of an applied write did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpResult {
+    /// The timestamps are those of the entry the put produced.
     Put {
         version: u64,
         created: bool,
+        created_at_us: i64,
+        updated_at_us: i64,
     },
     /// `existed` is false for an unconditional delete of an absent key.
-    Deleted {
-        existed: bool,
-    },
+    Deleted { existed: bool },
 }
 
 /// A condition that did not hold.
