@@ -3,6 +3,7 @@
 //! [`Client::send`] is the raw layer (any method, path, headers and body);
 //! the typed methods build on it with the bodies of [`crate::api::types`].
 
+use std::error::Error as StdError;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,6 +38,10 @@ const QUERY_SAFE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
+/// The most ops in a batch, keys in a batch read and items in a page
+/// (API v1).
+pub const MAX_ITEMS: usize = 1000;
+
 /// What can go wrong calling the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -52,6 +57,30 @@ pub enum ClientError {
     /// The answer was not what API v1 describes.
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
+}
+
+/// An error and its sources on one line: hyper's own `Display` stops at
+/// "client error (Connect)", and the cause (connection refused, ...) is what
+/// a user needs.
+fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// A value read as raw bytes, with its version (from the `ETag`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawValue {
+    pub value: Bytes,
+    pub version: u64,
 }
 
 /// An answer as it came.
@@ -162,12 +191,12 @@ impl Client {
             .http
             .request(request)
             .await
-            .map_err(|err| ClientError::Transport(format!("{err:?}")))?;
+            .map_err(|err| ClientError::Transport(error_chain(&err)))?;
         let (parts, body) = response.into_parts();
         let body = body
             .collect()
             .await
-            .map_err(|err| ClientError::Transport(err.to_string()))?
+            .map_err(|err| ClientError::Transport(error_chain(&err)))?
             .to_bytes();
         Ok(RawResponse {
             status: parts.status,
@@ -204,6 +233,39 @@ impl Client {
             return Ok(None);
         }
         response.into_result().map(Some)
+    }
+
+    /// The value of `key` as raw bytes (binary-safe, no JSON), or `None` when
+    /// the key does not exist.
+    ///
+    /// # Errors
+    /// Transport and server errors; [`ClientError::Protocol`] when the answer
+    /// has no `ETag`.
+    pub async fn get_raw(&self, key: &str) -> Result<Option<RawValue>, ClientError> {
+        let response = self
+            .send(
+                Method::GET,
+                &Self::key_path(key),
+                &[(header::ACCEPT, "application/octet-stream")],
+                Bytes::new(),
+            )
+            .await?;
+        match response.status {
+            StatusCode::NOT_FOUND => Ok(None),
+            status if status.is_success() => {
+                let version = response
+                    .headers
+                    .get(header::ETAG)
+                    .and_then(|tag| tag.to_str().ok())
+                    .and_then(|tag| tag.trim_matches('"').parse().ok())
+                    .ok_or_else(|| ClientError::Protocol("a value without an ETag".into()))?;
+                Ok(Some(RawValue {
+                    value: response.body,
+                    version,
+                }))
+            }
+            _ => Err(response.into_error()),
+        }
     }
 
     /// Writes `value` (any bytes) under `key`, if `condition` holds.
@@ -287,6 +349,31 @@ impl Client {
             .into_result()
     }
 
+    /// Every page of a range read, one after the other, following
+    /// `next_cursor`; `params.cursor` is where the walk starts.
+    pub fn pages(&self, params: ListParams) -> Pages<'_> {
+        Pages {
+            client: self,
+            params,
+            done: false,
+        }
+    }
+
+    /// Whether the server is up (`GET /healthz`).
+    ///
+    /// # Errors
+    /// Transport errors, and [`ClientError::Api`] when it answers with an error.
+    pub async fn health(&self) -> Result<(), ClientError> {
+        let response = self
+            .send(Method::GET, "/healthz", &[], Bytes::new())
+            .await?;
+        if response.status.is_success() {
+            Ok(())
+        } else {
+            Err(response.into_error())
+        }
+    }
+
     /// An atomic batch of writes.
     ///
     /// # Errors
@@ -303,5 +390,44 @@ impl Client {
     pub async fn batch_get(&self, keys: Vec<String>) -> Result<BatchGetResponse, ClientError> {
         self.send_json("/v1/batch/get", &BatchGetRequest { keys })
             .await
+    }
+}
+
+/// A walk over the pages of a range read; see [`Client::pages`].
+pub struct Pages<'a> {
+    client: &'a Client,
+    params: ListParams,
+    done: bool,
+}
+
+impl Pages<'_> {
+    /// Asks for at most `limit` items in the pages to come.
+    pub fn set_page_limit(&mut self, limit: usize) {
+        self.params.limit = Some(limit);
+    }
+
+    /// The cursor that continues the walk where it stands; `None` once the
+    /// range is exhausted.
+    pub fn cursor(&self) -> Option<&str> {
+        if self.done {
+            None
+        } else {
+            self.params.cursor.as_deref()
+        }
+    }
+
+    /// The items of the next page, or `None` once the range is exhausted.
+    ///
+    /// # Errors
+    /// Transport and server errors; the walk can go on after a transport
+    /// error, from the page that failed.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<EntryBody>>, ClientError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self.client.list(&self.params).await?;
+        self.done = page.next_cursor.is_none();
+        self.params.cursor = page.next_cursor;
+        Ok(Some(page.items))
     }
 }

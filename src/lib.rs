@@ -8,11 +8,16 @@
 //! - [`storage`]: the [`storage::Store`] trait every backend implements, and
 //!   [`storage::embedded`], the default engine (fjall with our own group commit).
 //! - [`server`]: the process lifecycle: accept loop, graceful shutdown.
-//! - [`client`]: a typed async client of the API, used by the CLI and the tests.
+//! - [`client`]: a typed async client of the API, used by the CLI, the bench
+//!   tool and the tests.
+//! - [`bench`](mod@bench): the load generator of `kvstore bench` (YCSB
+//!   workloads, key distributions, the runner, latency histograms and the
+//!   report).
 //! - [`error`]: what can fail inside the library.
 //! - `src/main.rs`: the `kvstore` binary (argument parsing and wiring only).
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod error;
 pub mod server;

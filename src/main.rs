@@ -1,6 +1,8 @@
 //! The `kvstore` binary: argument parsing and wiring only.
 //!
-//! Run the server with `kvstore serve` (see `kvstore serve --help`).
+//! Run the server with `kvstore serve` (see `kvstore serve --help`); talk to
+//! it with `kvstore get`, `put`, `delete`, `list`, `batch`, `export`,
+//! `import`, and measure it with `kvstore bench` (see `kvstore --help`).
 
 mod cli;
 
@@ -24,6 +26,22 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(cli::serve::ServeArgs),
+    /// Print the value of a key.
+    Get(cli::kv::GetArgs),
+    /// Write a value (from the argument, --file, or stdin).
+    Put(cli::kv::PutArgs),
+    /// Delete a key.
+    Delete(cli::kv::DeleteArgs),
+    /// List a range of keys.
+    List(cli::kv::ListArgs),
+    /// Apply an atomic batch of writes from a JSON file.
+    Batch(cli::kv::BatchArgs),
+    /// Write entries to stdout as NDJSON.
+    Export(cli::dump::ExportArgs),
+    /// Write the entries of an NDJSON dump, in batches.
+    Import(cli::dump::ImportArgs),
+    /// Measure a server with YCSB workloads or single-operation scenarios.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,13 +67,20 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(cli::serve::run(args)),
+        Command::Serve(args) => runtime
+            .block_on(cli::serve::run(args))
+            .map_err(cli::Failure::general),
+        Command::Get(args) => runtime.block_on(cli::kv::get(args)),
+        Command::Put(args) => runtime.block_on(cli::kv::put(args)),
+        Command::Delete(args) => runtime.block_on(cli::kv::delete(args)),
+        Command::List(args) => runtime.block_on(cli::kv::list(args)),
+        Command::Batch(args) => runtime.block_on(cli::kv::batch(args)),
+        Command::Export(args) => runtime.block_on(cli::dump::export(args)),
+        Command::Import(args) => runtime.block_on(cli::dump::import(args)),
+        Command::Bench(args) => runtime.block_on(cli::bench::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("kvstore: {err}");
-            ExitCode::FAILURE
-        }
+        Err(failure) => failure.report(),
     }
 }

@@ -1,3 +1,248 @@
-//! The subcommands of the `kvstore` binary, one module per group.
+//! The subcommands of the `kvstore` binary, one module per group, and what
+//! the client subcommands share: the server URL, output, exit codes.
 
+pub(crate) mod bench;
+pub(crate) mod dump;
+pub(crate) mod kv;
 pub(crate) mod serve;
+
+use std::fmt;
+use std::io::{IsTerminal as _, Write};
+use std::process::ExitCode;
+
+use hyper::StatusCode;
+use indicatif::{ProgressBar, ProgressStyle};
+use kvstore::client::{Client, ClientError};
+use serde::Serialize;
+
+/// The server that a client subcommand talks to.
+#[derive(clap::Args)]
+pub(crate) struct ServerArgs {
+    /// The server's base URL.
+    #[arg(long, env = "KVSTORE_URL", default_value = "http://127.0.0.1:7070",
+          value_parser = http_url)]
+    url: String,
+}
+
+impl ServerArgs {
+    fn client(&self) -> Result<Client, Failure> {
+        Client::new(&self.url).map_err(|err| Failure::usage(err.to_string()))
+    }
+}
+
+/// Refuses a URL that the client cannot use while clap can still say so.
+fn http_url(url: &str) -> Result<String, String> {
+    if url.starts_with("http://") {
+        Ok(url.to_owned())
+    } else {
+        Err("expected an http:// URL such as http://127.0.0.1:7070".to_owned())
+    }
+}
+
+/// How a subcommand prints its result.
+#[derive(clap::Args)]
+pub(crate) struct OutputArgs {
+    /// Print JSON for scripts instead of text for people.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit codes of the client subcommands (documented in the README).
+mod exit {
+    /// Not found, a failed condition, or another failure.
+    pub(super) const FAILED: u8 = 1;
+    /// Bad arguments or input, including what the server rejected as such.
+    pub(super) const USAGE: u8 = 2;
+    /// The server cannot be reached, failed (5xx), or answered nonsense.
+    pub(super) const SERVER: u8 = 3;
+}
+
+/// Why a subcommand failed, and the exit code that says so.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    code: u8,
+    /// Empty when there is nothing to say (the reader of stdout went away).
+    message: String,
+}
+
+impl Failure {
+    /// Exit code 1, e.g. for `serve`.
+    pub(crate) fn general(message: impl Into<String>) -> Self {
+        Failure {
+            code: exit::FAILED,
+            message: message.into(),
+        }
+    }
+
+    /// The failure of a command on a key that does not exist.
+    fn absent_key(key: &str) -> Self {
+        Failure::general("the key does not exist").about_key(key)
+    }
+
+    fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            code: exit::USAGE,
+            message: message.into(),
+        }
+    }
+
+    /// A failed write to stdout. When its reader went away (`| head`),
+    /// stopping quietly is what a pipeline expects.
+    fn output(err: std::io::Error) -> Self {
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            Failure {
+                code: 0,
+                message: String::new(),
+            }
+        } else {
+            Failure::general(format!("cannot write the output: {err}"))
+        }
+    }
+
+    /// The same failure, its message prefixed with the key it was about.
+    fn about_key(self, key: &str) -> Self {
+        self.context(format_args!("key '{key}'"))
+    }
+
+    /// The same failure, its message prefixed with what it was about.
+    fn context(mut self, about: impl fmt::Display) -> Self {
+        if !self.message.is_empty() {
+            self.message = format!("{about}: {}", self.message);
+        }
+        self
+    }
+
+    /// Prints the message to stderr; the exit code.
+    pub(crate) fn report(self) -> ExitCode {
+        if !self.message.is_empty() {
+            eprintln!("kvstore: {}", self.message);
+        }
+        ExitCode::from(self.code)
+    }
+}
+
+impl From<ClientError> for Failure {
+    /// The server's own message, then its status, code and details, e.g.
+    /// "the condition failed: the key is at version 2 (412 version_mismatch,
+    /// current_version: 2)".
+    fn from(err: ClientError) -> Self {
+        match &err {
+            ClientError::Api { status, error } => {
+                let mut message = format!("{} ({} {}", error.message, status.as_u16(), error.code);
+                for (name, value) in &error.details {
+                    message.push_str(&format!(", {name}: {value}"));
+                }
+                message.push(')');
+                let code = match *status {
+                    StatusCode::NOT_FOUND | StatusCode::PRECONDITION_FAILED => exit::FAILED,
+                    s if s.is_server_error() => exit::SERVER,
+                    _ => exit::USAGE,
+                };
+                Failure { code, message }
+            }
+            ClientError::Transport(_) | ClientError::Protocol(_) => Failure {
+                code: exit::SERVER,
+                message: err.to_string(),
+            },
+        }
+    }
+}
+
+/// Writes `value` as one line of JSON to `out`.
+fn write_json(out: &mut (impl Write + ?Sized), value: &impl Serialize) -> Result<(), Failure> {
+    serde_json::to_writer(&mut *out, value).map_err(|err| Failure::output(err.into()))?;
+    out.write_all(b"\n").map_err(Failure::output)
+}
+
+/// Runs `write` on a locked, buffered stdout and flushes it.
+fn with_stdout(write: impl FnOnce(&mut dyn Write) -> Result<(), Failure>) -> Result<(), Failure> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    write(&mut out)?;
+    out.flush().map_err(Failure::output)
+}
+
+/// A progress bar on stderr in indicatif's `template`, drawn only when
+/// stderr is a terminal (so that logs and CI output get no control
+/// characters); `len` unknown gives a spinner.
+fn progress_bar(len: Option<u64>, template: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = len.map_or_else(ProgressBar::new_spinner, ProgressBar::new);
+    match ProgressStyle::with_template(template) {
+        Ok(style) => bar.with_style(style),
+        Err(_) => bar,
+    }
+}
+
+/// Reads a whole input: a file, or stdin for `-`.
+fn read_input(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    let result = if path.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes).map(|_| bytes)
+    } else {
+        std::fs::read(path)
+    };
+    result.map_err(|err| Failure::usage(format!("cannot read {}: {err}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use kvstore::api::types::ErrorBody;
+
+    use super::*;
+
+    fn api_error(status: StatusCode, code: &str) -> ClientError {
+        ClientError::Api {
+            status,
+            error: ErrorBody {
+                code: code.into(),
+                message: "why".into(),
+                details: serde_json::Map::from_iter([("current_version".into(), 3.into())]),
+            },
+        }
+    }
+
+    #[test]
+    fn exit_codes_of_client_errors() {
+        let code = |err: ClientError| Failure::from(err).code;
+        assert_eq!(code(api_error(StatusCode::NOT_FOUND, "not_found")), 1);
+        assert_eq!(
+            code(api_error(
+                StatusCode::PRECONDITION_FAILED,
+                "version_mismatch"
+            )),
+            1
+        );
+        assert_eq!(code(api_error(StatusCode::BAD_REQUEST, "invalid_key")), 2);
+        assert_eq!(
+            code(api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large"
+            )),
+            2
+        );
+        assert_eq!(
+            code(api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable")),
+            3
+        );
+        assert_eq!(
+            code(api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal")),
+            3
+        );
+        assert_eq!(code(ClientError::Transport("refused".into())), 3);
+        assert_eq!(code(ClientError::Protocol("garbage".into())), 3);
+    }
+
+    #[test]
+    fn messages_carry_the_servers_words_and_details() {
+        let failure = Failure::from(api_error(
+            StatusCode::PRECONDITION_FAILED,
+            "version_mismatch",
+        ));
+        assert_eq!(
+            failure.about_key("a").message,
+            "key 'a': why (412 version_mismatch, current_version: 3)"
+        );
+    }
+}
