@@ -13,6 +13,7 @@
 //! - `src/main.rs`: the `kvstore` binary (argument parsing and wiring only).
 
 pub mod api;
+pub mod cache;
 pub mod client;
 pub mod error;
 pub mod server;
