@@ -43,6 +43,24 @@ const STRIPES: usize = 4096;
 /// the entry's fields and the cache's own bookkeeping).
 const ENTRY_OVERHEAD: u64 = 96;
 
+/// Where reads are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheMode {
+    /// No cache: every read goes to storage.
+    Off,
+    /// A cache in this process's memory.
+    Local,
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheMode::Off => "off",
+            CacheMode::Local => "local",
+        })
+    }
+}
+
 /// Bounds of the read cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheConfig {
@@ -362,6 +380,16 @@ impl Store for CachedStore {
 
     async fn close(&self) -> StoreResult<()> {
         self.inner.close().await
+    }
+
+    fn report_metrics(&self) {
+        let stats = self.stats();
+        metrics::counter!("kvstore_cache_hits_total").absolute(stats.hits);
+        metrics::counter!("kvstore_cache_misses_total").absolute(stats.misses);
+        metrics::counter!("kvstore_cache_evictions_total").absolute(stats.evictions);
+        metrics::gauge!("kvstore_cache_entries").set(stats.entries as f64);
+        metrics::gauge!("kvstore_cache_bytes").set(stats.bytes as f64);
+        self.inner.report_metrics();
     }
 
     fn describe(&self) -> String {

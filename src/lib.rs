@@ -18,3 +18,5 @@ pub mod client;
 pub mod error;
 pub mod server;
 pub mod storage;
+pub mod telemetry;
+pub mod timing;

@@ -7,10 +7,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::client::Client;
 use kvstore::server::{self, ServerConfig};
 use kvstore::storage::Store;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use kvstore::storage::metered::MeteredStore;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -57,7 +59,12 @@ impl TestServer {
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let dyn_store: Arc<dyn Store> = store.clone();
+        // The store as `kvstore serve` builds it by default: measured, with
+        // the read cache in front.
+        let dyn_store: Arc<dyn Store> = Arc::new(CachedStore::new(
+            Arc::new(MeteredStore::new(store.clone())),
+            CacheConfig::default(),
+        ));
         let task = tokio::spawn(server::run(listener, dyn_store, config, async move {
             let _ = rx.await;
         }));
