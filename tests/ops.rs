@@ -3,13 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use common::TestServer;
+use common::{Binary, TestServer};
 use hyper::{Method, StatusCode};
 use kvstore::api::types::ErrorResponse;
 use kvstore::server::ServerConfig;
@@ -111,39 +110,14 @@ async fn connections_over_the_cap_wait_until_one_closes() {
 /// Runs the binary with `args`, makes one PUT, stops it, and returns its log.
 async fn log_of_one_put(args: &[&str]) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvstore"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start kvstore");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let first = lines.next().expect("a first log line").expect("read");
-    // "address=127.0.0.1:PORT" in text, "address":"127.0.0.1:PORT" in JSON.
-    let port: String = first
-        .split("127.0.0.1:")
-        .nth(1)
-        .expect("address in the first line")
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    let address = format!("127.0.0.1:{port}");
-    let client = kvstore::client::Client::new(&format!("http://{address}")).unwrap();
-    client
+    let mut server = Binary::start(dir.path(), args);
+    server
+        .client
         .put("some/key", "v", Condition::Any)
         .await
         .expect("put");
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: kill(2) on our own child's pid has no memory effects.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    assert!(child.wait().unwrap().success());
-    std::iter::once(first)
-        .chain(lines.map(|l| l.expect("read")))
-        .collect()
+    assert!(server.terminate());
+    server.log()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
