@@ -7,7 +7,12 @@
 //!   bodies shared with the client.
 //! - [`storage`]: the [`storage::Store`] trait every backend implements, and
 //!   [`storage::embedded`], the default engine (fjall with our own group commit).
-//! - [`server`]: the process lifecycle: accept loop, graceful shutdown.
+//! - [`cache`]: the read cache, a decorator over any store that never serves a
+//!   version older than one acknowledged.
+//! - [`server`]: the process lifecycle: accept loop, connection cap, graceful
+//!   shutdown.
+//! - [`telemetry`]: the Prometheus recorder behind `GET /metrics`;
+//!   [`timing`]: where a request's time went, for the slow-request log.
 //! - [`client`]: a typed async client of the API, used by the CLI, the bench
 //!   tool and the tests.
 //! - [`bench`](mod@bench): the load generator of `kvstore bench` (YCSB
@@ -18,7 +23,10 @@
 
 pub mod api;
 pub mod bench;
+pub mod cache;
 pub mod client;
 pub mod error;
 pub mod server;
 pub mod storage;
+pub mod telemetry;
+pub mod timing;

@@ -11,8 +11,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
-use crate::api::{self, AppState, Limits};
+use tokio::sync::Semaphore;
+
+use crate::api::{self, AppState, Limits, Observe};
 use crate::storage::Store;
+use crate::telemetry::Metrics;
 
 /// How the HTTP server behaves.
 #[derive(Debug, Clone, Copy)]
@@ -20,13 +23,27 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// A request still running after this is answered 503 `unavailable`.
+    pub request_timeout: Duration,
+    /// Requests slower than this are logged at WARN.
+    pub slow_request: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Whether to record metrics and serve `GET /metrics`.
+    pub metrics: bool,
 }
 
 impl Default for ServerConfig {
+    /// 10 s to drain on shutdown, 30 s per request, slow above 10 ms,
+    /// 10,000 connections, metrics on.
     fn default() -> Self {
         ServerConfig {
             limits: Limits::default(),
             shutdown_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            slow_request: Duration::from_millis(10),
+            max_connections: 10_000,
+            metrics: true,
         }
     }
 }
@@ -43,10 +60,21 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let metrics = if config.metrics {
+        Some(Arc::new(Metrics::install().map_err(io::Error::other)?))
+    } else {
+        None
+    };
     let router = api::router(AppState {
         store: Arc::clone(&store),
         limits: config.limits,
+        observe: Observe {
+            request_timeout: config.request_timeout,
+            slow_request: config.slow_request,
+            metrics,
+        },
     });
+    let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let service = TowerToHyperService::new(router);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new());
@@ -54,6 +82,15 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     loop {
+        // At the cap, stop accepting: new connections wait in the kernel's
+        // backlog instead of taking memory and file descriptors here.
+        let permit = tokio::select! {
+            permit = Arc::clone(&connections).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -75,6 +112,7 @@ pub async fn run(
             if let Err(err) = connection.await {
                 tracing::debug!(error = %err, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);

@@ -881,10 +881,19 @@ async fn health_and_readiness() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "GET /metrics is in API.md but the router has no such route yet"]
 async fn metrics_in_prometheus_text_format() {
     let server = TestServer::start().await;
     put_text(&server.client, "k", "v").await;
+    assert_eq!(
+        get(&server.client, &Client::key_path("k")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&server.client, &Client::key_path("absent"))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
     let response = get(&server.client, "/metrics").await;
     assert_eq!(response.status, StatusCode::OK);
     let content_type = response
@@ -893,7 +902,26 @@ async fn metrics_in_prometheus_text_format() {
         .map(|v| v.as_bytes());
     assert!(content_type.is_some_and(|t| t.starts_with(b"text/plain")));
     let text = String::from_utf8(response.body.to_vec()).expect("UTF-8 metrics");
-    assert!(text.lines().any(|l| l.starts_with("# TYPE ")), "{text}");
+    // The recorder is shared by every server of this test process, so only
+    // the presence of series is checked, not their counts.
+    for series in [
+        "# TYPE kvstore_http_requests_total counter",
+        "kvstore_http_requests_total{route=\"/v1/kv/{key}\",method=\"PUT\",status=\"201\"}",
+        "kvstore_http_requests_total{route=\"/v1/kv/{key}\",method=\"GET\",status=\"404\"}",
+        "# TYPE kvstore_http_request_duration_seconds histogram",
+        "kvstore_storage_operation_duration_seconds_bucket{op=\"write\"",
+        "# TYPE kvstore_commit_duration_seconds histogram",
+        "kvstore_commit_group_writes_bucket",
+        "kvstore_cache_hits_total",
+        "kvstore_cache_misses_total",
+        "kvstore_cache_evictions_total",
+        "kvstore_cache_entries",
+        "kvstore_cache_bytes",
+        "kvstore_commit_queue_depth",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(text.contains(series), "missing {series} in:\n{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

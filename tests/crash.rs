@@ -4,57 +4,17 @@
 //! A write in flight at the kill may or may not have landed, but a batch lands
 //! whole or not at all, and revisions never go back.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::Binary;
 use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
 use kvstore::client::Client;
 use kvstore::storage::Condition;
-
-struct Server {
-    child: Child,
-    client: Client,
-}
-
-/// Starts the binary on an ephemeral port and waits for its "listening" line.
-fn start(data_dir: &Path, durability: &str) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvstore"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--durability",
-            durability,
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start kvstore");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let address = loop {
-        let line = lines
-            .next()
-            .expect("kvstore exited before listening")
-            .expect("read stderr");
-        if let Some(rest) = line.split("address=").nth(1) {
-            break rest.split_whitespace().next().expect("address").to_owned();
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        client: Client::new(&format!("http://{address}")).expect("client"),
-    }
-}
 
 /// What the writers know: per key, the last acknowledged (value, version), and
 /// the write in flight when the server died, if any.
@@ -226,10 +186,8 @@ async fn crash_cycles(durability: &str, cycles: u64) {
             "nothing was written in cycle {cycle}"
         );
     }
-    let mut server = start(dir.path(), durability);
+    let server = start(dir.path(), durability);
     verify_after_restart(&server.client, &ledger).await;
-    server.child.kill().expect("kill");
-    server.child.wait().expect("reap");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,8 +226,10 @@ async fn sigterm_drains_and_exits_cleanly() {
     for writer in writers {
         writer.await.unwrap();
     }
-    let mut server = start(dir.path(), "fsync");
+    let server = start(dir.path(), "fsync");
     verify_after_restart(&server.client, &ledger).await;
-    server.child.kill().expect("kill");
-    server.child.wait().expect("reap");
+}
+
+fn start(data_dir: &Path, durability: &str) -> Binary {
+    Binary::start(data_dir, &["--durability", durability])
 }

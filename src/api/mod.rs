@@ -4,13 +4,17 @@
 mod cursor;
 pub mod error;
 mod handlers;
+mod observe;
 mod request;
 pub mod types;
 
 use std::sync::Arc;
 
 use axum::Router;
+use axum::middleware;
 use axum::routing::{get, post};
+
+pub use observe::Observe;
 
 use crate::storage::Store;
 
@@ -41,6 +45,7 @@ impl Default for Limits {
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub limits: Limits,
+    pub observe: Observe,
 }
 
 /// Ops in one batch, keys in one batch read, and items on one range page, at most.
@@ -70,7 +75,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/batch/get", post(handlers::batch_get))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(observe::metrics))
         .fallback(handlers::no_route)
         .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
         .with_state(state)
 }

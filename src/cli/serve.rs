@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvstore::api::Limits;
+use kvstore::cache::{CacheConfig, CacheMode, CachedStore};
 use kvstore::server::{self, ServerConfig};
 use kvstore::storage::Store;
 use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
+use kvstore::storage::metered::MeteredStore;
 
 #[derive(clap::Args)]
 pub(crate) struct ServeArgs {
@@ -39,6 +41,39 @@ pub(crate) struct ServeArgs {
     /// Seconds that in-flight requests get to finish after SIGINT or SIGTERM.
     #[arg(long, env = "KVSTORE_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     shutdown_timeout_secs: u64,
+    /// Read cache in front of storage: `local` (in this process) or `off`.
+    #[arg(long, env = "KVSTORE_CACHE", value_enum, default_value_t = CacheMode::Local)]
+    cache: CacheMode,
+    /// Entries the cache holds at most ("absent" markers included).
+    #[arg(long, env = "KVSTORE_CACHE_MAX_ENTRIES", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    cache_max_entries: u64,
+    /// Bytes the cache holds at most (keys, values and per-entry overhead).
+    #[arg(long, env = "KVSTORE_CACHE_MAX_BYTES", default_value_t = 256 << 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    cache_max_bytes: u64,
+    /// Seconds an entry may be served from the cache; 0 keeps entries until
+    /// they are replaced or evicted.
+    #[arg(long, env = "KVSTORE_CACHE_TTL_SECS", default_value_t = 300)]
+    cache_ttl_secs: u64,
+    /// Values larger than this many bytes are not cached.
+    #[arg(long, env = "KVSTORE_CACHE_MAX_VALUE_BYTES", default_value_t = CacheConfig::default().max_value_bytes)]
+    cache_max_value_bytes: usize,
+    /// Seconds a request may run before it is answered 503 unavailable.
+    #[arg(long, env = "KVSTORE_REQUEST_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout_secs: u64,
+    /// Requests slower than this many milliseconds are logged at WARN, with
+    /// where the time went.
+    #[arg(long, env = "KVSTORE_SLOW_MS", default_value_t = 10)]
+    slow_ms: u64,
+    /// Connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "KVSTORE_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Record Prometheus metrics and serve them at GET /metrics.
+    #[arg(long, env = "KVSTORE_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    metrics: bool,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -55,7 +90,19 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot open {}: {e}", args.data_dir.display()))?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let mut store: Arc<dyn Store> = Arc::new(store);
+    if args.metrics {
+        store = Arc::new(MeteredStore::new(store));
+    }
+    let cache = CacheConfig {
+        max_entries: usize::try_from(args.cache_max_entries).map_err(|e| e.to_string())?,
+        max_bytes: args.cache_max_bytes,
+        ttl: (args.cache_ttl_secs > 0).then(|| Duration::from_secs(args.cache_ttl_secs)),
+        max_value_bytes: args.cache_max_value_bytes,
+    };
+    if args.cache == CacheMode::Local {
+        store = Arc::new(CachedStore::new(store, cache));
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -65,11 +112,16 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         engine = "embedded (fjall)",
         data_dir = %args.data_dir.display(),
         durability = %args.durability,
+        cache = %args.cache,
         "kvstore listening"
     );
     let config = ServerConfig {
         limits,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+        request_timeout: Duration::from_secs(args.request_timeout_secs),
+        slow_request: Duration::from_millis(args.slow_ms),
+        max_connections: usize::try_from(args.max_connections).map_err(|e| e.to_string())?,
+        metrics: args.metrics,
     };
     server::run(listener, store, config, shutdown_signal())
         .await

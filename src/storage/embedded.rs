@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
@@ -32,6 +32,7 @@ use super::{
     Entry, FailedCondition, OpResult, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
+use crate::timing;
 
 /// When an acknowledged write is on stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -92,13 +93,22 @@ impl EmbeddedConfig {
 
 /// A commit group is cut at this many ops or bytes, so one huge group cannot
 /// hold up the writes queued behind it for long.
-const MAX_GROUP_OPS: usize = 8192;
+const MAX_GROUP_KEYS: usize = 8192;
 const MAX_GROUP_BYTES: usize = 64 << 20;
 /// Writes waiting for the committer before new ones wait to be queued.
 const QUEUE_DEPTH: usize = 4096;
 const REVISION_KEY: &[u8] = b"revision";
 
-type Reply = oneshot::Sender<StoreResult<WriteOutcome>>;
+/// A write's outcome, and how long the commit of its group took (zero when
+/// it was not committed).
+type Reply = oneshot::Sender<(StoreResult<WriteOutcome>, Duration)>;
+
+/// Metric names of the committer.
+const GROUP_WRITES: &str = "kvstore_commit_group_writes";
+const GROUP_KEYS: &str = "kvstore_commit_group_keys";
+const COMMIT_SECONDS: &str = "kvstore_commit_duration_seconds";
+const SYNC_SECONDS: &str = "kvstore_background_sync_duration_seconds";
+const QUEUE_DEPTH_GAUGE: &str = "kvstore_commit_queue_depth";
 
 enum Job {
     Write {
@@ -276,14 +286,20 @@ impl Store for EmbeddedStore {
     }
 
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
+        let start = Instant::now();
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job::Write { ops, reply })
             .await
             .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
-        answer
+        let (outcome, commit) = answer
             .await
-            .map_err(|_| StoreError::Unavailable("the store closed before the write".into()))?
+            .map_err(|_| StoreError::Unavailable("the store closed before the write".into()))?;
+        timing::record(|t| {
+            t.commit += commit;
+            t.queued += start.elapsed().saturating_sub(commit);
+        });
+        outcome
     }
 
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
@@ -324,6 +340,10 @@ impl Store for EmbeddedStore {
         })
         .await
         .map_err(|e| StoreError::Internal(format!("joining storage threads: {e}")))
+    }
+
+    fn report_metrics(&self) {
+        metrics::gauge!(QUEUE_DEPTH_GAUGE).set(self.queue_depth() as f64);
     }
 
     fn describe(&self) -> String {
@@ -439,7 +459,7 @@ impl Committer {
                     Job::Write { ops: w, reply } => {
                         let weight: usize = w.iter().map(WriteOp::weight).sum();
                         if !writes.is_empty()
-                            && (ops + w.len() > MAX_GROUP_OPS || bytes + weight > MAX_GROUP_BYTES)
+                            && (ops + w.len() > MAX_GROUP_KEYS || bytes + weight > MAX_GROUP_BYTES)
                         {
                             carried = Some(Job::Write { ops: w, reply });
                             break;
@@ -460,8 +480,10 @@ impl Committer {
                 // Writes that were already queued behind the close are refused.
                 while let Ok(job) = queue.try_recv() {
                     if let Job::Write { reply, .. } = job {
-                        let _ =
-                            reply.send(Err(StoreError::Unavailable("the store is closed".into())));
+                        let _ = reply.send((
+                            Err(StoreError::Unavailable("the store is closed".into())),
+                            Duration::ZERO,
+                        ));
                     }
                 }
                 break;
@@ -479,7 +501,7 @@ impl Committer {
     fn commit_group(&mut self, writes: Vec<(Vec<WriteOp>, Reply)>) {
         if let Some(why) = self.shared.failure() {
             for (_, reply) in writes {
-                let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+                let _ = reply.send((Err(StoreError::Unavailable(why.clone())), Duration::ZERO));
             }
             return;
         }
@@ -491,26 +513,22 @@ impl Committer {
         for (ops, reply) in writes {
             match self.apply(ops, &mut pending) {
                 Ok(WriteOutcome::Rejected { failed }) => {
-                    let _ = reply.send(Ok(WriteOutcome::Rejected { failed }));
+                    let _ = reply.send((Ok(WriteOutcome::Rejected { failed }), Duration::ZERO));
                 }
                 Ok(outcome) => accepted.push(Accepted { reply, outcome }),
+                // Reading a current version failed (an I/O error, a corrupt
+                // record): this write fails alone; it added nothing to the group.
                 Err(err) => {
-                    // A read failed: nothing of the group is committed.
-                    self.revision = first_revision;
-                    let err = self.shared.fail(err.to_string());
-                    for Accepted { reply, .. } in accepted {
-                        let _ = reply.send(Err(StoreError::Unavailable(err.to_string())));
-                    }
-                    let _ = reply.send(Err(err));
-                    return;
+                    let _ = reply.send((Err(err), Duration::ZERO));
                 }
             }
         }
         if accepted.is_empty() {
             return;
         }
+        let keys_written = pending.len();
         let mut batch =
-            fjall::OwnedWriteBatch::with_capacity(self.shared.db.clone(), pending.len() + 1)
+            fjall::OwnedWriteBatch::with_capacity(self.shared.db.clone(), keys_written + 1)
                 .durability(Some(self.persist));
         for (key, write) in pending {
             match write {
@@ -519,11 +537,20 @@ impl Committer {
             }
         }
         batch.insert(&self.shared.meta, REVISION_KEY, self.revision.to_le_bytes());
-        if let Err(err) = batch.commit() {
+        let start = Instant::now();
+        let committed = batch.commit();
+        let commit = start.elapsed();
+        metrics::histogram!(COMMIT_SECONDS).record(commit.as_secs_f64());
+        metrics::histogram!(GROUP_WRITES).record(accepted.len() as f64);
+        metrics::histogram!(GROUP_KEYS).record(keys_written as f64);
+        if let Err(err) = committed {
             self.revision = first_revision;
             let err = self.shared.fail(format!("commit failed: {err}"));
             for Accepted { reply, .. } in accepted {
-                let _ = reply.send(Err(StoreError::Unavailable(err.to_string())));
+                let _ = reply.send((
+                    Err(StoreError::Unavailable(err.to_string())),
+                    Duration::ZERO,
+                ));
             }
             return;
         }
@@ -535,7 +562,7 @@ impl Committer {
             synced: matches!(self.persist, PersistMode::SyncData | PersistMode::SyncAll),
         });
         for Accepted { reply, outcome } in accepted {
-            let _ = reply.send(Ok(outcome));
+            let _ = reply.send((Ok(outcome), commit));
         }
     }
 
@@ -613,7 +640,10 @@ fn run_syncer(shared: &Shared, interval: Duration, stop: &std::sync::mpsc::Recei
         if committed == synced {
             continue;
         }
-        match shared.db.persist(PersistMode::SyncData) {
+        let start = Instant::now();
+        let persisted = shared.db.persist(PersistMode::SyncData);
+        metrics::histogram!(SYNC_SECONDS).record(start.elapsed().as_secs_f64());
+        match persisted {
             Ok(()) => {
                 synced = committed;
                 shared.notify(CommitEvent::Synced { revision: synced });

@@ -6,6 +6,7 @@
 
 mod codec;
 pub mod embedded;
+pub mod metered;
 
 use std::ops::Bound;
 
@@ -175,6 +176,10 @@ pub trait Store: Send + Sync {
     /// Finishes queued writes, makes everything durable and stops the backend.
     /// Writes after this fail with `Unavailable`.
     async fn close(&self) -> StoreResult<()>;
+
+    /// Brings gauges that are read rather than counted (queue depth, cache
+    /// size) up to date before the metrics are rendered.
+    fn report_metrics(&self) {}
 
     /// A short name for logs.
     fn describe(&self) -> String;

@@ -7,10 +7,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::client::Client;
 use kvstore::server::{self, ServerConfig};
 use kvstore::storage::Store;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use kvstore::storage::metered::MeteredStore;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -57,7 +59,12 @@ impl TestServer {
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let dyn_store: Arc<dyn Store> = store.clone();
+        // The store as `kvstore serve` builds it by default: measured, with
+        // the read cache in front.
+        let dyn_store: Arc<dyn Store> = Arc::new(CachedStore::new(
+            Arc::new(MeteredStore::new(store.clone())),
+            CacheConfig::default(),
+        ));
         let task = tokio::spawn(server::run(listener, dyn_store, config, async move {
             let _ = rx.await;
         }));
@@ -88,5 +95,79 @@ impl TestServer {
             task.await.expect("server task").expect("server run");
         }
         self.dir.take()
+    }
+}
+
+/// The `kvstore` binary running `serve` on an ephemeral port, killed when
+/// dropped so that a failed assertion leaves no server behind.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub client: Client,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Binary {
+    /// Starts `kvstore serve --listen 127.0.0.1:0 --data-dir DIR ARGS...` and
+    /// waits for the line that names its address.
+    pub fn start(data_dir: &Path, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvstore"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start kvstore");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (address_tx, address_rx) = std::sync::mpsc::channel();
+        let lines = Arc::clone(&log);
+        // Reads the whole log (so the server never blocks on a full pipe) and
+        // reports the port of the "listening" line, in text or JSON format.
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("127.0.0.1:").nth(1) {
+                    let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                    let _ = address_tx.send(format!("127.0.0.1:{port}"));
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let address = address_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("kvstore did not report its address");
+        Binary {
+            child,
+            client: Client::new(&format!("http://{address}")).expect("client"),
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    /// Sends SIGTERM, waits for the exit, and returns whether it was clean.
+    pub fn terminate(&mut self) -> bool {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        self.child.wait().expect("wait").success()
+    }
+
+    /// Every log line, once the process has exited.
+    pub fn log(&mut self) -> Vec<String> {
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("log reader");
+        }
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,126 @@
+//! What happens around every request: the request timeout, metrics by route
+//! and status, a debug line per request, and the slow-request log.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::telemetry::Metrics;
+use crate::timing;
+
+/// How requests are bounded and watched.
+#[derive(Clone)]
+pub struct Observe {
+    /// A request still running after this is answered 503 `unavailable`.
+    pub request_timeout: Duration,
+    /// Requests slower than this are logged at WARN with where the time went.
+    pub slow_request: Duration,
+    /// The Prometheus renderer; `None` when metrics are off.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+/// Longest key shown in the slow-request log.
+const LOGGED_KEY_CHARS: usize = 64;
+
+/// The route as a metric label: a fixed set, whatever the path.
+fn route_label(request: &Request) -> &'static str {
+    match request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+    {
+        Some("/v1/kv/{*key}" | "/v1/kv/") => "/v1/kv/{key}",
+        Some("/v1/kv") => "/v1/kv",
+        Some("/v1/batch") => "/v1/batch",
+        Some("/v1/batch/get") => "/v1/batch/get",
+        Some("/healthz") => "/healthz",
+        Some("/readyz") => "/readyz",
+        Some("/metrics") => "/metrics",
+        _ => "unmatched",
+    }
+}
+
+pub(crate) async fn observe(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let start = Instant::now();
+    let route = route_label(&request);
+    let method = request.method().clone();
+    let key: String = request
+        .uri()
+        .path()
+        .strip_prefix("/v1/kv/")
+        .unwrap_or_default()
+        .chars()
+        .take(LOGGED_KEY_CHARS)
+        .collect();
+    let limit = state.observe.request_timeout;
+    let (answer, timings) = timing::scope(tokio::time::timeout(limit, next.run(request))).await;
+    let response = answer.unwrap_or_else(|_| {
+        ApiError::unavailable(format!(
+            "the request took longer than {limit:?}; its outcome is unknown, read before retrying a write"
+        ))
+        .into_response()
+    });
+    let elapsed = start.elapsed();
+    let status = response.status();
+    if state.observe.metrics.is_some() {
+        metrics::counter!(
+            "kvstore_http_requests_total",
+            "route" => route,
+            "method" => method.to_string(),
+            "status" => status.as_u16().to_string()
+        )
+        .increment(1);
+        metrics::histogram!(
+            "kvstore_http_request_duration_seconds",
+            "route" => route,
+            "method" => method.to_string()
+        )
+        .record(elapsed.as_secs_f64());
+    }
+    tracing::debug!(%method, route, key, status = status.as_u16(), micros = elapsed.as_micros() as u64, "request");
+    if elapsed > state.observe.slow_request {
+        tracing::warn!(
+            %method,
+            route,
+            key,
+            status = status.as_u16(),
+            total_ms = millis(elapsed),
+            storage_ms = millis(timings.storage),
+            committer_wait_ms = millis(timings.queued),
+            commit_and_sync_ms = millis(timings.commit),
+            "slow request"
+        );
+    }
+    response
+}
+
+/// Milliseconds with microsecond precision, for log lines.
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1e6).round() / 1e3
+}
+
+pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    let Some(metrics) = &state.observe.metrics else {
+        return ApiError::not_found("metrics are turned off (--metrics false)").into_response();
+    };
+    let body = metrics.render(state.store.as_ref());
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}

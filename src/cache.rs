@@ -1,0 +1,398 @@
+//! The read cache: a decorator over any [`Store`] that never serves a version
+//! older than one already acknowledged.
+//!
+//! The classic cache invalidated on write can: a read that misses, reads the
+//! old row, and fills after a concurrent write has updated the cache puts the
+//! old value back. Here every key belongs to one of [`STRIPES`] stripes, and all
+//! cache changes of a stripe's keys happen under its lock, in revision order:
+//!
+//! - A write, once the store applied it and before it is answered, bumps its
+//!   stripe's epoch and puts the new entry (or, for a delete, an "absent" marker
+//!   carrying the delete's revision) in the cache, unless the cache already holds
+//!   something newer.
+//! - A read that misses notes its stripe's epoch, reads the store, and fills the
+//!   cache only if that replaces an older cached revision, or if no write and no
+//!   other read of the stripe completed meanwhile; then it bumps the epoch too.
+//!   Without the epoch, a slow read could fill an old version after a newer one
+//!   was evicted or expired.
+//! - Writes and reads note the highest revision seen in their stripe, so a slow
+//!   writer does not put its entry back over a newer one that was evicted; it
+//!   removes the key instead.
+//!
+//! A read that finds a key absent does not know since which revision, so only
+//! entries are ordered this way; an absence seen before a concurrent delete is
+//! acknowledged may be followed by the entry that delete removes, until it is.
+//!
+//! Batch reads and ranges go to the store, which reads them from one snapshot.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use quick_cache::Lifecycle;
+use quick_cache::Weighter;
+
+use crate::error::StoreResult;
+use crate::storage::{Entry, OpResult, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome};
+
+/// Lock stripes; enough that unrelated keys rarely share one.
+const STRIPES: usize = 4096;
+/// Bytes counted per entry on top of its key and value (the slot, the `Arc`,
+/// the entry's fields and the cache's own bookkeeping).
+const ENTRY_OVERHEAD: u64 = 96;
+
+/// Where reads are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheMode {
+    /// No cache: every read goes to storage.
+    Off,
+    /// A cache in this process's memory.
+    Local,
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheMode::Off => "off",
+            CacheMode::Local => "local",
+        })
+    }
+}
+
+/// Bounds of the read cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Entries held at most, "absent" markers included.
+    pub max_entries: usize,
+    /// Bytes held at most: keys, values and per-entry overhead.
+    pub max_bytes: u64,
+    /// How long an entry may be served from the cache; `None` keeps entries
+    /// until they are evicted or replaced.
+    pub ttl: Option<Duration>,
+    /// Values larger than this are not cached (they would evict many small ones).
+    pub max_value_bytes: usize,
+}
+
+impl Default for CacheConfig {
+    /// One million entries, 256 MiB, a 300 s TTL, values up to 64 KiB.
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: 1_000_000,
+            max_bytes: 256 << 20,
+            ttl: Some(Duration::from_secs(300)),
+            max_value_bytes: 64 << 10,
+        }
+    }
+}
+
+/// Counters of the cache since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone)]
+enum Slot {
+    Present(Arc<Entry>, Option<Instant>),
+    /// The key is absent as of `revision` (0 when a read found it absent).
+    Absent(u64, Option<Instant>),
+}
+
+impl Slot {
+    fn revision(&self) -> u64 {
+        match self {
+            Slot::Present(entry, _) => entry.revision,
+            Slot::Absent(revision, _) => *revision,
+        }
+    }
+
+    fn is_fresh(&self, now: Option<Instant>) -> bool {
+        let expires = match self {
+            Slot::Present(_, expires) | Slot::Absent(_, expires) => *expires,
+        };
+        match (expires, now) {
+            (Some(expires), Some(now)) => now < expires,
+            _ => true,
+        }
+    }
+}
+
+/// Weighs an entry by its bytes, but at least `floor`, so that the byte bound
+/// (the cache's capacity) also bounds the number of entries.
+#[derive(Clone)]
+struct SlotWeighter {
+    floor: u64,
+}
+
+impl Weighter<Vec<u8>, Slot> for SlotWeighter {
+    fn weight(&self, key: &Vec<u8>, slot: &Slot) -> u64 {
+        let value = match slot {
+            Slot::Present(entry, _) => entry.value.len() + entry.key.len(),
+            Slot::Absent(..) => 0,
+        };
+        (key.len() as u64 + value as u64 + ENTRY_OVERHEAD).max(self.floor)
+    }
+}
+
+/// Counts evictions for the metrics.
+#[derive(Clone, Default)]
+struct EvictionCounter(Arc<AtomicU64>);
+
+impl Lifecycle<Vec<u8>, Slot> for EvictionCounter {
+    type RequestState = ();
+
+    fn on_evict(&self, (): &mut Self::RequestState, _key: Vec<u8>, _slot: Slot) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What a stripe's lock guards.
+#[derive(Default)]
+struct Stripe {
+    /// Bumped by every write of one of the stripe's keys.
+    epoch: u64,
+    /// The highest revision a write of the stripe's keys has put in the cache.
+    max_revision: u64,
+}
+
+type SlotCache = quick_cache::sync::Cache<
+    Vec<u8>,
+    Slot,
+    SlotWeighter,
+    quick_cache::DefaultHashBuilder,
+    EvictionCounter,
+>;
+
+/// A [`Store`] with a read cache in front.
+pub struct CachedStore {
+    inner: Arc<dyn Store>,
+    cache: SlotCache,
+    stripes: Box<[Mutex<Stripe>]>,
+    hasher: quick_cache::DefaultHashBuilder,
+    config: CacheConfig,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: EvictionCounter,
+}
+
+impl CachedStore {
+    pub fn new(inner: Arc<dyn Store>, config: CacheConfig) -> Self {
+        let entries = config.max_entries.max(1);
+        let floor = (config.max_bytes / entries as u64).max(1);
+        let evictions = EvictionCounter::default();
+        CachedStore {
+            inner,
+            cache: SlotCache::with(
+                entries,
+                config.max_bytes.max(1),
+                SlotWeighter { floor },
+                quick_cache::DefaultHashBuilder::default(),
+                evictions.clone(),
+            ),
+            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            hasher: quick_cache::DefaultHashBuilder::default(),
+            config,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            evictions,
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            evictions: self.evictions.0.load(Ordering::Relaxed),
+            entries: self.cache.len() as u64,
+            bytes: self.cache.weight(),
+        }
+    }
+
+    fn stripe(&self, key: &[u8]) -> MutexGuard<'_, Stripe> {
+        let index = (self.hasher.hash_one(key) as usize) % STRIPES;
+        // A poisoned stripe only means a panic elsewhere while it was held; its
+        // two counters are still meaningful.
+        self.stripes[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn now(&self) -> Option<Instant> {
+        self.config.ttl.map(|_| Instant::now())
+    }
+
+    fn expiry(&self) -> Option<Instant> {
+        self.config.ttl.map(|ttl| Instant::now() + ttl)
+    }
+
+    /// The cached slot of `key` if it may still be served.
+    fn fresh(&self, key: &[u8]) -> Option<Slot> {
+        self.cache
+            .peek(key)
+            .filter(|slot| slot.is_fresh(self.now()))
+    }
+
+    /// Fills the cache after a read of the store that began at `epoch`.
+    fn fill(&self, key: &[u8], epoch: u64, found: Option<&Entry>) {
+        let slot = match found {
+            Some(entry) if entry.value.len() <= self.config.max_value_bytes => {
+                Some(Slot::Present(Arc::new(entry.clone()), self.expiry()))
+            }
+            Some(_) => None,
+            None => Some(Slot::Absent(0, self.expiry())),
+        };
+        let revision = found.map_or(0, |e| e.revision);
+        let mut stripe = self.stripe(key);
+        let allowed = match self.fresh(key) {
+            Some(cached) => revision > cached.revision(),
+            None => stripe.epoch == epoch,
+        };
+        if let Some(slot) = slot.filter(|_| allowed) {
+            self.cache.insert(key.to_vec(), slot);
+        }
+        // What this read saw is now the oldest state the cache may show: reads
+        // that began before it may not fill an empty slot, and writes older
+        // than it may not put their entry back.
+        stripe.epoch += 1;
+        stripe.max_revision = stripe.max_revision.max(revision);
+    }
+
+    /// Applies what a write did to the cache; `slot` is `None` for a put whose
+    /// value is too large to cache.
+    fn apply_write(&self, key: Vec<u8>, revision: u64, slot: Option<Slot>) {
+        let mut stripe = self.stripe(&key);
+        stripe.epoch += 1;
+        let newer_cached = self.fresh(&key).is_some_and(|c| c.revision() >= revision);
+        if !newer_cached {
+            match slot {
+                // A newer write of this stripe may have been evicted: only the
+                // newest write may put its entry back.
+                Some(slot) if revision >= stripe.max_revision => self.cache.insert(key, slot),
+                _ => {
+                    self.cache.remove(&key);
+                }
+            }
+        }
+        stripe.max_revision = stripe.max_revision.max(revision);
+    }
+
+    /// After a write whose outcome is unknown: forget the keys, and keep reads
+    /// that began before it from filling them.
+    fn forget(&self, key: &[u8]) {
+        let mut stripe = self.stripe(key);
+        stripe.epoch += 1;
+        self.cache.remove(key);
+    }
+}
+
+#[async_trait]
+impl Store for CachedStore {
+    async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
+        if let Some(slot) = self.cache.get(key)
+            && slot.is_fresh(self.now())
+        {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(match slot {
+                Slot::Present(entry, _) => Some(Entry::clone(&entry)),
+                Slot::Absent(..) => None,
+            });
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let epoch = self.stripe(key).epoch;
+        let found = self.inner.get(key).await?;
+        self.fill(key, epoch, found.as_ref());
+        Ok(found)
+    }
+
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+        self.inner.get_many(keys).await
+    }
+
+    async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
+        // Copy what the cache needs before the ops move into the store; values
+        // too large to cache are not copied.
+        let max_value = self.config.max_value_bytes;
+        let plan: Vec<(Vec<u8>, Option<Vec<u8>>)> = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Put { key, value, .. } if value.len() <= max_value => {
+                    (key.clone(), Some(value.clone()))
+                }
+                _ => (op.key().to_vec(), None),
+            })
+            .collect();
+        let outcome = self.inner.write(ops).await;
+        match &outcome {
+            Ok(WriteOutcome::Applied { revision, results }) => {
+                for ((key, value), result) in plan.into_iter().zip(results) {
+                    let slot = match (result, value) {
+                        (
+                            OpResult::Put {
+                                version,
+                                created_at_us,
+                                updated_at_us,
+                                ..
+                            },
+                            Some(value),
+                        ) => Some(Slot::Present(
+                            Arc::new(Entry {
+                                key: key.clone(),
+                                value,
+                                version: *version,
+                                revision: *revision,
+                                created_at_us: *created_at_us,
+                                updated_at_us: *updated_at_us,
+                            }),
+                            self.expiry(),
+                        )),
+                        (OpResult::Put { .. }, None) => None,
+                        (OpResult::Deleted { .. }, _) => {
+                            Some(Slot::Absent(*revision, self.expiry()))
+                        }
+                    };
+                    self.apply_write(key, *revision, slot);
+                }
+            }
+            // Nothing was written.
+            Ok(WriteOutcome::Rejected { .. }) => {}
+            Err(_) => {
+                for (key, _) in &plan {
+                    self.forget(key);
+                }
+            }
+        }
+        outcome
+    }
+
+    async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
+        self.inner.scan(request).await
+    }
+
+    async fn ready(&self) -> StoreResult<()> {
+        self.inner.ready().await
+    }
+
+    async fn close(&self) -> StoreResult<()> {
+        self.inner.close().await
+    }
+
+    fn report_metrics(&self) {
+        let stats = self.stats();
+        metrics::counter!("kvstore_cache_hits_total").absolute(stats.hits);
+        metrics::counter!("kvstore_cache_misses_total").absolute(stats.misses);
+        metrics::counter!("kvstore_cache_evictions_total").absolute(stats.evictions);
+        metrics::gauge!("kvstore_cache_entries").set(stats.entries as f64);
+        metrics::gauge!("kvstore_cache_bytes").set(stats.bytes as f64);
+        self.inner.report_metrics();
+    }
+
+    fn describe(&self) -> String {
+        format!("{} with a local read cache", self.inner.describe())
+    }
+}

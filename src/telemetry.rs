@@ -1,0 +1,124 @@
+//! Prometheus metrics: one process-wide recorder of the `metrics` facade,
+//! rendered in the text format by `GET /metrics`.
+//!
+//! Counters and histograms are recorded where things happen (HTTP layer,
+//! storage decorator, committer); gauges that are read rather than counted
+//! (queue depth, cache size, process figures) are brought up to date when the
+//! metrics are rendered.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::storage::Store;
+
+/// Latency buckets from 10 µs to 10 s: the interesting range of a request
+/// that can be answered from memory or wait for a sync on a slow disk.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Commit group sizes, from a lone write to the committer's cap.
+const GROUP_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+];
+
+static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// The renderer of `GET /metrics`.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    process: metrics_process::Collector,
+}
+
+impl Metrics {
+    /// Installs the process-wide recorder on the first call; later calls
+    /// (several servers in one test process) share it.
+    ///
+    /// # Errors
+    /// When another recorder was installed first.
+    pub fn install() -> Result<Self, String> {
+        let handle = RECORDER
+            .get_or_init(|| {
+                let builder = PrometheusBuilder::new()
+                    .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                    .and_then(|b| {
+                        b.set_buckets_for_metric(
+                            Matcher::Prefix("kvstore_commit_group".into()),
+                            GROUP_BUCKETS,
+                        )
+                    })
+                    .map_err(|e| e.to_string())?;
+                let handle = builder.install_recorder().map_err(|e| e.to_string())?;
+                describe();
+                Ok(handle)
+            })
+            .clone()?;
+        let process = metrics_process::Collector::default();
+        process.describe();
+        Ok(Metrics { handle, process })
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self, store: &dyn Store) -> String {
+        store.report_metrics();
+        self.process.collect();
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "kvstore_http_requests_total",
+        "HTTP requests answered, by route, method and status."
+    );
+    describe_histogram!(
+        "kvstore_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time from a request's arrival to its answer, by route and method."
+    );
+    describe_histogram!(
+        crate::storage::metered::STORAGE_SECONDS,
+        Unit::Seconds,
+        "Storage backend calls, by operation (below the cache)."
+    );
+    describe_histogram!(
+        "kvstore_commit_duration_seconds",
+        Unit::Seconds,
+        "Commits of a write group to the embedded engine, the sync included in fsync mode."
+    );
+    describe_histogram!(
+        "kvstore_background_sync_duration_seconds",
+        Unit::Seconds,
+        "Background syncs of buffered durability."
+    );
+    describe_histogram!(
+        "kvstore_commit_group_writes",
+        "Write requests (single writes and batches) committed together with one sync."
+    );
+    describe_histogram!(
+        "kvstore_commit_group_keys",
+        "Keys written by one commit group."
+    );
+    describe_gauge!(
+        "kvstore_commit_queue_depth",
+        "Writes waiting for the committer."
+    );
+    describe_counter!("kvstore_cache_hits_total", "Reads answered by the cache.");
+    describe_counter!(
+        "kvstore_cache_misses_total",
+        "Reads the cache passed to storage."
+    );
+    describe_counter!(
+        "kvstore_cache_evictions_total",
+        "Entries the cache dropped to stay within its bounds."
+    );
+    describe_gauge!("kvstore_cache_entries", "Entries in the cache.");
+    describe_gauge!(
+        "kvstore_cache_bytes",
+        Unit::Bytes,
+        "Bytes the cache counts for its entries."
+    );
+}

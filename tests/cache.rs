@@ -1,0 +1,344 @@
+//! The read cache never serves a version older than one already acknowledged.
+//!
+//! The race that breaks a cache invalidated on write: a read misses, reads the
+//! old entry from storage, stalls; a write (and a delete) run and update the
+//! cache; the stalled read then fills the cache with the old entry. A store
+//! wrapper holds a read at exactly that point, so the interleaving is forced,
+//! not hoped for.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kvstore::cache::{CacheConfig, CachedStore};
+use kvstore::error::StoreResult;
+use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use kvstore::storage::{Condition, Entry, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome};
+use tokio::sync::{Notify, Semaphore};
+
+/// A store whose reads can be held after they have read storage.
+struct StallingStore {
+    inner: EmbeddedStore,
+    stall: AtomicBool,
+    /// Signalled when a held read has its result.
+    read_done: Notify,
+    release: Semaphore,
+    reads: AtomicU64,
+}
+
+impl StallingStore {
+    fn open(path: &std::path::Path) -> Arc<Self> {
+        Arc::new(StallingStore {
+            inner: EmbeddedStore::open(EmbeddedConfig::new(path)).expect("open"),
+            stall: AtomicBool::new(false),
+            read_done: Notify::new(),
+            release: Semaphore::new(0),
+            reads: AtomicU64::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl Store for StallingStore {
+    async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let found = self.inner.get(key).await?;
+        if self.stall.swap(false, Ordering::SeqCst) {
+            self.read_done.notify_one();
+            let _permit = self.release.acquire().await.expect("semaphore");
+        }
+        Ok(found)
+    }
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+        self.inner.get_many(keys).await
+    }
+    async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
+        self.inner.write(ops).await
+    }
+    async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
+        self.inner.scan(request).await
+    }
+    async fn ready(&self) -> StoreResult<()> {
+        self.inner.ready().await
+    }
+    async fn close(&self) -> StoreResult<()> {
+        self.inner.close().await
+    }
+    fn describe(&self) -> String {
+        "stalling test store".into()
+    }
+}
+
+fn put(key: &str, value: &str) -> Vec<WriteOp> {
+    vec![WriteOp::Put {
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+        condition: Condition::Any,
+    }]
+}
+
+fn delete(key: &str) -> Vec<WriteOp> {
+    vec![WriteOp::Delete {
+        key: key.as_bytes().to_vec(),
+        condition: Condition::Any,
+    }]
+}
+
+async fn value_of(store: &dyn Store, key: &str) -> Option<String> {
+    store
+        .get(key.as_bytes())
+        .await
+        .expect("get")
+        .map(|e| String::from_utf8(e.value).expect("utf8"))
+}
+
+/// Runs a read of `key` through `cache` until it has read storage and is held.
+async fn held_read(
+    cache: &Arc<CachedStore>,
+    backing: &StallingStore,
+    key: &'static str,
+) -> tokio::task::JoinHandle<Option<String>> {
+    backing.stall.store(true, Ordering::SeqCst);
+    let reader = {
+        let cache = Arc::clone(cache);
+        tokio::spawn(async move { value_of(cache.as_ref(), key).await })
+    };
+    backing.read_done.notified().await;
+    reader
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_read_cannot_put_back_an_old_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = StallingStore::open(dir.path());
+    // The old version is written behind the cache's back, so the read misses.
+    backing.inner.write(put("k", "old")).await.unwrap();
+    let cache = Arc::new(CachedStore::new(backing.clone(), CacheConfig::default()));
+
+    let reader = held_read(&cache, &backing, "k").await;
+    cache.write(put("k", "new")).await.unwrap();
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("new"));
+    cache.write(delete("k")).await.unwrap();
+
+    backing.release.add_permits(1);
+    assert_eq!(
+        reader.await.unwrap().as_deref(),
+        Some("old"),
+        "the held read saw storage before the writes"
+    );
+
+    // The cache shows the delete, and answers it without reading storage.
+    let reads = backing.reads.load(Ordering::SeqCst);
+    assert_eq!(value_of(cache.as_ref(), "k").await, None);
+    assert_eq!(
+        backing.reads.load(Ordering::SeqCst),
+        reads,
+        "absence was not served from the cache"
+    );
+    cache.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_read_cannot_fill_after_the_newer_entry_was_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = StallingStore::open(dir.path());
+    backing.inner.write(put("k", "old")).await.unwrap();
+    // Room for one entry only: the next write of another key evicts "k".
+    let config = CacheConfig {
+        max_entries: 1,
+        ..CacheConfig::default()
+    };
+    let cache = Arc::new(CachedStore::new(backing.clone(), config));
+
+    let reader = held_read(&cache, &backing, "k").await;
+    cache.write(put("k", "new")).await.unwrap();
+    cache.write(put("other", "x")).await.unwrap();
+    backing.release.add_permits(1);
+    reader.await.unwrap();
+
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("new"));
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("new"));
+    cache.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_misses_absence_and_large_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = StallingStore::open(dir.path());
+    let config = CacheConfig {
+        max_value_bytes: 8,
+        ..CacheConfig::default()
+    };
+    let cache = CachedStore::new(backing.clone(), config);
+    cache.write(put("small", "12345678")).await.unwrap();
+    cache.write(put("large", "123456789")).await.unwrap();
+
+    let reads = |n| move |store: &StallingStore| store.reads.load(Ordering::SeqCst) - n;
+    let before = reads(0)(&backing);
+    // A write leaves its entry in the cache.
+    assert_eq!(value_of(&cache, "small").await.as_deref(), Some("12345678"));
+    assert_eq!(reads(before)(&backing), 0);
+    // A value over the threshold is read from storage every time.
+    assert_eq!(
+        value_of(&cache, "large").await.as_deref(),
+        Some("123456789")
+    );
+    assert_eq!(
+        value_of(&cache, "large").await.as_deref(),
+        Some("123456789")
+    );
+    assert_eq!(reads(before)(&backing), 2);
+    // A missing key is read once, then answered from the cache.
+    assert_eq!(value_of(&cache, "missing").await, None);
+    assert_eq!(value_of(&cache, "missing").await, None);
+    assert_eq!(reads(before)(&backing), 3);
+    // ... until it is written.
+    cache.write(put("missing", "here")).await.unwrap();
+    assert_eq!(value_of(&cache, "missing").await.as_deref(), Some("here"));
+
+    let stats = cache.stats();
+    assert_eq!(stats.misses, 3);
+    assert_eq!(stats.hits, 3);
+    assert_eq!(stats.entries, 2, "small and missing");
+    cache.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_by_entries_and_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = StallingStore::open(dir.path());
+    let by_entries = CachedStore::new(
+        backing.clone(),
+        CacheConfig {
+            max_entries: 10,
+            ..CacheConfig::default()
+        },
+    );
+    for i in 0..100 {
+        by_entries.write(put(&format!("k{i}"), "v")).await.unwrap();
+    }
+    assert!(by_entries.stats().entries <= 10, "{:?}", by_entries.stats());
+    assert!(by_entries.stats().evictions >= 90);
+
+    let by_bytes = CachedStore::new(
+        backing.clone(),
+        CacheConfig {
+            max_bytes: 4096,
+            ..CacheConfig::default()
+        },
+    );
+    let value = "x".repeat(1000);
+    for i in 0..100 {
+        by_bytes.write(put(&format!("k{i}"), &value)).await.unwrap();
+    }
+    let stats = by_bytes.stats();
+    assert!(stats.bytes <= 4096 && stats.entries <= 4, "{stats:?}");
+    backing.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_expire_after_the_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = StallingStore::open(dir.path());
+    let cache = CachedStore::new(
+        backing.clone(),
+        CacheConfig {
+            ttl: Some(Duration::from_millis(50)),
+            ..CacheConfig::default()
+        },
+    );
+    cache.write(put("k", "v")).await.unwrap();
+    let before = backing.reads.load(Ordering::SeqCst);
+    value_of(&cache, "k").await;
+    assert_eq!(backing.reads.load(Ordering::SeqCst), before);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    value_of(&cache, "k").await;
+    assert_eq!(
+        backing.reads.load(Ordering::SeqCst),
+        before + 1,
+        "an expired entry was served"
+    );
+    cache.close().await.unwrap();
+}
+
+/// Many readers and writers on a few keys, with a cache small and short-lived
+/// enough to evict and expire all the time: no reader may see a key's version
+/// go back, and after the writers stop every read shows the last write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reader_sees_a_version_go_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).expect("open"));
+    let cache = Arc::new(CachedStore::new(
+        backing,
+        CacheConfig {
+            max_entries: 3,
+            ttl: Some(Duration::from_millis(2)),
+            ..CacheConfig::default()
+        },
+    ));
+    const KEYS: usize = 5;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let cache = Arc::clone(&cache);
+        tasks.push(tokio::spawn(async move {
+            for n in 0..150 {
+                let key = format!("k{}", (n + w) % KEYS);
+                let op = if n % 7 == 0 {
+                    delete(&key)
+                } else {
+                    put(&key, "v")
+                };
+                cache.write(op).await.expect("write");
+            }
+        }));
+    }
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let cache = Arc::clone(&cache);
+        let stop = Arc::clone(&stop);
+        readers.push(tokio::spawn(async move {
+            // The newest revision each key was seen at (0: never seen).
+            let mut seen = [0u64; KEYS];
+            let mut reads = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                for (i, last) in seen.iter_mut().enumerate() {
+                    if let Some(entry) = cache.get(format!("k{i}").as_bytes()).await.expect("get") {
+                        assert!(
+                            entry.revision >= *last,
+                            "k{i} went back from revision {last} to {}",
+                            entry.revision
+                        );
+                        *last = entry.revision;
+                    }
+                    reads += 1;
+                }
+                // A cache hit never suspends: without this the readers would
+                // keep the runtime's threads from the writers.
+                tokio::task::yield_now().await;
+            }
+            reads
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    for reader in readers {
+        assert!(reader.await.unwrap() > 0);
+    }
+    for i in 0..KEYS {
+        let key = format!("k{i}");
+        let cached = cache.get(key.as_bytes()).await.unwrap().map(|e| e.revision);
+        let stored = cache.get_many(vec![key.into_bytes()]).await.unwrap()[0]
+            .as_ref()
+            .map(|e| e.revision);
+        assert_eq!(
+            cached, stored,
+            "k{i}: the cache disagrees with storage after the writers stopped"
+        );
+    }
+    cache.close().await.unwrap();
+}

@@ -1,0 +1,162 @@
+//! Limits that protect the server, and what it tells its operator: the
+//! request timeout, the connection cap, the slow-request log and JSON logs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use common::{Binary, TestServer};
+use hyper::{Method, StatusCode};
+use kvstore::api::types::ErrorResponse;
+use kvstore::server::ServerConfig;
+use kvstore::storage::Condition;
+use kvstore::storage::embedded::CommitEvent;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_timeout_is_answered_503() {
+    // The commit hook holds the first commit until the test lets it go.
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let held = Arc::clone(&gate);
+    let config = ServerConfig {
+        request_timeout: Duration::from_millis(200),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with(config, move |engine| {
+        engine.commit_hook = Some(Arc::new(move |_: &CommitEvent| {
+            let (open, changed) = &*held;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = changed.wait(open).unwrap();
+            }
+        }));
+    })
+    .await;
+
+    let response = server
+        .client
+        .send(
+            Method::PUT,
+            "/v1/kv/k",
+            &[(hyper::header::CONTENT_TYPE, "application/octet-stream")],
+            "v",
+        )
+        .await
+        .expect("send");
+    assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE);
+    let error: ErrorResponse = response.json().expect("error body");
+    assert_eq!(error.error.code, "unavailable");
+    assert!(
+        error.error.message.contains("outcome is unknown"),
+        "{}",
+        error.error.message
+    );
+
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    server.stop().await;
+}
+
+/// Sends one keep-alive request on a raw connection and reads its answer.
+fn request_on(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf).expect("read");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_wait_until_one_closes() {
+    let config = ServerConfig {
+        max_connections: 1,
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with(config, |_| {}).await;
+    let addr = server.addr;
+    let result = tokio::task::spawn_blocking(move || {
+        let mut first = TcpStream::connect(addr).expect("connect");
+        assert!(request_on(&mut first).starts_with("HTTP/1.1 200"));
+
+        // The second connection is accepted by the kernel but not served.
+        let mut second = TcpStream::connect(addr).expect("connect");
+        second
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        second
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let early = second.read(&mut buf);
+        assert!(early.is_err(), "a connection over the cap was served");
+
+        // Once the first closes, the second is served.
+        drop(first);
+        second
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let n = second.read(&mut buf).expect("read after the first closed");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(result.starts_with("HTTP/1.1 200"), "{result}");
+    server.stop().await;
+}
+
+/// Runs the binary with `args`, makes one PUT, stops it, and returns its log.
+async fn log_of_one_put(args: &[&str]) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Binary::start(dir.path(), args);
+    server
+        .client
+        .put("some/key", "v", Condition::Any)
+        .await
+        .expect("put");
+    assert!(server.terminate());
+    server.log()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_are_logged_with_where_the_time_went() {
+    let log = log_of_one_put(&["--slow-ms", "0"]).await;
+    let slow = log
+        .iter()
+        .find(|l| l.contains("slow request"))
+        .unwrap_or_else(|| panic!("no slow-request line in {log:#?}"));
+    for field in [
+        "WARN",
+        "method=PUT",
+        "key=\"some/key\"",
+        "status=201",
+        "total_ms=",
+        "storage_ms=",
+        "committer_wait_ms=",
+        "commit_and_sync_ms=",
+    ] {
+        assert!(slow.contains(field), "{field} missing in {slow}");
+    }
+    let quiet = log_of_one_put(&["--slow-ms", "60000"]).await;
+    assert!(
+        !quiet.iter().any(|l| l.contains("slow request")),
+        "{quiet:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let log = log_of_one_put(&["--log-format", "json", "--slow-ms", "0"]).await;
+    assert!(log.len() >= 3, "{log:#?}");
+    for line in &log {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            object["level"].is_string() && object["fields"].is_object(),
+            "{line}"
+        );
+    }
+    assert!(log.iter().any(|l| l.contains("\"slow request\"")));
+}
