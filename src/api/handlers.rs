@@ -58,7 +58,7 @@ fn key_text(key: Vec<u8>) -> String {
 
 /// An entry as the API shows it: `value` when the bytes are UTF-8, else
 /// `value_base64`; neither for a keys-only listing.
-pub(crate) fn entry_body(entry: Entry, keys_only: bool) -> EntryBody {
+pub fn entry_body(entry: Entry, keys_only: bool) -> EntryBody {
     let (value, value_base64) = if keys_only {
         (None, None)
     } else {

@@ -14,6 +14,7 @@ use axum::Router;
 use axum::middleware;
 use axum::routing::{get, post};
 
+pub use handlers::entry_body;
 pub use observe::Observe;
 
 use crate::storage::Store;

@@ -1,0 +1,160 @@
+//! Micro-benchmarks of the hot paths, without the network: a whole request
+//! through the router (key decoding, query parsing, cache, JSON), the JSON
+//! rendering of an entry, cache lookups, and the write path of the committer
+//! without its sync (buffered durability).
+//!
+//! Run with `cargo bench --bench hot_paths`.
+
+use std::hint::black_box;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::Request;
+use criterion::{Criterion, criterion_group, criterion_main};
+use kvstore::api::{self, AppState, Limits, Observe};
+use kvstore::cache::{CacheConfig, CachedStore};
+use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
+use kvstore::storage::{Condition, Entry, ScanRequest, Store, WriteOp};
+use tower::ServiceExt as _;
+
+const VALUE: [u8; 100] = [b'x'; 100];
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn put(key: &str) -> Vec<WriteOp> {
+    vec![WriteOp::Put {
+        key: key.as_bytes().to_vec(),
+        value: VALUE.to_vec(),
+        condition: Condition::Any,
+    }]
+}
+
+fn open_engine(dir: &tempfile::TempDir) -> Arc<EmbeddedStore> {
+    let mut config = EmbeddedConfig::new(dir.path());
+    config.durability = Durability::Buffered;
+    Arc::new(EmbeddedStore::open(config).expect("open"))
+}
+
+fn request_path(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let engine = open_engine(&dir);
+    let store: Arc<dyn Store> = Arc::new(CachedStore::new(engine, CacheConfig::default()));
+    rt.block_on(store.write(put("users/42"))).expect("put");
+    let router = api::router(AppState {
+        store,
+        limits: Limits::default(),
+        observe: Observe {
+            request_timeout: std::time::Duration::from_secs(30),
+            slow_request: std::time::Duration::from_secs(10),
+            metrics: None,
+        },
+    });
+    c.bench_function("router: GET /v1/kv/users/42 (cache hit)", |b| {
+        b.to_async(&rt).iter(|| async {
+            let request = Request::get("/v1/kv/users/42")
+                .body(Body::empty())
+                .expect("request");
+            black_box(router.clone().oneshot(request).await.expect("response"))
+        });
+    });
+    c.bench_function("router: GET /v1/kv?prefix=users/&limit=1", |b| {
+        b.to_async(&rt).iter(|| async {
+            let request = Request::get("/v1/kv?prefix=users%2F&limit=1")
+                .body(Body::empty())
+                .expect("request");
+            black_box(router.clone().oneshot(request).await.expect("response"))
+        });
+    });
+}
+
+fn entry_json(c: &mut Criterion) {
+    let entry = Entry {
+        key: b"users/42".to_vec(),
+        value: VALUE.to_vec(),
+        version: 3,
+        revision: 1207,
+        created_at_us: 1_764_097_672_123_456,
+        updated_at_us: 1_764_097_681_000_001,
+    };
+    c.bench_function("json: render a 100-byte entry", |b| {
+        b.iter(|| {
+            serde_json::to_vec(&api::entry_body(black_box(entry.clone()), false)).expect("json")
+        });
+    });
+}
+
+fn cache(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = CachedStore::new(open_engine(&dir), CacheConfig::default());
+    rt.block_on(async {
+        for i in 0..10_000 {
+            cache.write(put(&format!("key{i:06}"))).await.expect("put");
+        }
+        cache.get(b"absent").await.expect("get");
+    });
+    c.bench_function("cache: hit", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(cache.get(b"key004242").await.expect("get")) });
+    });
+    c.bench_function("cache: cached absence", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(cache.get(b"absent").await.expect("get")) });
+    });
+}
+
+fn engine(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let engine = open_engine(&dir);
+    rt.block_on(async {
+        for i in 0..10_000 {
+            engine.write(put(&format!("key{i:06}"))).await.expect("put");
+        }
+    });
+    c.bench_function("engine: get (memtable)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(engine.get(b"key004242").await.expect("get")) });
+    });
+    for limit in [1, 100] {
+        let request = ScanRequest {
+            lower: Bound::Included(b"key004000".to_vec()),
+            upper: Bound::Unbounded,
+            reverse: false,
+            limit,
+            keys_only: false,
+            max_value_bytes: 4 << 20,
+        };
+        c.bench_function(&format!("engine: scan of {limit}"), |b| {
+            b.to_async(&rt)
+                .iter(|| async { black_box(engine.scan(request.clone()).await.expect("scan")) });
+        });
+    }
+    let mut n = 0u64;
+    c.bench_function("engine: put through the committer, no sync", |b| {
+        b.to_async(&rt).iter(|| {
+            n += 1;
+            let ops = put(&format!("key{:06}", n % 10_000));
+            let engine = &engine;
+            async move { black_box(engine.write(ops).await.expect("put")) }
+        });
+    });
+    let batch: Vec<WriteOp> = (0..100)
+        .flat_map(|i| put(&format!("batch{i:03}")))
+        .collect();
+    c.bench_function("engine: batch of 100 puts, no sync", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(engine.write(batch.clone()).await.expect("batch")) });
+    });
+}
+
+criterion_group!(benches, request_path, entry_json, cache, engine);
+criterion_main!(benches);
