@@ -80,7 +80,7 @@ fn describe() {
         "Time from a request's arrival to its answer, by route and method."
     );
     describe_histogram!(
-        crate::storage::metered::STORAGE_SECONDS,
+        crate::storage::guarded::STORAGE_SECONDS,
         Unit::Seconds,
         "Storage backend calls, by operation (below the cache)."
     );

@@ -49,7 +49,7 @@ async fn a_request_over_the_timeout_is_answered_503() {
     let error: ErrorResponse = response.json().expect("error body");
     assert_eq!(error.error.code, "unavailable");
     assert!(
-        error.error.message.contains("outcome is unknown"),
+        error.error.message.contains("unknown"),
         "{}",
         error.error.message
     );

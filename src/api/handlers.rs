@@ -125,7 +125,13 @@ pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> 
     Query::parse(parts.uri.query(), &[])?;
     let condition = write_condition(&parts.headers)?.unwrap_or(Condition::Any);
     let kind = body_kind(&parts.headers, true)?;
-    let body = read_body(&parts.headers, body, &state.limits).await?;
+    let body = read_body(
+        &parts.headers,
+        body,
+        &state.limits,
+        state.observe.request_timeout,
+    )
+    .await?;
     let value = match kind {
         BodyKind::Raw => {
             check_value_size(body.len(), &state.limits)?;
@@ -321,7 +327,13 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     let (parts, body) = request.into_parts();
     Query::parse(parts.uri.query(), &[])?;
     body_kind(&parts.headers, false)?;
-    let body = read_body(&parts.headers, body, &state.limits).await?;
+    let body = read_body(
+        &parts.headers,
+        body,
+        &state.limits,
+        state.observe.request_timeout,
+    )
+    .await?;
     parse_json(&body)
 }
 

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use metrics::SharedString;
 
 use super::AppState;
 use super::error::ApiError;
@@ -17,7 +18,8 @@ use crate::timing;
 /// How requests are bounded and watched.
 #[derive(Clone)]
 pub struct Observe {
-    /// A request still running after this is answered 503 `unavailable`.
+    /// Bounds the reading of a request body (storage calls are bounded by
+    /// [`crate::storage::guarded::GuardedStore`]).
     pub request_timeout: Duration,
     /// Requests slower than this are logged at WARN with where the time went.
     pub slow_request: Duration,
@@ -53,46 +55,39 @@ pub(crate) async fn observe(
 ) -> Response {
     let start = Instant::now();
     let route = route_label(&request);
-    let method = request.method().clone();
-    let key: String = request
-        .uri()
-        .path()
-        .strip_prefix("/v1/kv/")
-        .unwrap_or_default()
-        .chars()
-        .take(LOGGED_KEY_CHARS)
-        .collect();
-    let limit = state.observe.request_timeout;
-    let (answer, timings) = timing::scope(tokio::time::timeout(limit, next.run(request))).await;
-    let response = answer.unwrap_or_else(|_| {
-        ApiError::unavailable(format!(
-            "the request took longer than {limit:?}; its outcome is unknown, read before retrying a write"
-        ))
-        .into_response()
-    });
+    let method = method_label(request.method());
+    let uri = request.uri().clone();
+    let (response, timings) = timing::scope(next.run(request)).await;
     let elapsed = start.elapsed();
     let status = response.status();
     if state.observe.metrics.is_some() {
         metrics::counter!(
             "kvstore_http_requests_total",
             "route" => route,
-            "method" => method.to_string(),
-            "status" => status.as_u16().to_string()
+            "method" => method,
+            "status" => status_label(status)
         )
         .increment(1);
         metrics::histogram!(
             "kvstore_http_request_duration_seconds",
             "route" => route,
-            "method" => method.to_string()
+            "method" => method
         )
         .record(elapsed.as_secs_f64());
     }
-    tracing::debug!(%method, route, key, status = status.as_u16(), micros = elapsed.as_micros() as u64, "request");
+    tracing::debug!(
+        method = %method,
+        route,
+        key = logged_key(&uri),
+        status = status.as_u16(),
+        micros = elapsed.as_micros() as u64,
+        "request"
+    );
     if elapsed > state.observe.slow_request {
         tracing::warn!(
-            %method,
+            method = %method,
             route,
-            key,
+            key = logged_key(&uri),
             status = status.as_u16(),
             total_ms = millis(elapsed),
             storage_ms = millis(timings.storage),
@@ -102,6 +97,40 @@ pub(crate) async fn observe(
         );
     }
     response
+}
+
+/// The key of a `/v1/kv/{key}` path, shortened for a log line.
+fn logged_key(uri: &Uri) -> String {
+    uri.path()
+        .strip_prefix("/v1/kv/")
+        .unwrap_or_default()
+        .chars()
+        .take(LOGGED_KEY_CHARS)
+        .collect()
+}
+
+/// Labels as static strings: recording a metric allocates nothing.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    }
+}
+
+fn status_label(status: StatusCode) -> SharedString {
+    match status.as_u16() {
+        200 => SharedString::const_str("200"),
+        201 => SharedString::const_str("201"),
+        204 => SharedString::const_str("204"),
+        400 => SharedString::const_str("400"),
+        404 => SharedString::const_str("404"),
+        412 => SharedString::const_str("412"),
+        other => SharedString::from(other.to_string()),
+    }
 }
 
 /// Milliseconds with microsecond precision, for log lines.

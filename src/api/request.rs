@@ -2,6 +2,8 @@
 //! parameters, conditions, bodies and values. Every failure is an [`ApiError`]
 //! in the documented shape; nothing here panics on any input.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use base64::Engine as _;
@@ -159,11 +161,13 @@ pub(crate) fn body_kind(headers: &HeaderMap, allow_raw: bool) -> Result<BodyKind
 }
 
 /// Reads the whole body, refusing one over the limit before reading it when
-/// its `Content-Length` says so, and as soon as it crosses the limit otherwise.
+/// its `Content-Length` says so, and as soon as it crosses the limit
+/// otherwise; a body still arriving after `timeout` is refused with 503.
 pub(crate) async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limits: &Limits,
+    timeout: Duration,
 ) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::payload_too_large(format!(
@@ -181,10 +185,17 @@ pub(crate) async fn read_body(
             return Err(too_large());
         }
     }
-    match http_body_util::Limited::new(body, limits.max_body_bytes)
-        .collect()
-        .await
-    {
+    let collected = tokio::time::timeout(
+        timeout,
+        http_body_util::Limited::new(body, limits.max_body_bytes).collect(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::unavailable(format!(
+            "the request body did not arrive within {timeout:?}; nothing was written"
+        ))
+    })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(err) => Err(ApiError::invalid_request(format!(

@@ -10,7 +10,7 @@ use kvstore::cache::{CacheConfig, CacheMode, CachedStore};
 use kvstore::server::{self, ServerConfig};
 use kvstore::storage::Store;
 use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
-use kvstore::storage::metered::MeteredStore;
+use kvstore::storage::guarded::GuardedStore;
 
 #[derive(clap::Args)]
 pub(crate) struct ServeArgs {
@@ -90,10 +90,12 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot open {}: {e}", args.data_dir.display()))?;
-    let mut store: Arc<dyn Store> = Arc::new(store);
-    if args.metrics {
-        store = Arc::new(MeteredStore::new(store));
-    }
+    let request_timeout = Duration::from_secs(args.request_timeout_secs);
+    let mut store: Arc<dyn Store> = Arc::new(GuardedStore::new(
+        Arc::new(store),
+        request_timeout,
+        args.metrics,
+    ));
     let cache = CacheConfig {
         max_entries: usize::try_from(args.cache_max_entries).map_err(|e| e.to_string())?,
         max_bytes: args.cache_max_bytes,
@@ -118,7 +120,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     let config = ServerConfig {
         limits,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
-        request_timeout: Duration::from_secs(args.request_timeout_secs),
+        request_timeout,
         slow_request: Duration::from_millis(args.slow_ms),
         max_connections: usize::try_from(args.max_connections).map_err(|e| e.to_string())?,
         metrics: args.metrics,

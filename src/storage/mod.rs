@@ -6,7 +6,7 @@
 
 mod codec;
 pub mod embedded;
-pub mod metered;
+pub mod guarded;
 
 use std::ops::Bound;
 

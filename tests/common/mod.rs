@@ -12,7 +12,7 @@ use kvstore::client::Client;
 use kvstore::server::{self, ServerConfig};
 use kvstore::storage::Store;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
-use kvstore::storage::metered::MeteredStore;
+use kvstore::storage::guarded::GuardedStore;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -62,7 +62,11 @@ impl TestServer {
         // The store as `kvstore serve` builds it by default: measured, with
         // the read cache in front.
         let dyn_store: Arc<dyn Store> = Arc::new(CachedStore::new(
-            Arc::new(MeteredStore::new(store.clone())),
+            Arc::new(GuardedStore::new(
+                store.clone(),
+                config.request_timeout,
+                config.metrics,
+            )),
             CacheConfig::default(),
         ));
         let task = tokio::spawn(server::run(listener, dyn_store, config, async move {

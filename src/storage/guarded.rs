@@ -1,0 +1,91 @@
+//! A decorator around every storage call: bounded by the request timeout,
+//! timed for the slow-request log, and recorded in the latency histograms
+//! when metrics are on.
+//!
+//! The timeout lives here, not around the whole request, so that a read
+//! answered by the cache pays for no timer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{Entry, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome};
+use crate::error::{StoreError, StoreResult};
+use crate::timing;
+
+/// The storage latency histogram, labelled by `op`.
+pub const STORAGE_SECONDS: &str = "kvstore_storage_operation_duration_seconds";
+
+pub struct GuardedStore {
+    inner: Arc<dyn Store>,
+    timeout: Duration,
+    metrics: bool,
+}
+
+impl GuardedStore {
+    /// Bounds every call to `inner` by `timeout`; records latencies in the
+    /// metrics when `metrics` is true.
+    pub fn new(inner: Arc<dyn Store>, timeout: Duration, metrics: bool) -> Self {
+        GuardedStore {
+            inner,
+            timeout,
+            metrics,
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let start = Instant::now();
+        let output = tokio::time::timeout(self.timeout, call).await;
+        let elapsed = start.elapsed();
+        if self.metrics {
+            metrics::histogram!(STORAGE_SECONDS, "op" => op).record(elapsed.as_secs_f64());
+        }
+        timing::record(|t| t.storage += elapsed);
+        output.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "storage did not answer within {:?}; the outcome of a write is unknown, read before retrying it",
+                self.timeout
+            )))
+        })
+    }
+}
+
+#[async_trait]
+impl Store for GuardedStore {
+    async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
+        self.call("get", self.inner.get(key)).await
+    }
+
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+        self.call("get_many", self.inner.get_many(keys)).await
+    }
+
+    async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
+        self.call("write", self.inner.write(ops)).await
+    }
+
+    async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
+        self.call("scan", self.inner.scan(request)).await
+    }
+
+    async fn ready(&self) -> StoreResult<()> {
+        self.inner.ready().await
+    }
+
+    async fn close(&self) -> StoreResult<()> {
+        self.inner.close().await
+    }
+
+    fn report_metrics(&self) {
+        self.inner.report_metrics();
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
