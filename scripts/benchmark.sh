@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One round of the README's benchmark table, with the floors measured in the
+# same round: the bare HTTP server (examples/http_floor.rs) under wrk, and
+# fdatasync on the data directory's disk (examples/fsync_floor.rs).
+#
+#   cargo build --release --bins --examples && scripts/benchmark.sh [DURATION]
+#
+# Needs wrk (Debian package `wrk`). Run it three times and quote medians:
+# the machines this runs on are shared and noisy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=${1:-8s}
+BIN=target/release/kvstore
+PORT=7087
+DATA=$(mktemp -d)
+export KVSTORE_URL=http://127.0.0.1:$PORT
+
+wrk_row() {
+  wrk --latency "$@" | awk '/ 50%/{p50=$2} / 99%/{p99=$2} /Requests\/sec/{rps=$2}
+    END{printf "%s req/s, p50 %s, p99 %s\n", rps, p50, p99}'
+}
+wait_ready() {
+  for _ in $(seq 1 100); do
+    curl -sf "$KVSTORE_URL/healthz" >/dev/null && return
+    sleep 0.1
+  done
+  echo "kvstore did not start" >&2
+  exit 1
+}
+bench_row() {
+  local name=$1; shift
+  printf '%s: ' "$name"
+  "$BIN" bench --records 100000 --skip-load --json "$@" 2>/dev/null | python3 -c '
+import json, sys
+r = json.load(sys.stdin); t = r["total"]; l = t["latency_us"]; c = r["client_cpu"]
+print("%.0f ops/s, p50 %.3f ms, p99 %.3f ms, p99.9 %.3f ms (client %.0f%% of the cores, machine %.0f%% busy)"
+      % (t["ops_per_sec"], l["p50"] / 1e3, l["p99"] / 1e3, l["p99_9"] / 1e3, c["share"] * 100, c["machine_busy"] * 100))'
+}
+
+target/release/examples/http_floor 127.0.0.1:7099 2>/dev/null & FLOOR=$!
+trap 'kill $FLOOR ${SERVER:-} 2>/dev/null || true; rm -rf "$DATA"' EXIT
+sleep 0.3
+echo "HTTP floor, 1 connection: $(wrk_row -t1 -c1 -d"$D" http://127.0.0.1:7099/)"
+echo "HTTP floor, 16 connections: $(wrk_row -t2 -c16 -d"$D" http://127.0.0.1:7099/)"
+kill $FLOOR
+
+"$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:$PORT 2>/dev/null & SERVER=$!
+wait_ready
+target/release/examples/fsync_floor "$DATA"
+"$BIN" bench read --records 100000 --operations 1000 --concurrency 16 >/dev/null 2>&1
+bench_row "GET, 1 connection" read --concurrency 1 --duration "$D"
+bench_row "GET, 16 connections" read --concurrency 16 --duration "$D"
+bench_row "durable PUT, 1 connection" write --concurrency 1 --duration "$D"
+bench_row "durable PUT, 16 connections" write --concurrency 16 --duration "$D"
+bench_row "batch of 100 puts, 1 connection" batch --batch-size 100 --concurrency 1 --duration "$D"
+bench_row "range of 100, 1 connection" range --batch-size 100 --concurrency 1 --duration "$D"
+for w in a b c f d e; do
+  bench_row "YCSB ${w^^}, 16 connections" "ycsb-$w" --concurrency 16 --duration "$D"
+done
+target/release/examples/fsync_floor "$DATA"
+kill -INT $SERVER; wait $SERVER
+
+# A cold GET: a server started afresh on the loaded data; 20,000 uniform reads
+# of 100,000 keys are mostly first reads, which miss the cache.
+"$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:$PORT 2>/dev/null & SERVER=$!
+wait_ready
+bench_row "cold GET, 1 connection" read --concurrency 1 --operations 20000
+kill -INT $SERVER; wait $SERVER
