@@ -23,7 +23,9 @@ use super::types::{
     BatchGetRequest, BatchGetResponse, BatchOpKind, BatchRequest, BatchResponse, BatchResult,
     EntryBody, ListResponse, PutBody, PutResponse,
 };
-use super::{AppState, DEFAULT_PAGE_LIMIT, MAX_BATCH_OPS, MAX_PAGE_LIMIT, MAX_PAGE_VALUE_BYTES};
+use super::{
+    AppState, DEFAULT_PAGE_LIMIT, Limits, MAX_BATCH_OPS, MAX_PAGE_LIMIT, MAX_PAGE_VALUE_BYTES,
+};
 use crate::storage::{Condition, Entry, OpResult, ScanRequest, WriteOp, WriteOutcome};
 
 type ApiResult = Result<Response, ApiError>;
@@ -134,10 +136,7 @@ pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> 
             check_value_size(body.len(), &state.limits)?;
             body.to_vec()
         }
-        BodyKind::Json => {
-            let put: PutBody = parse_json(&body)?;
-            decode_value(put.value, put.value_base64, &state.limits, "body")?
-        }
+        BodyKind::Json => put_value(&body, &state.limits)?,
     };
     let outcome = state
         .store
@@ -325,7 +324,14 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     parse_json(&body)
 }
 
-fn batch_ops(request: BatchRequest, state: &AppState) -> Result<Vec<WriteOp>, ApiError> {
+/// The value of a JSON `PUT` body.
+pub(crate) fn put_value(body: &[u8], limits: &Limits) -> Result<Vec<u8>, ApiError> {
+    let put: PutBody = parse_json(body)?;
+    decode_value(put.value, put.value_base64, limits, "body")
+}
+
+/// Checks a batch and turns it into the store's write ops.
+pub(crate) fn batch_ops(request: BatchRequest, limits: &Limits) -> Result<Vec<WriteOp>, ApiError> {
     if request.ops.is_empty() {
         return Err(ApiError::invalid_request(
             "ops is empty; give 1 to 1000 ops",
@@ -341,7 +347,7 @@ fn batch_ops(request: BatchRequest, state: &AppState) -> Result<Vec<WriteOp>, Ap
     let mut ops = Vec::with_capacity(request.ops.len());
     for (index, op) in request.ops.into_iter().enumerate() {
         let at = format!("ops[{index}]");
-        check_key(&op.key, &state.limits)
+        check_key(&op.key, limits)
             .map_err(|err| ApiError::invalid_key(format!("{at}: {}", err.message)))?;
         if !seen.insert(op.key.clone()) {
             return Err(ApiError::invalid_request(format!(
@@ -368,7 +374,7 @@ fn batch_ops(request: BatchRequest, state: &AppState) -> Result<Vec<WriteOp>, Ap
         ops.push(match op.op {
             BatchOpKind::Put => WriteOp::Put {
                 key,
-                value: decode_value(op.value, op.value_base64, &state.limits, &at)?,
+                value: decode_value(op.value, op.value_base64, limits, &at)?,
                 condition,
             },
             BatchOpKind::Delete => {
@@ -392,7 +398,7 @@ fn batch_ops(request: BatchRequest, state: &AppState) -> Result<Vec<WriteOp>, Ap
 pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> ApiResult {
     let access = access_of(request.extensions())?;
     let body: BatchRequest = json_body(request, &state).await?;
-    let ops = batch_ops(body, &state)?;
+    let ops = batch_ops(body, &state.limits)?;
     // All or nothing here too: one forbidden op refuses the whole batch.
     for (index, op) in ops.iter().enumerate() {
         access
@@ -441,16 +447,7 @@ pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> Ap
 pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -> ApiResult {
     let access = access_of(request.extensions())?;
     let body: BatchGetRequest = json_body(request, &state).await?;
-    if body.keys.len() > MAX_BATCH_OPS {
-        return Err(ApiError::invalid_request(format!(
-            "{} keys given; a batch read takes at most {MAX_BATCH_OPS}",
-            body.keys.len()
-        )));
-    }
-    for (index, key) in body.keys.iter().enumerate() {
-        check_key(key, &state.limits)
-            .map_err(|err| ApiError::invalid_key(format!("keys[{index}]: {}", err.message)))?;
-    }
+    check_batch_get(&body, &state.limits)?;
     for (index, key) in body.keys.iter().enumerate() {
         access
             .check_read(key.as_bytes(), &format!("keys[{index}]: "))
@@ -467,6 +464,21 @@ pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -
         }
     }
     json_response(StatusCode::OK, &BatchGetResponse { items, missing })
+}
+
+/// Checks the keys of a batch read.
+pub(crate) fn check_batch_get(body: &BatchGetRequest, limits: &Limits) -> Result<(), ApiError> {
+    if body.keys.len() > MAX_BATCH_OPS {
+        return Err(ApiError::invalid_request(format!(
+            "{} keys given; a batch read takes at most {MAX_BATCH_OPS}",
+            body.keys.len()
+        )));
+    }
+    for (index, key) in body.keys.iter().enumerate() {
+        check_key(key, limits)
+            .map_err(|err| ApiError::invalid_key(format!("keys[{index}]: {}", err.message)))?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn healthz() -> ApiResult {

@@ -4,6 +4,8 @@
 pub mod auth;
 mod cursor;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handlers;
 mod observe;
 mod request;
