@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
-use kvstore::api::{self, AppState, Limits, Observe};
+use kvstore::api::{self, AppState, CursorKey, Limits, Observe};
 use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{Condition, Entry, ScanRequest, Store, WriteOp};
@@ -56,6 +56,8 @@ fn request_path(c: &mut Criterion) {
             slow_request: std::time::Duration::from_secs(10),
             metrics: None,
         },
+        auth: None,
+        cursor_key: CursorKey::new(b"a benchmark's cursor secret").expect("cursor key"),
     });
     c.bench_function("router: GET /v1/kv/users/42 (cache hit)", |b| {
         b.to_async(&rt).iter(|| async {

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::header::{self, HeaderName};
 use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -134,32 +135,83 @@ pub struct ListParams {
     pub reverse: bool,
 }
 
+/// How a client authenticates and whom it trusts.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Sent as `Authorization: Bearer TOKEN` with every request.
+    pub token: Option<String>,
+    /// PEM CA certificate(s) that `https://` servers must chain to; the
+    /// system's roots when `None`.
+    pub ca_cert_pem: Option<Vec<u8>>,
+}
+
 /// A client of one kvstore server.
 #[derive(Clone)]
 pub struct Client {
     base: String,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    authorization: Option<hyper::header::HeaderValue>,
 }
 
 impl Client {
-    /// A client of the server at `base_url` (`http://host:port`).
+    /// A client of the server at `base_url` (`http://host:port` or
+    /// `https://host:port`), with no token, trusting the system's roots.
     ///
     /// # Errors
-    /// When the URL is not an `http://` URL.
+    /// When the URL is not an `http://` or `https://` URL.
     pub fn new(base_url: &str) -> Result<Self, ClientError> {
+        Self::with_options(base_url, &ClientOptions::default())
+    }
+
+    /// A client with a token and/or a CA of its own.
+    ///
+    /// # Errors
+    /// When the URL is not an `http://` or `https://` URL, the token cannot
+    /// be a header, or the CA does not parse.
+    pub fn with_options(base_url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
         let base = base_url.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") {
+        let https = base.starts_with("https://");
+        if !https && !base.starts_with("http://") {
             return Err(ClientError::Transport(format!(
-                "'{base_url}' is not an http:// URL"
+                "'{base_url}' is not an http:// or https:// URL"
             )));
         }
+        let authorization = options
+            .token
+            .as_ref()
+            .map(|token| {
+                let mut value = hyper::header::HeaderValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| {
+                        ClientError::Transport("the token cannot be sent in a header".into())
+                    })?;
+                value.set_sensitive(true);
+                Ok::<_, ClientError>(value)
+            })
+            .transpose()?;
+        // Plain HTTP needs no roots; loading the system's is left to https.
+        let tls = match (&options.ca_cert_pem, https) {
+            (Some(pem), _) => crate::tls::client_config(Some(pem)),
+            (None, true) => crate::tls::client_config(None),
+            (None, false) => crate::tls::client_config_without_roots(),
+        }
+        .map_err(ClientError::Transport)?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let http = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Ok(Client { base, http })
+        Ok(Client {
+            base,
+            http,
+            authorization,
+        })
     }
 
     /// The path of a key, percent-encoded.
@@ -181,6 +233,13 @@ impl Client {
         let mut request = Request::builder()
             .method(method)
             .uri(format!("{}{path_and_query}", self.base));
+        if let Some(authorization) = &self.authorization
+            && !headers
+                .iter()
+                .any(|(name, _)| name == header::AUTHORIZATION)
+        {
+            request = request.header(header::AUTHORIZATION, authorization.clone());
+        }
         for (name, value) in headers {
             request = request.header(name, *value);
         }

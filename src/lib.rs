@@ -13,6 +13,7 @@
 //!   shutdown.
 //! - [`telemetry`]: the Prometheus recorder behind `GET /metrics`;
 //!   [`timing`]: where a request's time went, for the slow-request log.
+//! - [`tls`]: rustls configurations of the server and the client.
 //! - [`client`]: a typed async client of the API, used by the CLI, the bench
 //!   tool and the tests.
 //! - [`bench`](mod@bench): the load generator of `kvstore bench` (YCSB
@@ -30,3 +31,4 @@ pub mod server;
 pub mod storage;
 pub mod telemetry;
 pub mod timing;
+pub mod tls;

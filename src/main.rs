@@ -59,6 +59,8 @@ enum Command {
     Import(cli::dump::ImportArgs),
     /// Measure a server with YCSB workloads or single-operation scenarios.
     Bench(cli::bench::BenchArgs),
+    /// Make tokens and their hashes for the token file (--auth-file).
+    Token(cli::security::TokenArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
         Command::Export(args) => runtime.block_on(cli::dump::export(args)),
         Command::Import(args) => runtime.block_on(cli::dump::import(args)),
         Command::Bench(args) => runtime.block_on(cli::bench::run(args)),
+        Command::Token(args) => cli::security::token(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,8 @@ use tokio::net::TcpListener;
 
 use tokio::sync::Semaphore;
 
-use crate::api::{self, AppState, Limits, Observe};
+use crate::api::auth::Auth;
+use crate::api::{self, AppState, CursorKey, Limits, Observe};
 use crate::storage::Store;
 use crate::telemetry::Metrics;
 
@@ -31,11 +32,26 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Whether to record metrics and serve `GET /metrics`.
     pub metrics: bool,
+    /// A client must send a request's headers (and, with TLS, finish its
+    /// handshake) within this, or its connection is closed.
+    pub header_read_timeout: Duration,
+}
+
+/// Who may do what, and how connections are protected.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// Token rules; `None` turns auth off.
+    pub auth: Option<Arc<Auth>>,
+    /// Serve HTTPS with this configuration; `None` serves plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The secret of range cursors; `None` takes a random one, so cursors
+    /// do not outlive the process.
+    pub cursor_key: Option<CursorKey>,
 }
 
 impl Default for ServerConfig {
     /// 10 s to drain on shutdown, 30 s per request, slow above 10 ms,
-    /// 10,000 connections, metrics on.
+    /// 10,000 connections, metrics on, 30 s to send headers.
     fn default() -> Self {
         ServerConfig {
             limits: Limits::default(),
@@ -44,6 +60,7 @@ impl Default for ServerConfig {
             slow_request: Duration::from_millis(10),
             max_connections: 10_000,
             metrics: true,
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -60,6 +77,25 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    run_secured(listener, store, config, Security::default(), shutdown).await
+}
+
+/// [`run`] with tokens, TLS and a cursor secret.
+///
+/// # Errors
+/// As [`run`]; also when no random cursor secret can be made.
+pub async fn run_secured(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    security: Security,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    log_exposure(&listener, &security);
+    let cursor_key = match security.cursor_key {
+        Some(key) => key,
+        None => CursorKey::random().map_err(io::Error::other)?,
+    };
     let metrics = if config.metrics {
         Some(Arc::new(Metrics::install().map_err(io::Error::other)?))
     } else {
@@ -73,11 +109,15 @@ pub async fn run(
             slow_request: config.slow_request,
             metrics,
         },
+        auth: security.auth.clone(),
+        cursor_key,
     });
+    let tls = security.tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let service = TowerToHyperService::new(router);
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new());
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
     let graceful = GracefulShutdown::new();
 
     tokio::pin!(shutdown);
@@ -106,10 +146,37 @@ pub async fn run(
         };
         // Small answers must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
-        let connection = http.serve_connection(TokioIo::new(stream), service.clone());
-        let connection = graceful.watch(connection);
+        let (http, service, tls) = (http.clone(), service.clone(), tls.clone());
+        let watcher = graceful.watcher();
+        let handshake_timeout = config.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
+            let served = match tls {
+                None => {
+                    watcher
+                        .watch(http.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+                // The handshake runs here, not in the accept loop, and is
+                // bounded, so a silent client holds one slot for a while at most.
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            watcher
+                                .watch(http.serve_connection(TokioIo::new(stream), service))
+                                .await
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(error = %err, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(err) = served {
                 tracing::debug!(error = %err, "connection ended with an error");
             }
             drop(permit);
@@ -132,4 +199,26 @@ pub async fn run(
         .map_err(|err| io::Error::other(err.to_string()))?;
     tracing::info!("store closed; bye");
     Ok(())
+}
+
+/// Says at start who can reach the data: auth off (and a warning when that
+/// is on an address other machines can reach), TLS or not.
+fn log_exposure(listener: &TcpListener, security: &Security) {
+    let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    match &security.auth {
+        None if loopback => {
+            tracing::info!("auth is off: every client of this address may read and write every key")
+        }
+        None => tracing::warn!(
+            "auth is off on an address other machines can reach: anyone who can connect may read and write every key; give --auth-file"
+        ),
+        Some(auth) => {
+            tracing::info!(file = %auth.path().display(), "auth is on: requests need a bearer token")
+        }
+    }
+    if security.tls.is_none() && !loopback {
+        tracing::warn!(
+            "TLS is off: tokens and data cross the network in clear text; give --tls-cert and --tls-key"
+        );
+    }
 }

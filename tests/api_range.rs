@@ -302,6 +302,59 @@ async fn cursors_only_continue_their_own_range() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_cursor_cannot_read_outside_its_range() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let server = TestServer::start().await;
+    let c = &server.client;
+    seed_keys(c, &["p/1", "p/2", "p/3", "q/secret"]).await;
+    let issued = cursor(&list(c, "prefix=p/&limit=1").await);
+    let mut raw = URL_SAFE_NO_PAD.decode(&issued).expect("base64url");
+    // The key "p/1" sits after the 2-byte header: point it at "q/1".
+    assert_eq!(&raw[2..5], b"p/1");
+    raw[2] = b'q';
+    let forged = URL_SAFE_NO_PAD.encode(&raw);
+    assert_bad_query(c, &format!("prefix=p/&cursor={forged}")).await;
+    // Nor may a forged cursor widen an unbounded walk from another key.
+    let issued = cursor(&list(c, "limit=1").await);
+    let mut raw = URL_SAFE_NO_PAD.decode(&issued).expect("base64url");
+    raw[2] = b'q';
+    assert_bad_query(c, &format!("cursor={}", URL_SAFE_NO_PAD.encode(&raw))).await;
+    // The untouched cursor still works.
+    assert_lists(c, &format!("cursor={issued}"), &["p/2", "p/3", "q/secret"]).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_sharing_a_cursor_secret_accept_each_others_cursors() {
+    use kvstore::api::CursorKey;
+    use kvstore::client::ClientOptions;
+    use kvstore::server::Security;
+    let secured = |secret: &[u8]| Security {
+        cursor_key: Some(CursorKey::new(secret).expect("key")),
+        ..Security::default()
+    };
+    let shared = b"a secret shared by every server";
+    let options = ClientOptions::default();
+    let a = TestServer::start_secured(ServerConfig::default(), secured(shared), &options).await;
+    let b = TestServer::start_secured(ServerConfig::default(), secured(shared), &options).await;
+    let other = TestServer::start_secured(
+        ServerConfig::default(),
+        secured(b"another secret, not shared"),
+        &options,
+    )
+    .await;
+    for server in [&a, &b, &other] {
+        seed_keys(&server.client, &["k1", "k2", "k3"]).await;
+    }
+    let issued = cursor(&list(&a.client, "limit=1").await);
+    assert_lists(&b.client, &format!("cursor={issued}"), &["k2", "k3"]).await;
+    assert_bad_query(&other.client, &format!("cursor={issued}")).await;
+    for server in [a, b, other] {
+        server.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_walk_lists_each_key_that_existed_throughout_exactly_once() {
     let server = TestServer::start().await;
     let c = &server.client;

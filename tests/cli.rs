@@ -195,7 +195,7 @@ async fn usage_errors_exit_2() {
     .await;
     assert!(err.contains("--batch-size"), "{err}");
     let err = fails(url, &["get", "k", "--url", "ftp://example"], b"", 2).await;
-    assert!(err.contains("expected an http:// URL"), "{err}");
+    assert!(err.contains("expected an http:// or https:// URL"), "{err}");
     server.stop().await;
 }
 

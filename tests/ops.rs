@@ -160,3 +160,114 @@ async fn json_logs_are_one_object_per_line() {
     }
     assert!(log.iter().any(|l| l.contains("\"slow request\"")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_headers_slowly_is_disconnected() {
+    let config = ServerConfig {
+        header_read_timeout: Duration::from_millis(500),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with(config, |_| {}).await;
+    let addr = server.addr;
+    let (elapsed, answer) = tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        stream.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+        // One header byte every 100 ms: the headers never end in time.
+        let mut buf = [0u8; 1024];
+        while start.elapsed() < Duration::from_secs(10) {
+            if stream.write_all(b"X").is_err() {
+                break;
+            }
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    return (
+                        start.elapsed(),
+                        String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    );
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+        }
+        (start.elapsed(), String::new())
+    })
+    .await
+    .unwrap();
+    assert!(
+        elapsed >= Duration::from_millis(400) && elapsed < Duration::from_secs(5),
+        "closed after {elapsed:?}"
+    );
+    // hyper may answer 408 before it closes; it never serves the request.
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    // A client that sends its headers at once is still served.
+    let fresh = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        request_on(&mut stream)
+    })
+    .await
+    .unwrap();
+    assert!(fresh.starts_with("HTTP/1.1 200"), "{fresh}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_survive_a_restart_through_the_secret_in_the_data_dir() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Binary::start(dir.path(), &[]);
+    for key in ["k1", "k2", "k3"] {
+        server.client.put(key, "v", Condition::Any).await.unwrap();
+    }
+    let page = server
+        .client
+        .list(&kvstore::client::ListParams {
+            limit: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let cursor = page.next_cursor.expect("a cursor");
+    assert!(server.terminate());
+    let secret = dir.path().join("cursor-secret");
+    let mode = std::fs::metadata(&secret).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+
+    let mut again = Binary::start(dir.path(), &[]);
+    let rest = again
+        .client
+        .list(&kvstore::client::ListParams {
+            cursor: Some(cursor.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let keys: Vec<&str> = rest.items.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["k2", "k3"]);
+    assert!(again.terminate());
+
+    // Another secret (given explicitly) refuses the old cursor.
+    let mut other = Binary::start(
+        dir.path(),
+        &["--cursor-secret", "some other secret of enough bytes"],
+    );
+    let err = other
+        .client
+        .list(&kvstore::client::ListParams {
+            cursor: Some(cursor),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("invalid_request"), "{err}");
+    assert!(other.terminate());
+}

@@ -1,17 +1,77 @@
-//! Opaque range cursors.
+//! Opaque range cursors, signed by the server.
 //!
 //! A cursor names the last key a page returned (keyset pagination, never an
-//! offset), whether the walk is reversed, and a fingerprint of the range it was
-//! issued for, so a cursor passed back with other bounds, or one the server
-//! never made, is refused instead of silently reading another range.
-//! Layout before base64url: `format (1) | flags (1) | fingerprint (8) | last key`.
+//! offset) and whether the walk is reversed. It carries an HMAC-SHA256 over
+//! those and over the range it was issued for (start, end, prefix), under a
+//! secret of the server ([`CursorKey`]). A client can read a cursor but not
+//! change it: one that was edited, made up, or passed back with other bounds
+//! is refused instead of reading from another place. On top of the signature,
+//! [`CursorScope::decode`] checks that the key lies inside the range.
+//!
+//! Layout before base64url: `format (1) | flags (1) | last key | tag (16)`.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac as _};
+use sha2::Sha256;
 
-const FORMAT_V1: u8 = 1;
+const FORMAT_V2: u8 = 2;
 const FLAG_REVERSE: u8 = 1;
-const HEADER_LEN: usize = 10;
+const HEADER_LEN: usize = 2;
+/// 128 bits of HMAC-SHA256: far beyond what guessing over HTTP can reach.
+const TAG_LEN: usize = 16;
+/// The shortest secret accepted.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// The secret that signs cursors. Servers that share it accept each other's
+/// cursors (several servers behind one load balancer).
+#[derive(Clone)]
+pub struct CursorKey(Hmac<Sha256>);
+
+impl CursorKey {
+    /// A key from a secret of at least [`MIN_SECRET_BYTES`] bytes.
+    ///
+    /// # Errors
+    /// When the secret is shorter.
+    pub fn new(secret: &[u8]) -> Result<Self, String> {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(format!(
+                "the cursor secret is {} bytes; at least {MIN_SECRET_BYTES} are needed",
+                secret.len()
+            ));
+        }
+        Hmac::<Sha256>::new_from_slice(secret)
+            .map(CursorKey)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A fresh random key, for a server whose cursors need not outlive it.
+    ///
+    /// # Errors
+    /// When the system's random source fails.
+    pub fn random() -> Result<Self, String> {
+        Self::new(&random_secret()?)
+    }
+}
+
+impl std::fmt::Debug for CursorKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CursorKey(..)")
+    }
+}
+
+/// 32 bytes from the operating system's random source.
+///
+/// # Errors
+/// When the random source fails.
+pub fn random_secret() -> Result<[u8; 32], String> {
+    let mut secret = [0u8; 32];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut secret)
+        .map_err(|_| "the system's random source failed".to_owned())?;
+    Ok(secret)
+}
 
 /// The range a cursor belongs to, as the client named it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,58 +83,67 @@ pub(crate) struct CursorScope<'a> {
 }
 
 impl CursorScope<'_> {
-    /// FNV-1a over the scope: stable across releases and platforms, which the
-    /// standard library's hasher does not promise.
-    fn fingerprint(&self) -> u64 {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |bytes: &[u8]| {
-            for b in bytes {
-                hash ^= u64::from(*b);
-                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
+    fn flags(&self) -> u8 {
+        if self.reverse { FLAG_REVERSE } else { 0 }
+    }
+
+    /// The MAC over the scope and `body` (format, flags, key). Every part is
+    /// length-prefixed, so no two scopes sign the same bytes.
+    fn mac(&self, key: &CursorKey, body: &[u8]) -> Hmac<Sha256> {
+        let mut mac = key.0.clone();
         for part in [self.start, self.end, self.prefix] {
             match part {
                 Some(bytes) => {
-                    eat(&[1]);
-                    eat(&(bytes.len() as u64).to_le_bytes());
-                    eat(bytes);
+                    mac.update(&[1]);
+                    mac.update(&(bytes.len() as u64).to_le_bytes());
+                    mac.update(bytes);
                 }
-                None => eat(&[0]),
+                None => mac.update(&[0]),
             }
         }
-        hash
+        mac.update(body);
+        mac
     }
 
-    pub fn encode(&self, last_key: &[u8]) -> String {
-        let mut raw = Vec::with_capacity(HEADER_LEN + last_key.len());
-        raw.push(FORMAT_V1);
-        raw.push(if self.reverse { FLAG_REVERSE } else { 0 });
-        raw.extend_from_slice(&self.fingerprint().to_le_bytes());
+    pub fn encode(&self, key: &CursorKey, last_key: &[u8]) -> String {
+        let mut raw = Vec::with_capacity(HEADER_LEN + last_key.len() + TAG_LEN);
+        raw.push(FORMAT_V2);
+        raw.push(self.flags());
         raw.extend_from_slice(last_key);
+        let tag = self.mac(key, &raw).finalize().into_bytes();
+        raw.extend_from_slice(tag.get(..TAG_LEN).unwrap_or_default());
         URL_SAFE_NO_PAD.encode(raw)
     }
 
-    /// The last key of the page the cursor continues after, or `None` when the
-    /// cursor was not issued for this scope.
-    pub fn decode(&self, cursor: &str) -> Option<Vec<u8>> {
+    /// Whether `key` lies in the range of this scope.
+    fn contains(&self, key: &[u8]) -> bool {
+        self.prefix.is_none_or(|p| key.starts_with(p))
+            && self.start.is_none_or(|s| key >= s)
+            && self.end.is_none_or(|e| key < e)
+    }
+
+    /// The last key of the page the cursor continues after, or `None` when
+    /// this server (or one sharing its secret) did not issue the cursor for
+    /// this scope.
+    pub fn decode(&self, key: &CursorKey, cursor: &str) -> Option<Vec<u8>> {
         let raw = URL_SAFE_NO_PAD.decode(cursor).ok()?;
-        let (header, key) = raw.split_at_checked(HEADER_LEN)?;
-        let (format, rest) = header.split_first()?;
-        let (flags, fingerprint) = rest.split_first()?;
-        let expected_flags = if self.reverse { FLAG_REVERSE } else { 0 };
-        let fingerprint = u64::from_le_bytes(fingerprint.try_into().ok()?);
-        (*format == FORMAT_V1
-            && *flags == expected_flags
-            && fingerprint == self.fingerprint()
-            && !key.is_empty())
-        .then(|| key.to_vec())
+        let body_len = raw.len().checked_sub(TAG_LEN)?;
+        let (body, tag) = raw.split_at_checked(body_len)?;
+        let (header, last_key) = body.split_at_checked(HEADER_LEN)?;
+        // Constant-time check of the (truncated) tag.
+        self.mac(key, body).verify_truncated_left(tag).ok()?;
+        (header == [FORMAT_V2, self.flags()] && !last_key.is_empty() && self.contains(last_key))
+            .then(|| last_key.to_vec())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key() -> CursorKey {
+        CursorKey::new(b"0123456789abcdef0123456789abcdef").unwrap()
+    }
 
     fn scope(prefix: Option<&[u8]>, reverse: bool) -> CursorScope<'_> {
         CursorScope {
@@ -88,19 +157,20 @@ mod tests {
     #[test]
     fn round_trips_within_its_scope() {
         let s = scope(Some(b"users/"), false);
-        let cursor = s.encode(b"users/42");
-        assert_eq!(s.decode(&cursor), Some(b"users/42".to_vec()));
+        let cursor = s.encode(&key(), b"users/42");
+        assert_eq!(s.decode(&key(), &cursor), Some(b"users/42".to_vec()));
     }
 
     #[test]
     fn refuses_other_scopes_and_garbage() {
-        let cursor = scope(Some(b"users/"), false).encode(b"users/42");
-        assert_eq!(scope(Some(b"users/"), true).decode(&cursor), None);
-        assert_eq!(scope(Some(b"user"), false).decode(&cursor), None);
-        assert_eq!(scope(None, false).decode(&cursor), None);
-        assert_eq!(scope(None, false).decode("not base64!"), None);
-        assert_eq!(scope(None, false).decode(""), None);
-        assert_eq!(scope(None, false).decode("AQA"), None);
+        let k = key();
+        let cursor = scope(Some(b"users/"), false).encode(&k, b"users/42");
+        assert_eq!(scope(Some(b"users/"), true).decode(&k, &cursor), None);
+        assert_eq!(scope(Some(b"user"), false).decode(&k, &cursor), None);
+        assert_eq!(scope(None, false).decode(&k, &cursor), None);
+        assert_eq!(scope(None, false).decode(&k, "not base64!"), None);
+        assert_eq!(scope(None, false).decode(&k, ""), None);
+        assert_eq!(scope(None, false).decode(&k, "AQA"), None);
     }
 
     #[test]
@@ -117,6 +187,37 @@ mod tests {
             prefix: None,
             reverse: false,
         };
-        assert_eq!(b.decode(&a.encode(b"k")), None);
+        assert_eq!(b.decode(&key(), &a.encode(&key(), b"k")), None);
+    }
+
+    #[test]
+    fn an_edited_cursor_or_another_secret_is_refused() {
+        let s = scope(None, false);
+        let cursor = s.encode(&key(), b"users/42");
+        let mut raw = URL_SAFE_NO_PAD.decode(&cursor).unwrap();
+        // Point the cursor at another key, keeping the tag.
+        raw[HEADER_LEN] = b'a';
+        assert_eq!(s.decode(&key(), &URL_SAFE_NO_PAD.encode(&raw)), None);
+        let other = CursorKey::new(b"another secret of 32 bytes......").unwrap();
+        assert_eq!(s.decode(&other, &cursor), None);
+        assert!(CursorKey::new(b"short").is_err());
+    }
+
+    #[test]
+    fn a_signed_key_outside_the_range_is_refused() {
+        // Signed for this very scope, but not inside it (a server bug or an
+        // old secret must not widen a range).
+        let s = CursorScope {
+            start: Some(b"b"),
+            end: Some(b"c"),
+            prefix: None,
+            reverse: false,
+        };
+        assert_eq!(s.decode(&key(), &s.encode(&key(), b"a")), None);
+        assert_eq!(s.decode(&key(), &s.encode(&key(), b"c")), None);
+        assert_eq!(
+            s.decode(&key(), &s.encode(&key(), b"bz")),
+            Some(b"bz".to_vec())
+        );
     }
 }

@@ -12,6 +12,7 @@ use chrono::{DateTime, SecondsFormat};
 use serde::Serialize;
 use serde_json::json;
 
+use super::auth::{self, access_of};
 use super::cursor::CursorScope;
 use super::error::ApiError;
 use super::request::{
@@ -22,7 +23,9 @@ use super::types::{
     BatchGetRequest, BatchGetResponse, BatchOpKind, BatchRequest, BatchResponse, BatchResult,
     EntryBody, ListResponse, PutBody, PutResponse,
 };
-use super::{AppState, DEFAULT_PAGE_LIMIT, MAX_BATCH_OPS, MAX_PAGE_LIMIT, MAX_PAGE_VALUE_BYTES};
+use super::{
+    AppState, DEFAULT_PAGE_LIMIT, Limits, MAX_BATCH_OPS, MAX_PAGE_LIMIT, MAX_PAGE_VALUE_BYTES,
+};
 use crate::storage::{Condition, Entry, OpResult, ScanRequest, WriteOp, WriteOutcome};
 
 type ApiResult = Result<Response, ApiError>;
@@ -98,6 +101,7 @@ fn wants_raw(query: &Query, headers: &HeaderMap) -> Result<bool, ApiError> {
 
 pub(crate) async fn get_key(State(state): State<AppState>, request: Request) -> ApiResult {
     let key = key_from_path(request.uri().path(), &state.limits)?;
+    access_of(request.extensions())?.check_read(&key, "")?;
     let query = Query::parse(request.uri().query(), &["raw"])?;
     let raw = wants_raw(&query, request.headers())?;
     let entry = state
@@ -122,6 +126,7 @@ pub(crate) async fn get_key(State(state): State<AppState>, request: Request) -> 
 pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> ApiResult {
     let (parts, body) = request.into_parts();
     let key = key_from_path(parts.uri.path(), &state.limits)?;
+    access_of(&parts.extensions)?.check_write(&key, "")?;
     Query::parse(parts.uri.query(), &[])?;
     let condition = write_condition(&parts.headers)?.unwrap_or(Condition::Any);
     let kind = body_kind(&parts.headers, true)?;
@@ -137,10 +142,7 @@ pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> 
             check_value_size(body.len(), &state.limits)?;
             body.to_vec()
         }
-        BodyKind::Json => {
-            let put: PutBody = parse_json(&body)?;
-            decode_value(put.value, put.value_base64, &state.limits, "body")?
-        }
+        BodyKind::Json => put_value(&body, &state.limits)?,
     };
     let outcome = state
         .store
@@ -179,6 +181,7 @@ pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> 
 
 pub(crate) async fn delete_key(State(state): State<AppState>, request: Request) -> ApiResult {
     let key = key_from_path(request.uri().path(), &state.limits)?;
+    access_of(request.extensions())?.check_write(&key, "")?;
     Query::parse(request.uri().query(), &[])?;
     let condition = write_condition(request.headers())?;
     if condition == Some(Condition::Absent) {
@@ -201,18 +204,6 @@ pub(crate) async fn delete_key(State(state): State<AppState>, request: Request) 
         ),
         WriteOutcome::Rejected { .. } => Err(ApiError::not_found("the key does not exist")),
     }
-}
-
-/// The smallest key above every key that starts with `prefix`, if any.
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < u8::MAX {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
 }
 
 fn range_bound(query: &Query, name: &str, state: &AppState) -> Result<Option<Vec<u8>>, ApiError> {
@@ -270,7 +261,7 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
     let after = query
         .get("cursor")
         .map(|cursor| {
-            scope.decode(cursor).ok_or_else(|| {
+            scope.decode(&state.cursor_key, cursor).ok_or_else(|| {
                 ApiError::invalid_request(
                     "the cursor was not issued by this server for this range; pass back \
                      next_cursor with the same start, end, prefix and reverse",
@@ -279,23 +270,31 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
         })
         .transpose()?;
 
-    let (mut lower, mut upper) = match &prefix {
-        Some(p) => (
-            Bound::Included(p.clone()),
-            prefix_end(p).map_or(Bound::Unbounded, Bound::Excluded),
-        ),
-        None => (
-            start.clone().map_or(Bound::Unbounded, Bound::Included),
-            end.clone().map_or(Bound::Unbounded, Bound::Excluded),
-        ),
+    let requested = match &prefix {
+        Some(p) => (Some(p.clone()), auth::prefix_end(p)),
+        None => (start.clone(), end.clone()),
     };
-    if let Some(after) = after {
-        if reverse {
-            upper = Bound::Excluded(after);
-        } else {
-            lower = Bound::Excluded(after);
-        }
-    }
+    // A token lists only what it may read: the range clipped to its one
+    // readable prefix there, or refused.
+    let (low, high) = access_of(request.extensions())?.clip(requested)?;
+    // The cursor continues after its key, never before the (clipped) range.
+    let (lower, upper) = match after {
+        Some(after) if reverse => (
+            auth::lower_bound(low),
+            match high {
+                Some(high) if high <= after => Bound::Excluded(high),
+                _ => Bound::Excluded(after),
+            },
+        ),
+        Some(after) => (
+            match low {
+                Some(low) if low > after => Bound::Included(low),
+                _ => Bound::Excluded(after),
+            },
+            auth::upper_bound(high),
+        ),
+        None => (auth::lower_bound(low), auth::upper_bound(high)),
+    };
     let page = state
         .store
         .scan(ScanRequest {
@@ -308,7 +307,7 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
         })
         .await?;
     let next_cursor = match page.entries.last() {
-        Some(last) if page.more => Some(scope.encode(&last.key)),
+        Some(last) if page.more => Some(scope.encode(&state.cursor_key, &last.key)),
         _ => None,
     };
     let items = page
@@ -337,7 +336,14 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     parse_json(&body)
 }
 
-fn batch_ops(request: BatchRequest, state: &AppState) -> Result<Vec<WriteOp>, ApiError> {
+/// The value of a JSON `PUT` body.
+pub(crate) fn put_value(body: &[u8], limits: &Limits) -> Result<Vec<u8>, ApiError> {
+    let put: PutBody = parse_json(body)?;
+    decode_value(put.value, put.value_base64, limits, "body")
+}
+
+/// Checks a batch and turns it into the store's write ops.
+pub(crate) fn batch_ops(request: BatchRequest, limits: &Limits) -> Result<Vec<WriteOp>, ApiError> {
     if request.ops.is_empty() {
         return Err(ApiError::invalid_request(
             "ops is empty; give 1 to 1000 ops",
@@ -353,7 +359,7 @@ fn batch_ops(request: BatchRequest, state: &AppState) -> Result<Vec<WriteOp>, Ap
     let mut ops = Vec::with_capacity(request.ops.len());
     for (index, op) in request.ops.into_iter().enumerate() {
         let at = format!("ops[{index}]");
-        check_key(&op.key, &state.limits)
+        check_key(&op.key, limits)
             .map_err(|err| ApiError::invalid_key(format!("{at}: {}", err.message)))?;
         if !seen.insert(op.key.clone()) {
             return Err(ApiError::invalid_request(format!(
@@ -380,7 +386,7 @@ fn batch_ops(request: BatchRequest, state: &AppState) -> Result<Vec<WriteOp>, Ap
         ops.push(match op.op {
             BatchOpKind::Put => WriteOp::Put {
                 key,
-                value: decode_value(op.value, op.value_base64, &state.limits, &at)?,
+                value: decode_value(op.value, op.value_base64, limits, &at)?,
                 condition,
             },
             BatchOpKind::Delete => {
@@ -402,8 +408,15 @@ fn batch_ops(request: BatchRequest, state: &AppState) -> Result<Vec<WriteOp>, Ap
 }
 
 pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> ApiResult {
+    let access = access_of(request.extensions())?;
     let body: BatchRequest = json_body(request, &state).await?;
-    let ops = batch_ops(body, &state)?;
+    let ops = batch_ops(body, &state.limits)?;
+    // All or nothing here too: one forbidden op refuses the whole batch.
+    for (index, op) in ops.iter().enumerate() {
+        access
+            .check_write(op.key(), &format!("ops[{index}]: "))
+            .map_err(|err| err.with_detail("index", json!(index)))?;
+    }
     let keys: Vec<String> = ops.iter().map(|op| key_text(op.key().to_vec())).collect();
     match state.store.write(ops).await? {
         WriteOutcome::Applied { revision, results } => {
@@ -444,16 +457,13 @@ pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> Ap
 }
 
 pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -> ApiResult {
+    let access = access_of(request.extensions())?;
     let body: BatchGetRequest = json_body(request, &state).await?;
-    if body.keys.len() > MAX_BATCH_OPS {
-        return Err(ApiError::invalid_request(format!(
-            "{} keys given; a batch read takes at most {MAX_BATCH_OPS}",
-            body.keys.len()
-        )));
-    }
+    check_batch_get(&body, &state.limits)?;
     for (index, key) in body.keys.iter().enumerate() {
-        check_key(key, &state.limits)
-            .map_err(|err| ApiError::invalid_key(format!("keys[{index}]: {}", err.message)))?;
+        access
+            .check_read(key.as_bytes(), &format!("keys[{index}]: "))
+            .map_err(|err| err.with_detail("index", json!(index)))?;
     }
     let keys: Vec<Vec<u8>> = body.keys.iter().map(|k| k.as_bytes().to_vec()).collect();
     let found = state.store.get_many(keys).await?;
@@ -466,6 +476,21 @@ pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -
         }
     }
     json_response(StatusCode::OK, &BatchGetResponse { items, missing })
+}
+
+/// Checks the keys of a batch read.
+pub(crate) fn check_batch_get(body: &BatchGetRequest, limits: &Limits) -> Result<(), ApiError> {
+    if body.keys.len() > MAX_BATCH_OPS {
+        return Err(ApiError::invalid_request(format!(
+            "{} keys given; a batch read takes at most {MAX_BATCH_OPS}",
+            body.keys.len()
+        )));
+    }
+    for (index, key) in body.keys.iter().enumerate() {
+        check_key(key, limits)
+            .map_err(|err| ApiError::invalid_key(format!("keys[{index}]: {}", err.message)))?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn healthz() -> ApiResult {

@@ -1,8 +1,11 @@
 //! The HTTP contract of API v1: routes, request parsing, limits and the error
 //! shape. [`router`] is the only place routes are listed.
 
+pub mod auth;
 mod cursor;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handlers;
 mod observe;
 mod request;
@@ -14,6 +17,7 @@ use axum::Router;
 use axum::middleware;
 use axum::routing::{get, post};
 
+pub use cursor::{CursorKey, random_secret};
 pub use handlers::entry_body;
 pub use observe::Observe;
 
@@ -47,6 +51,10 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub limits: Limits,
     pub observe: Observe,
+    /// Token rules; `None` when auth is off (every request may do anything).
+    pub auth: Option<Arc<auth::Auth>>,
+    /// Signs and checks range cursors.
+    pub cursor_key: CursorKey,
 }
 
 /// Ops in one batch, keys in one batch read, and items on one range page, at most.
@@ -79,6 +87,11 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(observe::metrics))
         .fallback(handlers::no_route)
         .method_not_allowed_fallback(handlers::method_not_allowed)
+        // Inside `observe`, so refusals are timed and counted like any answer.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             observe::observe,

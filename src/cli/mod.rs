@@ -4,6 +4,7 @@
 pub(crate) mod bench;
 pub(crate) mod dump;
 pub(crate) mod kv;
+pub(crate) mod security;
 pub(crate) mod serve;
 
 use std::fmt;
@@ -12,7 +13,7 @@ use std::process::ExitCode;
 
 use hyper::StatusCode;
 use indicatif::{ProgressBar, ProgressStyle};
-use kvstore::client::{Client, ClientError};
+use kvstore::client::{Client, ClientError, ClientOptions};
 use serde::Serialize;
 
 /// The server that a client subcommand talks to.
@@ -22,20 +23,40 @@ pub(crate) struct ServerArgs {
     #[arg(long, env = "KVSTORE_URL", default_value = "http://127.0.0.1:7070",
           value_parser = http_url)]
     url: String,
+    /// Bearer token for a server with --auth-file; prefer the environment
+    /// variable, which other users cannot see in the process list.
+    #[arg(long, env = "KVSTORE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA certificate that an https:// server's certificate must chain
+    /// to; without it, the system's trusted roots.
+    #[arg(long, env = "KVSTORE_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 impl ServerArgs {
     fn client(&self) -> Result<Client, Failure> {
-        Client::new(&self.url).map_err(|err| Failure::usage(err.to_string()))
+        let ca_cert_pem = self
+            .ca_cert
+            .as_deref()
+            .map(|path| {
+                std::fs::read(path)
+                    .map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))
+            })
+            .transpose()?;
+        let options = ClientOptions {
+            token: self.token.clone(),
+            ca_cert_pem,
+        };
+        Client::with_options(&self.url, &options).map_err(|err| Failure::usage(err.to_string()))
     }
 }
 
 /// Refuses a URL that the client cannot use while clap can still say so.
 fn http_url(url: &str) -> Result<String, String> {
-    if url.starts_with("http://") {
+    if url.starts_with("http://") || url.starts_with("https://") {
         Ok(url.to_owned())
     } else {
-        Err("expected an http:// URL such as http://127.0.0.1:7070".to_owned())
+        Err("expected an http:// or https:// URL such as http://127.0.0.1:7070".to_owned())
     }
 }
 

@@ -74,6 +74,8 @@ pub(crate) struct ServeArgs {
     /// Record Prometheus metrics and serve them at GET /metrics.
     #[arg(long, env = "KVSTORE_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     metrics: bool,
+    #[command(flatten)]
+    security: super::security::SecurityArgs,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -105,6 +107,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     if args.cache == CacheMode::Local {
         store = Arc::new(CachedStore::new(store, cache));
     }
+    let security = args.security.load(&args.data_dir)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -115,6 +118,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         data_dir = %args.data_dir.display(),
         durability = %args.durability,
         cache = %args.cache,
+        tls = security.tls.is_some(),
         "kvstore listening"
     );
     let config = ServerConfig {
@@ -124,8 +128,9 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         slow_request: Duration::from_millis(args.slow_ms),
         max_connections: usize::try_from(args.max_connections).map_err(|e| e.to_string())?,
         metrics: args.metrics,
+        header_read_timeout: args.security.header_read_timeout(),
     };
-    server::run(listener, store, config, shutdown_signal())
+    server::run_secured(listener, store, config, security, shutdown_signal())
         .await
         .map_err(|e| format!("shutdown: {e}"))
 }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kvstore::cache::{CacheConfig, CachedStore};
-use kvstore::client::Client;
-use kvstore::server::{self, ServerConfig};
+use kvstore::client::{Client, ClientOptions};
+use kvstore::server::{self, Security, ServerConfig};
 use kvstore::storage::Store;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::guarded::GuardedStore;
@@ -44,11 +44,35 @@ impl TestServer {
         Self::start_in(Some(dir), path, config, engine).await
     }
 
+    /// A server with tokens, TLS or a cursor secret; its `client` is made
+    /// with `options` (a token, the CA of its certificate).
+    pub async fn start_secured(
+        config: ServerConfig,
+        security: Security,
+        options: &ClientOptions,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().to_path_buf();
+        Self::start_in_secured(Some(dir), path, config, security, options, |_| {}).await
+    }
+
     /// A server on an existing data directory (which the caller keeps).
     pub async fn start_in(
         dir: Option<TempDir>,
         path: PathBuf,
         config: ServerConfig,
+        engine: impl FnOnce(&mut EmbeddedConfig),
+    ) -> Self {
+        let options = ClientOptions::default();
+        Self::start_in_secured(dir, path, config, Security::default(), &options, engine).await
+    }
+
+    async fn start_in_secured(
+        dir: Option<TempDir>,
+        path: PathBuf,
+        config: ServerConfig,
+        security: Security,
+        options: &ClientOptions,
         engine: impl FnOnce(&mut EmbeddedConfig),
     ) -> Self {
         let mut engine_config = EmbeddedConfig::new(&path);
@@ -69,13 +93,24 @@ impl TestServer {
             )),
             CacheConfig::default(),
         ));
-        let task = tokio::spawn(server::run(listener, dyn_store, config, async move {
-            let _ = rx.await;
-        }));
-        let base = format!("http://{addr}");
+        let scheme = if security.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let task = tokio::spawn(server::run_secured(
+            listener,
+            dyn_store,
+            config,
+            security,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        let base = format!("{scheme}://{addr}");
         TestServer {
             addr,
-            client: Client::new(&base).expect("client"),
+            client: Client::with_options(&base, options).expect("client"),
             base,
             store,
             dir,
@@ -107,6 +142,8 @@ impl TestServer {
 pub struct Binary {
     pub child: std::process::Child,
     pub client: Client,
+    /// The address it listens on (`127.0.0.1:PORT`).
+    pub addr: String,
     log: Arc<std::sync::Mutex<Vec<String>>>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -147,6 +184,7 @@ impl Binary {
         Binary {
             child,
             client: Client::new(&format!("http://{address}")).expect("client"),
+            addr: address,
             log,
             reader: Some(reader),
         }
