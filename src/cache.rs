@@ -352,8 +352,15 @@ impl Store for CachedStore {
                             self.expiry(),
                         )),
                         (OpResult::Put { .. }, None) => None,
-                        (OpResult::Deleted { .. }, _) => {
+                        (OpResult::Deleted { existed: true }, _) => {
                             Some(Slot::Absent(*revision, self.expiry()))
+                        }
+                        // A delete that found nothing locked nothing: on
+                        // PostgreSQL a concurrent create may hold a lower
+                        // revision, so its absence is not ordered.
+                        (OpResult::Deleted { existed: false }, _) => {
+                            self.forget(&key);
+                            continue;
                         }
                     };
                     self.apply_write(key, *revision, slot);
