@@ -69,6 +69,8 @@ pub struct PostgresConfig {
     /// Send a notification for every write, for the caches of other servers
     /// (`--cache local`).
     pub notify: bool,
+    /// How the connections name themselves in `pg_stat_activity`.
+    pub application_name: String,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -80,6 +82,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("statement_timeout", &self.statement_timeout)
             .field("schema", &self.schema)
             .field("notify", &self.notify)
+            .field("application_name", &self.application_name)
             .finish()
     }
 }
@@ -95,6 +98,7 @@ impl PostgresConfig {
             statement_timeout: Duration::from_secs(30),
             schema: "public".into(),
             notify: false,
+            application_name: "kvstore".into(),
         }
     }
 
@@ -106,7 +110,7 @@ impl PostgresConfig {
             .map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL URL: {e}")))?;
         config.connect_timeout(self.connect_timeout);
         config.keepalives_idle(Duration::from_secs(10));
-        config.application_name("kvstore");
+        config.application_name(&self.application_name);
         let timeout_ms = self.statement_timeout.as_millis();
         if timeout_ms > 0 {
             let options = match config.get_options() {
@@ -425,15 +429,18 @@ pub struct PostgresStore {
     config: PostgresConfig,
     closed: Arc<AtomicBool>,
     listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set once the schema is known to be in place.
+    schema_ready: tokio::sync::OnceCell<()>,
 }
 
 impl PostgresStore {
     /// Connects, and creates or upgrades the schema. Several servers may do
     /// this at once: the work runs under a transaction-level advisory lock.
+    /// When PostgreSQL cannot be reached, the store opens anyway (its
+    /// operations answer `Unavailable`) and sets the schema up once it can.
     ///
     /// # Errors
-    /// When PostgreSQL cannot be reached within the connect timeout, or the
-    /// schema was made by a newer kvstore.
+    /// When the URL is malformed, or the schema was made by a newer kvstore.
     pub async fn open(config: PostgresConfig) -> StoreResult<Self> {
         let pg_config = config.pg_config()?;
         let manager = Manager::from_config(
@@ -457,9 +464,23 @@ impl PostgresStore {
             config,
             closed: Arc::new(AtomicBool::new(false)),
             listener: std::sync::Mutex::new(None),
+            schema_ready: tokio::sync::OnceCell::new(),
         };
-        store.migrate().await?;
+        match store.ensure_schema().await {
+            Ok(()) => {}
+            Err(StoreError::Unavailable(why)) => tracing::warn!(
+                error = %why,
+                "PostgreSQL is unreachable; answering 503 until it is back"
+            ),
+            Err(err) => return Err(err),
+        }
         Ok(store)
+    }
+
+    /// Creates or upgrades the schema unless that was done already.
+    async fn ensure_schema(&self) -> StoreResult<()> {
+        self.schema_ready.get_or_try_init(|| self.migrate()).await?;
+        Ok(())
     }
 
     async fn migrate(&self) -> StoreResult<()> {
@@ -548,6 +569,9 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
+        if self.schema_ready.get().is_none() {
+            self.ensure_schema().await?;
+        }
         self.pool.get().await.map_err(map_pool)
     }
 

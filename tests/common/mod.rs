@@ -94,6 +94,7 @@ impl PgSchema {
     pub fn config(&self) -> PostgresConfig {
         let mut config = PostgresConfig::new(&self.url);
         config.schema.clone_from(&self.name);
+        config.application_name.clone_from(&self.name);
         config.pool_size = 8;
         config
     }
@@ -315,7 +316,11 @@ impl Binary {
         let reader = std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("127.0.0.1:").nth(1) {
+                if let Some(rest) = line
+                    .contains("kvstore listening")
+                    .then(|| line.split("127.0.0.1:").nth(1))
+                    .flatten()
+                {
                     let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
                     let _ = address_tx.send(format!("127.0.0.1:{port}"));
                 }
