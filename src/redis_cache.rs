@@ -16,10 +16,11 @@
 //! the deletes of concurrent writes reach Redis in; the next read fills it.
 //!
 //! Every cache key lives under a generation (`{prefix}gen`). When Redis cannot
-//! be reached, reads go to the store, and a writer that could not delete its
-//! keys starts a new generation as soon as it reaches Redis again (before it
-//! uses the cache again), which drops every entry cached before at once. See
-//! docs/deployment.md for what this covers and what it does not.
+//! be reached, reads go to the store, and a server that saw Redis fail starts
+//! a new generation as soon as it reaches Redis again, before it uses the
+//! cache again: that drops every entry cached before at once, including
+//! those of keys whose writers could not delete them. See docs/postgres.md
+//! for what this covers and what it does not.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -140,7 +141,8 @@ pub struct RedisCachedStore {
     inner: Arc<dyn Store>,
     client: redis::Client,
     config: RedisConfig,
-    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// Dropped after a failure, so the next use connects afresh.
+    connection: std::sync::Mutex<Option<ConnectionManager>>,
     get_script: redis::Script,
     fill_script: redis::Script,
     delete_script: redis::Script,
@@ -168,7 +170,7 @@ impl RedisCachedStore {
             inner,
             client,
             config,
-            connection: tokio::sync::Mutex::new(None),
+            connection: std::sync::Mutex::new(None),
             get_script: redis::Script::new(GET_SCRIPT),
             fill_script: redis::Script::new(FILL_SCRIPT),
             delete_script: redis::Script::new(DELETE_SCRIPT),
@@ -193,33 +195,39 @@ impl RedisCachedStore {
         {
             return None;
         }
-        let mut connection = {
-            let mut slot = self.connection.lock().await;
-            match &*slot {
-                Some(c) => c.clone(),
-                None => {
-                    let config = ConnectionManagerConfig::new()
-                        .set_connection_timeout(self.config.timeout)
-                        .set_response_timeout(self.config.timeout)
-                        .set_number_of_retries(1);
-                    let made = tokio::time::timeout(
-                        self.config.timeout * 4,
-                        ConnectionManager::new_with_config(self.client.clone(), config),
-                    )
-                    .await;
-                    match made {
-                        Ok(Ok(c)) => {
+        self.connect().await
+    }
+
+    /// The current connection or a new one, after starting a new generation
+    /// if one is due; `None` after counting the failure.
+    async fn connect(&self) -> Option<ConnectionManager> {
+        let cached = self.connection.lock().ok().and_then(|c| c.clone());
+        let mut connection = match cached {
+            Some(c) => c,
+            None => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.config.timeout)
+                    .set_response_timeout(self.config.timeout)
+                    .set_number_of_retries(0);
+                let made = tokio::time::timeout(
+                    self.config.timeout,
+                    ConnectionManager::new_with_config(self.client.clone(), config),
+                )
+                .await;
+                match made {
+                    Ok(Ok(c)) => {
+                        if let Ok(mut slot) = self.connection.lock() {
                             *slot = Some(c.clone());
-                            c
                         }
-                        Ok(Err(err)) => {
-                            self.failed("connect", &err.to_string());
-                            return None;
-                        }
-                        Err(_) => {
-                            self.failed("connect", "timed out");
-                            return None;
-                        }
+                        c
+                    }
+                    Ok(Err(err)) => {
+                        self.failed("connect", &err.to_string());
+                        return None;
+                    }
+                    Err(_) => {
+                        self.failed("connect", "timed out");
+                        return None;
                     }
                 }
             }
@@ -236,7 +244,7 @@ impl RedisCachedStore {
                     self.needs_new_generation.store(false, Ordering::Release);
                     tracing::warn!(
                         generation,
-                        "started a new Redis cache generation: writes made while Redis was unreachable are not served from it"
+                        "started a new Redis cache generation: entries cached before Redis failed are not served"
                     );
                 }
                 Err(err) => {
@@ -272,9 +280,15 @@ impl RedisCachedStore {
         }
     }
 
-    /// Counts and logs a failure, and leaves Redis alone for a while.
+    /// Counts and logs a failure, and leaves Redis alone for a while. Writes
+    /// of other servers may have failed to reach Redis meanwhile too: a new
+    /// generation starts before this server uses the cache again.
     fn failed(&self, op: &'static str, why: &str) {
         metrics::counter!("kvstore_redis_errors_total", "op" => op).increment(1);
+        self.needs_new_generation.store(true, Ordering::Release);
+        if let Ok(mut connection) = self.connection.lock() {
+            *connection = None;
+        }
         if let Ok(mut retry_at) = self.retry_at.lock() {
             *retry_at = Some(Instant::now() + RETRY_AFTER);
         }
@@ -293,10 +307,31 @@ impl RedisCachedStore {
         }
     }
 
-    /// Deletes the keys from the shared cache; when that fails, a new
-    /// generation must start before anyone may trust the cache.
+    /// Deletes the keys from the shared cache, trying a second time on a new
+    /// connection when the first try failed: other servers may still read
+    /// Redis. Unlike reads, this does not wait out the pause after a failure. When both fail, a new generation must start
+    /// before anyone may trust the cache (see the module docs).
     async fn invalidate(&self, keys: &[&[u8]]) {
-        let done = match self.connection().await {
+        // Writes do not wait out the pause after a failure: once Redis is
+        // back for other servers, this server's deletes must reach it too.
+        let first = self.connect().await;
+        let tried = first.is_some();
+        let mut done = self.try_invalidate(keys, first).await;
+        if !done && tried {
+            done = self.try_invalidate(keys, self.connect().await).await;
+        }
+        if !done {
+            self.needs_new_generation.store(true, Ordering::Release);
+            metrics::counter!("kvstore_redis_invalidations_missed_total").increment(1);
+            tracing::warn!(
+                keys = keys.len(),
+                "could not delete written keys from Redis; servers that reach Redis may serve their previous values until this one starts a new cache generation"
+            );
+        }
+    }
+
+    async fn try_invalidate(&self, keys: &[&[u8]], connection: Option<ConnectionManager>) -> bool {
+        match connection {
             Some(mut connection) => {
                 let mut invocation = self.delete_script.prepare_invoke();
                 invocation.arg(self.config.prefix.as_bytes());
@@ -315,10 +350,6 @@ impl RedisCachedStore {
                 }
             }
             None => false,
-        };
-        if !done {
-            self.needs_new_generation.store(true, Ordering::Release);
-            metrics::counter!("kvstore_redis_invalidations_missed_total").increment(1);
         }
     }
 

@@ -361,3 +361,58 @@ impl Drop for Binary {
         let _ = self.child.wait();
     }
 }
+
+/// A TCP forwarder (to PostgreSQL or Redis) that the test can take down (closing every
+/// connection through it) and bring back on the same port.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    target: SocketAddr,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        Proxy {
+            addr,
+            target,
+            task: Some(Self::serve(listener, target)),
+        }
+    }
+
+    fn serve(listener: tokio::net::TcpListener, target: SocketAddr) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        })
+    }
+
+    /// Closes the listener and every forwarded connection.
+    pub fn down(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    pub async fn up(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("rebind");
+        self.task = Some(Self::serve(listener, self.target));
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
