@@ -24,9 +24,15 @@
 //! acknowledged may be followed by the entry that delete removes, until it is.
 //!
 //! Batch reads and ranges go to the store, which reads them from one snapshot.
+//!
+//! Writes made by other servers (PostgreSQL) reach the cache through
+//! [`CachedStore::invalidate`], driven by notifications: the same stripe
+//! epochs keep a read that began before the notification from filling the
+//! old entry back. While notifications may be lost, [`CachedStore::set_bypass`]
+//! sends every read to the store.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -48,8 +54,12 @@ const ENTRY_OVERHEAD: u64 = 96;
 pub enum CacheMode {
     /// No cache: every read goes to storage.
     Off,
-    /// A cache in this process's memory.
+    /// A cache in this process's memory (on PostgreSQL, kept coherent with
+    /// other servers through LISTEN/NOTIFY, stale for the notification delay).
     Local,
+    /// A cache in Redis, shared by every server and updated by the writer
+    /// before it answers.
+    Redis,
 }
 
 impl std::fmt::Display for CacheMode {
@@ -57,6 +67,7 @@ impl std::fmt::Display for CacheMode {
         f.write_str(match self {
             CacheMode::Off => "off",
             CacheMode::Local => "local",
+            CacheMode::Redis => "redis",
         })
     }
 }
@@ -179,6 +190,10 @@ pub struct CachedStore {
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: EvictionCounter,
+    /// Reads go to the store and fill nothing (see [`CachedStore::set_bypass`]).
+    bypass: AtomicBool,
+    /// How the cache is kept coherent, for `describe`.
+    coherence: &'static str,
 }
 
 impl CachedStore {
@@ -201,6 +216,54 @@ impl CachedStore {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions,
+            bypass: AtomicBool::new(false),
+            coherence: "",
+        }
+    }
+
+    /// Names how the cache is kept coherent with other servers, for logs.
+    #[must_use]
+    pub fn with_coherence(mut self, how: &'static str) -> Self {
+        self.coherence = how;
+        self
+    }
+
+    /// Another server wrote `key` at `revision`: drop an older cached entry,
+    /// and keep reads that began before now from filling one.
+    pub fn invalidate(&self, key: &[u8], revision: u64) {
+        let mut stripe = self.stripe(key);
+        stripe.epoch += 1;
+        if self
+            .cache
+            .peek(key)
+            .is_some_and(|c| c.revision() < revision)
+        {
+            self.cache.remove(key);
+        }
+        stripe.max_revision = stripe.max_revision.max(revision);
+    }
+
+    /// Forgets everything, and keeps every read that began before now from
+    /// filling the cache.
+    pub fn invalidate_all(&self) {
+        for stripe in &*self.stripes {
+            stripe
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .epoch += 1;
+        }
+        self.cache.clear();
+    }
+
+    /// While on, reads bypass the cache (for when invalidations may be
+    /// lost); turning it off forgets everything first.
+    pub fn set_bypass(&self, on: bool) {
+        if on {
+            self.bypass.store(true, Ordering::Release);
+            self.invalidate_all();
+        } else {
+            self.invalidate_all();
+            self.bypass.store(false, Ordering::Release);
         }
     }
 
@@ -294,6 +357,9 @@ impl CachedStore {
 #[async_trait]
 impl Store for CachedStore {
     async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
+        if self.bypass.load(Ordering::Acquire) {
+            return self.inner.get(key).await;
+        }
         if let Some(slot) = self.cache.get(key)
             && slot.is_fresh(self.now())
         {
@@ -352,8 +418,15 @@ impl Store for CachedStore {
                             self.expiry(),
                         )),
                         (OpResult::Put { .. }, None) => None,
-                        (OpResult::Deleted { .. }, _) => {
+                        (OpResult::Deleted { existed: true }, _) => {
                             Some(Slot::Absent(*revision, self.expiry()))
+                        }
+                        // A delete that found nothing locked nothing: on
+                        // PostgreSQL a concurrent create may hold a lower
+                        // revision, so its absence is not ordered.
+                        (OpResult::Deleted { existed: false }, _) => {
+                            self.forget(&key);
+                            continue;
                         }
                     };
                     self.apply_write(key, *revision, slot);
@@ -393,6 +466,10 @@ impl Store for CachedStore {
     }
 
     fn describe(&self) -> String {
-        format!("{} with a local read cache", self.inner.describe())
+        format!(
+            "{} with a local read cache{}",
+            self.inner.describe(),
+            self.coherence
+        )
     }
 }

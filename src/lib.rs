@@ -7,8 +7,11 @@
 //!   bodies shared with the client.
 //! - [`storage`]: the [`storage::Store`] trait every backend implements, and
 //!   [`storage::embedded`], the default engine (fjall with our own group commit).
+//! - [`storage::postgres`]: the PostgreSQL backend, for many servers on one
+//!   database.
 //! - [`cache`]: the read cache, a decorator over any store that never serves a
-//!   version older than one acknowledged.
+//!   version older than one acknowledged; [`redis_cache`]: the cache shared by
+//!   many servers in Redis.
 //! - [`server`]: the process lifecycle: accept loop, connection cap, graceful
 //!   shutdown.
 //! - [`telemetry`]: the Prometheus recorder behind `GET /metrics`;
@@ -27,6 +30,7 @@ pub mod bench;
 pub mod cache;
 pub mod client;
 pub mod error;
+pub mod redis_cache;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

@@ -42,7 +42,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(cli::serve::ServeArgs),
+    Serve(Box<cli::serve::ServeArgs>),
     /// Print the value of a key.
     Get(cli::kv::GetArgs),
     /// Write a value (from the argument, --file, or stdin).
@@ -78,7 +78,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime
-            .block_on(cli::serve::run(args))
+            .block_on(cli::serve::run(*args))
             .map_err(cli::Failure::general),
         Command::Get(args) => runtime.block_on(cli::kv::get(args)),
         Command::Put(args) => runtime.block_on(cli::kv::put(args)),

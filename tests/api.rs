@@ -2,6 +2,7 @@
 //! as API.md describes them. Ranges and batches are in `api_range.rs` and
 //! `api_batch.rs`.
 
+#[macro_use]
 mod common;
 #[macro_use]
 mod support;
@@ -13,7 +14,6 @@ use common::TestServer;
 use kvstore::api::Limits;
 use kvstore::client::Client;
 use kvstore::server::ServerConfig;
-use kvstore::storage::Store as _;
 use support::*;
 
 async fn server_with_limits(limits: Limits) -> TestServer {
@@ -38,6 +38,8 @@ async fn small_server() -> TestServer {
 }
 
 // ---------------------------------------------------------------- PUT
+
+for_each_backend! {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_creates_with_201_then_updates_with_200() {
@@ -992,29 +994,6 @@ async fn wrong_methods_are_405_method_not_allowed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revisions_and_data_survive_a_restart() {
-    let server = TestServer::start().await;
-    put_text(&server.client, "a/b", "v").await;
-    let before = revision_of(&put_text(&server.client, "a/b", "w").await);
-    let dir = server.stop().await.expect("data dir");
-    let path = dir.path().to_path_buf();
-    let server = TestServer::start_in(Some(dir), path, ServerConfig::default(), |_| {}).await;
-    let stored = entry(&server.client, "a/b").await;
-    assert_eq!(
-        (stored["value"].as_str(), version_of(&stored)),
-        (Some("w"), 2)
-    );
-    assert_eq!(revision_of(&stored), before);
-    // Revisions go on from where they were, also after a delete.
-    assert_eq!(
-        delete(&server.client, "/v1/kv/a/b", &[]).await.status,
-        StatusCode::NO_CONTENT
-    );
-    assert_eq!(probe_revision(&server.client).await, before + 2);
-    server.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_backend_answers_503_unavailable() {
     let server = TestServer::start().await;
     let c = &server.client;
@@ -1040,6 +1019,31 @@ async fn a_closed_backend_answers_503_unavailable() {
     }
     assert_eq!(entry(c, "k").await["value"], "v");
     assert_missing(c, "new").await;
+    server.stop().await;
+}
+
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revisions_and_data_survive_a_restart() {
+    let server = TestServer::start().await;
+    put_text(&server.client, "a/b", "v").await;
+    let before = revision_of(&put_text(&server.client, "a/b", "w").await);
+    let dir = server.stop().await.expect("data dir");
+    let path = dir.path().to_path_buf();
+    let server = TestServer::start_in(Some(dir), path, ServerConfig::default(), |_| {}).await;
+    let stored = entry(&server.client, "a/b").await;
+    assert_eq!(
+        (stored["value"].as_str(), version_of(&stored)),
+        (Some("w"), 2)
+    );
+    assert_eq!(revision_of(&stored), before);
+    // Revisions go on from where they were, also after a delete.
+    assert_eq!(
+        delete(&server.client, "/v1/kv/a/b", &[]).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(probe_revision(&server.client).await, before + 2);
     server.stop().await;
 }
 

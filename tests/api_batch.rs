@@ -1,5 +1,6 @@
 //! `POST /v1/batch` (atomic writes) and `POST /v1/batch/get`.
 
+#[macro_use]
 mod common;
 #[macro_use]
 mod support;
@@ -43,6 +44,8 @@ fn put_op(key: &str) -> Value {
 fn many_keys(count: usize) -> Vec<String> {
     (0..count).map(|i| format!("k{i:04}")).collect()
 }
+
+for_each_backend! {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_applies_mixed_ops_in_order_under_one_revision() {
@@ -379,4 +382,6 @@ async fn batch_get_refuses_bad_requests() {
         let response = send(c, Method::POST, "/v1/batch/get", &[JSON], text).await;
         expect_error(&response, StatusCode::BAD_REQUEST, "invalid_request");
     }
+}
+
 }

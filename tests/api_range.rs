@@ -1,6 +1,7 @@
 //! `GET /v1/kv`: bounds, prefixes, limits, order, keys-only listings, cursors
 //! and the page size cap.
 
+#[macro_use]
 mod common;
 mod support;
 
@@ -50,6 +51,8 @@ async fn seed_strings(client: &Client, keys: &[String]) {
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     seed_keys(client, &refs).await;
 }
+
+for_each_backend! {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_is_inclusive_and_end_exclusive_in_both_directions() {
@@ -469,4 +472,6 @@ async fn bad_range_parameters_are_refused() {
     ] {
         assert_bad_query(c, &query).await;
     }
+}
+
 }

@@ -2,6 +2,7 @@
 //! an acknowledged write is seen from any connection, and batch reads and
 //! ranges never show part of a batch.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -52,46 +53,6 @@ async fn increment(client: &Client) -> u64 {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conditional_increments_lose_no_update() {
-    const TASKS: u64 = 16;
-    const INCREMENTS: u64 = 16;
-    let server = TestServer::start().await;
-    let created = server
-        .client
-        .put(COUNTER, "0", Condition::Absent)
-        .await
-        .expect("create the counter");
-    assert_eq!(created.version, 1);
-
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|_| {
-            let client = server.client.clone();
-            tokio::spawn(async move {
-                let mut versions = Vec::new();
-                for _ in 0..INCREMENTS {
-                    versions.push(increment(&client).await);
-                }
-                versions
-            })
-        })
-        .collect();
-    let mut versions = Vec::new();
-    for task in tasks {
-        versions.extend(task.await.expect("increment task"));
-    }
-
-    // Every increment wrote its own version, and none was lost.
-    versions.sort_unstable();
-    let expected: Vec<u64> = (2..=TASKS * INCREMENTS + 1).collect();
-    assert_eq!(versions, expected);
-    assert_eq!(
-        read_counter(&server.client).await,
-        (TASKS * INCREMENTS, TASKS * INCREMENTS + 1)
-    );
-    server.stop().await;
-}
-
 /// What a reader on another connection sees of `key`, by every read path.
 async fn read_everywhere(client: &Client, key: &str) -> [Option<EntryBody>; 3] {
     let single = client.get(key).await.expect("get");
@@ -112,40 +73,6 @@ async fn read_everywhere(client: &Client, key: &str) -> [Option<EntryBody>; 3] {
         batch.items.into_iter().next(),
         range.items.into_iter().next(),
     ]
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_acknowledged_on_one_connection_is_read_on_another() {
-    let server = TestServer::start().await;
-    let writer = Client::new(&server.base).expect("writer");
-    let reader = Client::new(&server.base).expect("reader");
-    let keys = ["k/a", "k/b", "k/c"];
-    for round in 0..300u32 {
-        let key = keys[round as usize % keys.len()];
-        if round % 7 == 6 {
-            writer.delete(key, None).await.expect("delete");
-            assert_eq!(
-                read_everywhere(&reader, key).await,
-                [None, None, None],
-                "round {round}"
-            );
-            continue;
-        }
-        let value = round.to_string();
-        let put = writer
-            .put(key, value.clone(), Condition::Any)
-            .await
-            .expect("put");
-        for (path, seen) in read_everywhere(&reader, key).await.into_iter().enumerate() {
-            let seen = seen.unwrap_or_else(|| panic!("round {round}: read {path} missed {key}"));
-            assert_eq!(
-                (seen.value.as_deref(), seen.version, seen.revision),
-                (Some(value.as_str()), put.version, put.revision),
-                "round {round}, read {path}"
-            );
-        }
-    }
-    server.stop().await;
 }
 
 fn put_both(value: &str) -> BatchRequest {
@@ -187,6 +114,82 @@ fn assert_whole_batch(items: &[EntryBody], how: &str) {
         }
         _ => panic!("{how} shows part of a batch: {items:?}"),
     }
+}
+
+for_each_backend! {
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_increments_lose_no_update() {
+    const TASKS: u64 = 16;
+    const INCREMENTS: u64 = 16;
+    let server = TestServer::start().await;
+    let created = server
+        .client
+        .put(COUNTER, "0", Condition::Absent)
+        .await
+        .expect("create the counter");
+    assert_eq!(created.version, 1);
+
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let client = server.client.clone();
+            tokio::spawn(async move {
+                let mut versions = Vec::new();
+                for _ in 0..INCREMENTS {
+                    versions.push(increment(&client).await);
+                }
+                versions
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for task in tasks {
+        versions.extend(task.await.expect("increment task"));
+    }
+
+    // Every increment wrote its own version, and none was lost.
+    versions.sort_unstable();
+    let expected: Vec<u64> = (2..=TASKS * INCREMENTS + 1).collect();
+    assert_eq!(versions, expected);
+    assert_eq!(
+        read_counter(&server.client).await,
+        (TASKS * INCREMENTS, TASKS * INCREMENTS + 1)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_acknowledged_on_one_connection_is_read_on_another() {
+    let server = TestServer::start().await;
+    let writer = Client::new(&server.base).expect("writer");
+    let reader = Client::new(&server.base).expect("reader");
+    let keys = ["k/a", "k/b", "k/c"];
+    for round in 0..300u32 {
+        let key = keys[round as usize % keys.len()];
+        if round % 7 == 6 {
+            writer.delete(key, None).await.expect("delete");
+            assert_eq!(
+                read_everywhere(&reader, key).await,
+                [None, None, None],
+                "round {round}"
+            );
+            continue;
+        }
+        let value = round.to_string();
+        let put = writer
+            .put(key, value.clone(), Condition::Any)
+            .await
+            .expect("put");
+        for (path, seen) in read_everywhere(&reader, key).await.into_iter().enumerate() {
+            let seen = seen.unwrap_or_else(|| panic!("round {round}: read {path} missed {key}"));
+            assert_eq!(
+                (seen.value.as_deref(), seen.version, seen.revision),
+                (Some(value.as_str()), put.version, put.revision),
+                "round {round}, read {path}"
+            );
+        }
+    }
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,4 +238,6 @@ async fn batch_reads_and_ranges_never_show_part_of_a_batch() {
         assert!(reader.await.expect("reader task") > 0);
     }
     server.stop().await;
+}
+
 }

@@ -97,7 +97,7 @@ async fn writes_queued_during_a_sync_share_the_next_one() {
             client.put(&format!("k{i}"), "v", Condition::Any).await
         }));
     }
-    while server.store.queue_depth() < 10 {
+    while server.embedded().queue_depth() < 10 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     gate.set(true);

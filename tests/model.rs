@@ -1,6 +1,9 @@
 //! Model-based test of the storage contract: random sequences of puts,
 //! conditional puts, deletes, batches, reads and scans, with the store closed
-//! and reopened in between, checked step by step against a `BTreeMap` model.
+//! and reopened in between, checked step by step against a `BTreeMap` model,
+//! on every backend (PostgreSQL when `KVSTORE_TEST_POSTGRES_URL` is set).
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -164,13 +167,25 @@ fn key_bound(b: &Bound<usize>) -> Bound<Vec<u8>> {
     }
 }
 
-fn open(path: &std::path::Path) -> Arc<EmbeddedStore> {
-    Arc::new(EmbeddedStore::open(EmbeddedConfig::new(path)).expect("open store"))
+/// Where the store under test keeps its data, so it can be reopened.
+enum Place {
+    Dir(tempfile::TempDir),
+    Schema(common::PgSchema),
 }
 
-async fn check(steps: Vec<Step>) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut store = open(dir.path());
+impl Place {
+    async fn open(&self) -> Arc<dyn Store> {
+        match self {
+            Place::Dir(dir) => {
+                Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).expect("open store"))
+            }
+            Place::Schema(schema) => schema.open().await,
+        }
+    }
+}
+
+async fn check(steps: Vec<Step>, place: Place) {
+    let mut store = place.open().await;
     let mut model = Model::default();
     for (n, step) in steps.into_iter().enumerate() {
         match step {
@@ -277,7 +292,7 @@ async fn check(steps: Vec<Step>) {
             Step::Reopen => {
                 store.close().await.expect("close");
                 drop(store);
-                store = open(dir.path());
+                store = place.open().await;
             }
         }
     }
@@ -290,6 +305,18 @@ proptest! {
     #[test]
     fn store_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        runtime.block_on(check(steps));
+        let dir = tempfile::tempdir().expect("temp dir");
+        runtime.block_on(check(steps, Place::Dir(dir)));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn postgres_store_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
+        let Some(schema) = common::PgSchema::new() else { return Ok(()) };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(check(steps, Place::Schema(schema)));
     }
 }

@@ -7,16 +7,66 @@ use std::time::Duration;
 
 use kvstore::api::Limits;
 use kvstore::cache::{CacheConfig, CacheMode, CachedStore};
+use kvstore::redis_cache::{RedisCachedStore, RedisConfig};
 use kvstore::server::{self, ServerConfig};
 use kvstore::storage::Store;
 use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::guarded::GuardedStore;
+use kvstore::storage::postgres::{Invalidation, PostgresConfig, PostgresStore};
+
+/// Where the data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Backend {
+    /// The embedded engine (fjall) in --data-dir: one server.
+    Embedded,
+    /// PostgreSQL at --postgres-url: many servers on one database.
+    Postgres,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Embedded => "embedded",
+            Backend::Postgres => "postgres",
+        })
+    }
+}
 
 #[derive(clap::Args)]
 pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KVSTORE_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Storage backend.
+    #[arg(long, env = "KVSTORE_BACKEND", value_enum, default_value_t = Backend::Embedded)]
+    backend: Backend,
+    /// PostgreSQL connection URL (libpq style), for --backend postgres.
+    #[arg(
+        long,
+        env = "KVSTORE_POSTGRES_URL",
+        required_if_eq("backend", "postgres")
+    )]
+    postgres_url: Option<String>,
+    /// PostgreSQL connections this server keeps at most.
+    #[arg(long, env = "KVSTORE_POSTGRES_POOL_SIZE", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    postgres_pool_size: u64,
+    /// Milliseconds to wait for a PostgreSQL connection (new or from the
+    /// pool) before answering 503 unavailable.
+    #[arg(long, env = "KVSTORE_POSTGRES_CONNECT_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    postgres_connect_timeout_ms: u64,
+    /// Milliseconds a statement may run before PostgreSQL cancels it; 0 for
+    /// no limit.
+    #[arg(
+        long,
+        env = "KVSTORE_POSTGRES_STATEMENT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    postgres_statement_timeout_ms: u64,
+    /// PostgreSQL schema of kvstore's table and sequence; created if missing.
+    #[arg(long, env = "KVSTORE_POSTGRES_SCHEMA", default_value = "public")]
+    postgres_schema: String,
     /// Directory of the embedded engine's data; created if missing.
     #[arg(long, env = "KVSTORE_DATA_DIR", default_value = "./kvstore-data")]
     data_dir: PathBuf,
@@ -41,9 +91,22 @@ pub(crate) struct ServeArgs {
     /// Seconds that in-flight requests get to finish after SIGINT or SIGTERM.
     #[arg(long, env = "KVSTORE_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     shutdown_timeout_secs: u64,
-    /// Read cache in front of storage: `local` (in this process) or `off`.
-    #[arg(long, env = "KVSTORE_CACHE", value_enum, default_value_t = CacheMode::Local)]
-    cache: CacheMode,
+    /// Read cache in front of storage: `local` (in this process), `redis`
+    /// (shared by every server, at --redis-url) or `off`. Default: `local`
+    /// on the embedded engine, `off` on PostgreSQL (where `local` may serve
+    /// another server's writes late by the notification delay).
+    #[arg(long, env = "KVSTORE_CACHE", value_enum)]
+    cache: Option<CacheMode>,
+    /// Redis URL of the shared cache, for --cache redis.
+    #[arg(long, env = "KVSTORE_REDIS_URL", required_if_eq("cache", "redis"))]
+    redis_url: Option<String>,
+    /// Milliseconds to wait for Redis before a read goes to storage.
+    #[arg(long, env = "KVSTORE_REDIS_TIMEOUT_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    redis_timeout_ms: u64,
+    /// Prefix of every Redis key, so that deployments can share a Redis.
+    #[arg(long, env = "KVSTORE_REDIS_PREFIX", default_value = "kvstore:")]
+    redis_prefix: String,
     /// Entries the cache holds at most ("absent" markers included).
     #[arg(long, env = "KVSTORE_CACHE_MAX_ENTRIES", default_value_t = 1_000_000,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -85,42 +148,118 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         max_value_bytes: args.max_value_bytes,
         max_body_bytes: args.max_body_bytes,
     };
-    let mut engine = EmbeddedConfig::new(&args.data_dir);
-    engine.durability = args.durability;
-    engine.sync_interval = Duration::from_millis(args.sync_interval_ms);
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(engine))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot open {}: {e}", args.data_dir.display()))?;
+    let cache_mode = args.cache.unwrap_or(match args.backend {
+        Backend::Embedded => CacheMode::Local,
+        Backend::Postgres => CacheMode::Off,
+    });
+    let (mut store, postgres): (Arc<dyn Store>, Option<Arc<PostgresStore>>) = match args.backend {
+        Backend::Embedded => {
+            let mut engine = EmbeddedConfig::new(&args.data_dir);
+            engine.durability = args.durability;
+            engine.sync_interval = Duration::from_millis(args.sync_interval_ms);
+            let data_dir = args.data_dir.clone();
+            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(engine))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
+            (Arc::new(store), None)
+        }
+        Backend::Postgres => {
+            let url = args
+                .postgres_url
+                .clone()
+                .ok_or("--backend postgres needs --postgres-url")?;
+            let mut config = PostgresConfig::new(url);
+            config.pool_size =
+                usize::try_from(args.postgres_pool_size).map_err(|e| e.to_string())?;
+            config.connect_timeout = Duration::from_millis(args.postgres_connect_timeout_ms);
+            config.statement_timeout = Duration::from_millis(args.postgres_statement_timeout_ms);
+            config.schema.clone_from(&args.postgres_schema);
+            config.notify = cache_mode == CacheMode::Local;
+            let store = Arc::new(
+                PostgresStore::open(config)
+                    .await
+                    .map_err(|e| format!("cannot open PostgreSQL: {e}"))?,
+            );
+            (store.clone(), Some(store))
+        }
+    };
     let request_timeout = Duration::from_secs(args.request_timeout_secs);
-    let mut store: Arc<dyn Store> = Arc::new(GuardedStore::new(
-        Arc::new(store),
-        request_timeout,
-        args.metrics,
-    ));
+    store = Arc::new(GuardedStore::new(store, request_timeout, args.metrics));
     let cache = CacheConfig {
         max_entries: usize::try_from(args.cache_max_entries).map_err(|e| e.to_string())?,
         max_bytes: args.cache_max_bytes,
         ttl: (args.cache_ttl_secs > 0).then(|| Duration::from_secs(args.cache_ttl_secs)),
         max_value_bytes: args.cache_max_value_bytes,
     };
-    if args.cache == CacheMode::Local {
-        store = Arc::new(CachedStore::new(store, cache));
+    match cache_mode {
+        CacheMode::Off => {}
+        CacheMode::Local => match &postgres {
+            None => store = Arc::new(CachedStore::new(store, cache)),
+            Some(pg) => {
+                let cached = Arc::new(
+                    CachedStore::new(store, cache)
+                        .with_coherence(", kept coherent through LISTEN/NOTIFY"),
+                );
+                // Until the first LISTEN is in place, other servers' writes
+                // would be missed.
+                cached.set_bypass(true);
+                let weak = Arc::downgrade(&cached);
+                pg.listen(Arc::new(move |event| {
+                    if let Some(cache) = weak.upgrade() {
+                        apply_invalidation(&cache, event);
+                    }
+                }))
+                .map_err(|e| e.to_string())?;
+                tracing::warn!(
+                    "--cache local on PostgreSQL: after a write on another server, this server may serve the \
+                     previous value until the notification arrives (milliseconds; see docs/postgres.md). \
+                     Use --cache off or --cache redis to read every acknowledged write on every server"
+                );
+                store = cached;
+            }
+        },
+        CacheMode::Redis => {
+            let url = args
+                .redis_url
+                .clone()
+                .ok_or("--cache redis needs --redis-url")?;
+            let mut config = RedisConfig::new(url);
+            config.prefix = match &postgres {
+                Some(_) => format!("{}{}:", args.redis_prefix, args.postgres_schema),
+                None => args.redis_prefix.clone(),
+            };
+            config.ttl = cache.ttl.unwrap_or(Duration::from_secs(86_400));
+            config.timeout = Duration::from_millis(args.redis_timeout_ms);
+            config.max_value_bytes = cache.max_value_bytes;
+            let cached = Arc::new(RedisCachedStore::new(store, config)?);
+            cached.spawn_repair();
+            store = cached;
+        }
     }
     let security = args.security.load(&args.data_dir)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(
-        %address,
-        engine = "embedded (fjall)",
-        data_dir = %args.data_dir.display(),
-        durability = %args.durability,
-        cache = %args.cache,
-        tls = security.tls.is_some(),
-        "kvstore listening"
-    );
+    match args.backend {
+        Backend::Embedded => tracing::info!(
+            %address,
+            engine = "embedded (fjall)",
+            data_dir = %args.data_dir.display(),
+            durability = %args.durability,
+            cache = %cache_mode,
+            tls = security.tls.is_some(),
+            "kvstore listening"
+        ),
+        Backend::Postgres => tracing::info!(
+            %address,
+            engine = %store.describe(),
+            cache = %cache_mode,
+            tls = security.tls.is_some(),
+            "kvstore listening"
+        ),
+    }
     let config = ServerConfig {
         limits,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
@@ -133,6 +272,28 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     server::run_secured(listener, store, config, security, shutdown_signal())
         .await
         .map_err(|e| format!("shutdown: {e}"))
+}
+
+/// Applies what the notification listener reports to the local cache.
+fn apply_invalidation(cache: &CachedStore, event: Invalidation) {
+    match event {
+        Invalidation::Keys {
+            revision,
+            written_at_us,
+            keys,
+        } => {
+            for key in &keys {
+                cache.invalidate(key, revision);
+            }
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+            let delay = (now_us - written_at_us).max(0) as f64 / 1e6;
+            metrics::histogram!("kvstore_cache_invalidation_delay_seconds").record(delay);
+        }
+        Invalidation::Lost => cache.set_bypass(true),
+        Invalidation::Resumed => cache.set_bypass(false),
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

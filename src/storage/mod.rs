@@ -7,6 +7,7 @@
 mod codec;
 pub mod embedded;
 pub mod guarded;
+pub mod postgres;
 
 use std::ops::Bound;
 

@@ -1,5 +1,6 @@
 //! A kvstore server in the test process, on an ephemeral port, over a fresh
-//! data directory.
+//! data directory or a fresh PostgreSQL schema; and what runs one test body
+//! against every backend.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -13,19 +14,171 @@ use kvstore::server::{self, Security, ServerConfig};
 use kvstore::storage::Store;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::guarded::GuardedStore;
+use kvstore::storage::postgres::{PostgresConfig, PostgresStore};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+/// The storage backend a test body runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Postgres,
+}
+
+tokio::task_local! {
+    static BACKEND: Backend;
+}
+
+impl Backend {
+    /// The backend of the running test (embedded outside [`Backend::run`]).
+    pub fn current() -> Backend {
+        BACKEND.try_with(|b| *b).unwrap_or(Backend::Embedded)
+    }
+
+    /// Runs a test body with this backend, or skips it (printing why) when
+    /// the backend is not configured.
+    pub async fn run(self, body: impl Future<Output = ()>) {
+        if self == Backend::Postgres && postgres_url().is_none() {
+            eprintln!("skipped: set KVSTORE_TEST_POSTGRES_URL to run this test on PostgreSQL");
+            return;
+        }
+        BACKEND.scope(self, body).await;
+    }
+}
+
+/// The PostgreSQL of the tests, from `KVSTORE_TEST_POSTGRES_URL`.
+pub fn postgres_url() -> Option<String> {
+    std::env::var("KVSTORE_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
+/// The Redis of the tests, from `KVSTORE_TEST_REDIS_URL`.
+pub fn redis_url() -> Option<String> {
+    std::env::var("KVSTORE_TEST_REDIS_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
+/// A schema of its own for one test, dropped (with everything in it) when
+/// this is dropped, also when the test fails.
+pub struct PgSchema {
+    pub url: String,
+    pub name: String,
+}
+
+impl PgSchema {
+    /// A new, unique schema name on the tests' PostgreSQL; `None` (after
+    /// printing why) when `KVSTORE_TEST_POSTGRES_URL` is not set.
+    pub fn new() -> Option<Self> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let Some(url) = postgres_url() else {
+            eprintln!("skipped: set KVSTORE_TEST_POSTGRES_URL to run this test on PostgreSQL");
+            return None;
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            "kvstore_test_{}_{}_{}",
+            std::process::id(),
+            nanos,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        Some(PgSchema { url, name })
+    }
+
+    /// A store configuration on this schema.
+    pub fn config(&self) -> PostgresConfig {
+        let mut config = PostgresConfig::new(&self.url);
+        config.schema.clone_from(&self.name);
+        config.application_name.clone_from(&self.name);
+        config.pool_size = 8;
+        config
+    }
+
+    /// Opens a store on this schema.
+    pub async fn open(&self) -> Arc<PostgresStore> {
+        Arc::new(
+            PostgresStore::open(self.config())
+                .await
+                .expect("open the PostgreSQL store"),
+        )
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        // Drop may run inside the test's runtime: use a thread of our own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        if let Ok(Err(err)) = dropped {
+            eprintln!("could not drop test schema: {err}");
+        }
+    }
+}
+
+/// Declares each test body once and runs it against every backend, as
+/// `embedded::name` and `postgres::name` (the latter skipped, printing why,
+/// when `KVSTORE_TEST_POSTGRES_URL` is not set). Attributes of the bodies
+/// (`#[tokio::test]`, docs) are dropped: each generated test is a
+/// two-thread tokio test.
+#[macro_export]
+macro_rules! for_each_backend {
+    ($( $(#[$meta:meta])* async fn $name:ident() $body:block )*) => {
+        $( async fn $name() $body )*
+
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::Backend::Embedded.run(super::$name()).await;
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::Backend::Postgres.run(super::$name()).await;
+                }
+            )*
+        }
+    };
+}
 
 pub struct TestServer {
     pub addr: SocketAddr,
     pub base: String,
     pub client: Client,
-    pub store: Arc<EmbeddedStore>,
+    /// The backend itself, under the metering and the cache.
+    pub store: Arc<dyn Store>,
+    embedded: Option<Arc<EmbeddedStore>>,
     dir: Option<TempDir>,
     path: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
+    /// Dropped after the server stops.
+    schema: Option<PgSchema>,
 }
 
 impl TestServer {
@@ -34,14 +187,29 @@ impl TestServer {
         Self::start_with(ServerConfig::default(), |_| {}).await
     }
 
-    /// A server whose configuration and engine the caller may adjust.
+    /// A server on the test's backend (see [`Backend::run`]) whose
+    /// configuration and embedded engine the caller may adjust (`engine` is
+    /// not called on PostgreSQL).
     pub async fn start_with(
         config: ServerConfig,
         engine: impl FnOnce(&mut EmbeddedConfig),
     ) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().to_path_buf();
-        Self::start_in(Some(dir), path, config, engine).await
+        match Backend::current() {
+            Backend::Embedded => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let path = dir.path().to_path_buf();
+                Self::start_in(Some(dir), path, config, engine).await
+            }
+            Backend::Postgres => {
+                let schema = PgSchema::new().expect("KVSTORE_TEST_POSTGRES_URL");
+                let store: Arc<dyn Store> = schema.open().await;
+                let options = ClientOptions::default();
+                let mut server =
+                    Self::serve(store, None, config, Security::default(), &options).await;
+                server.schema = Some(schema);
+                server
+            }
+        }
     }
 
     /// A server with tokens, TLS or a cursor secret; its `client` is made
@@ -78,13 +246,26 @@ impl TestServer {
         let mut engine_config = EmbeddedConfig::new(&path);
         engine(&mut engine_config);
         let store = Arc::new(EmbeddedStore::open(engine_config).expect("open store"));
+        let mut server = Self::serve(store.clone(), Some(store), config, security, options).await;
+        server.dir = dir;
+        server.path = path;
+        server
+    }
+
+    /// Serves `store` as `kvstore serve` does by default: measured, with the
+    /// read cache in front.
+    async fn serve(
+        store: Arc<dyn Store>,
+        embedded: Option<Arc<EmbeddedStore>>,
+        config: ServerConfig,
+        security: Security,
+        options: &ClientOptions,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
-        // The store as `kvstore serve` builds it by default: measured, with
-        // the read cache in front.
         let dyn_store: Arc<dyn Store> = Arc::new(CachedStore::new(
             Arc::new(GuardedStore::new(
                 store.clone(),
@@ -113,11 +294,20 @@ impl TestServer {
             client: Client::with_options(&base, options).expect("client"),
             base,
             store,
-            dir,
-            path,
+            embedded,
+            dir: None,
+            path: PathBuf::new(),
             shutdown: Some(tx),
             task: Some(task),
+            schema: None,
         }
+    }
+
+    /// The embedded engine (the test must run on it).
+    pub fn embedded(&self) -> &EmbeddedStore {
+        self.embedded
+            .as_deref()
+            .expect("this test needs the embedded engine")
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -171,7 +361,11 @@ impl Binary {
         let reader = std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("127.0.0.1:").nth(1) {
+                if let Some(rest) = line
+                    .contains("kvstore listening")
+                    .then(|| line.split("127.0.0.1:").nth(1))
+                    .flatten()
+                {
                     let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
                     let _ = address_tx.send(format!("127.0.0.1:{port}"));
                 }
@@ -211,5 +405,60 @@ impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A TCP forwarder (to PostgreSQL or Redis) that the test can take down (closing every
+/// connection through it) and bring back on the same port.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    target: SocketAddr,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        Proxy {
+            addr,
+            target,
+            task: Some(Self::serve(listener, target)),
+        }
+    }
+
+    fn serve(listener: tokio::net::TcpListener, target: SocketAddr) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        })
+    }
+
+    /// Closes the listener and every forwarded connection.
+    pub fn down(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    pub async fn up(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("rebind");
+        self.task = Some(Self::serve(listener, self.target));
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.down();
     }
 }

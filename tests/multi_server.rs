@@ -1,0 +1,189 @@
+//! Two kvstore processes on one PostgreSQL (and one Redis): thousands of
+//! rounds of a write on one server and a read of the same key on the other.
+//! The default cache mode and `redis` must never serve a stale value, also
+//! across a Redis outage; `local` (LISTEN/NOTIFY) is measured, not required
+//! to be fresh.
+//!
+//! Skipped, printing why, unless `KVSTORE_TEST_POSTGRES_URL` (and for Redis
+//! `KVSTORE_TEST_REDIS_URL`) are set.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Binary, PgSchema, Proxy, redis_url};
+use kvstore::client::Client;
+use kvstore::storage::Condition;
+
+const KEYS: u64 = 25;
+
+/// Starts one server on the schema with extra flags.
+fn start(schema: &PgSchema, dir: &std::path::Path, extra: &[&str]) -> Binary {
+    let mut args = vec![
+        "--backend",
+        "postgres",
+        "--postgres-url",
+        &schema.url,
+        "--postgres-schema",
+        &schema.name,
+        "--postgres-pool-size",
+        "4",
+    ];
+    args.extend_from_slice(extra);
+    Binary::start(dir, &args)
+}
+
+/// `rounds` of: write `round` to a key on one server (alternating), then read
+/// it on the other; returns how many reads were stale.
+async fn rounds(a: &Client, b: &Client, from: u64, rounds: u64) -> u64 {
+    let mut stale = 0;
+    for round in from..from + rounds {
+        let (writer, reader) = if round % 2 == 0 { (a, b) } else { (b, a) };
+        let key = format!("k{}", round % KEYS);
+        // Read first so that the reader's cache holds the key.
+        let _ = reader.get(&key).await.expect("warm read");
+        let written = writer
+            .put(&key, round.to_string(), Condition::Any)
+            .await
+            .expect("write");
+        let read = reader.get(&key).await.expect("read");
+        let fresh = read.as_ref().is_some_and(|read| {
+            read.version == written.version && read.value.as_deref() == Some(&*round.to_string())
+        });
+        if !fresh {
+            eprintln!(
+                "stale read in round {round}: wrote version {}, read {:?}",
+                written.version,
+                read.map(|r| r.version)
+            );
+            stale += 1;
+        }
+    }
+    stale
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_mode_never_reads_stale_across_servers() {
+    let Some(schema) = PgSchema::new() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = start(&schema, dir.path(), &[]);
+    let b = start(&schema, dir.path(), &[]);
+    let stale = rounds(&a.client, &b.client, 0, 2000).await;
+    assert_eq!(stale, 0, "stale reads in the default mode");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_mode_never_reads_stale_across_servers_or_outages() {
+    let Some(schema) = PgSchema::new() else {
+        return;
+    };
+    let Some(redis) = redis_url() else {
+        eprintln!("skipped: set KVSTORE_TEST_REDIS_URL to run this test with Redis");
+        return;
+    };
+    let target = redis
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .and_then(|hostport| std::net::ToSocketAddrs::to_socket_addrs(hostport).ok())
+        .and_then(|mut addrs| addrs.next())
+        .expect("a redis://host:port URL");
+    let mut proxy = Proxy::start(target).await;
+    let url = format!("redis://{}", proxy.addr);
+    let prefix = format!("{}:", schema.name);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let flags = [
+        "--cache",
+        "redis",
+        "--redis-url",
+        &url,
+        "--redis-prefix",
+        &prefix,
+        "--cache-ttl-secs",
+        "120",
+    ];
+    let mut a = start(&schema, dir.path(), &flags);
+    let mut b = start(&schema, dir.path(), &flags);
+    let mut stale = rounds(&a.client, &b.client, 0, 1500).await;
+    let hits = cache_hits(&b.client).await;
+    assert!(hits > 0, "the shared cache was never hit");
+
+    // Redis goes away: reads go to PostgreSQL, writes stay correct.
+    proxy.down();
+    stale += rounds(&a.client, &b.client, 1500, 100).await;
+    proxy.up().await;
+    // And comes back: entries from before the outage must not be served.
+    stale += rounds(&a.client, &b.client, 1600, 1000).await;
+    let metrics = metrics_text(&a.client).await;
+    assert!(a.terminate() && b.terminate());
+    if stale > 0 {
+        for line in a.log().iter().chain(b.log().iter()) {
+            eprintln!("{line}");
+        }
+    }
+    assert_eq!(stale, 0, "stale reads with the Redis cache");
+    assert!(
+        metrics.contains("kvstore_redis_errors_total"),
+        "no error metric"
+    );
+    let log = a.log();
+    assert!(
+        log.iter().any(|l| l.contains("Redis is unreachable")),
+        "no log line about Redis: {log:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_is_invalidated_by_notifications() {
+    let Some(schema) = PgSchema::new() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut a = start(&schema, dir.path(), &["--cache", "local"]);
+    let b = start(&schema, dir.path(), &["--cache", "local"]);
+    // Fresh after the notification delay: wait for it instead of racing it.
+    for round in 0..200u64 {
+        let key = format!("k{}", round % KEYS);
+        let _ = b.client.get(&key).await.expect("warm read");
+        let written = a
+            .client
+            .put(&key, round.to_string(), Condition::Any)
+            .await
+            .expect("write");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let read = b.client.get(&key).await.expect("read");
+            if read.is_some_and(|r| r.version == written.version) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never invalidated: {key}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let stale = rounds(&a.client, &b.client, 200, 1000).await;
+    eprintln!("local mode: {stale} of 1000 immediate reads on the other server were stale");
+    assert!(a.terminate());
+    assert!(
+        a.log().iter().any(|l| l.contains("may serve")),
+        "the server did not warn about staleness"
+    );
+}
+
+async fn metrics_text(client: &Client) -> String {
+    let response = client
+        .send(hyper::Method::GET, "/metrics", &[], bytes::Bytes::new())
+        .await
+        .expect("metrics");
+    String::from_utf8_lossy(&response.body).into_owned()
+}
+
+async fn cache_hits(client: &Client) -> u64 {
+    let metrics = metrics_text(client).await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kvstore_cache_hits_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
