@@ -28,6 +28,8 @@ fn start(schema: &PgSchema, dir: &std::path::Path, extra: &[&str]) -> Binary {
         &schema.name,
         "--postgres-pool-size",
         "4",
+        "--cursor-secret",
+        "the secret every server of this test shares",
     ];
     args.extend_from_slice(extra);
     Binary::start(dir, &args)
@@ -72,6 +74,57 @@ async fn the_default_mode_never_reads_stale_across_servers() {
     let b = start(&schema, dir.path(), &[]);
     let stale = rounds(&a.client, &b.client, 0, 2000).await;
     assert_eq!(stale, 0, "stale reads in the default mode");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_cursor_from_one_server_continues_on_another() {
+    let Some(schema) = PgSchema::new() else {
+        return;
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&schema, dir_a.path(), &[]);
+    let b = start(&schema, dir_b.path(), &[]);
+    for key in ["r/1", "r/2", "r/3"] {
+        a.client.put(key, "v", Condition::Any).await.expect("put");
+    }
+    let params = |cursor: Option<String>| kvstore::client::ListParams {
+        prefix: Some("r/".into()),
+        limit: Some(2),
+        cursor,
+        ..Default::default()
+    };
+    let first = a.client.list(&params(None)).await.expect("first page");
+    let second = b
+        .client
+        .list(&params(first.next_cursor))
+        .await
+        .expect("a cursor of server A on server B");
+    let keys: Vec<&str> = second.items.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["r/3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_backend_refuses_to_start_without_a_shared_cursor_secret() {
+    let Some(schema) = PgSchema::new() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kvstore"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--backend", "postgres"])
+        .args([
+            "--postgres-url",
+            &schema.url,
+            "--postgres-schema",
+            &schema.name,
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("KVSTORE_CURSOR_SECRET")
+        .output()
+        .expect("run kvstore");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("KVSTORE_CURSOR_SECRET"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

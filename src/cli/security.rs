@@ -57,6 +57,11 @@ impl SecurityArgs {
         Duration::from_secs(self.header_read_timeout_secs)
     }
 
+    /// Whether the cursor secret is given rather than kept in the data directory.
+    pub(crate) fn has_cursor_secret(&self) -> bool {
+        self.cursor_secret.is_some() || self.cursor_secret_file.is_some()
+    }
+
     /// Loads what the flags name; `data_dir` holds the default cursor secret.
     pub(crate) fn load(&self, data_dir: &Path) -> Result<Security, String> {
         let auth = match &self.auth_file {

@@ -237,6 +237,15 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             store = cached;
         }
     }
+    if args.backend == Backend::Postgres && !args.security.has_cursor_secret() {
+        // Each server would make its own secret in its data directory, and
+        // a client behind a load balancer would see its cursors refused.
+        return Err(
+            "--backend postgres needs the cursor secret that every server of the \
+                    deployment shares: set KVSTORE_CURSOR_SECRET or --cursor-secret-file"
+                .into(),
+        );
+    }
     let security = args.security.load(&args.data_dir)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
