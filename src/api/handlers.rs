@@ -101,7 +101,7 @@ fn wants_raw(query: &Query, headers: &HeaderMap) -> Result<bool, ApiError> {
 
 pub(crate) async fn get_key(State(state): State<AppState>, request: Request) -> ApiResult {
     let key = key_from_path(request.uri().path(), &state.limits)?;
-    access_of(request.extensions())?.check_read(&key, "")?;
+    access_of(&state, request.extensions())?.check_read(&key, "")?;
     let query = Query::parse(request.uri().query(), &["raw"])?;
     let raw = wants_raw(&query, request.headers())?;
     let entry = state
@@ -126,7 +126,7 @@ pub(crate) async fn get_key(State(state): State<AppState>, request: Request) -> 
 pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> ApiResult {
     let (parts, body) = request.into_parts();
     let key = key_from_path(parts.uri.path(), &state.limits)?;
-    access_of(&parts.extensions)?.check_write(&key, "")?;
+    access_of(&state, &parts.extensions)?.check_write(&key, "")?;
     Query::parse(parts.uri.query(), &[])?;
     let condition = write_condition(&parts.headers)?.unwrap_or(Condition::Any);
     let kind = body_kind(&parts.headers, true)?;
@@ -181,7 +181,7 @@ pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> 
 
 pub(crate) async fn delete_key(State(state): State<AppState>, request: Request) -> ApiResult {
     let key = key_from_path(request.uri().path(), &state.limits)?;
-    access_of(request.extensions())?.check_write(&key, "")?;
+    access_of(&state, request.extensions())?.check_write(&key, "")?;
     Query::parse(request.uri().query(), &[])?;
     let condition = write_condition(request.headers())?;
     if condition == Some(Condition::Absent) {
@@ -276,7 +276,7 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
     };
     // A token lists only what it may read: the range clipped to its one
     // readable prefix there, or refused.
-    let (low, high) = access_of(request.extensions())?.clip(requested)?;
+    let (low, high) = access_of(&state, request.extensions())?.clip(requested)?;
     // The cursor continues after its key, never before the (clipped) range.
     let (lower, upper) = match after {
         Some(after) if reverse => (
@@ -408,7 +408,7 @@ pub(crate) fn batch_ops(request: BatchRequest, limits: &Limits) -> Result<Vec<Wr
 }
 
 pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> ApiResult {
-    let access = access_of(request.extensions())?;
+    let access = access_of(&state, request.extensions())?;
     let body: BatchRequest = json_body(request, &state).await?;
     let ops = batch_ops(body, &state.limits)?;
     // All or nothing here too: one forbidden op refuses the whole batch.
@@ -457,7 +457,7 @@ pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> Ap
 }
 
 pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -> ApiResult {
-    let access = access_of(request.extensions())?;
+    let access = access_of(&state, request.extensions())?;
     let body: BatchGetRequest = json_body(request, &state).await?;
     check_batch_get(&body, &state.limits)?;
     for (index, key) in body.keys.iter().enumerate() {

@@ -66,7 +66,7 @@ pub const MAX_PAGE_VALUE_BYTES: usize = 4 << 20;
 
 /// The whole API as one router.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/kv", get(handlers::list))
         .route(
             "/v1/kv/",
@@ -86,12 +86,17 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(observe::metrics))
         .fallback(handlers::no_route)
-        .method_not_allowed_fallback(handlers::method_not_allowed)
-        // Inside `observe`, so refusals are timed and counted like any answer.
-        .layer(middleware::from_fn_with_state(
+        .method_not_allowed_fallback(handlers::method_not_allowed);
+    // Inside `observe`, so refusals are timed and counted like any answer.
+    let router = if state.auth.is_some() {
+        router.layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
         ))
+    } else {
+        router
+    };
+    router
         .layer(middleware::from_fn_with_state(
             state.clone(),
             observe::observe,
