@@ -47,7 +47,12 @@ fn request_path(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     let engine = open_engine(&dir);
     let store: Arc<dyn Store> = Arc::new(CachedStore::new(engine, CacheConfig::default()));
-    rt.block_on(store.write(put("users/42"))).expect("put");
+    rt.block_on(async {
+        store.write(put("users/42")).await.expect("put");
+        for i in 0..100 {
+            store.write(put(&format!("r/{i:03}"))).await.expect("put");
+        }
+    });
     let router = api::router(AppState {
         store,
         limits: Limits::default(),
@@ -67,14 +72,21 @@ fn request_path(c: &mut Criterion) {
             black_box(router.clone().oneshot(request).await.expect("response"))
         });
     });
-    c.bench_function("router: GET /v1/kv?prefix=users/&limit=1", |b| {
-        b.to_async(&rt).iter(|| async {
-            let request = Request::get("/v1/kv?prefix=users%2F&limit=1")
-                .body(Body::empty())
-                .expect("request");
-            black_box(router.clone().oneshot(request).await.expect("response"))
-        });
-    });
+    for limit in [1, 100] {
+        c.bench_function(
+            &format!("router: GET /v1/kv?prefix=r/&limit={limit}"),
+            |b| {
+                b.to_async(&rt).iter(|| async {
+                    let request = Request::get(format!("/v1/kv?prefix=r%2F&limit={limit}"))
+                        .body(Body::empty())
+                        .expect("request");
+                    let response = router.clone().oneshot(request).await.expect("response");
+                    // The body is part of the answer's cost: render it all.
+                    black_box(axum::body::to_bytes(response.into_body(), usize::MAX).await)
+                });
+            },
+        );
+    }
 }
 
 fn entry_json(c: &mut Criterion) {
