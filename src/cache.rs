@@ -231,16 +231,8 @@ impl CachedStore {
     /// Another server wrote `key` at `revision`: drop an older cached entry,
     /// and keep reads that began before now from filling one.
     pub fn invalidate(&self, key: &[u8], revision: u64) {
-        let mut stripe = self.stripe(key);
-        stripe.epoch += 1;
-        if self
-            .cache
-            .peek(key)
-            .is_some_and(|c| c.revision() < revision)
-        {
-            self.cache.remove(key);
-        }
-        stripe.max_revision = stripe.max_revision.max(revision);
+        // The same ordering as a local write that leaves no entry behind.
+        self.apply_write(key.to_vec(), revision, None);
     }
 
     /// Forgets everything, and keeps every read that began before now from

@@ -130,13 +130,7 @@ pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> 
     Query::parse(parts.uri.query(), &[])?;
     let condition = write_condition(&parts.headers)?.unwrap_or(Condition::Any);
     let kind = body_kind(&parts.headers, true)?;
-    let body = read_body(
-        &parts.headers,
-        body,
-        &state.limits,
-        state.observe.request_timeout,
-    )
-    .await?;
+    let body = read_body(&parts.headers, body, &state).await?;
     let value = match kind {
         BodyKind::Raw => {
             check_value_size(body.len(), &state.limits)?;
@@ -326,13 +320,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     let (parts, body) = request.into_parts();
     Query::parse(parts.uri.query(), &[])?;
     body_kind(&parts.headers, false)?;
-    let body = read_body(
-        &parts.headers,
-        body,
-        &state.limits,
-        state.observe.request_timeout,
-    )
-    .await?;
+    let body = read_body(&parts.headers, body, state).await?;
     parse_json(&body)
 }
 

@@ -2,8 +2,6 @@
 //! parameters, conditions, bodies and values. Every failure is an [`ApiError`]
 //! in the documented shape; nothing here panics on any input.
 
-use std::time::Duration;
-
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use base64::Engine as _;
@@ -12,8 +10,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use serde::de::DeserializeOwned;
 
-use super::Limits;
 use super::error::ApiError;
+use super::{AppState, Limits};
 use crate::storage::Condition;
 
 /// Checks a key given as text (JSON bodies, decoded paths).
@@ -166,9 +164,9 @@ pub(crate) fn body_kind(headers: &HeaderMap, allow_raw: bool) -> Result<BodyKind
 pub(crate) async fn read_body(
     headers: &HeaderMap,
     body: Body,
-    limits: &Limits,
-    timeout: Duration,
+    state: &AppState,
 ) -> Result<Bytes, ApiError> {
+    let (limits, timeout) = (&state.limits, state.observe.request_timeout);
     let too_large = || {
         ApiError::payload_too_large(format!(
             "the request body is over {} bytes",
