@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::TestServer;
 use kvstore::server::ServerConfig;
-use kvstore::storage::Condition;
-use kvstore::storage::embedded::{CommitEvent, Durability};
+use kvstore::storage::embedded::{CommitEvent, Durability, EmbeddedConfig, EmbeddedStore};
+use kvstore::storage::{Condition, Store, WriteOp, WriteOutcome};
 use tokio::sync::mpsc;
 
 /// A gate the commit hook waits at until the test opens it.
@@ -193,4 +193,116 @@ async fn buffered_mode_syncs_in_the_background() {
         })
     );
     server.stop().await;
+}
+
+/// Which thread ran each commit, as the commit hook saw it.
+struct CommitThreads {
+    store: Arc<EmbeddedStore>,
+    threads: mpsc::UnboundedReceiver<Option<String>>,
+    gate: Arc<Gate>,
+    _dir: tempfile::TempDir,
+}
+
+const COMMITTER: Option<&str> = Some("kvstore-committer");
+
+impl CommitThreads {
+    fn open(quiet_before_inline: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        gate.set(true);
+        let (threads, seen) = mpsc::unbounded_channel();
+        let mut config = EmbeddedConfig::new(dir.path());
+        config.quiet_before_inline = quiet_before_inline;
+        let at_hook = Arc::clone(&gate);
+        config.commit_hook = Some(Arc::new(move |_: &CommitEvent| {
+            let _ = threads.send(std::thread::current().name().map(str::to_owned));
+            at_hook.wait();
+        }));
+        CommitThreads {
+            store: Arc::new(EmbeddedStore::open(config).unwrap()),
+            threads: seen,
+            gate,
+            _dir: dir,
+        }
+    }
+
+    fn put(&self, key: &str) -> tokio::task::JoinHandle<u64> {
+        let store = Arc::clone(&self.store);
+        let ops = vec![WriteOp::Put {
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            condition: Condition::Any,
+        }];
+        tokio::spawn(async move {
+            match store.write(ops).await.expect("write") {
+                WriteOutcome::Applied { revision, .. } => revision,
+                other => panic!("unexpected outcome {other:?}"),
+            }
+        })
+    }
+
+    /// Writes `key`, and names the thread that committed it.
+    async fn committed_by(&mut self, key: &str) -> Option<String> {
+        self.put(key).await.unwrap();
+        self.threads.recv().await.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_alone_commits_itself_and_overlapping_writes_share_the_committer() {
+    let mut commits = CommitThreads::open(Duration::from_millis(1));
+
+    // Alone after a quiet spell: committed on the writing task's own thread.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_ne!(commits.committed_by("a").await.as_deref(), COMMITTER);
+
+    // Writes that arrive while another is being committed queue for the
+    // committer thread, and share its next sync.
+    commits.gate.set(false);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let held = commits.put("b");
+    assert_ne!(commits.threads.recv().await.unwrap().as_deref(), COMMITTER);
+    let (c, d) = (commits.put("c"), commits.put("d"));
+    while commits.store.queue_depth() < 2 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    commits.gate.set(true);
+    assert_eq!(held.await.unwrap(), 2);
+    assert_eq!(commits.threads.recv().await.unwrap().as_deref(), COMMITTER);
+    let mut revisions = [c.await.unwrap(), d.await.unwrap()];
+    revisions.sort_unstable();
+    assert_eq!(revisions, [3, 4]);
+    assert!(
+        commits.threads.try_recv().is_err(),
+        "c and d took two syncs"
+    );
+
+    // Quiet again: the next lone write commits itself.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_ne!(commits.committed_by("e").await.as_deref(), COMMITTER);
+    commits.store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_writes_overlap_a_lone_write_goes_to_the_committer_until_quiet() {
+    // A quiet spell longer than the test: once two writes have overlapped,
+    // every lone write goes to the committer.
+    let mut commits = CommitThreads::open(Duration::from_secs(3600));
+    let (a, b) = (commits.put("a"), commits.put("b"));
+    a.await.unwrap();
+    b.await.unwrap();
+    while commits.threads.try_recv().is_ok() {}
+    for key in ["c", "d", "e"] {
+        assert_eq!(commits.committed_by(key).await.as_deref(), COMMITTER);
+    }
+    commits.store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn on_a_single_threaded_runtime_every_write_goes_to_the_committer() {
+    let mut commits = CommitThreads::open(Duration::ZERO);
+    for key in ["a", "b"] {
+        assert_eq!(commits.committed_by(key).await.as_deref(), COMMITTER);
+    }
+    commits.store.close().await.unwrap();
 }

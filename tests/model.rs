@@ -302,9 +302,19 @@ async fn check(steps: Vec<Step>, place: Place) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
+    /// On a multi-threaded runtime most writes commit themselves; on a
+    /// single-threaded one every write goes through the committer thread.
     #[test]
-    fn store_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    fn store_matches_model(
+        steps in proptest::collection::vec(step(), 1..40),
+        multi_threaded in any::<bool>(),
+    ) {
+        let runtime = if multi_threaded {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+        } else {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        }
+        .expect("runtime");
         let dir = tempfile::tempdir().expect("temp dir");
         runtime.block_on(check(steps, Place::Dir(dir)));
     }

@@ -20,12 +20,14 @@ async fn a_request_over_the_timeout_is_answered_503() {
     // The commit hook holds the first commit until the test lets it go.
     let gate = Arc::new((Mutex::new(false), Condvar::new()));
     let held = Arc::clone(&gate);
+    let (committing, mut commits) = tokio::sync::mpsc::unbounded_channel();
     let config = ServerConfig {
         request_timeout: Duration::from_millis(200),
         ..ServerConfig::default()
     };
     let server = TestServer::start_with(config, move |engine| {
         engine.commit_hook = Some(Arc::new(move |_: &CommitEvent| {
+            let _ = committing.send(());
             let (open, changed) = &*held;
             let mut open = open.lock().unwrap();
             while !*open {
@@ -35,6 +37,12 @@ async fn a_request_over_the_timeout_is_answered_503() {
     })
     .await;
 
+    // A write alone commits on its own thread, where a sync cannot be cut
+    // short; the write queued behind it waits for the writer, and that wait
+    // is what the timeout bounds.
+    let client = server.client.clone();
+    let first = tokio::spawn(async move { client.put("first", "v", Condition::Any).await });
+    commits.recv().await.expect("first commit");
     let response = server
         .client
         .send(
@@ -56,6 +64,7 @@ async fn a_request_over_the_timeout_is_answered_503() {
 
     *gate.0.lock().unwrap() = true;
     gate.1.notify_all();
+    first.await.unwrap().expect("first write");
     server.stop().await;
 }
 
