@@ -169,15 +169,18 @@ fn key_bound(b: &Bound<usize>) -> Bound<Vec<u8>> {
 
 /// Where the store under test keeps its data, so it can be reopened.
 enum Place {
-    Dir(tempfile::TempDir),
+    /// A data directory, and the bytes of the writer's key directory.
+    Dir(tempfile::TempDir, u64),
     Schema(common::PgSchema),
 }
 
 impl Place {
     async fn open(&self) -> Arc<dyn Store> {
         match self {
-            Place::Dir(dir) => {
-                Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).expect("open store"))
+            Place::Dir(dir, key_directory_bytes) => {
+                let mut config = EmbeddedConfig::new(dir.path());
+                config.key_directory_bytes = *key_directory_bytes;
+                Arc::new(EmbeddedStore::open(config).expect("open store"))
             }
             Place::Schema(schema) => schema.open().await,
         }
@@ -303,11 +306,14 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     /// On a multi-threaded runtime most writes commit themselves; on a
-    /// single-threaded one every write goes through the committer thread.
+    /// single-threaded one every write goes through the committer thread. A
+    /// tiny key directory holds about one key, so versions keep being read
+    /// back from the engine.
     #[test]
     fn store_matches_model(
         steps in proptest::collection::vec(step(), 1..40),
         multi_threaded in any::<bool>(),
+        tiny_key_directory in any::<bool>(),
     ) {
         let runtime = if multi_threaded {
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
@@ -316,7 +322,8 @@ proptest! {
         }
         .expect("runtime");
         let dir = tempfile::tempdir().expect("temp dir");
-        runtime.block_on(check(steps, Place::Dir(dir)));
+        let key_directory_bytes = if tiny_key_directory { 100 } else { EmbeddedConfig::new("").key_directory_bytes };
+        runtime.block_on(check(steps, Place::Dir(dir, key_directory_bytes)));
     }
 }
 
