@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One round of the README's benchmark table, with the floors measured in the
 # same round: the bare HTTP server (examples/http_floor.rs) under wrk, and
-# fdatasync on the data directory's disk (examples/fsync_floor.rs).
+# fdatasync on the data directory's disk (examples/fsync_floor.rs). Hot GETs are
+# also measured with wrk, the floor's own client, for a like-for-like ratio.
 #
 #   cargo build --release --bins --examples && scripts/benchmark.sh [DURATION]
 #
@@ -48,6 +49,12 @@ kill $FLOOR
 wait_ready
 target/release/examples/fsync_floor "$DATA"
 "$BIN" bench read --records 100000 --operations 1000 --concurrency 16 >/dev/null 2>&1
+# The same client as the HTTP floor, on one hot key: a like-for-like ratio.
+VALUE=$(printf 'x%.0s' $(seq 1 100))
+curl -sf -X PUT -H 'content-type: application/json' -d "{\"value\":\"$VALUE\"}" \
+  "$KVSTORE_URL/v1/kv/wrk/hot" >/dev/null
+echo "GET under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" "$KVSTORE_URL/v1/kv/wrk/hot")"
+echo "GET under wrk, 16 connections: $(wrk_row -t2 -c16 -d"$D" "$KVSTORE_URL/v1/kv/wrk/hot")"
 bench_row "GET, 1 connection" read --concurrency 1 --duration "$D"
 bench_row "GET, 16 connections" read --concurrency 16 --duration "$D"
 bench_row "durable PUT, 1 connection" write --concurrency 1 --duration "$D"

@@ -103,7 +103,7 @@ pub struct EmbeddedConfig {
 
 impl EmbeddedConfig {
     /// Defaults: `fsync` durability, a 10 ms sync interval, 1 ms of quiet
-    /// before a write commits itself, 32 MiB of key directory (about 300,000
+    /// before a write commits itself, 32 MiB of key directory (about 250,000
     /// keys of 30 bytes), no hook.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         EmbeddedConfig {
@@ -567,8 +567,9 @@ struct KeyDirectory(quick_cache::unsync::Cache<Vec<u8>, Option<RecordMeta>, Dire
 struct DirectoryWeighter;
 
 /// Bytes of one directory entry besides its key: the metadata and the map's
-/// own bookkeeping, roughly.
-const DIRECTORY_ENTRY_OVERHEAD: u64 = 64;
+/// own bookkeeping, roughly (the key's vector, the metadata, the entry and
+/// its slot in the table).
+const DIRECTORY_ENTRY_OVERHEAD: u64 = 96;
 
 impl quick_cache::Weighter<Vec<u8>, Option<RecordMeta>> for DirectoryWeighter {
     fn weight(&self, key: &Vec<u8>, _: &Option<RecordMeta>) -> u64 {
