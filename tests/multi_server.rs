@@ -164,7 +164,7 @@ async fn redis_mode_never_reads_stale_across_servers_or_outages() {
     assert!(hits > 0, "the shared cache was never hit");
 
     // Redis goes away: reads go to PostgreSQL, writes stay correct.
-    proxy.down();
+    proxy.down().await;
     stale += rounds(&a.client, &b.client, 1500, 100).await;
     proxy.up().await;
     // And comes back: entries from before the outage must not be served.

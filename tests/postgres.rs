@@ -269,7 +269,7 @@ async fn a_database_that_goes_away_and_comes_back_needs_no_restart() {
     put_text(&client, "k", "before").await;
     assert_eq!(get(&client, "/readyz").await.status, StatusCode::OK);
 
-    proxy.down();
+    proxy.down().await;
     let start = Instant::now();
     let response = put_json(&client, "k", &json!({"value": "during"}), &[]).await;
     expect_error(&response, StatusCode::SERVICE_UNAVAILABLE, "unavailable");

@@ -413,7 +413,7 @@ impl Drop for Binary {
 pub struct Proxy {
     pub addr: SocketAddr,
     target: SocketAddr,
-    task: Option<JoinHandle<()>>,
+    running: Option<(JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>,
 }
 
 impl Proxy {
@@ -425,27 +425,44 @@ impl Proxy {
         Proxy {
             addr,
             target,
-            task: Some(Self::serve(listener, target)),
+            running: Some(Self::serve(listener, target)),
         }
     }
 
-    fn serve(listener: tokio::net::TcpListener, target: SocketAddr) -> JoinHandle<()> {
-        tokio::spawn(async move {
+    fn serve(
+        listener: tokio::net::TcpListener,
+        target: SocketAddr,
+    ) -> (JoinHandle<()>, tokio::sync::oneshot::Sender<()>) {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    accepted = listener.accept() => {
+                        let Ok((mut inbound, _)) = accepted else { break };
+                        connections.spawn(async move {
+                            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
+                                    .await;
+                            }
+                        });
                     }
-                });
+                }
             }
-        })
+            // Waits until every forwarded connection is closed.
+            connections.shutdown().await;
+        });
+        (task, stop)
     }
 
-    /// Closes the listener and every forwarded connection.
-    pub fn down(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+    /// Returns once the port is closed and so is every connection through it:
+    /// a request sent after this cannot slip through a connection still
+    /// being torn down.
+    pub async fn down(&mut self) {
+        if let Some((task, stop)) = self.running.take() {
+            let _ = stop.send(());
+            let _ = task.await;
         }
     }
 
@@ -453,12 +470,14 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind(self.addr)
             .await
             .expect("rebind");
-        self.task = Some(Self::serve(listener, self.target));
+        self.running = Some(Self::serve(listener, self.target));
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        self.down();
+        if let Some((task, _)) = self.running.take() {
+            task.abort();
+        }
     }
 }
