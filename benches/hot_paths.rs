@@ -37,8 +37,18 @@ fn put(key: &str) -> Vec<WriteOp> {
 }
 
 fn open_engine(dir: &tempfile::TempDir) -> Arc<EmbeddedStore> {
+    open_engine_with(dir, EmbeddedConfig::new(dir.path()).quiet_before_inline)
+}
+
+/// `quiet_before_inline` of `Duration::MAX` sends every write to the
+/// committer thread.
+fn open_engine_with(
+    dir: &tempfile::TempDir,
+    quiet_before_inline: std::time::Duration,
+) -> Arc<EmbeddedStore> {
     let mut config = EmbeddedConfig::new(dir.path());
     config.durability = Durability::Buffered;
+    config.quiet_before_inline = quiet_before_inline;
     Arc::new(EmbeddedStore::open(config).expect("open"))
 }
 
@@ -152,15 +162,26 @@ fn engine(c: &mut Criterion) {
                 .iter(|| async { black_box(engine.scan(request.clone()).await.expect("scan")) });
         });
     }
-    let mut n = 0u64;
-    c.bench_function("engine: put through the committer, no sync", |b| {
-        b.to_async(&rt).iter(|| {
-            n += 1;
-            let ops = put(&format!("key{:06}", n % 10_000));
-            let engine = &engine;
-            async move { black_box(engine.write(ops).await.expect("put")) }
+    // One writer at a time, so each write is alone: it commits on its own
+    // thread. The same through the committer thread shows the hand-off.
+    let committer_dir = tempfile::tempdir().expect("temp dir");
+    let through_committer = open_engine_with(&committer_dir, std::time::Duration::MAX);
+    for (name, engine) in [
+        ("engine: put committed on its own thread, no sync", &engine),
+        (
+            "engine: put through the committer thread, no sync",
+            &through_committer,
+        ),
+    ] {
+        let mut n = 0u64;
+        c.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| {
+                n += 1;
+                let ops = put(&format!("key{:06}", n % 10_000));
+                async move { black_box(engine.write(ops).await.expect("put")) }
+            });
         });
-    });
+    }
     let batch: Vec<WriteOp> = (0..100)
         .flat_map(|i| put(&format!("batch{i:03}")))
         .collect();
