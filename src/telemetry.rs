@@ -7,10 +7,14 @@
 //! metrics are rendered.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::storage::Store;
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Latency buckets from 10 µs to 10 s: the interesting range of a request
 /// that can be answered from memory or wait for a sync on a slow disk.
@@ -50,6 +54,19 @@ impl Metrics {
                     })
                     .map_err(|e| e.to_string())?;
                 let handle = builder.install_recorder().map_err(|e| e.to_string())?;
+                // Histogram samples wait in a lock-free bucket until upkeep
+                // folds them into the buckets. Folding them only when scraped
+                // let an unscraped server grow by about 19 bytes per request.
+                let upkeep = handle.clone();
+                std::thread::Builder::new()
+                    .name("kvstore-metrics".into())
+                    .spawn(move || {
+                        loop {
+                            std::thread::sleep(UPKEEP_INTERVAL);
+                            upkeep.run_upkeep();
+                        }
+                    })
+                    .map_err(|e| format!("cannot start the metrics upkeep thread: {e}"))?;
                 describe();
                 Ok(handle)
             })
