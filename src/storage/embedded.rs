@@ -280,7 +280,7 @@ impl EmbeddedStore {
                 let interval = config.sync_interval;
                 let handle = std::thread::Builder::new()
                     .name("kvstore-syncer".into())
-                    .spawn(move || run_syncer(&shared, interval, &stopped))?;
+                    .spawn(move || run_syncer(&shared, interval, &stopped, revision))?;
                 (Some(stop), Some(handle))
             }
         };
@@ -819,8 +819,16 @@ impl Writer {
 type PendingWrites = HashMap<Vec<u8>, Option<(RecordMeta, Vec<u8>)>>;
 
 /// Buffered mode: sync whatever was committed since the last sync, every interval.
-fn run_syncer(shared: &Shared, interval: Duration, stop: &std::sync::mpsc::Receiver<()>) {
-    let mut synced = shared.committed_revision.load(Ordering::Acquire);
+///
+/// `synced` is the revision recovered at open, which is on disk. It must not be
+/// read when the thread starts: a write committed before the thread first ran
+/// would then count as synced and wait for the next write to be synced.
+fn run_syncer(
+    shared: &Shared,
+    interval: Duration,
+    stop: &std::sync::mpsc::Receiver<()>,
+    mut synced: u64,
+) {
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
         let committed = shared.committed_revision.load(Ordering::Acquire);
         if committed == synced {
