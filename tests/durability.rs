@@ -306,3 +306,35 @@ async fn on_a_single_threaded_runtime_every_write_goes_to_the_committer() {
     }
     commits.store.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_dropped_while_the_queue_is_full_leave_no_count_behind() {
+    let commits = CommitThreads::open(Duration::from_millis(1));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // A lone write holds the writer at the hook; the queue (4096 writes) fills
+    // up behind it, and the last writes wait for room in it.
+    commits.gate.set(false);
+    let held = commits.put("held");
+    let writers: Vec<_> = (0..4200).map(|i| commits.put(&format!("k{i}"))).collect();
+    while commits.store.queue_depth() < 4200 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for writer in &writers {
+        writer.abort();
+    }
+    for writer in writers {
+        let _ = writer.await;
+    }
+    commits.gate.set(true);
+    held.await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while commits.store.queue_depth() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} writes still counted as waiting",
+            commits.store.queue_depth()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    commits.store.close().await.unwrap();
+}

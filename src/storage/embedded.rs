@@ -196,16 +196,17 @@ impl Shared {
         }
     }
 
-    /// Counts a write in flight; tells whether it is alone after a quiet spell.
-    fn write_started(&self) -> bool {
-        let others = self.in_flight.fetch_add(1, Ordering::AcqRel);
+    /// Counts a write in flight until the returned guard is dropped, and tells
+    /// whether it is alone after a quiet spell; records an overlap when not.
+    fn write_started(&self) -> (bool, Counted<'_>) {
+        let (others, in_flight) = Counted::new(&self.in_flight);
         let now = u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
         if others > 0 {
             self.last_overlap_us.store(now, Ordering::Release);
-            return false;
+            return (false, in_flight);
         }
         let quiet = now.saturating_sub(self.last_overlap_us.load(Ordering::Acquire));
-        quiet >= self.quiet_before_inline_us
+        (quiet >= self.quiet_before_inline_us, in_flight)
     }
 
     fn lock_writer(&self) -> MutexGuard<'_, Writer> {
@@ -326,9 +327,11 @@ impl EmbeddedStore {
         ops: Vec<WriteOp>,
         reply: Reply,
     ) -> Option<(Vec<WriteOp>, Reply)> {
-        let multi_threaded = Handle::try_current()
-            .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread);
-        if !alone || !multi_threaded {
+        let multi_threaded = || {
+            Handle::try_current()
+                .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread)
+        };
+        if !alone || !multi_threaded() {
             return Some((ops, reply));
         }
         let mut writer = match self.shared.writer.try_lock() {
@@ -380,15 +383,18 @@ impl Store for EmbeddedStore {
 
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
         let start = Instant::now();
-        let alone = self.shared.write_started();
-        let _in_flight = InFlight(&self.shared.in_flight);
+        let (alone, _in_flight) = self.shared.write_started();
         let (reply, answer) = oneshot::channel();
         if let Some((ops, reply)) = self.commit_inline(alone, ops, reply) {
-            self.shared.waiting.fetch_add(1, Ordering::AcqRel);
-            if self.jobs.send(Job::Write { ops, reply }).await.is_err() {
-                self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
-                return Err(StoreError::Unavailable("the store is closed".into()));
-            }
+            // Counted before the hand-off, because the committer counts it out
+            // as soon as it has it; counted out here if the send fails or this
+            // write is dropped while waiting for room in the queue.
+            let (_, waiting) = Counted::new(&self.shared.waiting);
+            self.jobs
+                .send(Job::Write { ops, reply })
+                .await
+                .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+            waiting.handed_over();
         }
         let (outcome, commit) = answer
             .await
@@ -456,10 +462,22 @@ impl Store for EmbeddedStore {
     }
 }
 
-/// Counts a write out of `Shared::in_flight` when it is answered or dropped.
-struct InFlight<'a>(&'a AtomicUsize);
+/// One write counted in a counter of `Shared`, counted out when dropped.
+struct Counted<'a>(&'a AtomicUsize);
 
-impl Drop for InFlight<'_> {
+impl<'a> Counted<'a> {
+    /// Counts one in; also gives the count before.
+    fn new(counter: &'a AtomicUsize) -> (usize, Self) {
+        (counter.fetch_add(1, Ordering::AcqRel), Counted(counter))
+    }
+
+    /// Leaves the count to whoever now holds the write (the committer).
+    fn handed_over(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
