@@ -110,7 +110,7 @@ fn entry_json(c: &mut Criterion) {
     };
     c.bench_function("json: render a 100-byte entry", |b| {
         b.iter(|| {
-            serde_json::to_vec(&api::entry_body(black_box(entry.clone()), false)).expect("json")
+            serde_json::to_vec(&api::EntryView::new(black_box(&entry), false)).expect("json")
         });
     });
 }

@@ -6,32 +6,38 @@ use std::ops::Bound;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
-use chrono::{DateTime, SecondsFormat};
 use serde::Serialize;
 use serde_json::json;
 
 use super::auth::{self, access_of};
 use super::cursor::CursorScope;
 use super::error::ApiError;
+use super::render::EntryView;
 use super::request::{
     BodyKind, Query, body_kind, check_key, check_value_size, decode_value, key_from_path,
     parse_json, read_body, write_condition,
 };
 use super::types::{
     BatchGetRequest, BatchGetResponse, BatchOpKind, BatchRequest, BatchResponse, BatchResult,
-    EntryBody, ListResponse, PutBody, PutResponse,
+    ListResponse, PutBody, PutResponse,
 };
 use super::{
     AppState, DEFAULT_PAGE_LIMIT, Limits, MAX_BATCH_OPS, MAX_PAGE_LIMIT, MAX_PAGE_VALUE_BYTES,
 };
-use crate::storage::{Condition, Entry, OpResult, ScanRequest, WriteOp, WriteOutcome};
+use crate::storage::{Condition, OpResult, ScanRequest, WriteOp, WriteOutcome};
 
 type ApiResult = Result<Response, ApiError>;
 
 fn json_response<T: Serialize>(status: StatusCode, body: &T) -> ApiResult {
-    let bytes = serde_json::to_vec(body)
+    // serde_json's own starting size.
+    sized_json_response(status, body, 128)
+}
+
+/// A JSON answer written into a buffer of `capacity` bytes: a page of entries
+/// sized up front is not copied again each time the buffer doubles.
+fn sized_json_response<T: Serialize>(status: StatusCode, body: &T, capacity: usize) -> ApiResult {
+    let mut bytes = Vec::with_capacity(capacity);
+    serde_json::to_writer(&mut bytes, body)
         .map_err(|err| ApiError::internal(format!("encoding the answer: {err}")))?;
     let mut response = (status, bytes).into_response();
     response.headers_mut().insert(
@@ -48,37 +54,9 @@ fn with_etag(mut response: Response, version: u64) -> Response {
     response
 }
 
-fn timestamp(micros: i64) -> String {
-    DateTime::from_timestamp_micros(micros)
-        .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
 fn key_text(key: Vec<u8>) -> String {
     // Keys are checked to be UTF-8 before they are stored.
     String::from_utf8(key).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-/// An entry as the API shows it: `value` when the bytes are UTF-8, else
-/// `value_base64`; neither for a keys-only listing.
-pub fn entry_body(entry: Entry, keys_only: bool) -> EntryBody {
-    let (value, value_base64) = if keys_only {
-        (None, None)
-    } else {
-        match String::from_utf8(entry.value) {
-            Ok(text) => (Some(text), None),
-            Err(err) => (None, Some(STANDARD.encode(err.as_bytes()))),
-        }
-    };
-    EntryBody {
-        key: key_text(entry.key),
-        value,
-        value_base64,
-        version: entry.version,
-        revision: entry.revision,
-        created_at: timestamp(entry.created_at_us),
-        updated_at: timestamp(entry.updated_at_us),
-    }
 }
 
 /// Whether the client asked for the raw value bytes.
@@ -118,7 +96,7 @@ pub(crate) async fn get_key(State(state): State<AppState>, request: Request) -> 
         );
         response
     } else {
-        json_response(StatusCode::OK, &entry_body(entry, false))?
+        json_response(StatusCode::OK, &EntryView::new(&entry, false))?
     };
     Ok(with_etag(response, version))
 }
@@ -304,12 +282,17 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
         Some(last) if page.more => Some(scope.encode(&state.cursor_key, &last.key)),
         _ => None,
     };
-    let items = page
+    let items: Vec<EntryView> = page
         .entries
-        .into_iter()
-        .map(|entry| entry_body(entry, keys_only))
+        .iter()
+        .map(|entry| EntryView::new(entry, keys_only))
         .collect();
-    json_response(StatusCode::OK, &ListResponse { items, next_cursor })
+    let capacity = page_len_hint(&items) + next_cursor.as_ref().map_or(0, String::len);
+    sized_json_response(
+        StatusCode::OK,
+        &ListResponse { items, next_cursor },
+        capacity,
+    )
 }
 
 /// Reads and parses a JSON body of one of the POST endpoints.
@@ -455,15 +438,29 @@ pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -
     }
     let keys: Vec<Vec<u8>> = body.keys.iter().map(|k| k.as_bytes().to_vec()).collect();
     let found = state.store.get_many(keys).await?;
-    let mut items = Vec::new();
     let mut missing = Vec::new();
-    for (key, entry) in body.keys.into_iter().zip(found) {
-        match entry {
-            Some(entry) => items.push(entry_body(entry, false)),
-            None => missing.push(key),
+    for (key, entry) in body.keys.into_iter().zip(&found) {
+        if entry.is_none() {
+            missing.push(key);
         }
     }
-    json_response(StatusCode::OK, &BatchGetResponse { items, missing })
+    let items: Vec<EntryView> = found
+        .iter()
+        .flatten()
+        .map(|entry| EntryView::new(entry, false))
+        .collect();
+    let capacity = page_len_hint(&items) + missing.iter().map(|k| k.len() + 3).sum::<usize>();
+    sized_json_response(
+        StatusCode::OK,
+        &BatchGetResponse { items, missing },
+        capacity,
+    )
+}
+
+/// About how many bytes of JSON a page of entries renders to, with the
+/// object around it.
+fn page_len_hint(items: &[EntryView]) -> usize {
+    64 + items.iter().map(EntryView::json_len_hint).sum::<usize>()
 }
 
 /// Checks the keys of a batch read.

@@ -8,6 +8,7 @@ pub mod error;
 pub mod fuzzing;
 mod handlers;
 mod observe;
+mod render;
 mod request;
 pub mod types;
 
@@ -18,8 +19,8 @@ use axum::middleware;
 use axum::routing::{get, post};
 
 pub use cursor::{CursorKey, random_secret};
-pub use handlers::entry_body;
 pub use observe::Observe;
+pub use render::{EntryView, Timestamp};
 
 use crate::storage::Store;
 

@@ -36,10 +36,11 @@ pub struct PutResponse {
     pub created: bool,
 }
 
-/// The answer to `GET /v1/kv` (a range).
+/// The answer to `GET /v1/kv` (a range). The server renders its items as
+/// [`EntryView`](super::EntryView)s, which read back as `EntryBody`s.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ListResponse {
-    pub items: Vec<EntryBody>,
+pub struct ListResponse<E = EntryBody> {
+    pub items: Vec<E>,
     pub next_cursor: Option<String>,
 }
 
@@ -97,10 +98,10 @@ pub struct BatchGetRequest {
     pub keys: Vec<String>,
 }
 
-/// The answer to `POST /v1/batch/get`.
+/// The answer to `POST /v1/batch/get`, with items as in [`ListResponse`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchGetResponse {
-    pub items: Vec<EntryBody>,
+pub struct BatchGetResponse<E = EntryBody> {
+    pub items: Vec<E>,
     pub missing: Vec<String>,
 }
 
