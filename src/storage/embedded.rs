@@ -30,6 +30,15 @@
 //! The store-wide revision is kept in a `meta` keyspace and written in the same
 //! batch as the entries it orders, so it never goes back, across restarts and
 //! deletes too.
+//!
+//! That keyspace holds one small key, so its memtable never fills and is never
+//! flushed on its own, and a journal file can only be deleted once every
+//! keyspace has flushed what it holds. fjall then keeps journals until they
+//! reach its journaling limit, and only there flushes the keyspaces holding
+//! them back. With fjall's default limit of 512 MiB, a crash at the peak left
+//! half a gigabyte to replay: opening took 4.4 s with 100,000 keys. The limit
+//! is set to fjall's smallest, so the `meta` keyspace is flushed each time a
+//! journal fills, and at most about two journals are kept.
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -124,6 +133,9 @@ const MAX_GROUP_BYTES: usize = 64 << 20;
 /// Writes waiting for the committer before new ones wait to be queued.
 const QUEUE_DEPTH: usize = 4096;
 const REVISION_KEY: &[u8] = b"revision";
+/// The journal size past which fjall flushes the keyspaces that hold old
+/// journals back: its smallest allowed (see the module's notes).
+const MAX_JOURNALING_BYTES: u64 = 64 << 20;
 /// Reads of at most this many items run on the async worker itself: a range
 /// of 100 takes about 20 µs in fjall, while handing it to a blocking thread
 /// costs 25-30 µs of thread wake-up on this kind of machine (measured with
@@ -236,6 +248,7 @@ impl EmbeddedStore {
         std::fs::create_dir_all(&config.path)?;
         let db = Database::builder(&config.path)
             .manual_journal_persist(true)
+            .max_journaling_size(MAX_JOURNALING_BYTES)
             .open()?;
         let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
