@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use tokio::sync::Semaphore;
@@ -101,7 +100,7 @@ pub async fn run_secured(
     } else {
         None
     };
-    let router = api::router(AppState {
+    let service = api::service(AppState {
         store: Arc::clone(&store),
         limits: config.limits,
         observe: Observe {
@@ -114,7 +113,6 @@ pub async fn run_secured(
     });
     let tls = security.tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
-    let service = TowerToHyperService::new(router);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout);

@@ -11,10 +11,14 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use common::TestServer;
-use kvstore::api::Limits;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvstore::api::{self, AppState, CursorKey, Limits, Observe};
 use kvstore::client::Client;
 use kvstore::server::ServerConfig;
 use support::*;
+use tower::ServiceExt as _;
 
 async fn server_with_limits(limits: Limits) -> TestServer {
     TestServer::start_with(
@@ -910,6 +914,7 @@ async fn metrics_in_prometheus_text_format() {
         "# TYPE kvstore_http_requests_total counter",
         "kvstore_http_requests_total{route=\"/v1/kv/{key}\",method=\"PUT\",status=\"201\"}",
         "kvstore_http_requests_total{route=\"/v1/kv/{key}\",method=\"GET\",status=\"404\"}",
+        "kvstore_http_requests_total{route=\"/v1/kv/{key}\",method=\"GET\",status=\"200\"}",
         "# TYPE kvstore_http_request_duration_seconds histogram",
         "kvstore_storage_operation_duration_seconds_bucket{op=\"write\"",
         "# TYPE kvstore_commit_duration_seconds histogram",
@@ -923,6 +928,65 @@ async fn metrics_in_prometheus_text_format() {
         "process_resident_memory_bytes",
     ] {
         assert!(text.contains(series), "missing {series} in:\n{text}");
+    }
+}
+
+/// The server answers `GET /v1/kv/{key}` without its router; every such answer
+/// must be the router's own, status, headers and body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_reads_answer_exactly_as_the_router_does() {
+    let server = TestServer::start().await;
+    put_text(&server.client, "plain", "hello").await;
+    put_text(&server.client, "a/b c", "spaced \"quoted\"").await;
+    put_raw(&server.client, "bin", vec![0u8, 159, 146, 150]).await;
+    let router = api::router(AppState {
+        store: Arc::clone(&server.store),
+        limits: Limits::default(),
+        observe: Observe {
+            request_timeout: Duration::from_secs(5),
+            slow_request: Duration::from_secs(1),
+            metrics: None,
+        },
+        auth: None,
+        cursor_key: CursorKey::random().expect("cursor key"),
+    });
+    let raw = [(header::ACCEPT, "application/octet-stream")];
+    let cases: [(&str, Headers); 10] = [
+        ("/v1/kv/plain", &[]),
+        ("/v1/kv/plain?raw=1", &[]),
+        ("/v1/kv/plain", &raw),
+        ("/v1/kv/a/b%20c", &[]),
+        ("/v1/kv/bin", &[]),
+        ("/v1/kv/bin?raw=true", &[]),
+        ("/v1/kv/missing", &[]),
+        ("/v1/kv/", &[]),
+        ("/v1/kv/%ff", &[]),
+        ("/v1/kv/plain?what=1", &[]),
+    ];
+    for (path, headers) in cases {
+        let direct = get_with(&server.client, path, headers).await;
+        let mut request = axum::http::Request::get(path);
+        for (name, value) in headers {
+            request = request.header(name, *value);
+        }
+        let routed = router
+            .clone()
+            .oneshot(request.body(axum::body::Body::empty()).expect("request"))
+            .await
+            .expect("router");
+        assert_eq!(direct.status, routed.status(), "{path}");
+        // The connection adds these to both on the wire.
+        let mut direct_headers = direct.headers.clone();
+        let mut routed_headers = routed.headers().clone();
+        for name in [header::DATE, header::CONTENT_LENGTH] {
+            direct_headers.remove(&name);
+            routed_headers.remove(&name);
+        }
+        assert_eq!(direct_headers, routed_headers, "{path}");
+        let body = axum::body::to_bytes(routed.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        assert_eq!(direct.body, body, "{path}");
     }
 }
 

@@ -27,6 +27,9 @@ pub struct Observe {
     pub metrics: Option<Arc<Metrics>>,
 }
 
+/// The metric label of `/v1/kv/{key}`, whichever path answered it.
+pub(crate) const KEY_ROUTE: &str = "/v1/kv/{key}";
+
 /// Longest key shown in the slow-request log.
 const LOGGED_KEY_CHARS: usize = 64;
 
@@ -37,7 +40,7 @@ fn route_label(request: &Request) -> &'static str {
         .get::<MatchedPath>()
         .map(MatchedPath::as_str)
     {
-        Some("/v1/kv/{*key}" | "/v1/kv/") => "/v1/kv/{key}",
+        Some("/v1/kv/{*key}" | "/v1/kv/") => KEY_ROUTE,
         Some("/v1/kv") => "/v1/kv",
         Some("/v1/batch") => "/v1/batch",
         Some("/v1/batch/get") => "/v1/batch/get",
@@ -53,11 +56,24 @@ pub(crate) async fn observe(
     request: Request,
     next: Next,
 ) -> Response {
-    let start = Instant::now();
     let route = route_label(&request);
-    let method = method_label(request.method());
+    let method = request.method().clone();
     let uri = request.uri().clone();
-    let (response, timings) = timing::scope(next.run(request)).await;
+    observed(&state, route, &method, &uri, next.run(request)).await
+}
+
+/// Times `answer`, the answer to a request of `method` to `uri` on `route`,
+/// and counts and logs it.
+pub(crate) async fn observed(
+    state: &AppState,
+    route: &'static str,
+    method: &Method,
+    uri: &Uri,
+    answer: impl Future<Output = Response>,
+) -> Response {
+    let start = Instant::now();
+    let method = method_label(method);
+    let (response, timings) = timing::scope(answer).await;
     let elapsed = start.elapsed();
     let status = response.status();
     if state.observe.metrics.is_some() {
@@ -78,7 +94,7 @@ pub(crate) async fn observe(
     tracing::debug!(
         method = %method,
         route,
-        key = logged_key(&uri),
+        key = logged_key(uri),
         status = status.as_u16(),
         micros = elapsed.as_micros() as u64,
         "request"
@@ -87,7 +103,7 @@ pub(crate) async fn observe(
         tracing::warn!(
             method = %method,
             route,
-            key = logged_key(&uri),
+            key = logged_key(uri),
             status = status.as_u16(),
             total_ms = millis(elapsed),
             storage_ms = millis(timings.storage),
