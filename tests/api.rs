@@ -43,6 +43,59 @@ async fn small_server() -> TestServer {
 
 // ---------------------------------------------------------------- PUT
 
+/// The router of `server`'s store, as the server builds it.
+fn router_of(server: &TestServer) -> axum::Router {
+    api::router(AppState {
+        store: Arc::clone(&server.store),
+        limits: Limits::default(),
+        observe: Observe {
+            request_timeout: Duration::from_secs(5),
+            slow_request: Duration::from_secs(1),
+            metrics: None,
+        },
+        auth: None,
+        cursor_key: CursorKey::random().expect("cursor key"),
+    })
+}
+
+/// The same request sent to the server, which answers requests to
+/// `/v1/kv/{key}` without its router, at `paths[0]`, and to the router itself
+/// at `paths[1]`.
+async fn direct_and_routed(
+    server: &TestServer,
+    router: &axum::Router,
+    method: Method,
+    paths: [&str; 2],
+    headers: Headers<'_>,
+    body: &'static str,
+) -> [(StatusCode, hyper::HeaderMap, Bytes); 2] {
+    let direct = send(&server.client, method.clone(), paths[0], headers, body).await;
+    let mut request = axum::http::Request::builder().method(method).uri(paths[1]);
+    for (name, value) in headers {
+        request = request.header(name, *value);
+    }
+    let routed = router
+        .clone()
+        .oneshot(request.body(axum::body::Body::from(body)).expect("request"))
+        .await
+        .expect("router");
+    let status = routed.status();
+    let routed_headers = routed.headers().clone();
+    let routed_body = axum::body::to_bytes(routed.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    [
+        (direct.status, direct.headers, direct.body),
+        (status, routed_headers, routed_body),
+    ]
+    .map(|(status, mut headers, body)| {
+        // The connection adds these on the wire.
+        headers.remove(header::DATE);
+        headers.remove(header::CONTENT_LENGTH);
+        (status, headers, body)
+    })
+}
+
 for_each_backend! {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -931,62 +984,58 @@ async fn metrics_in_prometheus_text_format() {
     }
 }
 
-/// The server answers `GET /v1/kv/{key}` without its router; every such answer
-/// must be the router's own, status, headers and body.
+/// Every answer to `/v1/kv/{key}` without the router is the router's own:
+/// status, headers and body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn direct_reads_answer_exactly_as_the_router_does() {
+async fn direct_key_requests_answer_exactly_as_the_router_does() {
     let server = TestServer::start().await;
     put_text(&server.client, "plain", "hello").await;
     put_text(&server.client, "a/b c", "spaced \"quoted\"").await;
     put_raw(&server.client, "bin", vec![0u8, 159, 146, 150]).await;
-    let router = api::router(AppState {
-        store: Arc::clone(&server.store),
-        limits: Limits::default(),
-        observe: Observe {
-            request_timeout: Duration::from_secs(5),
-            slow_request: Duration::from_secs(1),
-            metrics: None,
-        },
-        auth: None,
-        cursor_key: CursorKey::random().expect("cursor key"),
-    });
+    let router = router_of(&server);
     let raw = [(header::ACCEPT, "application/octet-stream")];
-    let cases: [(&str, Headers); 10] = [
-        ("/v1/kv/plain", &[]),
-        ("/v1/kv/plain?raw=1", &[]),
-        ("/v1/kv/plain", &raw),
-        ("/v1/kv/a/b%20c", &[]),
-        ("/v1/kv/bin", &[]),
-        ("/v1/kv/bin?raw=true", &[]),
-        ("/v1/kv/missing", &[]),
-        ("/v1/kv/", &[]),
-        ("/v1/kv/%ff", &[]),
-        ("/v1/kv/plain?what=1", &[]),
+    let stale = [(header::IF_MATCH, "\"99\"")];
+    let text = [(header::CONTENT_TYPE, "text/plain")];
+    let cases: [(Method, &str, Headers, &'static str); 17] = [
+        (Method::GET, "/v1/kv/plain", &[], ""),
+        (Method::GET, "/v1/kv/plain?raw=1", &[], ""),
+        (Method::GET, "/v1/kv/plain", &raw, ""),
+        (Method::GET, "/v1/kv/a/b%20c", &[], ""),
+        (Method::GET, "/v1/kv/bin", &[], ""),
+        (Method::GET, "/v1/kv/bin?raw=true", &[], ""),
+        (Method::GET, "/v1/kv/missing", &[], ""),
+        (Method::GET, "/v1/kv/", &[], ""),
+        (Method::GET, "/v1/kv/%ff", &[], ""),
+        (Method::GET, "/v1/kv/plain?what=1", &[], ""),
+        // Writes that are refused change nothing, so both ways see the same.
+        (Method::PUT, "/v1/kv/plain", &[JSON], "{not json"),
+        (Method::PUT, "/v1/kv/plain", &text, "x"),
+        (Method::PUT, "/v1/kv/plain", &stale, "{\"value\":\"x\"}"),
+        (Method::PUT, "/v1/kv/", &[JSON], "{\"value\":\"x\"}"),
+        (Method::DELETE, "/v1/kv/missing", &[], ""),
+        (Method::DELETE, "/v1/kv/plain", &stale, ""),
+        (Method::DELETE, "/v1/kv/plain?x=1", &[], ""),
     ];
-    for (path, headers) in cases {
-        let direct = get_with(&server.client, path, headers).await;
-        let mut request = axum::http::Request::get(path);
-        for (name, value) in headers {
-            request = request.header(name, *value);
-        }
-        let routed = router
-            .clone()
-            .oneshot(request.body(axum::body::Body::empty()).expect("request"))
-            .await
-            .expect("router");
-        assert_eq!(direct.status, routed.status(), "{path}");
-        // The connection adds these to both on the wire.
-        let mut direct_headers = direct.headers.clone();
-        let mut routed_headers = routed.headers().clone();
-        for name in [header::DATE, header::CONTENT_LENGTH] {
-            direct_headers.remove(&name);
-            routed_headers.remove(&name);
-        }
-        assert_eq!(direct_headers, routed_headers, "{path}");
-        let body = axum::body::to_bytes(routed.into_body(), usize::MAX)
-            .await
-            .expect("body");
-        assert_eq!(direct.body, body, "{path}");
+    for (method, path, headers, body) in cases {
+        let [direct, routed] =
+            direct_and_routed(&server, &router, method.clone(), [path; 2], headers, body).await;
+        assert_eq!(direct, routed, "{method} {path}");
+    }
+    // Writes that succeed, to a new key each way: the same answers but for
+    // the key and the revision.
+    let paths = ["/v1/kv/new-1", "/v1/kv/new-2"];
+    for method in [Method::PUT, Method::DELETE] {
+        let answers = direct_and_routed(&server, &router, method.clone(), paths, &[JSON], "{\"value\":\"v\"}")
+            .await;
+        let [direct, routed] = answers.map(|(status, headers, body)| {
+            let mut body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            if let Some(fields) = body.as_object_mut() {
+                fields.remove("key");
+                fields.remove("revision");
+            }
+            (status, headers, body)
+        });
+        assert_eq!(direct, routed, "{method} {paths:?}");
     }
 }
 

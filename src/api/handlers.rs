@@ -4,7 +4,6 @@ use std::collections::HashSet;
 use std::ops::Bound;
 
 use axum::extract::{Request, State};
-use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -79,17 +78,10 @@ fn wants_raw(query: &Query, headers: &HeaderMap) -> Result<bool, ApiError> {
 }
 
 pub(crate) async fn get_key(State(state): State<AppState>, request: Request) -> ApiResult {
-    let (parts, _) = request.into_parts();
-    get_entry(&state, &parts).await
-}
-
-/// `GET /v1/kv/{key}`, for the router and for the direct path of
-/// [`super::service`].
-pub(crate) async fn get_entry(state: &AppState, request: &Parts) -> ApiResult {
-    let key = key_from_path(request.uri.path(), &state.limits)?;
-    access_of(state, &request.extensions)?.check_read(&key, "")?;
-    let query = Query::parse(request.uri.query(), &["raw"])?;
-    let raw = wants_raw(&query, &request.headers)?;
+    let key = key_from_path(request.uri().path(), &state.limits)?;
+    access_of(&state, request.extensions())?.check_read(&key, "")?;
+    let query = Query::parse(request.uri().query(), &["raw"])?;
+    let raw = wants_raw(&query, request.headers())?;
     let entry = state
         .store
         .get(&key)
