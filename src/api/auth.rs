@@ -400,9 +400,18 @@ pub(crate) async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
+    match admit(&state, &mut request) {
+        None => next.run(request).await,
+        Some(refusal) => refusal,
+    }
+}
+
+/// Gives `request` the access its token grants; or, when it has no known token
+/// and its path is not open, the 401 answer refusing it.
+pub(crate) fn admit(state: &AppState, request: &mut Request) -> Option<Response> {
     let access = match &state.auth {
         None => Access::Open,
-        Some(auth) => match bearer(&request).and_then(|t| auth.resolve(t)) {
+        Some(auth) => match bearer(request).and_then(|t| auth.resolve(t)) {
             Some(rights) => Access::Token(rights),
             None if is_open_path(request.uri().path(), auth) => Access::Open,
             None => {
@@ -416,12 +425,12 @@ pub(crate) async fn authenticate(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"kvstore\""),
                 );
-                return response;
+                return Some(response);
             }
         },
     };
     request.extensions_mut().insert(access);
-    next.run(request).await
+    None
 }
 
 /// The access of a request: open when the server has no token rules (the

@@ -17,6 +17,7 @@ pub use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use kvstore::client::{Client, RawResponse};
 pub use serde_json::{Map, Value, json};
+use tower::ServiceExt as _;
 
 pub type Headers<'a> = &'a [(HeaderName, &'a str)];
 
@@ -453,4 +454,42 @@ pub async fn walk(client: &Client, query: &str) -> Vec<Vec<String>> {
         }
         assert!(pages.len() < 10_000, "the walk does not end");
     }
+}
+
+/// The same request sent to a server, which answers requests to
+/// `/v1/kv/{key}` without its router, at `paths[0]`, and to the router itself
+/// at `paths[1]`.
+pub async fn direct_and_routed(
+    client: &Client,
+    router: &axum::Router,
+    method: Method,
+    paths: [&str; 2],
+    headers: Headers<'_>,
+    body: &'static str,
+) -> [(StatusCode, hyper::HeaderMap, Bytes); 2] {
+    let direct = send(client, method.clone(), paths[0], headers, body).await;
+    let mut request = axum::http::Request::builder().method(method).uri(paths[1]);
+    for (name, value) in headers {
+        request = request.header(name, *value);
+    }
+    let routed = router
+        .clone()
+        .oneshot(request.body(axum::body::Body::from(body)).expect("request"))
+        .await
+        .expect("router");
+    let status = routed.status();
+    let routed_headers = routed.headers().clone();
+    let routed_body = axum::body::to_bytes(routed.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    [
+        (direct.status, direct.headers, direct.body),
+        (status, routed_headers, routed_body),
+    ]
+    .map(|(status, mut headers, body)| {
+        // The connection adds these on the wire.
+        headers.remove(header::DATE);
+        headers.remove(header::CONTENT_LENGTH);
+        (status, headers, body)
+    })
 }
