@@ -12,9 +12,8 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use common::TestServer;
 use std::sync::Arc;
-use std::time::Duration;
 
-use kvstore::api::{self, AppState, CursorKey, Limits, Observe};
+use kvstore::api::Limits;
 use kvstore::client::Client;
 use kvstore::server::ServerConfig;
 use support::*;
@@ -41,21 +40,6 @@ async fn small_server() -> TestServer {
 }
 
 // ---------------------------------------------------------------- PUT
-
-/// The router of `server`'s store, as the server builds it.
-fn router_of(server: &TestServer) -> axum::Router {
-    api::router(AppState {
-        store: Arc::clone(&server.store),
-        limits: Limits::default(),
-        observe: Observe {
-            request_timeout: Duration::from_secs(5),
-            slow_request: Duration::from_secs(1),
-            metrics: None,
-        },
-        auth: None,
-        cursor_key: CursorKey::random().expect("cursor key"),
-    })
-}
 
 for_each_backend! {
 
@@ -953,7 +937,7 @@ async fn direct_key_requests_answer_exactly_as_the_router_does() {
     put_text(&server.client, "plain", "hello").await;
     put_text(&server.client, "a/b c", "spaced \"quoted\"").await;
     put_raw(&server.client, "bin", vec![0u8, 159, 146, 150]).await;
-    let router = router_of(&server);
+    let router = router_over(Arc::clone(&server.store), None);
     let raw = [(header::ACCEPT, "application/octet-stream")];
     let stale = [(header::IF_MATCH, "\"99\"")];
     let text = [(header::CONTENT_TYPE, "text/plain")];

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use common::{Binary, TestServer};
 use kvstore::api::auth::{Auth, TokenRules, token_sha256_hex};
-use kvstore::api::{self, AppState, CursorKey, Limits, Observe};
 use kvstore::client::{Client, ClientOptions};
 use kvstore::server::{Security, ServerConfig};
 use support::*;
@@ -147,17 +146,7 @@ async fn direct_key_requests_are_authenticated_as_by_the_router() {
     };
     let server = TestServer::start_secured(ServerConfig::default(), security, &options).await;
     seed(&server.client, &[("users/1", "u1"), ("secret/x", "s")]).await;
-    let router = api::router(AppState {
-        store: Arc::clone(&server.store),
-        limits: Limits::default(),
-        observe: Observe {
-            request_timeout: Duration::from_secs(5),
-            slow_request: Duration::from_secs(1),
-            metrics: None,
-        },
-        auth,
-        cursor_key: CursorKey::random().expect("cursor key"),
-    });
+    let router = router_over(Arc::clone(&server.store), auth);
     let anonymous = client_with(&server, None);
     let app = [(header::AUTHORIZATION, "Bearer app-token")];
     let reader = [(header::AUTHORIZATION, "Bearer reader-token")];

@@ -28,7 +28,7 @@ use hyper_util::service::TowerToHyperService;
 
 pub use cursor::{CursorKey, random_secret};
 pub use observe::Observe;
-pub use render::{EntryView, Timestamp};
+pub use render::EntryView;
 
 use crate::storage::Store;
 

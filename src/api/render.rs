@@ -69,7 +69,7 @@ impl EntryView<'_> {
 /// fractional digits: `2026-11-26T04:03:50.188095Z`. A time chrono cannot
 /// represent renders as the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timestamp(pub i64);
+pub(crate) struct Timestamp(pub(crate) i64);
 
 /// The length of a timestamp of a four-digit year.
 const TIMESTAMP_LEN: usize = "2026-11-26T04:03:50.188095Z".len();

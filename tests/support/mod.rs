@@ -7,7 +7,9 @@ use std::collections::{BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
@@ -15,7 +17,10 @@ use hyper::body::Frame;
 pub use hyper::header::{self, HeaderName};
 pub use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
+use kvstore::api::auth::Auth;
+use kvstore::api::{self, AppState, CursorKey, Limits, Observe};
 use kvstore::client::{Client, RawResponse};
+use kvstore::storage::Store;
 pub use serde_json::{Map, Value, json};
 use tower::ServiceExt as _;
 
@@ -454,6 +459,21 @@ pub async fn walk(client: &Client, query: &str) -> Vec<Vec<String>> {
         }
         assert!(pages.len() < 10_000, "the walk does not end");
     }
+}
+
+/// A router over `store`, as a server with these token rules builds it.
+pub fn router_over(store: Arc<dyn Store>, auth: Option<Arc<Auth>>) -> axum::Router {
+    api::router(AppState {
+        store,
+        limits: Limits::default(),
+        observe: Observe {
+            request_timeout: Duration::from_secs(5),
+            slow_request: Duration::from_secs(1),
+            metrics: None,
+        },
+        auth,
+        cursor_key: CursorKey::random().expect("cursor key"),
+    })
 }
 
 /// The same request sent to a server, which answers requests to
