@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the hot paths, without the network: a whole request
-//! through the router (key decoding, query parsing, cache, JSON), the JSON
+//! through the server's service and through the router (key decoding, query
+//! and body parsing, cache, JSON), the JSON
 //! rendering of an entry, cache lookups, and the write path of the committer
 //! without its sync (buffered durability).
 //!
@@ -10,13 +11,18 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::Request;
+use axum::http::{Request, StatusCode};
 use criterion::{Criterion, criterion_group, criterion_main};
+use hyper::service::Service as _;
 use kvstore::api::{self, AppState, CursorKey, Limits, Observe};
 use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{Condition, Entry, ScanRequest, Store, WriteOp};
 use tower::ServiceExt as _;
+
+/// The server's allocator, so that allocation costs are the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const VALUE: [u8; 100] = [b'x'; 100];
 
@@ -63,7 +69,7 @@ fn request_path(c: &mut Criterion) {
             store.write(put(&format!("r/{i:03}"))).await.expect("put");
         }
     });
-    let router = api::router(AppState {
+    let state = AppState {
         store,
         limits: Limits::default(),
         observe: Observe {
@@ -73,6 +79,54 @@ fn request_path(c: &mut Criterion) {
         },
         auth: None,
         cursor_key: CursorKey::new(b"a benchmark's cursor secret").expect("cursor key"),
+    };
+    let router = api::router(state.clone());
+    // The server's own path for a key: past the router, into the handler.
+    let direct = api::service::<Body>(state);
+    c.bench_function("service: GET /v1/kv/users/42 (cache hit)", |b| {
+        b.to_async(&rt).iter(|| async {
+            let request = Request::get("/v1/kv/users/42")
+                .body(Body::empty())
+                .expect("request");
+            black_box(direct.call(request).await.expect("response"))
+        });
+    });
+    let put_body = format!("{{\"value\":\"{}\"}}", "x".repeat(VALUE.len()));
+    let put_request = || {
+        Request::put("/v1/kv/users/42")
+            .header("content-type", "application/json")
+            .body(Body::from(put_body.clone()))
+            .expect("request")
+    };
+    let checked = rt.block_on(direct.call(put_request()));
+    assert_eq!(checked.expect("response").status(), StatusCode::OK);
+    c.bench_function("service: PUT /v1/kv/users/42 (no sync)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(direct.call(put_request()).await.expect("response")) });
+    });
+    let batch_body = serde_json::to_string(&serde_json::json!({
+        "ops": (0..100)
+            .map(|i| serde_json::json!({"op": "put", "key": format!("b/{i:03}"), "value": "x".repeat(VALUE.len())}))
+            .collect::<Vec<_>>()
+    }))
+    .expect("batch body");
+    let batch_request = || {
+        Request::post("/v1/batch")
+            .header("content-type", "application/json")
+            .body(Body::from(batch_body.clone()))
+            .expect("request")
+    };
+    let checked = rt.block_on(router.clone().oneshot(batch_request()));
+    assert_eq!(checked.expect("response").status(), StatusCode::OK);
+    c.bench_function("router: POST /v1/batch of 100 puts (no sync)", |b| {
+        b.to_async(&rt).iter(|| async {
+            let response = router
+                .clone()
+                .oneshot(batch_request())
+                .await
+                .expect("response");
+            black_box(axum::body::to_bytes(response.into_body(), usize::MAX).await)
+        });
     });
     c.bench_function("router: GET /v1/kv/users/42 (cache hit)", |b| {
         b.to_async(&rt).iter(|| async {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One round of the README's benchmark table, with the floors measured in the
 # same round: the bare HTTP server (examples/http_floor.rs) under wrk, and
-# fdatasync on the data directory's disk (examples/fsync_floor.rs). Hot GETs are
-# also measured with wrk, the floor's own client, for a like-for-like ratio.
+# fdatasync on the data directory's disk (examples/fsync_floor.rs). Hot GETs,
+# durable PUTs of one key and a range of 100 are also measured with wrk, the
+# floor's own client, for like-for-like ratios.
 #
 #   cargo build --release --bins --examples && scripts/benchmark.sh [DURATION]
 #
@@ -55,6 +56,15 @@ curl -sf -X PUT -H 'content-type: application/json' -d "{\"value\":\"$VALUE\"}" 
   "$KVSTORE_URL/v1/kv/wrk/hot" >/dev/null
 echo "GET under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" "$KVSTORE_URL/v1/kv/wrk/hot")"
 echo "GET under wrk, 16 connections: $(wrk_row -t2 -c16 -d"$D" "$KVSTORE_URL/v1/kv/wrk/hot")"
+# Durable PUTs of that key and one range of 100 loaded records, with the same
+# client: what the server adds to the floor, without the bench client's own
+# encoding and decoding.
+PUT_SCRIPT="$DATA.put.lua"
+printf 'wrk.method = "PUT"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [[{"value":"%s"}]]\n' \
+  "$VALUE" >"$PUT_SCRIPT"
+echo "durable PUT under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL/v1/kv/wrk/hot")"
+rm -f "$PUT_SCRIPT"
+echo "range of 100 under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" "$KVSTORE_URL/v1/kv?start=bench/user0&limit=100")"
 bench_row "GET, 1 connection" read --concurrency 1 --duration "$D"
 bench_row "GET, 16 connections" read --concurrency 16 --duration "$D"
 bench_row "durable PUT, 1 connection" write --concurrency 1 --duration "$D"

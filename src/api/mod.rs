@@ -22,8 +22,8 @@ use axum::http::Method;
 use axum::middleware;
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
+use bytes::Bytes;
 use futures_util::future::Either;
-use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
 
 pub use cursor::{CursorKey, random_secret};
@@ -81,16 +81,23 @@ pub const MAX_PAGE_VALUE_BYTES: usize = 4 << 20;
 /// Routing a read through axum (matching, the middleware's boxed futures and
 /// `Next`, extracting the state) cost a quarter of the reads per second at 16
 /// connections.
-pub fn service(
+///
+/// Generic over the request body so that benchmarks can call it without a
+/// connection; the server gives it hyper's `Incoming`.
+pub fn service<B>(
     state: AppState,
 ) -> impl hyper::service::Service<
-    hyper::Request<Incoming>,
+    hyper::Request<B>,
     Response = Response,
     Error = Infallible,
     Future = impl Future<Output = Result<Response, Infallible>> + Send,
-> + Clone {
+> + Clone
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     let routed = TowerToHyperService::new(router(state.clone()));
-    hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+    hyper::service::service_fn(move |request: hyper::Request<B>| {
         let direct = matches!(
             *request.method(),
             Method::GET | Method::PUT | Method::DELETE
