@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One round of the README's benchmark table, with the floors measured in the
 # same round: the bare HTTP server (examples/http_floor.rs) under wrk, and
-# fdatasync on the data directory's disk (examples/fsync_floor.rs). Hot GETs,
-# durable PUTs of one key and a range of 100 are also measured with wrk, the
-# floor's own client, for like-for-like ratios.
+# fdatasync on the data directory's disk (examples/fsync_floor.rs), and Redis
+# with every write synced, when it is installed. Hot GETs, durable PUTs and a
+# range of 100 are also measured with wrk, the floor's own client, for
+# like-for-like ratios.
 #
 #   cargo build --release --bins --examples && scripts/benchmark.sh [DURATION]
 #
@@ -46,6 +47,19 @@ echo "HTTP floor, 1 connection: $(wrk_row -t1 -c1 -d"$D" http://127.0.0.1:7099/)
 echo "HTTP floor, 16 connections: $(wrk_row -t2 -c16 -d"$D" http://127.0.0.1:7099/)"
 kill $FLOOR
 
+# Another durable store on the same disk, when Redis is installed: SETs of 100
+# bytes with every write synced (appendfsync always) at 16 connections.
+if command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null; then
+  mkdir "$DATA/redis"
+  redis-server --port 7098 --bind 127.0.0.1 --dir "$DATA/redis" --appendonly yes \
+    --appendfsync always --save "" --daemonize yes --logfile "$DATA/redis/log"
+  sleep 0.3
+  printf 'Redis, appendfsync always, 16 connections: '
+  redis-benchmark -p 7098 -c 16 -n 150000 -t set -d 100 -r 100000 -q | tr '\r' '\n' | grep 'per second' | tail -1
+  redis-cli -p 7098 shutdown nosave >/dev/null 2>&1 || true
+  rm -rf "$DATA/redis"
+fi
+
 "$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:$PORT 2>/dev/null & SERVER=$!
 wait_ready
 target/release/examples/fsync_floor "$DATA"
@@ -56,13 +70,19 @@ curl -sf -X PUT -H 'content-type: application/json' -d "{\"value\":\"$VALUE\"}" 
   "$KVSTORE_URL/v1/kv/wrk/hot" >/dev/null
 echo "GET under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" "$KVSTORE_URL/v1/kv/wrk/hot")"
 echo "GET under wrk, 16 connections: $(wrk_row -t2 -c16 -d"$D" "$KVSTORE_URL/v1/kv/wrk/hot")"
-# Durable PUTs of that key and one range of 100 loaded records, with the same
-# client: what the server adds to the floor, without the bench client's own
-# encoding and decoding.
+# Durable PUTs of 100,000 keys and one range of 100 loaded records, with the
+# same client: what the server adds to the floors, without the bench client's
+# own encoding and decoding.
 PUT_SCRIPT="$DATA.put.lua"
-printf 'wrk.method = "PUT"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [[{"value":"%s"}]]\n' \
-  "$VALUE" >"$PUT_SCRIPT"
-echo "durable PUT under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL/v1/kv/wrk/hot")"
+cat >"$PUT_SCRIPT" <<LUA
+local body = '{"value":"$VALUE"}'
+local headers = { ["Content-Type"] = "application/json" }
+request = function()
+  return wrk.format("PUT", string.format("/v1/kv/wrk/k%06d", math.random(0, 99999)), headers, body)
+end
+LUA
+echo "durable PUT under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
+echo "durable PUT under wrk, 16 connections: $(wrk_row -t2 -c16 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
 rm -f "$PUT_SCRIPT"
 echo "range of 100 under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" "$KVSTORE_URL/v1/kv?start=bench/user0&limit=100")"
 bench_row "GET, 1 connection" read --concurrency 1 --duration "$D"
