@@ -1,5 +1,5 @@
 //! The single-key endpoints and the operational ones, against a real server,
-//! as API.md describes them. Ranges and batches are in `api_range.rs` and
+//! as docs/api.md describes them. Ranges and batches are in `api_range.rs` and
 //! `api_batch.rs`.
 
 #[macro_use]

@@ -44,7 +44,7 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// The limits of API.md: 1024-byte keys, 1 MiB values, 16 MiB bodies.
+    /// The API's limits: 1024-byte keys, 1 MiB values, 16 MiB bodies.
     fn default() -> Self {
         Limits {
             max_key_bytes: 1024,

@@ -1,5 +1,5 @@
 //! Helpers of the HTTP API tests: raw requests, and checks of the shapes that
-//! API.md promises (errors, entries, timestamps, exact field sets).
+//! the API (docs/api.md) promises (errors, entries, timestamps, exact field sets).
 
 #![allow(dead_code, unreachable_pub, unused_macros)]
 
