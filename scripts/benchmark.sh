@@ -12,6 +12,8 @@
 # the machines this runs on are shared and noisy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 D=${1:-8s}
 BIN=target/release/kvstore
 PORT=7087
@@ -21,14 +23,6 @@ export KVSTORE_URL=http://127.0.0.1:$PORT
 wrk_row() {
   wrk --latency "$@" | awk '/ 50%/{p50=$2} / 99%/{p99=$2} /Requests\/sec/{rps=$2}
     END{printf "%s req/s, p50 %s, p99 %s\n", rps, p50, p99}'
-}
-wait_ready() {
-  for _ in $(seq 1 100); do
-    curl -sf "$KVSTORE_URL/healthz" >/dev/null && return
-    sleep 0.1
-  done
-  echo "kvstore did not start" >&2
-  exit 1
 }
 bench_row() {
   local name=$1; shift

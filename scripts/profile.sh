@@ -15,6 +15,8 @@
 # Needs perf (Debian package linux-perf) and inferno (`cargo install inferno`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 SCENARIO=${1:?usage: scripts/profile.sh SCENARIO [SECONDS]}
 SECONDS_TO_RECORD=${2:-8}
 case $SCENARIO in
@@ -44,14 +46,6 @@ mkdir -p "$OUT"
 export KVSTORE_URL=http://127.0.0.1:$PORT
 trap 'kill ${SERVER:-} 2>/dev/null || true; rm -rf "$DATA" "$PERF_DATA" "$FOLDED"' EXIT
 
-wait_ready() {
-  for _ in $(seq 1 200); do
-    curl -sf "$KVSTORE_URL/readyz" >/dev/null && return
-    sleep 0.05
-  done
-  echo "kvstore did not start" >&2
-  exit 1
-}
 
 "$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:$PORT 2>/dev/null & SERVER=$!
 wait_ready
