@@ -323,16 +323,22 @@ impl CachedStore {
     fn apply_write(&self, key: Vec<u8>, revision: u64, slot: Option<Slot>) {
         let mut stripe = self.stripe(&key);
         stripe.epoch += 1;
-        let newer_cached = self.fresh(&key).is_some_and(|c| c.revision() >= revision);
-        if !newer_cached {
+        // Whatever the cache holds of the stripe's keys was put there under
+        // this lock, which raised `max_revision` to at least its revision. So
+        // the newest write of the stripe replaces the key's slot without
+        // looking at it (a slot of its own revision holds the same state).
+        if revision >= stripe.max_revision {
             match slot {
-                // A newer write of this stripe may have been evicted: only the
-                // newest write may put its entry back.
-                Some(slot) if revision >= stripe.max_revision => self.cache.insert(key, slot),
-                _ => {
+                Some(slot) => self.cache.insert(key, slot),
+                None => {
                     self.cache.remove(&key);
                 }
             }
+        } else if self.fresh(&key).is_none_or(|c| c.revision() < revision) {
+            // An older write than one already applied: a newer write of the
+            // stripe may have been evicted, so this one may not put its entry
+            // back, only drop what is there unless it is newer.
+            self.cache.remove(&key);
         }
         stripe.max_revision = stripe.max_revision.max(revision);
     }

@@ -2,9 +2,10 @@
 //!
 //! The race that breaks a cache invalidated on write: a read misses, reads the
 //! old entry from storage, stalls; a write (and a delete) run and update the
-//! cache; the stalled read then fills the cache with the old entry. A store
-//! wrapper holds a read at exactly that point, so the interleaving is forced,
-//! not hoped for.
+//! cache; the stalled read then fills the cache with the old entry. Writes
+//! race the same way when their answers come back out of order. A store
+//! wrapper holds a read or a write at exactly that point, so the interleaving
+//! is forced, not hoped for.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +18,8 @@ use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{Condition, Entry, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome};
 use tokio::sync::{Notify, Semaphore};
 
-/// A store whose reads can be held after they have read storage.
+/// A store whose reads can be held after they have read storage, and whose
+/// writes can be held after they have committed.
 struct StallingStore {
     inner: EmbeddedStore,
     stall: AtomicBool,
@@ -25,6 +27,10 @@ struct StallingStore {
     read_done: Notify,
     release: Semaphore,
     reads: AtomicU64,
+    stall_write: AtomicBool,
+    /// Signalled when a held write has committed.
+    write_done: Notify,
+    release_write: Semaphore,
 }
 
 impl StallingStore {
@@ -35,6 +41,9 @@ impl StallingStore {
             read_done: Notify::new(),
             release: Semaphore::new(0),
             reads: AtomicU64::new(0),
+            stall_write: AtomicBool::new(false),
+            write_done: Notify::new(),
+            release_write: Semaphore::new(0),
         })
     }
 }
@@ -54,7 +63,12 @@ impl Store for StallingStore {
         self.inner.get_many(keys).await
     }
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
-        self.inner.write(ops).await
+        let outcome = self.inner.write(ops).await;
+        if self.stall_write.swap(false, Ordering::SeqCst) {
+            self.write_done.notify_one();
+            let _permit = self.release_write.acquire().await.expect("semaphore");
+        }
+        outcome
     }
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
         self.inner.scan(request).await
@@ -136,6 +150,29 @@ async fn a_stalled_read_cannot_put_back_an_old_version() {
         reads,
         "absence was not served from the cache"
     );
+    cache.close().await.unwrap();
+}
+
+/// A write commits `old`, then is held before the cache hears of it, while a
+/// later write of `new` to the same key updates the cache; when the first
+/// write's answer comes back, the cache must keep `new`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_write_cannot_put_back_its_older_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = StallingStore::open(dir.path());
+    let cache = Arc::new(CachedStore::new(backing.clone(), CacheConfig::default()));
+
+    backing.stall_write.store(true, Ordering::SeqCst);
+    let late = {
+        let cache = Arc::clone(&cache);
+        tokio::spawn(async move { cache.write(put("k", "old")).await })
+    };
+    backing.write_done.notified().await;
+    cache.write(put("k", "new")).await.unwrap();
+    backing.release_write.add_permits(1);
+    late.await.unwrap().unwrap();
+
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("new"));
     cache.close().await.unwrap();
 }
 
