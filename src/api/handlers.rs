@@ -438,17 +438,14 @@ pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -
     }
     let keys: Vec<Vec<u8>> = body.keys.iter().map(|k| k.as_bytes().to_vec()).collect();
     let found = state.store.get_many(keys).await?;
+    let mut items = Vec::with_capacity(found.len());
     let mut missing = Vec::new();
     for (key, entry) in body.keys.into_iter().zip(&found) {
-        if entry.is_none() {
-            missing.push(key);
+        match entry {
+            Some(entry) => items.push(EntryView::new(entry, false)),
+            None => missing.push(key),
         }
     }
-    let items: Vec<EntryView> = found
-        .iter()
-        .flatten()
-        .map(|entry| EntryView::new(entry, false))
-        .collect();
     let capacity = page_len_hint(&items) + missing.iter().map(|k| k.len() + 3).sum::<usize>();
     sized_json_response(
         StatusCode::OK,
