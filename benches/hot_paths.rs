@@ -34,6 +34,15 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// Checks once, before a bench measures it, that a request is answered 200.
+fn answers_ok<E: std::fmt::Debug>(
+    rt: &tokio::runtime::Runtime,
+    answer: impl Future<Output = Result<axum::response::Response, E>>,
+) {
+    let response = rt.block_on(answer).expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
 fn put(key: &str) -> Vec<WriteOp> {
     vec![WriteOp::Put {
         key: key.as_bytes().to_vec(),
@@ -88,8 +97,7 @@ fn request_path(c: &mut Criterion) {
             .body(Body::empty())
             .expect("request")
     };
-    let checked = rt.block_on(direct.call(get_request()));
-    assert_eq!(checked.expect("response").status(), StatusCode::OK);
+    answers_ok(&rt, direct.call(get_request()));
     c.bench_function("service: GET /v1/kv/users/42 (cache hit)", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(direct.call(get_request()).await.expect("response")) });
@@ -101,8 +109,7 @@ fn request_path(c: &mut Criterion) {
             .body(Body::from(put_body.clone()))
             .expect("request")
     };
-    let checked = rt.block_on(direct.call(put_request()));
-    assert_eq!(checked.expect("response").status(), StatusCode::OK);
+    answers_ok(&rt, direct.call(put_request()));
     c.bench_function("service: PUT /v1/kv/users/42 (no sync)", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(direct.call(put_request()).await.expect("response")) });
@@ -119,8 +126,7 @@ fn request_path(c: &mut Criterion) {
             .body(Body::from(batch_body.clone()))
             .expect("request")
     };
-    let checked = rt.block_on(router.clone().oneshot(batch_request()));
-    assert_eq!(checked.expect("response").status(), StatusCode::OK);
+    answers_ok(&rt, router.clone().oneshot(batch_request()));
     c.bench_function("router: POST /v1/batch of 100 puts (no sync)", |b| {
         b.to_async(&rt).iter(|| async {
             let response = router
