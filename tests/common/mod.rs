@@ -4,9 +4,12 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod plfs;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::client::{Client, ClientOptions};
@@ -18,6 +21,56 @@ use kvstore::storage::postgres::{PostgresConfig, PostgresStore};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+// Every wait in a test has a deadline: a bug must fail the test with what it
+// waited for, not hang CI until its job is killed with nothing to show.
+
+/// Awaits `future` for at most `secs` seconds; past that, fails the test
+/// naming `what` it waited for.
+pub async fn within<F: Future>(secs: u64, what: &str, future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(secs), future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within {secs} s"))
+}
+
+/// Polls `done` (every 5 ms, without blocking the runtime) until it holds;
+/// fails the test naming `what` after `secs` seconds.
+pub async fn eventually(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    within(secs, what, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// [`eventually`] for a thread outside any runtime (Drop guards, helpers of
+/// the std API): polls `done` every 10 ms for at most `deadline`.
+pub fn poll_until(deadline: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !done() {
+        assert!(
+            Instant::now() < until,
+            "{what}: not done within {deadline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits at most `deadline` for a child process to exit; `None` if it has not.
+pub fn wait_child(
+    child: &mut std::process::Child,
+    deadline: Duration,
+) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + deadline;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
+            _ => return None,
+        }
+    }
+}
 
 /// The storage backend a test body runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
