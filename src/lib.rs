@@ -23,6 +23,8 @@
 //!   workloads, key distributions, the runner, latency histograms and the
 //!   report).
 //! - [`error`]: what can fail inside the library.
+//! - [`files`]: directories and small files made durable (parents fsynced,
+//!   atomic replacement).
 //! - `src/main.rs`: the `kvstore` binary (argument parsing and wiring only).
 
 pub mod api;
@@ -30,6 +32,7 @@ pub mod bench;
 pub mod cache;
 pub mod client;
 pub mod error;
+pub mod files;
 pub mod redis_cache;
 pub mod server;
 pub mod storage;

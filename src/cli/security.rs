@@ -110,15 +110,9 @@ fn default_secret(path: &Path) -> Result<Vec<u8>, String> {
     }
     let secret = kvstore::api::random_secret()?;
     let text: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    file.write_all(format!("{text}\n").as_bytes())
-        .and_then(|()| file.sync_all())
+    // Atomic and durable: a power cut must not leave a torn secret, nor lose
+    // one whose cursors were already handed out.
+    kvstore::files::write_atomically(path, format!("{text}\n").as_bytes(), 0o600)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     tracing::info!(file = %path.display(), "made a new cursor secret");
     Ok(text.into_bytes())

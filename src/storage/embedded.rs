@@ -133,6 +133,8 @@ const MAX_GROUP_BYTES: usize = 64 << 20;
 /// Writes waiting for the committer before new ones wait to be queued.
 const QUEUE_DEPTH: usize = 4096;
 const REVISION_KEY: &[u8] = b"revision";
+/// fjall's folder of keyspaces inside the data directory.
+const KEYSPACES_DIR: &str = "keyspaces";
 /// The journal size past which fjall flushes the keyspaces that hold old
 /// journals back: its smallest allowed (see the module's notes).
 const MAX_JOURNALING_BYTES: u64 = 64 << 20;
@@ -245,13 +247,19 @@ impl EmbeddedStore {
     /// When the directory cannot be created or opened, holds data fjall cannot
     /// recover, or is in use by another process.
     pub fn open(config: EmbeddedConfig) -> StoreResult<Self> {
-        std::fs::create_dir_all(&config.path)?;
+        crate::files::create_dir_all_durably(&config.path)?;
         let db = Database::builder(&config.path)
             .manual_journal_persist(true)
             .max_journaling_size(MAX_JOURNALING_BYTES)
             .open()?;
         let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        // fjall creates `keyspaces/<id>` without an fsync of `keyspaces/`: a
+        // power cut would take the new folder away, and with it every write
+        // its journal holds for that keyspace. Syncing both levels here, before
+        // the first write, makes the folders as durable as the journal.
+        crate::files::sync_dir(&config.path.join(KEYSPACES_DIR))?;
+        crate::files::sync_dir(&config.path)?;
         let revision = match meta.get(REVISION_KEY)? {
             Some(raw) => u64::from_le_bytes(
                 raw.as_ref()
