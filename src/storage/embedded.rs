@@ -190,12 +190,18 @@ struct Shared {
 }
 
 impl Shared {
-    fn fail(&self, why: String) -> StoreError {
+    /// Refuses writes from now on; gives the reason, which every later write
+    /// gets too. `what` failed with `err`; the reason says so and that only a
+    /// restart helps: after a failed sync the kernel may have dropped the
+    /// unsynced data, so a retried sync could succeed without it.
+    fn fail(&self, what: &str, err: impl std::fmt::Display) -> String {
+        let why =
+            format!("{what} failed ({err}); writes are refused until the server is restarted");
         tracing::error!(error = %why, "storage write failed; refusing writes until restart");
         if let Ok(mut failure) = self.failure.lock() {
             failure.get_or_insert(why.clone());
         }
-        StoreError::Unavailable(why)
+        why
     }
 
     fn failure(&self) -> Option<String> {
@@ -758,12 +764,13 @@ impl Writer {
             self.revision = first_revision;
             // The directory holds no write of this group: it is updated below,
             // after a commit that succeeded.
-            let err = shared.fail(format!("commit failed: {err}"));
+            let what = match self.persist {
+                PersistMode::Buffer => "commit (journal write)",
+                PersistMode::SyncData | PersistMode::SyncAll => "commit (journal write and sync)",
+            };
+            let why = shared.fail(what, err);
             for Accepted { reply, .. } in accepted {
-                let _ = reply.send((
-                    Err(StoreError::Unavailable(err.to_string())),
-                    Duration::ZERO,
-                ));
+                let _ = reply.send((Err(StoreError::Unavailable(why.clone())), Duration::ZERO));
             }
             return;
         }
@@ -874,7 +881,7 @@ fn run_syncer(
                 shared.notify(CommitEvent::Synced { revision: synced });
             }
             Err(err) => {
-                shared.fail(format!("background sync failed: {err}"));
+                shared.fail("background sync", err);
                 return;
             }
         }

@@ -437,17 +437,28 @@ impl Binary {
         }
     }
 
-    /// Sends SIGTERM, waits for the exit, and returns whether it was clean.
+    /// Sends SIGTERM, waits (at most a minute) for the exit, and returns
+    /// whether it was clean.
     pub fn terminate(&mut self) -> bool {
         let pid = i32::try_from(self.child.id()).expect("pid");
         // SAFETY: kill(2) on our own child's pid has no memory effects.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        self.child.wait().expect("wait").success()
+        self.wait().success()
+    }
+
+    /// Waits (at most a minute) for the process to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        wait_child(&mut self.child, Duration::from_secs(60))
+            .expect("kvstore did not exit within 60 s")
     }
 
     /// Every log line, once the process has exited.
     pub fn log(&mut self) -> Vec<String> {
         if let Some(reader) = self.reader.take() {
+            // The reader ends at the end of the log, when the process exits.
+            poll_until(Duration::from_secs(60), "the log reader", || {
+                reader.is_finished()
+            });
             reader.join().expect("log reader");
         }
         self.log.lock().unwrap().clone()
