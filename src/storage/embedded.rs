@@ -42,7 +42,7 @@
 
 use std::collections::HashMap;
 use std::ops::Bound;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
@@ -255,7 +255,8 @@ impl EmbeddedStore {
         let db = Database::builder(&config.path)
             .manual_journal_persist(true)
             .max_journaling_size(MAX_JOURNALING_BYTES)
-            .open()?;
+            .open()
+            .map_err(|err| open_failed(&config.path, err))?;
         let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let revision = match meta.get(REVISION_KEY)? {
@@ -500,6 +501,68 @@ impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// fjall's errors name no file. An open that fails on corrupt data names the
+/// files that can hold the damage, so that the operator knows what to restore.
+fn open_failed(path: &Path, err: fjall::Error) -> StoreError {
+    if !crate::error::is_corruption(&err) {
+        return err.into();
+    }
+    let (suspects, or_else) = match err {
+        fjall::Error::JournalRecovery(_)
+        | fjall::Error::InvalidTrailer
+        | fjall::Error::InvalidTag(_)
+        | fjall::Error::Decompress(_) => (
+            files_in(path, |file| file.extension().is_some_and(|e| e == "jnl")),
+            "",
+        ),
+        fjall::Error::InvalidVersion(_) => (vec![path.join("version")], ""),
+        // fjall reads every table's trailer, index and filter at open, and
+        // the version file that lists a keyspace's tables.
+        _ => (
+            files_in(&path.join("keyspaces"), |_| true)
+                .iter()
+                .flat_map(|keyspace| files_in(&keyspace.join("tables"), |_| true))
+                .collect(),
+            " (or a keyspace's version file)",
+        ),
+    };
+    // A big store has hundreds of tables.
+    const SHOWN: usize = 20;
+    let mut named: Vec<String> = suspects
+        .iter()
+        .take(SHOWN)
+        .map(|file| file.display().to_string())
+        .collect();
+    if suspects.len() > SHOWN {
+        named.push(format!("and {} more", suspects.len() - SHOWN));
+    }
+    let place = match named.as_slice() {
+        [] => format!("under {}", path.display()),
+        [file] => file.clone(),
+        files => format!("one of {}", files.join(", ")),
+    };
+    match StoreError::from(err) {
+        StoreError::Internal(why) => {
+            StoreError::Internal(format!("{why}; the damaged file is {place}{or_else}"))
+        }
+        other => other,
+    }
+}
+
+/// The entries of `dir` whose path passes `keep`, sorted; none if `dir`
+/// cannot be read.
+fn files_in(dir: &Path, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|file| keep(file))
+        .collect();
+    files.sort();
+    files
 }
 
 fn get_snapshot(shared: &Shared, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {

@@ -395,6 +395,13 @@ impl Binary {
     /// Starts `kvstore serve --listen 127.0.0.1:0 --data-dir DIR ARGS...` and
     /// waits for the line that names its address.
     pub fn start(data_dir: &Path, args: &[&str]) -> Self {
+        Self::try_start(data_dir, args)
+            .unwrap_or_else(|log| panic!("kvstore did not start: {log:#?}"))
+    }
+
+    /// [`Binary::start`], or the log lines of a server that exited (within a
+    /// minute) without listening.
+    pub fn try_start(data_dir: &Path, args: &[&str]) -> Result<Self, Vec<String>> {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvstore"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -425,16 +432,26 @@ impl Binary {
                 lines.lock().unwrap().push(line);
             }
         });
-        let address = address_rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("kvstore did not report its address");
-        Binary {
+        let address = match address_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(address) => address,
+            // The log ended without the line: the server exited.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = wait_child(&mut child, Duration::from_secs(60));
+                let _ = reader.join();
+                return Err(log.lock().unwrap().clone());
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("kvstore did not report its address within 60 s");
+            }
+        };
+        Ok(Binary {
             child,
             client: Client::new(&format!("http://{address}")).expect("client"),
             addr: address,
             log,
             reader: Some(reader),
-        }
+        })
     }
 
     /// Sends SIGTERM, waits (at most a minute) for the exit, and returns
