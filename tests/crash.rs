@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Binary;
+use common::{Binary, within};
 use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
 use kvstore::client::Client;
 use kvstore::storage::Condition;
@@ -176,9 +176,11 @@ async fn crash_cycles(durability: &str, cycles: u64) {
         // Vary the moment of the kill from cycle to cycle.
         tokio::time::sleep(Duration::from_millis(250 + 120 * cycle)).await;
         server.child.kill().expect("SIGKILL");
-        server.child.wait().expect("reap");
+        server.wait();
         for writer in writers {
-            writer.await.unwrap();
+            within(60, "a writer to see the server gone", writer)
+                .await
+                .unwrap();
         }
         let ledger = ledger.lock().unwrap();
         assert!(
@@ -218,13 +220,15 @@ async fn sigterm_drains_and_exits_cleanly() {
     let pid = i32::try_from(server.child.id()).expect("pid");
     // SAFETY: kill(2) with a valid pid of our own child has no memory effects.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = server.child.wait().expect("wait");
+    let status = server.wait();
     assert!(
         status.success(),
         "kvstore exited with {status} after SIGTERM"
     );
     for writer in writers {
-        writer.await.unwrap();
+        within(60, "a writer to see the server gone", writer)
+            .await
+            .unwrap();
     }
     let server = start(dir.path(), "fsync");
     verify_after_restart(&server.client, &ledger).await;

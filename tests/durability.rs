@@ -5,45 +5,15 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use common::{TestServer, eventually, within};
+use common::{Gate, TestServer, eventually, within};
 use kvstore::server::ServerConfig;
 use kvstore::storage::embedded::{CommitEvent, Durability, EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{Condition, Store, WriteOp, WriteOutcome};
 use tokio::sync::mpsc;
-
-/// A gate the commit hook waits at until the test opens it.
-#[derive(Default)]
-struct Gate {
-    open: Mutex<bool>,
-    changed: Condvar,
-}
-
-/// The longest a hook waits at a closed gate. Past it, the hook goes on:
-/// a test that failed before opening its gate must not leave the committer
-/// (and with it the store's close and the runtime's shutdown) stuck.
-const GATE_DEADLINE: Duration = Duration::from_secs(60);
-
-impl Gate {
-    fn wait(&self) {
-        let open = self.open.lock().unwrap();
-        let (open, waited) = self
-            .changed
-            .wait_timeout_while(open, GATE_DEADLINE, |open| !*open)
-            .unwrap();
-        if waited.timed_out() && !*open {
-            eprintln!("the gate stayed closed for {GATE_DEADLINE:?}; going on");
-        }
-    }
-
-    fn set(&self, open: bool) {
-        *self.open.lock().unwrap() = open;
-        self.changed.notify_all();
-    }
-}
 
 /// A server whose commit hook reports every event on a channel, then waits at
 /// the gate.
