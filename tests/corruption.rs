@@ -296,6 +296,7 @@ async fn flipped_journal_bytes_are_cut_off_or_refused_never_served() {
         ("the last batch's end tag", end - 13),
         ("the last batch's value", in_last_value + 6),
         ("the first batch's start tag", 0),
+        ("the first batch's items", 20),
         ("the tenth batch's start tag", batch_ends[8]),
     ];
     for (what, at) in cases {
