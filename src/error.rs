@@ -20,8 +20,51 @@ pub enum StoreError {
 }
 
 impl From<fjall::Error> for StoreError {
+    /// Corrupt data is `Internal`, logged at `error`: a retry reads the same
+    /// bytes, so 503 (which tells clients to retry) would be wrong, and an
+    /// operator must hear of it. Every other engine error (a failed read or
+    /// write, a refusal after a failed sync, a lock held by another process)
+    /// is `Unavailable`.
     fn from(err: fjall::Error) -> Self {
+        if is_corruption(&err) {
+            tracing::error!(error = %err, "stored data is corrupt");
+            return StoreError::Internal(format!("stored data is corrupt ({err})"));
+        }
         StoreError::Unavailable(err.to_string())
+    }
+}
+
+/// Whether fjall found bytes on disk that do not check out (a checksum, a
+/// header, a tag, a length, a format version), rather than failing to read
+/// or write them.
+pub(crate) fn is_corruption(err: &fjall::Error) -> bool {
+    use fjall::{Error, LsmError};
+    match err {
+        // The journal's own checks, and the database's format version.
+        Error::JournalRecovery(_)
+        | Error::InvalidVersion(_)
+        | Error::Decompress(_)
+        | Error::InvalidTrailer
+        | Error::InvalidTag(_)
+        | Error::Unrecoverable => true,
+        // The tables' and version files' checks.
+        Error::Storage(
+            LsmError::ChecksumMismatch { .. }
+            | LsmError::Decompress(_)
+            | LsmError::InvalidVersion(_)
+            | LsmError::Unrecoverable
+            | LsmError::InvalidTag(_)
+            | LsmError::InvalidTrailer
+            | LsmError::InvalidHeader(_)
+            | LsmError::Utf8(_),
+        ) => true,
+        // A table read past its end, or at an offset that cannot be (a
+        // damaged block handle makes a negative seek: EINVAL).
+        Error::Storage(LsmError::Io(io)) => matches!(
+            io.kind(),
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput
+        ),
+        _ => false,
     }
 }
 
@@ -33,3 +76,40 @@ impl From<io::Error> for StoreError {
 
 /// The result of a storage operation.
 pub type StoreResult<T> = Result<T, StoreError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fjall::LsmError;
+
+    #[test]
+    fn corrupt_data_is_internal_and_failed_io_unavailable() {
+        let internal = [
+            fjall::Error::JournalRecovery(fjall::JournalRecoveryError::ChecksumMismatch),
+            fjall::Error::InvalidTrailer,
+            fjall::Error::Storage(LsmError::Unrecoverable),
+            fjall::Error::Storage(LsmError::InvalidHeader("Block")),
+            fjall::Error::Storage(LsmError::Io(io::ErrorKind::UnexpectedEof.into())),
+        ];
+        for err in internal {
+            let shown = err.to_string();
+            assert!(
+                matches!(StoreError::from(err), StoreError::Internal(_)),
+                "{shown}"
+            );
+        }
+        let unavailable = [
+            fjall::Error::Poisoned,
+            fjall::Error::Locked,
+            fjall::Error::Io(io::Error::from_raw_os_error(libc::EIO)),
+            fjall::Error::Storage(LsmError::Io(io::Error::from_raw_os_error(libc::EIO))),
+        ];
+        for err in unavailable {
+            let shown = err.to_string();
+            assert!(
+                matches!(StoreError::from(err), StoreError::Unavailable(_)),
+                "{shown}"
+            );
+        }
+    }
+}

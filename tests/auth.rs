@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Binary, TestServer};
+use common::{Binary, TestServer, output_within, within};
 use kvstore::api::auth::{Auth, TokenRules, token_sha256_hex};
 use kvstore::client::{Client, ClientOptions};
 use kvstore::server::{Security, ServerConfig};
@@ -422,14 +422,18 @@ async fn sighup_reloads_the_token_file_without_dropping_connections() {
         StatusCode::UNAUTHORIZED
     );
     let addr = server.addr.clone();
-    let mut kept = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        assert!(raw_get(&mut stream, "old-token").starts_with("HTTP/1.1 404"));
-        stream
-    })
+    let mut kept = within(
+        60,
+        "a request on a new connection",
+        tokio::task::spawn_blocking(move || {
+            let mut stream = TcpStream::connect(addr).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            assert!(raw_get(&mut stream, "old-token").starts_with("HTTP/1.1 404"));
+            stream
+        }),
+    )
     .await
     .unwrap();
 
@@ -452,11 +456,15 @@ async fn sighup_reloads_the_token_file_without_dropping_connections() {
         StatusCode::UNAUTHORIZED
     );
     // The connection opened before the reload still serves, under the new rules.
-    kept = tokio::task::spawn_blocking(move || {
-        assert!(raw_get(&mut kept, "old-token").starts_with("HTTP/1.1 401"));
-        assert!(raw_get(&mut kept, "new-token").starts_with("HTTP/1.1 404"));
-        kept
-    })
+    kept = within(
+        60,
+        "requests on the kept connection",
+        tokio::task::spawn_blocking(move || {
+            assert!(raw_get(&mut kept, "old-token").starts_with("HTTP/1.1 401"));
+            assert!(raw_get(&mut kept, "new-token").starts_with("HTTP/1.1 404"));
+            kept
+        }),
+    )
     .await
     .unwrap();
 
@@ -490,18 +498,12 @@ async fn without_auth_the_server_says_so() {
 }
 
 fn run_kvstore(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> std::process::Output {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kvstore"));
+    command
         .args(args)
         .envs(env.iter().copied())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kvstore");
-    let _ = child.stdin.take().expect("stdin").write_all(stdin);
-    child.wait_with_output().expect("output")
+        .env_remove("RUST_LOG");
+    output_within(&mut command, stdin, Duration::from_secs(60))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -522,20 +524,24 @@ async fn the_cli_hashes_tokens_and_sends_them() {
     let server = server(false).await;
     seed(&server.client, &[("users/1", "hello")]).await;
     let base = server.base.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        let with_token = run_kvstore(
-            &["get", "users/1"],
-            &[("KVSTORE_URL", &base), ("KVSTORE_TOKEN", "reader-token")],
-            b"",
-        );
-        let without = run_kvstore(&["get", "users/1"], &[("KVSTORE_URL", &base)], b"");
-        let forbidden = run_kvstore(
-            &["put", "users/1", "x", "--token", "reader-token"],
-            &[("KVSTORE_URL", &base)],
-            b"",
-        );
-        (with_token, without, forbidden)
-    })
+    let out = within(
+        200,
+        "three CLI commands",
+        tokio::task::spawn_blocking(move || {
+            let with_token = run_kvstore(
+                &["get", "users/1"],
+                &[("KVSTORE_URL", &base), ("KVSTORE_TOKEN", "reader-token")],
+                b"",
+            );
+            let without = run_kvstore(&["get", "users/1"], &[("KVSTORE_URL", &base)], b"");
+            let forbidden = run_kvstore(
+                &["put", "users/1", "x", "--token", "reader-token"],
+                &[("KVSTORE_URL", &base)],
+                b"",
+            );
+            (with_token, without, forbidden)
+        }),
+    )
     .await
     .unwrap();
     assert!(out.0.status.success(), "{out:?}");

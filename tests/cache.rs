@@ -7,11 +7,14 @@
 //! wrapper holds a read or a write at exactly that point, so the interleaving
 //! is forced, not hoped for.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use common::within;
 use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::error::StoreResult;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
@@ -118,7 +121,7 @@ async fn held_read(
         let cache = Arc::clone(cache);
         tokio::spawn(async move { value_of(cache.as_ref(), key).await })
     };
-    backing.read_done.notified().await;
+    within(60, "the read to be held", backing.read_done.notified()).await;
     reader
 }
 
@@ -137,7 +140,10 @@ async fn a_stalled_read_cannot_put_back_an_old_version() {
 
     backing.release.add_permits(1);
     assert_eq!(
-        reader.await.unwrap().as_deref(),
+        within(60, "the held read", reader)
+            .await
+            .unwrap()
+            .as_deref(),
         Some("old"),
         "the held read saw storage before the writes"
     );
@@ -167,10 +173,10 @@ async fn a_late_write_cannot_put_back_its_older_entry() {
         let cache = Arc::clone(&cache);
         tokio::spawn(async move { cache.write(put("k", "old")).await })
     };
-    backing.write_done.notified().await;
+    within(60, "the write to be held", backing.write_done.notified()).await;
     cache.write(put("k", "new")).await.unwrap();
     backing.release_write.add_permits(1);
-    late.await.unwrap().unwrap();
+    within(60, "the held write", late).await.unwrap().unwrap();
 
     assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("new"));
     cache.close().await.unwrap();
@@ -192,7 +198,7 @@ async fn a_stalled_read_cannot_fill_after_the_newer_entry_was_evicted() {
     cache.write(put("k", "new")).await.unwrap();
     cache.write(put("other", "x")).await.unwrap();
     backing.release.add_permits(1);
-    reader.await.unwrap();
+    within(60, "the held read", reader).await.unwrap();
 
     assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("new"));
     assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("new"));
@@ -360,11 +366,11 @@ async fn no_reader_sees_a_version_go_back() {
         }));
     }
     for task in tasks {
-        task.await.unwrap();
+        within(120, "a writer", task).await.unwrap();
     }
     stop.store(true, Ordering::SeqCst);
     for reader in readers {
-        assert!(reader.await.unwrap() > 0);
+        assert!(within(60, "a reader", reader).await.unwrap() > 0);
     }
     for i in 0..KEYS {
         let key = format!("k{i}");

@@ -5,10 +5,10 @@
 
 mod common;
 
-use std::io::Write as _;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
+use std::time::Duration;
 
-use common::TestServer;
+use common::{TestServer, output_within};
 use serde_json::Value;
 
 /// Runs `kvstore ARGS` against `url` (through `KVSTORE_URL`) with `stdin`
@@ -18,18 +18,12 @@ async fn kvstore(url: &str, args: &[&str], stdin: &[u8]) -> Output {
     let args: Vec<String> = args.iter().map(|&a| a.to_owned()).collect();
     let stdin = stdin.to_vec();
     tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kvstore"));
+        command
             .args(&args)
             .env("KVSTORE_URL", &url)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kvstore");
-        // A command that does not read stdin may exit before the write.
-        let _ = child.stdin.take().expect("stdin").write_all(&stdin);
-        child.wait_with_output().expect("kvstore output")
+            .env_remove("RUST_LOG");
+        output_within(&mut command, &stdin, Duration::from_secs(120))
     })
     .await
     .expect("join")

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::TestServer;
+use common::{TestServer, within};
 use hyper::StatusCode;
 use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest, EntryBody};
 use kvstore::client::{Client, ClientError, ListParams};
@@ -144,7 +144,7 @@ async fn conditional_increments_lose_no_update() {
         .collect();
     let mut versions = Vec::new();
     for task in tasks {
-        versions.extend(task.await.expect("increment task"));
+        versions.extend(within(120, "an increment task", task).await.expect("increment task"));
     }
 
     // Every increment wrote its own version, and none was lost.
@@ -235,7 +235,7 @@ async fn batch_reads_and_ranges_never_show_part_of_a_batch() {
     }
     done.store(true, Ordering::Release);
     for reader in readers {
-        assert!(reader.await.expect("reader task") > 0);
+        assert!(within(60, "a reader", reader).await.expect("reader task") > 0);
     }
     server.stop().await;
 }

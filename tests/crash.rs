@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::plfs::Plfs;
-use common::{Binary, wait_child, within};
+use common::{Binary, within};
 use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
 use kvstore::client::Client;
 use kvstore::storage::Condition;
@@ -164,9 +164,6 @@ enum Crash<'a> {
     PowerCut(&'a mut Plfs),
 }
 
-/// How long a crashed server or its stopped writers may take to go.
-const CRASH_DEADLINE: Duration = Duration::from_secs(60);
-
 async fn crash_cycles(data_dir: &Path, durability: &str, cycles: u64, mut crash: Crash<'_>) {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut cursor_secret = None;
@@ -211,15 +208,11 @@ async fn crash_cycles(data_dir: &Path, durability: &str, cycles: u64, mut crash:
             fs.ctl("cut");
         }
         server.child.kill().expect("SIGKILL");
-        wait_child(&mut server.child, CRASH_DEADLINE).expect("the killed server exits");
+        server.wait();
         for writer in writers {
-            within(
-                CRASH_DEADLINE.as_secs(),
-                "a writer stops once its server is gone",
-                writer,
-            )
-            .await
-            .unwrap();
+            within(60, "a writer to see the server gone", writer)
+                .await
+                .unwrap();
         }
         if let Crash::PowerCut(fs) = &mut crash {
             drop(server);
@@ -282,13 +275,15 @@ async fn sigterm_drains_and_exits_cleanly() {
     let pid = i32::try_from(server.child.id()).expect("pid");
     // SAFETY: kill(2) with a valid pid of our own child has no memory effects.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = server.child.wait().expect("wait");
+    let status = server.wait();
     assert!(
         status.success(),
         "kvstore exited with {status} after SIGTERM"
     );
     for writer in writers {
-        writer.await.unwrap();
+        within(60, "a writer to see the server gone", writer)
+            .await
+            .unwrap();
     }
     let server = start(dir.path(), "fsync");
     verify_after_restart(&server.client, &ledger).await;

@@ -5,36 +5,15 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use common::TestServer;
+use common::{Gate, TestServer, eventually, within};
 use kvstore::server::ServerConfig;
 use kvstore::storage::embedded::{CommitEvent, Durability, EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{Condition, Store, WriteOp, WriteOutcome};
 use tokio::sync::mpsc;
-
-/// A gate the commit hook waits at until the test opens it.
-#[derive(Default)]
-struct Gate {
-    open: Mutex<bool>,
-    changed: Condvar,
-}
-
-impl Gate {
-    fn wait(&self) {
-        let mut open = self.open.lock().unwrap();
-        while !*open {
-            open = self.changed.wait(open).unwrap();
-        }
-    }
-
-    fn set(&self, open: bool) {
-        *self.open.lock().unwrap() = open;
-        self.changed.notify_all();
-    }
-}
 
 /// A server whose commit hook reports every event on a channel, then waits at
 /// the gate.
@@ -57,7 +36,9 @@ async fn a_write_is_not_answered_while_its_sync_is_held() {
 
     let client = server.client.clone();
     let put = tokio::spawn(async move { client.put("k", "v", Condition::Any).await });
-    let event = events.recv().await.expect("commit event");
+    let event = within(60, "the commit event", events.recv())
+        .await
+        .expect("commit event");
     assert_eq!(
         event,
         CommitEvent::Committed {
@@ -74,7 +55,7 @@ async fn a_write_is_not_answered_while_its_sync_is_held() {
     );
 
     gate.set(true);
-    let answer = put.await.unwrap().expect("put");
+    let answer = within(60, "the answer", put).await.unwrap().expect("put");
     assert_eq!(answer.revision, 1);
     server.stop().await;
 }
@@ -87,7 +68,9 @@ async fn writes_queued_during_a_sync_share_the_next_one() {
     // The first write's commit is held at the hook ...
     let client = server.client.clone();
     let first = tokio::spawn(async move { client.put("first", "v", Condition::Any).await });
-    events.recv().await.expect("first commit");
+    within(60, "the first commit", events.recv())
+        .await
+        .expect("first commit");
 
     // ... while ten more writes queue up behind it.
     let mut queued = Vec::new();
@@ -97,23 +80,30 @@ async fn writes_queued_during_a_sync_share_the_next_one() {
             client.put(&format!("k{i}"), "v", Condition::Any).await
         }));
     }
-    while server.embedded().queue_depth() < 10 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(60, "ten writes queued", || {
+        server.embedded().queue_depth() >= 10
+    })
+    .await;
     gate.set(true);
 
     // All ten go out in one commit with one sync.
     assert_eq!(
-        events.recv().await.expect("second commit"),
+        within(60, "the second commit", events.recv())
+            .await
+            .expect("second commit"),
         CommitEvent::Committed {
             last_revision: 11,
             synced: true
         }
     );
-    first.await.unwrap().expect("first put");
+    within(60, "the first answer", first)
+        .await
+        .unwrap()
+        .expect("first put");
     let mut revisions: Vec<u64> = Vec::new();
     for put in queued {
-        revisions.push(put.await.unwrap().expect("put").revision);
+        let answer = within(60, "a queued answer", put).await.unwrap();
+        revisions.push(answer.expect("put").revision);
     }
     revisions.sort_unstable();
     assert_eq!(revisions, (2..=11).collect::<Vec<_>>());
@@ -157,7 +147,7 @@ async fn every_acknowledged_write_was_synced_first() {
         }));
     }
     for writer in writers {
-        writer.await.unwrap();
+        within(120, "a writer", writer).await.unwrap();
     }
     server.stop().await;
 }
@@ -180,14 +170,14 @@ async fn buffered_mode_syncs_in_the_background() {
         .await
         .expect("put");
     assert_eq!(
-        received.recv().await,
+        within(60, "the commit event", received.recv()).await,
         Some(CommitEvent::Committed {
             last_revision: answer.revision,
             synced: false
         })
     );
     assert_eq!(
-        received.recv().await,
+        within(60, "the sync event", received.recv()).await,
         Some(CommitEvent::Synced {
             revision: answer.revision
         })
@@ -243,8 +233,21 @@ impl CommitThreads {
 
     /// Writes `key`, and names the thread that committed it.
     async fn committed_by(&mut self, key: &str) -> Option<String> {
-        self.put(key).await.unwrap();
-        self.threads.recv().await.unwrap()
+        within(60, "the write", self.put(key)).await.unwrap();
+        self.next_commit().await
+    }
+
+    /// The thread of the next commit the hook sees.
+    async fn next_commit(&mut self) -> Option<String> {
+        within(60, "a commit at the hook", self.threads.recv())
+            .await
+            .unwrap()
+    }
+
+    async fn close(&self) {
+        within(60, "the store's close", self.store.close())
+            .await
+            .unwrap();
     }
 }
 
@@ -261,15 +264,16 @@ async fn a_write_alone_commits_itself_and_overlapping_writes_share_the_committer
     commits.gate.set(false);
     tokio::time::sleep(Duration::from_millis(5)).await;
     let held = commits.put("b");
-    assert_ne!(commits.threads.recv().await.unwrap().as_deref(), COMMITTER);
+    assert_ne!(commits.next_commit().await.as_deref(), COMMITTER);
     let (c, d) = (commits.put("c"), commits.put("d"));
-    while commits.store.queue_depth() < 2 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    eventually(60, "c and d queued", || commits.store.queue_depth() >= 2).await;
     commits.gate.set(true);
-    assert_eq!(held.await.unwrap(), 2);
-    assert_eq!(commits.threads.recv().await.unwrap().as_deref(), COMMITTER);
-    let mut revisions = [c.await.unwrap(), d.await.unwrap()];
+    assert_eq!(within(60, "b's answer", held).await.unwrap(), 2);
+    assert_eq!(commits.next_commit().await.as_deref(), COMMITTER);
+    let mut revisions = [
+        within(60, "c's answer", c).await.unwrap(),
+        within(60, "d's answer", d).await.unwrap(),
+    ];
     revisions.sort_unstable();
     assert_eq!(revisions, [3, 4]);
     assert!(
@@ -280,7 +284,7 @@ async fn a_write_alone_commits_itself_and_overlapping_writes_share_the_committer
     // Quiet again: the next lone write commits itself.
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert_ne!(commits.committed_by("e").await.as_deref(), COMMITTER);
-    commits.store.close().await.unwrap();
+    commits.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,13 +293,13 @@ async fn after_writes_overlap_a_lone_write_goes_to_the_committer_until_quiet() {
     // every lone write goes to the committer.
     let mut commits = CommitThreads::open(Duration::from_secs(3600));
     let (a, b) = (commits.put("a"), commits.put("b"));
-    a.await.unwrap();
-    b.await.unwrap();
+    within(60, "a's answer", a).await.unwrap();
+    within(60, "b's answer", b).await.unwrap();
     while commits.threads.try_recv().is_ok() {}
     for key in ["c", "d", "e"] {
         assert_eq!(commits.committed_by(key).await.as_deref(), COMMITTER);
     }
-    commits.store.close().await.unwrap();
+    commits.close().await;
 }
 
 #[tokio::test]
@@ -304,29 +308,34 @@ async fn on_a_single_threaded_runtime_every_write_goes_to_the_committer() {
     for key in ["a", "b"] {
         assert_eq!(commits.committed_by(key).await.as_deref(), COMMITTER);
     }
-    commits.store.close().await.unwrap();
+    commits.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_dropped_while_the_queue_is_full_leave_no_count_behind() {
-    let commits = CommitThreads::open(Duration::from_millis(1));
+    let mut commits = CommitThreads::open(Duration::from_millis(1));
     tokio::time::sleep(Duration::from_millis(5)).await;
-    // A lone write holds the writer at the hook; the queue (4096 writes) fills
-    // up behind it, and the last writes wait for room in it.
+    // One write holds the writer at the hook, whether it committed itself or
+    // went to the committer. The others start only once it is there, so none
+    // of them can take the writer first (and wait at the gate while the test
+    // waits for it): they all queue behind it. The queue (4096 writes) fills
+    // up, and the last writes wait for room in it.
     commits.gate.set(false);
     let held = commits.put("held");
+    commits.next_commit().await;
     let writers: Vec<_> = (0..4200).map(|i| commits.put(&format!("k{i}"))).collect();
-    while commits.store.queue_depth() < 4200 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(60, "4200 writes waiting", || {
+        commits.store.queue_depth() >= 4200
+    })
+    .await;
     for writer in &writers {
         writer.abort();
     }
     for writer in writers {
-        let _ = writer.await;
+        let _ = within(60, "an aborted writer", writer).await;
     }
     commits.gate.set(true);
-    held.await.unwrap();
+    within(60, "the held write", held).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while commits.store.queue_depth() != 0 {
         assert!(
@@ -336,5 +345,5 @@ async fn writes_dropped_while_the_queue_is_full_leave_no_count_behind() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    commits.store.close().await.unwrap();
+    commits.close().await;
 }

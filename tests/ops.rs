@@ -5,10 +5,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Binary, TestServer};
+use common::{Binary, Gate, TestServer, within};
 use hyper::{Method, StatusCode};
 use kvstore::api::types::ErrorResponse;
 use kvstore::server::ServerConfig;
@@ -18,7 +18,7 @@ use kvstore::storage::embedded::CommitEvent;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_over_the_timeout_is_answered_503() {
     // The commit hook holds the first commit until the test lets it go.
-    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let gate = Arc::new(Gate::default());
     let held = Arc::clone(&gate);
     let (committing, mut commits) = tokio::sync::mpsc::unbounded_channel();
     let config = ServerConfig {
@@ -28,11 +28,7 @@ async fn a_request_over_the_timeout_is_answered_503() {
     let server = TestServer::start_with(config, move |engine| {
         engine.commit_hook = Some(Arc::new(move |_: &CommitEvent| {
             let _ = committing.send(());
-            let (open, changed) = &*held;
-            let mut open = open.lock().unwrap();
-            while !*open {
-                open = changed.wait(open).unwrap();
-            }
+            held.wait();
         }));
     })
     .await;
@@ -42,7 +38,9 @@ async fn a_request_over_the_timeout_is_answered_503() {
     // is what the timeout bounds.
     let client = server.client.clone();
     let first = tokio::spawn(async move { client.put("first", "v", Condition::Any).await });
-    commits.recv().await.expect("first commit");
+    within(60, "the first commit", commits.recv())
+        .await
+        .expect("first commit");
     let response = server
         .client
         .send(
@@ -62,14 +60,20 @@ async fn a_request_over_the_timeout_is_answered_503() {
         error.error.message
     );
 
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
-    first.await.unwrap().expect("first write");
+    gate.set(true);
+    within(60, "the first write", first)
+        .await
+        .unwrap()
+        .expect("first write");
     server.stop().await;
 }
 
-/// Sends one keep-alive request on a raw connection and reads its answer.
+/// Sends one keep-alive request on a raw connection and reads its answer
+/// (for at most 10 s).
 fn request_on(stream: &mut TcpStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .expect("write");
@@ -86,30 +90,34 @@ async fn connections_over_the_cap_wait_until_one_closes() {
     };
     let server = TestServer::start_with(config, |_| {}).await;
     let addr = server.addr;
-    let result = tokio::task::spawn_blocking(move || {
-        let mut first = TcpStream::connect(addr).expect("connect");
-        assert!(request_on(&mut first).starts_with("HTTP/1.1 200"));
+    let result = within(
+        60,
+        "two connections",
+        tokio::task::spawn_blocking(move || {
+            let mut first = TcpStream::connect(addr).expect("connect");
+            assert!(request_on(&mut first).starts_with("HTTP/1.1 200"));
 
-        // The second connection is accepted by the kernel but not served.
-        let mut second = TcpStream::connect(addr).expect("connect");
-        second
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        second
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut buf = [0u8; 1024];
-        let early = second.read(&mut buf);
-        assert!(early.is_err(), "a connection over the cap was served");
+            // The second connection is accepted by the kernel but not served.
+            let mut second = TcpStream::connect(addr).expect("connect");
+            second
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            second
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut buf = [0u8; 1024];
+            let early = second.read(&mut buf);
+            assert!(early.is_err(), "a connection over the cap was served");
 
-        // Once the first closes, the second is served.
-        drop(first);
-        second
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let n = second.read(&mut buf).expect("read after the first closed");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    })
+            // Once the first closes, the second is served.
+            drop(first);
+            second
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let n = second.read(&mut buf).expect("read after the first closed");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        }),
+    )
     .await
     .unwrap();
     assert!(result.starts_with("HTTP/1.1 200"), "{result}");
@@ -178,35 +186,39 @@ async fn a_client_sending_headers_slowly_is_disconnected() {
     };
     let server = TestServer::start_with(config, |_| {}).await;
     let addr = server.addr;
-    let (elapsed, answer) = tokio::task::spawn_blocking(move || {
-        let start = std::time::Instant::now();
-        let mut stream = TcpStream::connect(addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        stream.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
-        // One header byte every 100 ms: the headers never end in time.
-        let mut buf = [0u8; 1024];
-        while start.elapsed() < Duration::from_secs(10) {
-            if stream.write_all(b"X").is_err() {
-                break;
-            }
-            match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    return (
-                        start.elapsed(),
-                        String::from_utf8_lossy(&buf[..n]).into_owned(),
-                    );
+    let (elapsed, answer) = within(
+        60,
+        "the slow client",
+        tokio::task::spawn_blocking(move || {
+            let start = std::time::Instant::now();
+            let mut stream = TcpStream::connect(addr).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            stream.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            // One header byte every 100 ms: the headers never end in time.
+            let mut buf = [0u8; 1024];
+            while start.elapsed() < Duration::from_secs(10) {
+                if stream.write_all(b"X").is_err() {
+                    break;
                 }
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(_) => break,
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        return (
+                            start.elapsed(),
+                            String::from_utf8_lossy(&buf[..n]).into_owned(),
+                        );
+                    }
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break,
+                }
             }
-        }
-        (start.elapsed(), String::new())
-    })
+            (start.elapsed(), String::new())
+        }),
+    )
     .await
     .unwrap();
     assert!(
@@ -219,10 +231,14 @@ async fn a_client_sending_headers_slowly_is_disconnected() {
         "{answer}"
     );
     // A client that sends its headers at once is still served.
-    let fresh = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(addr).expect("connect");
-        request_on(&mut stream)
-    })
+    let fresh = within(
+        60,
+        "a fresh client",
+        tokio::task::spawn_blocking(move || {
+            let mut stream = TcpStream::connect(addr).expect("connect");
+            request_on(&mut stream)
+        }),
+    )
     .await
     .unwrap();
     assert!(fresh.starts_with("HTTP/1.1 200"), "{fresh}");

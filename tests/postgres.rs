@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{PgSchema, Proxy};
+use common::{PgSchema, Proxy, within};
 use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::client::Client;
 use kvstore::server::{self, ServerConfig};
@@ -59,7 +59,7 @@ async fn two_first_writes_of_a_key_cannot_both_create_it() {
         let mut created = 0;
         let mut versions = Vec::new();
         for writer in writers {
-            match writer.await.expect("task") {
+            match within(60, "a writer", writer).await.expect("task") {
                 WriteOutcome::Applied { results, .. } => match results[0] {
                     OpResult::Put {
                         version,
@@ -138,7 +138,9 @@ async fn per_key_revisions_rise_with_versions_under_contention() {
         .collect();
     let mut by_key: HashMap<String, Vec<(u64, u64, i64)>> = HashMap::new();
     for writer in writers {
-        for (key, version, revision, updated) in writer.await.expect("task") {
+        for (key, version, revision, updated) in
+            within(120, "a writer", writer).await.expect("task")
+        {
             by_key
                 .entry(key)
                 .or_default()
@@ -170,7 +172,12 @@ async fn servers_starting_together_set_the_schema_up_once() {
         .collect();
     let mut stores = Vec::new();
     for open in opens {
-        stores.push(open.await.expect("task").expect("open"));
+        stores.push(
+            within(60, "a store's open", open)
+                .await
+                .expect("task")
+                .expect("open"),
+        );
     }
     for (i, store) in stores.iter().enumerate() {
         store
@@ -351,7 +358,7 @@ async fn connections_ended_under_load_are_replaced() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     running.store(false, Ordering::Release);
     for worker in workers {
-        worker.await.expect("worker");
+        within(60, "a worker", worker).await.expect("worker");
     }
     assert!(ended > 0, "no connection was ended");
     assert_eq!(

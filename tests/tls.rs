@@ -9,7 +9,7 @@ use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{Binary, TestServer};
+use common::{Binary, TestServer, output_within, within};
 use kvstore::client::{Client, ClientError, ClientOptions};
 use kvstore::server::{Security, ServerConfig};
 use kvstore::storage::Condition;
@@ -101,18 +101,22 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     };
     let server = TestServer::start_secured(config, tls_security(&pki), &trusting(&pki)).await;
     let addr = server.addr;
-    let elapsed = tokio::task::spawn_blocking(move || {
-        let start = std::time::Instant::now();
-        let mut silent = TcpStream::connect(addr).expect("connect");
-        silent
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut buf = [0u8; 64];
-        // Closed by the server: end of stream or a reset.
-        assert!(matches!(silent.read(&mut buf), Ok(0) | Err(_)));
-        let _ = silent.write_all(b"late");
-        start.elapsed()
-    })
+    let elapsed = within(
+        60,
+        "the silent client",
+        tokio::task::spawn_blocking(move || {
+            let start = std::time::Instant::now();
+            let mut silent = TcpStream::connect(addr).expect("connect");
+            silent
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            // Closed by the server: end of stream or a reset.
+            assert!(matches!(silent.read(&mut buf), Ok(0) | Err(_)));
+            let _ = silent.write_all(b"late");
+            start.elapsed()
+        }),
+    )
     .await
     .unwrap();
     assert!(
@@ -146,23 +150,27 @@ async fn the_binary_serves_https_and_the_cli_trusts_ca_cert() {
         ],
     );
     let url = format!("https://{}", server.addr);
-    let (put, get, untrusted) = tokio::task::spawn_blocking(move || {
-        let run = |args: &[&str]| {
-            std::process::Command::new(env!("CARGO_BIN_EXE_kvstore"))
-                .args(args)
-                .args(["--url", &url])
-                .env_remove("RUST_LOG")
-                .env_remove("KVSTORE_CA_CERT")
-                .output()
-                .expect("run kvstore")
-        };
-        let ca = ca.to_str().unwrap();
-        (
-            run(&["put", "k", "v", "--ca-cert", ca]),
-            run(&["get", "k", "--ca-cert", ca]),
-            run(&["get", "k"]),
-        )
-    })
+    let (put, get, untrusted) = within(
+        200,
+        "three CLI commands",
+        tokio::task::spawn_blocking(move || {
+            let run = |args: &[&str]| {
+                let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kvstore"));
+                command
+                    .args(args)
+                    .args(["--url", &url])
+                    .env_remove("RUST_LOG")
+                    .env_remove("KVSTORE_CA_CERT");
+                output_within(&mut command, b"", Duration::from_secs(60))
+            };
+            let ca = ca.to_str().unwrap();
+            (
+                run(&["put", "k", "v", "--ca-cert", ca]),
+                run(&["get", "k", "--ca-cert", ca]),
+                run(&["get", "k"]),
+            )
+        }),
+    )
     .await
     .unwrap();
     assert!(put.status.success(), "{put:?}");

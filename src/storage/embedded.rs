@@ -42,7 +42,7 @@
 
 use std::collections::HashMap;
 use std::ops::Bound;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
@@ -192,12 +192,18 @@ struct Shared {
 }
 
 impl Shared {
-    fn fail(&self, why: String) -> StoreError {
+    /// Refuses writes from now on; gives the reason, which every later write
+    /// gets too. `what` failed with `err`; the reason says so and that only a
+    /// restart helps: after a failed sync the kernel may have dropped the
+    /// unsynced data, so a retried sync could succeed without it.
+    fn fail(&self, what: &str, err: impl std::fmt::Display) -> String {
+        let why =
+            format!("{what} failed ({err}); writes are refused until the server is restarted");
         tracing::error!(error = %why, "storage write failed; refusing writes until restart");
         if let Ok(mut failure) = self.failure.lock() {
             failure.get_or_insert(why.clone());
         }
-        StoreError::Unavailable(why)
+        why
     }
 
     fn failure(&self) -> Option<String> {
@@ -251,7 +257,8 @@ impl EmbeddedStore {
         let db = Database::builder(&config.path)
             .manual_journal_persist(true)
             .max_journaling_size(MAX_JOURNALING_BYTES)
-            .open()?;
+            .open()
+            .map_err(|err| open_failed(&config.path, err))?;
         let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         // fjall creates `keyspaces/<id>` without an fsync of `keyspaces/`: a
@@ -502,6 +509,68 @@ impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// fjall's errors name no file. An open that fails on corrupt data names the
+/// files that can hold the damage, so that the operator knows what to restore.
+fn open_failed(path: &Path, err: fjall::Error) -> StoreError {
+    if !crate::error::is_corruption(&err) {
+        return err.into();
+    }
+    let (suspects, or_else) = match err {
+        fjall::Error::JournalRecovery(_)
+        | fjall::Error::InvalidTrailer
+        | fjall::Error::InvalidTag(_)
+        | fjall::Error::Decompress(_) => (
+            files_in(path, |file| file.extension().is_some_and(|e| e == "jnl")),
+            "",
+        ),
+        fjall::Error::InvalidVersion(_) => (vec![path.join("version")], ""),
+        // fjall reads every table's trailer, index and filter at open, and
+        // the version file that lists a keyspace's tables.
+        _ => (
+            files_in(&path.join("keyspaces"), |_| true)
+                .iter()
+                .flat_map(|keyspace| files_in(&keyspace.join("tables"), |_| true))
+                .collect(),
+            " (or a keyspace's version file)",
+        ),
+    };
+    // A big store has hundreds of tables.
+    const SHOWN: usize = 20;
+    let mut named: Vec<String> = suspects
+        .iter()
+        .take(SHOWN)
+        .map(|file| file.display().to_string())
+        .collect();
+    if suspects.len() > SHOWN {
+        named.push(format!("and {} more", suspects.len() - SHOWN));
+    }
+    let place = match named.as_slice() {
+        [] => format!("under {}", path.display()),
+        [file] => file.clone(),
+        files => format!("one of {}", files.join(", ")),
+    };
+    match StoreError::from(err) {
+        StoreError::Internal(why) => {
+            StoreError::Internal(format!("{why}; the damaged file is {place}{or_else}"))
+        }
+        other => other,
+    }
+}
+
+/// The entries of `dir` whose path passes `keep`, sorted; none if `dir`
+/// cannot be read.
+fn files_in(dir: &Path, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|file| keep(file))
+        .collect();
+    files.sort();
+    files
 }
 
 fn get_snapshot(shared: &Shared, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
@@ -766,12 +835,13 @@ impl Writer {
             self.revision = first_revision;
             // The directory holds no write of this group: it is updated below,
             // after a commit that succeeded.
-            let err = shared.fail(format!("commit failed: {err}"));
+            let what = match self.persist {
+                PersistMode::Buffer => "commit (journal write)",
+                PersistMode::SyncData | PersistMode::SyncAll => "commit (journal write and sync)",
+            };
+            let why = shared.fail(what, err);
             for Accepted { reply, .. } in accepted {
-                let _ = reply.send((
-                    Err(StoreError::Unavailable(err.to_string())),
-                    Duration::ZERO,
-                ));
+                let _ = reply.send((Err(StoreError::Unavailable(why.clone())), Duration::ZERO));
             }
             return;
         }
@@ -882,7 +952,7 @@ fn run_syncer(
                 shared.notify(CommitEvent::Synced { revision: synced });
             }
             Err(err) => {
-                shared.fail(format!("background sync failed: {err}"));
+                shared.fail("background sync", err);
                 return;
             }
         }

@@ -8,7 +8,7 @@ pub mod plfs;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvstore::cache::{CacheConfig, CachedStore};
@@ -69,6 +69,71 @@ pub fn wait_child(
             Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
             _ => return None,
         }
+    }
+}
+
+/// Runs `command` to its end with `stdin` as its input and returns its
+/// output; kills it and fails the test if it takes over `deadline`.
+pub fn output_within(
+    command: &mut std::process::Command,
+    stdin: &[u8],
+    deadline: Duration,
+) -> std::process::Output {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the command");
+    let pid = i32::try_from(child.id()).expect("pid");
+    let stdin = stdin.to_vec();
+    let (done, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // A command that does not read its input may exit before the write.
+        let _ = child.stdin.take().expect("stdin").write_all(&stdin);
+        let _ = done.send(child.wait_with_output());
+    });
+    match output.recv_timeout(deadline) {
+        Ok(output) => output.expect("the command's output"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child (not yet reaped, so the pid
+            // is still its) has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{command:?} did not finish within {deadline:?}");
+        }
+    }
+}
+
+/// A gate that a hook (a commit hook, a store's) waits at until the test
+/// opens it.
+#[derive(Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    changed: Condvar,
+}
+
+/// The longest a hook waits at a closed gate. Past it, the hook goes on:
+/// a test that failed before opening its gate must not leave the committer
+/// (and with it the store's close and the runtime's shutdown) stuck.
+const GATE_DEADLINE: Duration = Duration::from_secs(60);
+
+impl Gate {
+    pub fn wait(&self) {
+        let open = self.open.lock().unwrap();
+        let (open, waited) = self
+            .changed
+            .wait_timeout_while(open, GATE_DEADLINE, |open| !*open)
+            .unwrap();
+        if waited.timed_out() && !*open {
+            eprintln!("the gate stayed closed for {GATE_DEADLINE:?}; going on");
+        }
+    }
+
+    pub fn set(&self, open: bool) {
+        *self.open.lock().unwrap() = open;
+        self.changed.notify_all();
     }
 }
 
@@ -171,7 +236,7 @@ impl Drop for PgSchema {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            runtime.block_on(async move {
+            let drop_schema = async move {
                 let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -180,6 +245,11 @@ impl Drop for PgSchema {
                     .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
                     .await
                     .map_err(|e| e.to_string())
+            };
+            runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(60), drop_schema)
+                    .await
+                    .unwrap_or_else(|_| Err("no answer within 60 s".into()))
             })
         })
         .join();
@@ -374,7 +444,10 @@ impl TestServer {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
-            task.await.expect("server task").expect("server run");
+            within(60, "the server's shutdown", task)
+                .await
+                .expect("server task")
+                .expect("server run");
         }
         self.dir.take()
     }
@@ -395,6 +468,13 @@ impl Binary {
     /// Starts `kvstore serve --listen 127.0.0.1:0 --data-dir DIR ARGS...` and
     /// waits for the line that names its address.
     pub fn start(data_dir: &Path, args: &[&str]) -> Self {
+        Self::try_start(data_dir, args)
+            .unwrap_or_else(|log| panic!("kvstore did not start: {log:#?}"))
+    }
+
+    /// [`Binary::start`], or the log lines of a server that exited (within a
+    /// minute) without listening.
+    pub fn try_start(data_dir: &Path, args: &[&str]) -> Result<Self, Vec<String>> {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvstore"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -425,29 +505,50 @@ impl Binary {
                 lines.lock().unwrap().push(line);
             }
         });
-        let address = address_rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("kvstore did not report its address");
-        Binary {
+        let address = match address_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(address) => address,
+            // The log ended without the line: the server exited.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = wait_child(&mut child, Duration::from_secs(60));
+                let _ = reader.join();
+                return Err(log.lock().unwrap().clone());
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("kvstore did not report its address within 60 s");
+            }
+        };
+        Ok(Binary {
             child,
             client: Client::new(&format!("http://{address}")).expect("client"),
             addr: address,
             log,
             reader: Some(reader),
-        }
+        })
     }
 
-    /// Sends SIGTERM, waits for the exit, and returns whether it was clean.
+    /// Sends SIGTERM, waits (at most a minute) for the exit, and returns
+    /// whether it was clean.
     pub fn terminate(&mut self) -> bool {
         let pid = i32::try_from(self.child.id()).expect("pid");
         // SAFETY: kill(2) on our own child's pid has no memory effects.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        self.child.wait().expect("wait").success()
+        self.wait().success()
+    }
+
+    /// Waits (at most a minute) for the process to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        wait_child(&mut self.child, Duration::from_secs(60))
+            .expect("kvstore did not exit within 60 s")
     }
 
     /// Every log line, once the process has exited.
     pub fn log(&mut self) -> Vec<String> {
         if let Some(reader) = self.reader.take() {
+            // The reader ends at the end of the log, when the process exits.
+            poll_until(Duration::from_secs(60), "the log reader", || {
+                reader.is_finished()
+            });
             reader.join().expect("log reader");
         }
         self.log.lock().unwrap().clone()
@@ -515,7 +616,7 @@ impl Proxy {
     pub async fn down(&mut self) {
         if let Some((task, stop)) = self.running.take() {
             let _ = stop.send(());
-            let _ = task.await;
+            let _ = within(60, "the proxy's connections to close", task).await;
         }
     }
 

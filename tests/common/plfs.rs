@@ -105,6 +105,16 @@ impl Plfs {
         reply
     }
 
+    /// One number of `ctl status` (`dirty_bytes`, `fsyncs`, `failed_fsyncs`, ...).
+    pub fn status(&self, name: &str) -> u64 {
+        let status = self.ctl("status");
+        status
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in plfs status: {status}"))
+    }
+
     fn try_ctl(&self, command: &str) -> std::io::Result<String> {
         let mut stream = UnixStream::connect(self.socket())?;
         stream.set_read_timeout(Some(CTL_DEADLINE))?;
