@@ -5,23 +5,19 @@
 //!
 //! Skipped, printing why, unless `KVSTORE_TEST_POSTGRES_URL` is set.
 
-#[macro_use]
-mod common;
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{PgSchema, Proxy, within};
+use crate::harness::{PgSchema, Proxy, within};
+use crate::requests::*;
 use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::client::Client;
 use kvstore::server::{self, ServerConfig};
 use kvstore::storage::postgres::{PostgresConfig, PostgresStore};
 use kvstore::storage::{Condition, OpResult, Store, WriteOp, WriteOutcome};
-use support::*;
 use tokio::net::TcpListener;
 
 fn put(key: &str, value: &str, condition: Condition) -> WriteOp {
@@ -33,10 +29,12 @@ fn put(key: &str, value: &str, condition: Condition) -> WriteOp {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
 async fn two_first_writes_of_a_key_cannot_both_create_it() {
-    let Some(schema) = PgSchema::new() else {
-        return;
-    };
+    let schema = PgSchema::new();
     let store = schema.open().await;
     for round in 0..20 {
         let key = format!("new-{round}");
@@ -85,10 +83,12 @@ async fn two_first_writes_of_a_key_cannot_both_create_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
 async fn per_key_revisions_rise_with_versions_under_contention() {
-    let Some(schema) = PgSchema::new() else {
-        return;
-    };
+    let schema = PgSchema::new();
     let store = schema.open().await;
     const KEYS: [&str; 3] = ["a", "b", "c"];
     let writers: Vec<_> = (0..8u64)
@@ -160,10 +160,12 @@ async fn per_key_revisions_rise_with_versions_under_contention() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
 async fn servers_starting_together_set_the_schema_up_once() {
-    let Some(schema) = PgSchema::new() else {
-        return;
-    };
+    let schema = PgSchema::new();
     let opens: Vec<_> = (0..6)
         .map(|_| {
             let config = schema.config();
@@ -262,10 +264,12 @@ async fn an_unreachable_database_answers_503_within_the_connect_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
 async fn a_database_that_goes_away_and_comes_back_needs_no_restart() {
-    let Some(schema) = PgSchema::new() else {
-        return;
-    };
+    let schema = PgSchema::new();
     let (target, _) = through(&schema.url, "127.0.0.1:1".parse().expect("addr"));
     let mut proxy = Proxy::start(target).await;
     let (_, url) = through(&schema.url, proxy.addr);
@@ -301,10 +305,12 @@ async fn a_database_that_goes_away_and_comes_back_needs_no_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
 async fn connections_ended_under_load_are_replaced() {
-    let Some(schema) = PgSchema::new() else {
-        return;
-    };
+    let schema = PgSchema::new();
     let (client, stop) = serve(schema.config()).await;
     let running = Arc::new(AtomicBool::new(true));
     let (ok, unavailable) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));

@@ -8,15 +8,13 @@
 //! acknowledged write is there.
 //!
 //! Needs root, /dev/fuse, libfuse2 and python3; skipped without them, except
-//! under `CI=true` (see `common::plfs`).
-
-mod common;
+//! under `CI=true` (see `crate::harness::plfs`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::plfs::Plfs;
-use common::{Binary, within};
+use crate::harness::plfs::Plfs;
+use crate::harness::{Binary, within};
 use hyper::{Method, StatusCode};
 use kvstore::api::types::PutResponse;
 use kvstore::client::{Client, ClientError};

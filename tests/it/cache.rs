@@ -7,14 +7,12 @@
 //! wrapper holds a read or a write at exactly that point, so the interleaving
 //! is forced, not hoped for.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::harness::within;
 use async_trait::async_trait;
-use common::within;
 use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::error::StoreResult;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};

@@ -1,8 +1,6 @@
 //! Helpers of the HTTP API tests: raw requests, and checks of the shapes that
 //! the API (docs/api.md) promises (errors, entries, timestamps, exact field sets).
 
-#![allow(dead_code, unreachable_pub, unused_macros)]
-
 use std::collections::{BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -380,8 +378,8 @@ impl Snapshot {
 /// neither the given keys nor the store's revision.
 macro_rules! assert_rejected {
     ($client:expr, $keys:expr, $request:expr, $status:expr, $code:expr $(,)?) => {{
-        let snapshot = $crate::support::Snapshot::take($client, $keys).await;
-        $crate::support::expect_error(&$request.await, $status, $code);
+        let snapshot = $crate::requests::Snapshot::take($client, $keys).await;
+        $crate::requests::expect_error(&$request.await, $status, $code);
         snapshot.assert_unchanged($client).await;
     }};
 }

@@ -3,13 +3,11 @@
 //! that no write is answered before the sync that covers it, and that
 //! concurrent writes share one sync.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Gate, TestServer, eventually, within};
+use crate::harness::{Gate, TestServer, eventually, within};
 use kvstore::server::ServerConfig;
 use kvstore::storage::embedded::{CommitEvent, Durability, EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{Condition, Store, WriteOp, WriteOutcome};

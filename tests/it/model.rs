@@ -3,8 +3,6 @@
 //! and reopened in between, checked step by step against a `BTreeMap` model,
 //! on every backend (PostgreSQL when `KVSTORE_TEST_POSTGRES_URL` is set).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -171,7 +169,7 @@ fn key_bound(b: &Bound<usize>) -> Bound<Vec<u8>> {
 enum Place {
     /// A data directory, and the bytes of the writer's key directory.
     Dir(tempfile::TempDir, u64),
-    Schema(common::PgSchema),
+    Schema(crate::harness::PgSchema),
 }
 
 impl Place {
@@ -331,8 +329,9 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     #[test]
+    #[cfg_attr(not(kvstore_test_postgres), ignore = "set KVSTORE_TEST_POSTGRES_URL to run it")]
     fn postgres_store_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
-        let Some(schema) = common::PgSchema::new() else { return Ok(()) };
+        let schema = crate::harness::PgSchema::new();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         runtime.block_on(check(steps, Place::Schema(schema)));
     }

@@ -3,13 +3,11 @@
 //! connection must fail: an unknown CA, plain HTTP to the TLS port, a client
 //! that never finishes its handshake.
 
-mod common;
-
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{Binary, TestServer, output_within, within};
+use crate::harness::{Binary, TestServer, output_within, within};
 use kvstore::client::{Client, ClientError, ClientOptions};
 use kvstore::server::{Security, ServerConfig};
 use kvstore::storage::Condition;

@@ -6,12 +6,10 @@
 //! never 503 (which tells clients to retry). docs/durability.md
 //! ("Corruption") says what fjall does in each case.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Binary, poll_until, within};
+use crate::harness::{Binary, poll_until, within};
 use hyper::StatusCode;
 use kvstore::client::{Client, ClientError, ListParams};
 use kvstore::storage::Condition;

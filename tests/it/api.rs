@@ -2,21 +2,16 @@
 //! as docs/api.md describes them. Ranges and batches are in `api_range.rs` and
 //! `api_batch.rs`.
 
-#[macro_use]
-mod common;
-#[macro_use]
-mod support;
-
+use crate::harness::TestServer;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use common::TestServer;
 use std::sync::Arc;
 
+use crate::requests::*;
 use kvstore::api::Limits;
 use kvstore::client::Client;
 use kvstore::server::ServerConfig;
-use support::*;
 
 async fn server_with_limits(limits: Limits) -> TestServer {
     TestServer::start_with(

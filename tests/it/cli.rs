@@ -3,12 +3,10 @@
 //! 1 not found or condition failed, 2 usage, 3 server unreachable or 5xx),
 //! binary values, export then import, and every bench workload.
 
-mod common;
-
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{TestServer, output_within};
+use crate::harness::{TestServer, output_within};
 use serde_json::Value;
 
 /// Runs `kvstore ARGS` against `url` (through `KVSTORE_URL`) with `stdin`

@@ -1,17 +1,13 @@
 //! `GET /v1/kv`: bounds, prefixes, limits, order, keys-only listings, cursors
 //! and the page size cap.
 
-#[macro_use]
-mod common;
-mod support;
-
+use crate::harness::TestServer;
+use crate::requests::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use common::TestServer;
 use kvstore::api::Limits;
 use kvstore::client::Client;
 use kvstore::server::ServerConfig;
-use support::*;
 
 const PAGE_VALUE_BYTES: usize = 4 << 20;
 

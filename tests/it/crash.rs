@@ -9,15 +9,13 @@
 //! mode, after which only what was fsynced is left, and a file or directory
 //! only if its parent directory was fsynced after it was made.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::plfs::Plfs;
-use common::{Binary, within};
+use crate::harness::plfs::Plfs;
+use crate::harness::{Binary, within};
 use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
 use kvstore::client::Client;
 use kvstore::storage::Condition;

@@ -7,11 +7,9 @@
 //! Skipped, printing why, unless `KVSTORE_TEST_POSTGRES_URL` (and for Redis
 //! `KVSTORE_TEST_REDIS_URL`) are set.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Binary, PgSchema, Proxy, redis_url};
+use crate::harness::{Binary, PgSchema, Proxy, redis_url};
 use kvstore::client::Client;
 use kvstore::storage::Condition;
 
@@ -65,10 +63,12 @@ async fn rounds(a: &Client, b: &Client, from: u64, rounds: u64) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
 async fn the_default_mode_never_reads_stale_across_servers() {
-    let Some(schema) = PgSchema::new() else {
-        return;
-    };
+    let schema = PgSchema::new();
     let dir = tempfile::tempdir().expect("temp dir");
     let a = start(&schema, dir.path(), &[]);
     let b = start(&schema, dir.path(), &[]);
@@ -77,10 +77,12 @@ async fn the_default_mode_never_reads_stale_across_servers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
 async fn a_range_cursor_from_one_server_continues_on_another() {
-    let Some(schema) = PgSchema::new() else {
-        return;
-    };
+    let schema = PgSchema::new();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = start(&schema, dir_a.path(), &[]);
     let b = start(&schema, dir_b.path(), &[]);
@@ -104,10 +106,12 @@ async fn a_range_cursor_from_one_server_continues_on_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
 async fn the_postgres_backend_refuses_to_start_without_a_shared_cursor_secret() {
-    let Some(schema) = PgSchema::new() else {
-        return;
-    };
+    let schema = PgSchema::new();
     let dir = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_kvstore"))
         .args(["serve", "--listen", "127.0.0.1:0", "--backend", "postgres"])
@@ -128,14 +132,13 @@ async fn the_postgres_backend_refuses_to_start_without_a_shared_cursor_secret() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(kvstore_test_postgres, kvstore_test_redis)),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL and KVSTORE_TEST_REDIS_URL to run it"
+)]
 async fn redis_mode_never_reads_stale_across_servers_or_outages() {
-    let Some(schema) = PgSchema::new() else {
-        return;
-    };
-    let Some(redis) = redis_url() else {
-        eprintln!("skipped: set KVSTORE_TEST_REDIS_URL to run this test with Redis");
-        return;
-    };
+    let schema = PgSchema::new();
+    let redis = redis_url();
     let target = redis
         .trim_start_matches("redis://")
         .split('/')
@@ -189,10 +192,12 @@ async fn redis_mode_never_reads_stale_across_servers_or_outages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
 async fn local_mode_is_invalidated_by_notifications() {
-    let Some(schema) = PgSchema::new() else {
-        return;
-    };
+    let schema = PgSchema::new();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut a = start(&schema, dir.path(), &["--cache", "local"]);
     let b = start(&schema, dir.path(), &["--cache", "local"]);

@@ -2,13 +2,10 @@
 //! an acknowledged write is seen from any connection, and batch reads and
 //! ranges never show part of a batch.
 
-#[macro_use]
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::{TestServer, within};
+use crate::harness::{TestServer, within};
 use hyper::StatusCode;
 use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest, EntryBody};
 use kvstore::client::{Client, ClientError, ListParams};

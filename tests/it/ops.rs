@@ -1,14 +1,12 @@
 //! Limits that protect the server, and what it tells its operator: the
 //! request timeout, the connection cap, the slow-request log and JSON logs.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Binary, Gate, TestServer, within};
+use crate::harness::{Binary, Gate, TestServer, within};
 use hyper::{Method, StatusCode};
 use kvstore::api::types::ErrorResponse;
 use kvstore::server::ServerConfig;

@@ -1,15 +1,10 @@
 //! `POST /v1/batch` (atomic writes) and `POST /v1/batch/get`.
 
-#[macro_use]
-mod common;
-#[macro_use]
-mod support;
-
-use common::TestServer;
+use crate::harness::TestServer;
+use crate::requests::*;
 use kvstore::api::Limits;
 use kvstore::client::{Client, RawResponse};
 use kvstore::server::ServerConfig;
-use support::*;
 
 async fn batch(client: &Client, ops: Value) -> RawResponse {
     post_json(client, "/v1/batch", &json!({ "ops": ops })).await

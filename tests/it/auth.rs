@@ -3,20 +3,16 @@
 //! ranges clipped to what the token may read, open probes, the metrics
 //! switch, reloading on SIGHUP, and the `kvstore token` helper.
 
-mod common;
-#[macro_use]
-mod support;
-
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Binary, TestServer, output_within, within};
+use crate::harness::{Binary, TestServer, output_within, within};
+use crate::requests::*;
 use kvstore::api::auth::{Auth, TokenRules, token_sha256_hex};
 use kvstore::client::{Client, ClientOptions};
 use kvstore::server::{Security, ServerConfig};
-use support::*;
 
 /// `admin` may do anything; `app` reads users/ and config/ and writes
 /// users/; `reader` (stored as a hash) reads users/ only.

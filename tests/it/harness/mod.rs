@@ -2,8 +2,6 @@
 //! data directory or a fresh PostgreSQL schema; and what runs one test body
 //! against every backend.
 
-#![allow(dead_code, unreachable_pub)]
-
 pub mod plfs;
 
 use std::net::SocketAddr;
@@ -154,29 +152,45 @@ impl Backend {
         BACKEND.try_with(|b| *b).unwrap_or(Backend::Embedded)
     }
 
-    /// Runs a test body with this backend, or skips it (printing why) when
-    /// the backend is not configured.
+    /// Runs a test body with this backend.
     pub async fn run(self, body: impl Future<Output = ()>) {
-        if self == Backend::Postgres && postgres_url().is_none() {
-            eprintln!("skipped: set KVSTORE_TEST_POSTGRES_URL to run this test on PostgreSQL");
-            return;
-        }
         BACKEND.scope(self, body).await;
     }
 }
 
+/// The value of a service's URL variable; a test that needs it is only
+/// built as runnable when it was set at build time (see build.rs).
+fn service_url(variable: &str) -> Option<String> {
+    std::env::var(variable).ok().filter(|url| !url.is_empty())
+}
+
 /// The PostgreSQL of the tests, from `KVSTORE_TEST_POSTGRES_URL`.
-pub fn postgres_url() -> Option<String> {
-    std::env::var("KVSTORE_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
+pub fn postgres_url() -> String {
+    service_url("KVSTORE_TEST_POSTGRES_URL")
+        .expect("KVSTORE_TEST_POSTGRES_URL is unset: it must be set when the tests are run, as when they were built")
 }
 
 /// The Redis of the tests, from `KVSTORE_TEST_REDIS_URL`.
-pub fn redis_url() -> Option<String> {
-    std::env::var("KVSTORE_TEST_REDIS_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
+pub fn redis_url() -> String {
+    service_url("KVSTORE_TEST_REDIS_URL")
+        .expect("KVSTORE_TEST_REDIS_URL is unset: it must be set when the tests are run, as when they were built")
+}
+
+/// CI must run every test: there, a service variable left unset fails the
+/// run instead of leaving its tests ignored.
+#[test]
+fn ci_sets_every_service() {
+    if std::env::var("CI").as_deref() != Ok("true") {
+        return;
+    }
+    let unset: Vec<&str> = ["KVSTORE_TEST_POSTGRES_URL", "KVSTORE_TEST_REDIS_URL"]
+        .into_iter()
+        .filter(|variable| service_url(variable).is_none())
+        .collect();
+    assert!(
+        unset.is_empty(),
+        "CI=true, but {unset:?} unset: their tests would not run"
+    );
 }
 
 /// A schema of its own for one test, dropped (with everything in it) when
@@ -187,15 +201,11 @@ pub struct PgSchema {
 }
 
 impl PgSchema {
-    /// A new, unique schema name on the tests' PostgreSQL; `None` (after
-    /// printing why) when `KVSTORE_TEST_POSTGRES_URL` is not set.
-    pub fn new() -> Option<Self> {
+    /// A new, unique schema name on the tests' PostgreSQL.
+    pub fn new() -> Self {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let Some(url) = postgres_url() else {
-            eprintln!("skipped: set KVSTORE_TEST_POSTGRES_URL to run this test on PostgreSQL");
-            return None;
-        };
+        let url = postgres_url();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -205,7 +215,7 @@ impl PgSchema {
             nanos,
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        Some(PgSchema { url, name })
+        PgSchema { url, name }
     }
 
     /// A store configuration on this schema.
@@ -260,8 +270,8 @@ impl Drop for PgSchema {
 }
 
 /// Declares each test body once and runs it against every backend, as
-/// `embedded::name` and `postgres::name` (the latter skipped, printing why,
-/// when `KVSTORE_TEST_POSTGRES_URL` is not set). Attributes of the bodies
+/// `embedded::name` and `postgres::name` (the latter ignored, with the
+/// reason, when the tests were built without `KVSTORE_TEST_POSTGRES_URL`). Attributes of the bodies
 /// (`#[tokio::test]`, docs) are dropped: each generated test is a
 /// two-thread tokio test.
 #[macro_export]
@@ -273,7 +283,7 @@ macro_rules! for_each_backend {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    $crate::common::Backend::Embedded.run(super::$name()).await;
+                    $crate::harness::Backend::Embedded.run(super::$name()).await;
                 }
             )*
         }
@@ -281,8 +291,9 @@ macro_rules! for_each_backend {
         mod postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[cfg_attr(not(kvstore_test_postgres), ignore = "set KVSTORE_TEST_POSTGRES_URL to run it")]
                 async fn $name() {
-                    $crate::common::Backend::Postgres.run(super::$name()).await;
+                    $crate::harness::Backend::Postgres.run(super::$name()).await;
                 }
             )*
         }
@@ -324,7 +335,7 @@ impl TestServer {
                 Self::start_in(Some(dir), path, config, engine).await
             }
             Backend::Postgres => {
-                let schema = PgSchema::new().expect("KVSTORE_TEST_POSTGRES_URL");
+                let schema = PgSchema::new();
                 let store: Arc<dyn Store> = schema.open().await;
                 let options = ClientOptions::default();
                 let mut server =
@@ -431,10 +442,6 @@ impl TestServer {
         self.embedded
             .as_deref()
             .expect("this test needs the embedded engine")
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.path
     }
 
     /// Shuts the server down gracefully; returns the data directory so a test

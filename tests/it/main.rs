@@ -1,0 +1,37 @@
+//! kvstore's integration tests, in one test binary so that the harness is
+//! compiled and linked once.
+//!
+//! - [`harness`]: servers in the test process or as the real binary, the
+//!   backends a test body runs on, PostgreSQL schemas and proxies, deadlines
+//!   for every wait, and plfs (a file system that loses power).
+//! - [`requests`]: raw HTTP requests, and checks of the shapes docs/api.md
+//!   promises.
+//!
+//! Tests that need PostgreSQL or Redis are ignored, with the reason, unless
+//! `KVSTORE_TEST_POSTGRES_URL` / `KVSTORE_TEST_REDIS_URL` were set when the
+//! tests were built; under `CI=true` an unset variable fails the run
+//! (`harness::ci_sets_every_service`).
+
+#[macro_use]
+mod harness;
+#[macro_use]
+mod requests;
+
+mod api;
+mod api_batch;
+mod api_range;
+mod auth;
+mod cache;
+mod cli;
+mod concurrency;
+mod corruption;
+mod crash;
+mod durability;
+mod failing_disk;
+mod journal;
+mod model;
+mod multi_server;
+mod ops;
+mod postgres;
+mod robustness;
+mod tls;
