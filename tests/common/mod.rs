@@ -392,6 +392,11 @@ impl Binary {
         self.child.wait().expect("wait").success()
     }
 
+    /// The log lines so far, while the process runs.
+    pub fn lines_so_far(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
     /// Every log line, once the process has exited.
     pub fn log(&mut self) -> Vec<String> {
         if let Some(reader) = self.reader.take() {
