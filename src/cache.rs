@@ -449,6 +449,10 @@ impl Store for CachedStore {
         self.inner.ready().await
     }
 
+    fn read_only(&self) -> Option<String> {
+        self.inner.read_only()
+    }
+
     async fn close(&self) -> StoreResult<()> {
         self.inner.close().await
     }

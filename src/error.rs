@@ -17,6 +17,11 @@ pub enum StoreError {
     /// Answered as 500 `internal`.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The file system of the data directory is (nearly) full: writes are
+    /// refused until space is freed, reads go on. Answered as 507
+    /// `insufficient_storage`.
+    #[error("insufficient storage: {0}")]
+    InsufficientStorage(String),
 }
 
 impl From<fjall::Error> for StoreError {

@@ -123,6 +123,20 @@ fn describe() {
         "kvstore_commit_queue_depth",
         "Writes waiting for the committer."
     );
+    describe_gauge!(
+        "kvstore_storage_free_bytes",
+        Unit::Bytes,
+        "Free space of the data directory's file system (embedded engine), at the last reading."
+    );
+    describe_gauge!(
+        "kvstore_storage_min_free_bytes",
+        Unit::Bytes,
+        "Free space kept on the data directory's file system (--min-free-bytes); writes are refused below it."
+    );
+    describe_gauge!(
+        "kvstore_storage_space_low",
+        "1 while writes are refused for lack of disk space (507), 0 otherwise."
+    );
     describe_counter!("kvstore_cache_hits_total", "Reads answered by the cache.");
     describe_counter!(
         "kvstore_cache_misses_total",

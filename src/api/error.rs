@@ -81,6 +81,15 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 
+    /// The disk is (nearly) full: writes are refused until space is freed.
+    pub fn insufficient_storage(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "insufficient_storage",
+            message,
+        )
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -103,13 +112,16 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::Unavailable(why) => ApiError::unavailable(why),
             StoreError::Internal(why) => ApiError::internal(why),
+            StoreError::InsufficientStorage(why) => ApiError::insufficient_storage(why),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        // A full disk is logged once, when writes start being refused, not
+        // once for every write refused.
+        if self.status.is_server_error() && self.status != StatusCode::INSUFFICIENT_STORAGE {
             tracing::warn!(status = %self.status, code = self.code, message = %self.message, "request failed");
         }
         let mut error = self.details;

@@ -481,7 +481,16 @@ pub(crate) async fn healthz() -> ApiResult {
 
 pub(crate) async fn readyz(State(state): State<AppState>) -> ApiResult {
     state.store.ready().await?;
-    json_response(StatusCode::OK, &json!({"status": "ready"}))
+    // A node whose disk is full still serves reads: it stays ready, so that a
+    // load balancer keeps sending it the reads it can answer, and says why
+    // its writes are refused.
+    match state.store.read_only() {
+        None => json_response(StatusCode::OK, &json!({"status": "ready"})),
+        Some(reason) => json_response(
+            StatusCode::OK,
+            &json!({"status": "ready", "writes": "refused", "reason": reason}),
+        ),
+    }
 }
 
 pub(crate) async fn no_route(request: Request) -> ApiError {

@@ -13,6 +13,7 @@ use kvstore::storage::Store;
 use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::guarded::GuardedStore;
 use kvstore::storage::postgres::{Invalidation, PostgresConfig, PostgresStore};
+use kvstore::storage::space::MinFree;
 
 /// Where the data lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -74,6 +75,12 @@ pub(crate) struct ServeArgs {
     /// buffers with a background sync every --sync-interval-ms.
     #[arg(long, env = "KVSTORE_DURABILITY", value_enum, default_value_t = Durability::Fsync)]
     durability: Durability,
+    /// Free space to keep on the data directory's file system: a number of
+    /// bytes, or a percentage of the file system (`5%`); writes are refused
+    /// with 507 below it, and resume once space is freed. 0 turns the guard
+    /// off. Default: 256 MiB or 10% of the file system, whichever is smaller.
+    #[arg(long, env = "KVSTORE_MIN_FREE_BYTES")]
+    min_free_bytes: Option<MinFree>,
     /// Background sync interval of buffered durability, in milliseconds.
     #[arg(long, env = "KVSTORE_SYNC_INTERVAL_MS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -157,6 +164,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             let mut engine = EmbeddedConfig::new(&args.data_dir);
             engine.durability = args.durability;
             engine.sync_interval = Duration::from_millis(args.sync_interval_ms);
+            engine.min_free = args.min_free_bytes.unwrap_or_default();
             let data_dir = args.data_dir.clone();
             let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(engine))
                 .await
@@ -257,6 +265,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             engine = "embedded (fjall)",
             data_dir = %args.data_dir.display(),
             durability = %args.durability,
+            min_free = %args.min_free_bytes.unwrap_or_default(),
             cache = %cache_mode,
             tls = security.tls.is_some(),
             "kvstore listening"

@@ -39,6 +39,15 @@
 //! half a gigabyte to replay: opening took 4.4 s with 100,000 keys. The limit
 //! is set to fjall's smallest, so the `meta` keyspace is flushed each time a
 //! journal fills, and at most about two journals are kept.
+//!
+//! A full disk: the free-space guard ([`super::space`]) refuses writes before
+//! the disk fills. If the engine runs out of space all the same (the guard
+//! off, or another process filling the disk), fjall poisons the database and
+//! refuses every later write; fjall cannot be un-poisoned, so once space is
+//! back the watcher thread reopens the engine in this process, with the
+//! writer held (see `reopen_after_full_disk`). Reads go through an
+//! `ArcSwapOption` of the engine's handles for that: one load of an atomic
+//! pointer, and a short 503 while the engine is being reopened.
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -48,12 +57,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{self, RecordMeta};
+use super::space::{self, MinFree, SpaceGuard};
 use super::{
     Entry, FailedCondition, OpResult, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
 };
@@ -107,13 +118,17 @@ pub struct EmbeddedConfig {
     pub quiet_before_inline: Duration,
     /// Memory for the writer's map of current key versions.
     pub key_directory_bytes: u64,
+    /// Free space to keep on the data directory's file system: writes are
+    /// refused (507) below it.
+    pub min_free: MinFree,
     pub commit_hook: Option<CommitHook>,
 }
 
 impl EmbeddedConfig {
     /// Defaults: `fsync` durability, a 10 ms sync interval, 1 ms of quiet
     /// before a write commits itself, 32 MiB of key directory (about 250,000
-    /// keys of 30 bytes), no hook.
+    /// keys of 30 bytes), the default free space to keep ([`MinFree`]), no
+    /// hook.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         EmbeddedConfig {
             path: path.into(),
@@ -121,6 +136,7 @@ impl EmbeddedConfig {
             sync_interval: Duration::from_millis(10),
             quiet_before_inline: Duration::from_millis(1),
             key_directory_bytes: 32 << 20,
+            min_free: MinFree::default(),
             commit_hook: None,
         }
     }
@@ -165,14 +181,70 @@ enum Job {
     },
 }
 
-/// State shared by the store handle, the committer and the syncer.
-struct Shared {
+/// The engine's handles, replaced together when the engine is reopened.
+struct Engine {
     db: Database,
     kv: Keyspace,
     meta: Keyspace,
-    /// Set once a commit or sync fails; writes are refused from then on,
-    /// because the engine's state after a failed sync is unknown.
-    failure: Mutex<Option<String>>,
+}
+
+impl Engine {
+    /// Opens the engine in `path`; also gives the revision it holds.
+    fn open(path: &Path) -> StoreResult<(Self, u64)> {
+        let db = Database::builder(path)
+            .manual_journal_persist(true)
+            .max_journaling_size(MAX_JOURNALING_BYTES)
+            .open()
+            .map_err(|err| open_failed(path, err))?;
+        let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        // fjall creates `keyspaces/<id>` without an fsync of `keyspaces/`: a
+        // power cut would take the new folder away, and with it every write
+        // its journal holds for that keyspace. Syncing both levels here, before
+        // the first write, makes the folders as durable as the journal.
+        crate::files::sync_dir(&path.join(KEYSPACES_DIR))?;
+        crate::files::sync_dir(path)?;
+        let revision = match meta.get(REVISION_KEY)? {
+            Some(raw) => u64::from_le_bytes(
+                raw.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Internal("corrupt revision record".into()))?,
+            ),
+            None => 0,
+        };
+        Ok((Engine { db, kv, meta }, revision))
+    }
+}
+
+/// Why writes are refused after a failed commit or sync.
+#[derive(Clone)]
+enum Failure {
+    /// The engine ran out of space; it is reopened once space is back.
+    OutOfSpace(String),
+    /// Anything else, a failed sync above all: the engine's state is unknown
+    /// until a restart recovers it from the journal.
+    Fatal(String),
+}
+
+impl Failure {
+    fn error(&self) -> StoreError {
+        match self {
+            Failure::OutOfSpace(why) => StoreError::InsufficientStorage(why.clone()),
+            Failure::Fatal(why) => StoreError::Unavailable(why.clone()),
+        }
+    }
+}
+
+/// State shared by the store handle, the committer, the syncer and the
+/// watcher.
+struct Shared {
+    /// `None` only while the engine is being reopened after a full disk (or
+    /// when reopening it failed).
+    engine: ArcSwapOption<Engine>,
+    path: PathBuf,
+    space: SpaceGuard,
+    /// Set once a commit or sync fails; writes are refused from then on.
+    failure: Mutex<Option<Failure>>,
     /// The last revision committed to the engine.
     committed_revision: AtomicU64,
     closed: AtomicBool,
@@ -192,22 +264,78 @@ struct Shared {
 }
 
 impl Shared {
-    /// Refuses writes from now on; gives the reason, which every later write
-    /// gets too. `what` failed with `err`; the reason says so and that only a
-    /// restart helps: after a failed sync the kernel may have dropped the
-    /// unsynced data, so a retried sync could succeed without it.
-    fn fail(&self, what: &str, err: impl std::fmt::Display) -> String {
+    /// Runs a read on the engine; 503 while it is being reopened.
+    fn with_engine<T>(&self, read: impl FnOnce(&Engine) -> StoreResult<T>) -> StoreResult<T> {
+        match self.engine.load().as_deref() {
+            Some(engine) => read(engine),
+            None => Err(StoreError::Unavailable(
+                "the engine is being reopened after its disk filled up; retry in a moment".into(),
+            )),
+        }
+    }
+
+    /// Refuses writes until a restart; gives the failure kept, whose reason
+    /// every later write gets too. `what` failed with `err`; the reason says
+    /// so and that only a restart helps: after a failed sync the kernel may
+    /// have dropped the unsynced data, so a retried sync could succeed
+    /// without it.
+    fn fail(&self, what: &str, err: impl std::fmt::Display) -> Failure {
         let why =
             format!("{what} failed ({err}); writes are refused until the server is restarted");
         tracing::error!(error = %why, "storage write failed; refusing writes until restart");
-        if let Ok(mut failure) = self.failure.lock() {
-            failure.get_or_insert(why.clone());
-        }
-        why
+        self.set_failure(Failure::Fatal(why))
     }
 
-    fn failure(&self) -> Option<String> {
-        self.failure.lock().ok().and_then(|f| f.clone())
+    /// Records why writes are refused: a fatal failure replaces an
+    /// out-of-space one, never the other way round. Gives the failure kept.
+    fn set_failure(&self, new: Failure) -> Failure {
+        let mut failure = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
+        match (&*failure, &new) {
+            (None, _) | (Some(Failure::OutOfSpace(_)), Failure::Fatal(_)) => {
+                *failure = Some(new.clone());
+                new
+            }
+            (Some(kept), _) => kept.clone(),
+        }
+    }
+
+    fn failure(&self) -> Option<Failure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn out_of_space(&self) -> bool {
+        matches!(self.failure(), Some(Failure::OutOfSpace(_)))
+    }
+
+    /// Records a failed commit (or a background sync that found the engine
+    /// poisoned): out of space, see [`ran_out_of_space`], it is recoverable;
+    /// anything else refuses writes until a restart.
+    fn engine_failed(&self, what: &str, err: &fjall::Error) -> Failure {
+        // A fresh reading, for the poisoned case and for the message.
+        self.space.check();
+        if !ran_out_of_space(err, self.space.has_room()) {
+            return self.fail(what, err);
+        }
+        let why = format!(
+            "the disk of the data directory {} is full ({} bytes free; the engine reported: {err}): \
+             writes are refused until space is freed there; reads are still served, and writes \
+             resume by themselves",
+            self.path.display(),
+            self.space.free()
+        );
+        let kept = self.set_failure(Failure::OutOfSpace(why));
+        if matches!(kept, Failure::OutOfSpace(_)) {
+            tracing::warn!(
+                data_dir = %self.path.display(),
+                free_bytes = self.space.free(),
+                error = %err,
+                "disk full: the engine ran out of space; refusing writes (507) until space is freed, then reopening the engine"
+            );
+        }
+        kept
     }
 
     fn notify(&self, event: CommitEvent) {
@@ -254,31 +382,11 @@ impl EmbeddedStore {
     /// recover, or is in use by another process.
     pub fn open(config: EmbeddedConfig) -> StoreResult<Self> {
         crate::files::create_dir_all_durably(&config.path)?;
-        let db = Database::builder(&config.path)
-            .manual_journal_persist(true)
-            .max_journaling_size(MAX_JOURNALING_BYTES)
-            .open()
-            .map_err(|err| open_failed(&config.path, err))?;
-        let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
-        let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
-        // fjall creates `keyspaces/<id>` without an fsync of `keyspaces/`: a
-        // power cut would take the new folder away, and with it every write
-        // its journal holds for that keyspace. Syncing both levels here, before
-        // the first write, makes the folders as durable as the journal.
-        crate::files::sync_dir(&config.path.join(KEYSPACES_DIR))?;
-        crate::files::sync_dir(&config.path)?;
-        let revision = match meta.get(REVISION_KEY)? {
-            Some(raw) => u64::from_le_bytes(
-                raw.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Internal("corrupt revision record".into()))?,
-            ),
-            None => 0,
-        };
+        let (engine, revision) = Engine::open(&config.path)?;
         let shared = Arc::new(Shared {
-            db,
-            kv,
-            meta,
+            engine: ArcSwapOption::from_pointee(engine),
+            space: SpaceGuard::new(&config.path, config.min_free),
+            path: config.path.clone(),
             failure: Mutex::new(None),
             committed_revision: AtomicU64::new(revision),
             closed: AtomicBool::new(false),
@@ -313,9 +421,17 @@ impl EmbeddedStore {
                 (Some(stop), Some(handle))
             }
         };
+        let (watcher_stop, stopped) = std::sync::mpsc::channel::<()>();
+        let watched = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("kvstore-watcher".into())
+                .spawn(move || run_watcher(&watched, &stopped))?,
+        );
         let committer = Committer {
             shared: Arc::clone(&shared),
             syncer_stop,
+            watcher_stop: Some(watcher_stop),
         };
         threads.push(
             std::thread::Builder::new()
@@ -395,10 +511,10 @@ impl Store for EmbeddedStore {
     async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
         // A point read is a memtable or block-cache lookup (under a
         // microsecond), far cheaper than handing it to a blocking thread.
-        match self.shared.kv.get(key)? {
+        self.shared.with_engine(|engine| match engine.kv.get(key)? {
             Some(record) => Ok(Some(to_entry(key.to_vec(), &record, false)?)),
             None => Ok(None),
-        }
+        })
     }
 
     async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
@@ -410,6 +526,9 @@ impl Store for EmbeddedStore {
     }
 
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
+        if self.shared.space.is_low() {
+            return Err(StoreError::InsufficientStorage(self.shared.space.refusal()));
+        }
         let start = Instant::now();
         let (alone, _in_flight) = self.shared.write_started();
         let (reply, answer) = oneshot::channel();
@@ -453,8 +572,21 @@ impl Store for EmbeddedStore {
             return Err(StoreError::Unavailable("the store is closed".into()));
         }
         match self.shared.failure() {
-            Some(why) => Err(StoreError::Unavailable(why)),
-            None => Ok(()),
+            Some(fatal @ Failure::Fatal(_)) => Err(fatal.error()),
+            // Out of space, reads are still served (see `read_only`), unless
+            // the engine is being reopened.
+            _ => self.shared.with_engine(|_| Ok(())),
+        }
+    }
+
+    fn read_only(&self) -> Option<String> {
+        match self.shared.failure() {
+            Some(Failure::OutOfSpace(why)) => Some(why),
+            _ => self
+                .shared
+                .space
+                .is_low()
+                .then(|| self.shared.space.refusal()),
         }
     }
 
@@ -479,6 +611,7 @@ impl Store for EmbeddedStore {
 
     fn report_metrics(&self) {
         metrics::gauge!(QUEUE_DEPTH_GAUGE).set(self.queue_depth() as f64);
+        self.shared.space.report_metrics(self.shared.out_of_space());
     }
 
     fn describe(&self) -> String {
@@ -574,13 +707,15 @@ fn files_in(dir: &Path, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
 }
 
 fn get_snapshot(shared: &Shared, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
-    let snapshot = shared.db.snapshot();
-    keys.into_iter()
-        .map(|key| match snapshot.get(&shared.kv, &key)? {
-            Some(record) => Ok(Some(to_entry(key, &record, false)?)),
-            None => Ok(None),
-        })
-        .collect()
+    shared.with_engine(|engine| {
+        let snapshot = engine.db.snapshot();
+        keys.into_iter()
+            .map(|key| match snapshot.get(&engine.kv, &key)? {
+                Some(record) => Ok(Some(to_entry(key, &record, false)?)),
+                None => Ok(None),
+            })
+            .collect()
+    })
 }
 
 fn to_entry(key: Vec<u8>, record: &[u8], keys_only: bool) -> StoreResult<Entry> {
@@ -612,8 +747,12 @@ fn range_is_empty(lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> bool {
 }
 
 fn scan_snapshot(shared: &Shared, request: &ScanRequest) -> StoreResult<ScanPage> {
-    let snapshot = shared.db.snapshot();
-    let range = snapshot.range(&shared.kv, (request.lower.clone(), request.upper.clone()));
+    shared.with_engine(|engine| scan_engine(engine, request))
+}
+
+fn scan_engine(engine: &Engine, request: &ScanRequest) -> StoreResult<ScanPage> {
+    let snapshot = engine.db.snapshot();
+    let range = snapshot.range(&engine.kv, (request.lower.clone(), request.upper.clone()));
     let items: Box<dyn Iterator<Item = fjall::Guard>> = if request.reverse {
         Box::new(range.rev())
     } else {
@@ -656,6 +795,8 @@ struct Committer {
     shared: Arc<Shared>,
     /// Dropped on close, which stops the buffered-mode syncer.
     syncer_stop: Option<std::sync::mpsc::Sender<()>>,
+    /// Dropped on close, which stops the watcher.
+    watcher_stop: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// The state of the engine's one writer.
@@ -696,11 +837,11 @@ impl KeyDirectory {
     }
 
     /// The key's current metadata, from the directory or else from the engine.
-    fn current(&mut self, shared: &Shared, key: &[u8]) -> StoreResult<Option<RecordMeta>> {
+    fn current(&mut self, engine: &Engine, key: &[u8]) -> StoreResult<Option<RecordMeta>> {
         if let Some(meta) = self.0.get(key) {
             return Ok(*meta);
         }
-        let meta = match shared.kv.get(key)? {
+        let meta = match engine.kv.get(key)? {
             Some(record) => Some(codec::decode(&record)?.0),
             None => None,
         };
@@ -710,6 +851,10 @@ impl KeyDirectory {
 
     fn set(&mut self, key: Vec<u8>, meta: Option<RecordMeta>) {
         self.0.insert(key, meta);
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
     }
 }
 
@@ -781,26 +926,40 @@ impl Committer {
     fn close(&mut self) -> StoreResult<()> {
         self.shared.closed.store(true, Ordering::Release);
         self.syncer_stop.take();
-        self.shared.db.persist(PersistMode::SyncAll)?;
-        Ok(())
+        self.watcher_stop.take();
+        self.shared
+            .with_engine(|engine| Ok(engine.db.persist(PersistMode::SyncAll)?))
     }
 }
 
 impl Writer {
     fn commit_group(&mut self, shared: &Shared, writes: Vec<(Vec<WriteOp>, Reply)>) {
-        if let Some(why) = shared.failure() {
-            for (_, reply) in writes {
-                let _ = reply.send((Err(StoreError::Unavailable(why.clone())), Duration::ZERO));
+        let loaded = shared.engine.load();
+        // Writes queued before the guard saw the disk nearly full are refused
+        // here too, so that at most one group runs past the threshold.
+        let engine = match (shared.failure(), loaded.as_deref()) {
+            (None, Some(engine)) if !shared.space.is_low() => engine,
+            (failure, _) => {
+                let refusal = || match &failure {
+                    Some(failure) => failure.error(),
+                    None if shared.space.is_low() => {
+                        StoreError::InsufficientStorage(shared.space.refusal())
+                    }
+                    None => StoreError::Unavailable("the engine is being reopened".into()),
+                };
+                for (_, reply) in writes {
+                    let _ = reply.send((Err(refusal()), Duration::ZERO));
+                }
+                return;
             }
-            return;
-        }
+        };
         let first_revision = self.revision;
         let mut accepted = Vec::with_capacity(writes.len());
         // The group's writes, one per key: two writes of one key must not share
         // a fjall batch (they would get the same sequence number).
         let mut pending = HashMap::new();
         for (ops, reply) in writes {
-            match self.apply(shared, ops, &mut pending) {
+            match self.apply(engine, ops, &mut pending) {
                 Ok(WriteOutcome::Rejected { failed }) => {
                     let _ = reply.send((Ok(WriteOutcome::Rejected { failed }), Duration::ZERO));
                 }
@@ -816,15 +975,20 @@ impl Writer {
             return;
         }
         let keys_written = pending.len();
-        let mut batch = fjall::OwnedWriteBatch::with_capacity(shared.db.clone(), keys_written + 1)
+        let mut bytes_written = 0;
+        let mut batch = fjall::OwnedWriteBatch::with_capacity(engine.db.clone(), keys_written + 1)
             .durability(Some(self.persist));
         for (key, write) in &pending {
+            bytes_written += key.len();
             match write {
-                Some((_, record)) => batch.insert(&shared.kv, key.as_slice(), record.as_slice()),
-                None => batch.remove(&shared.kv, key.as_slice()),
+                Some((_, record)) => {
+                    bytes_written += record.len();
+                    batch.insert(&engine.kv, key.as_slice(), record.as_slice());
+                }
+                None => batch.remove(&engine.kv, key.as_slice()),
             }
         }
-        batch.insert(&shared.meta, REVISION_KEY, self.revision.to_le_bytes());
+        batch.insert(&engine.meta, REVISION_KEY, self.revision.to_le_bytes());
         let start = Instant::now();
         let committed = batch.commit();
         let commit = start.elapsed();
@@ -839,12 +1003,13 @@ impl Writer {
                 PersistMode::Buffer => "commit (journal write)",
                 PersistMode::SyncData | PersistMode::SyncAll => "commit (journal write and sync)",
             };
-            let why = shared.fail(what, err);
+            let failure = shared.engine_failed(what, &err);
             for Accepted { reply, .. } in accepted {
-                let _ = reply.send((Err(StoreError::Unavailable(why.clone())), Duration::ZERO));
+                let _ = reply.send((Err(failure.error()), Duration::ZERO));
             }
             return;
         }
+        shared.space.committed(bytes_written as u64);
         for (key, write) in pending {
             self.directory.set(key, write.map(|(meta, _)| meta));
         }
@@ -864,7 +1029,7 @@ impl Writer {
     /// group under the next revision.
     fn apply(
         &mut self,
-        shared: &Shared,
+        engine: &Engine,
         ops: Vec<WriteOp>,
         pending: &mut PendingWrites,
     ) -> StoreResult<WriteOutcome> {
@@ -873,7 +1038,7 @@ impl Writer {
         for (index, op) in ops.iter().enumerate() {
             let meta = match pending.get(op.key()) {
                 Some(write) => write.as_ref().map(|(meta, _)| *meta),
-                None => self.directory.current(shared, op.key())?,
+                None => self.directory.current(engine, op.key())?,
             };
             let version = meta.map(|m| m.version);
             if !op.condition().holds(version) {
@@ -943,18 +1108,176 @@ fn run_syncer(
         if committed == synced {
             continue;
         }
+        // A poisoned engine syncs nothing: the writes committed since the
+        // last sync are synced when the engine is reopened after a full disk.
+        let loaded = shared.engine.load();
+        let Some(engine) = loaded.as_deref().filter(|_| !shared.out_of_space()) else {
+            continue;
+        };
         let start = Instant::now();
-        let persisted = shared.db.persist(PersistMode::SyncData);
+        let persisted = engine.db.persist(PersistMode::SyncData);
         metrics::histogram!(SYNC_SECONDS).record(start.elapsed().as_secs_f64());
         match persisted {
             Ok(()) => {
                 synced = committed;
                 shared.notify(CommitEvent::Synced { revision: synced });
             }
+            // Poisoned by a commit or a background flush (maybe out of
+            // space), not by this sync.
+            Err(err @ fjall::Error::Poisoned) => {
+                if let Failure::Fatal(_) = shared.engine_failed("background sync", &err) {
+                    return;
+                }
+            }
+            // A failed fsync, even for lack of space, may have dropped
+            // acknowledged writes from the page cache: never recoverable here.
             Err(err) => {
                 shared.fail("background sync", err);
                 return;
             }
         }
+    }
+}
+
+/// Whether a failed commit means the engine ran out of space, which a reopen
+/// recovers from once space is back. `ENOSPC` (or `EDQUOT`) does. So does a
+/// poisoned engine while the disk has no room: fjall's background flushes
+/// and compactions poison it when they run out of space, without telling the
+/// writer why. Any other I/O error, `EIO` from a sync above all, does not.
+fn ran_out_of_space(err: &fjall::Error, disk_has_room: bool) -> bool {
+    match err {
+        fjall::Error::Io(io) => space::is_out_of_space(io),
+        fjall::Error::Poisoned => !disk_has_room,
+        _ => false,
+    }
+}
+
+/// Reads the free space every poll interval, and reopens the engine once
+/// space is back after it ran out.
+fn run_watcher(shared: &Shared, stop: &std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(space::POLL_INTERVAL)
+    {
+        shared.space.check();
+        if shared.out_of_space() && shared.space.has_room() {
+            reopen_after_full_disk(shared);
+        }
+    }
+}
+
+/// How long a reopen waits for the reads still using the old engine.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Replaces an engine that fjall poisoned for lack of space with a fresh one
+/// on the same directory: fjall keeps a poisoned database poisoned, and its
+/// lock file lets the new one open only once every handle of the old one is
+/// gone.
+///
+/// With the writer held, nothing commits meanwhile. Opening replays the
+/// journal as after a crash: the failed group's torn record is cut off. Every
+/// acknowledged write must be there and nothing else, so the revision read
+/// back must be the last one committed: a higher one means the failed
+/// group's record was complete, its fsync failed, and the page cache may hold
+/// what the disk does not (writes then stay refused until a restart).
+fn reopen_after_full_disk(shared: &Shared) {
+    let mut writer = shared.lock_writer();
+    if !shared.out_of_space() || shared.closed.load(Ordering::Acquire) {
+        return;
+    }
+    tracing::info!(data_dir = %shared.path.display(), free_bytes = shared.space.free(),
+        "space is back: reopening the engine that ran out of space");
+    if let Some(mut old) = shared.engine.swap(None) {
+        // Reads that loaded the old engine finish within their request time.
+        let deadline = Instant::now() + RELEASE_TIMEOUT;
+        loop {
+            match Arc::try_unwrap(old) {
+                // Dropping it stops fjall's workers and releases its lock.
+                Ok(engine) => {
+                    drop(engine);
+                    break;
+                }
+                Err(still_used) if Instant::now() < deadline => {
+                    old = still_used;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(still_used) => {
+                    tracing::warn!(
+                        "reads kept the old engine for {RELEASE_TIMEOUT:?}; reopening it later"
+                    );
+                    shared.engine.store(Some(still_used));
+                    return;
+                }
+            }
+        }
+    }
+    let (engine, revision) = match Engine::open(&shared.path) {
+        Ok(opened) => opened,
+        Err(err) => {
+            // Out of space again: the next poll with room tries again. Reads
+            // answer 503 until then, as there is no engine to read.
+            shared.space.check();
+            if !shared.space.has_room() {
+                tracing::warn!(error = %err, "reopening the engine failed: the disk is full again");
+            } else {
+                shared.fail("reopening the engine after a full disk", err);
+            }
+            return;
+        }
+    };
+    let committed = shared.committed_revision.load(Ordering::Acquire);
+    // Buffered mode: the writes acknowledged since the last background sync
+    // are in the page cache (fjall wrote them to the journal before the disk
+    // filled); they are synced now.
+    let synced = engine.db.persist(PersistMode::SyncData);
+    shared.engine.store(Some(Arc::new(engine)));
+    if let Err(err) = synced {
+        shared.fail("syncing the engine reopened after a full disk", err);
+        return;
+    }
+    if revision != committed {
+        shared.fail(
+            "reopening the engine after a full disk",
+            format_args!(
+                "it holds revision {revision}, not {committed}, the last one committed: a write \
+                 that failed was written whole and its sync failed"
+            ),
+        );
+        return;
+    }
+    writer.revision = revision;
+    // It only ever holds committed writes, which the check above found in the
+    // reopened engine, so it is still exact; emptied all the same, so that
+    // the first writes after a reopen read their versions from the engine
+    // they are written to, at the cost of one read per key.
+    writer.directory.clear();
+    let mut failure = shared
+        .failure
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if matches!(*failure, Some(Failure::OutOfSpace(_))) {
+        *failure = None;
+    }
+    drop(failure);
+    tracing::info!(data_dir = %shared.path.display(), revision, free_bytes = shared.space.free(),
+        "engine reopened after the disk filled up: accepting writes again");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::ran_out_of_space;
+
+    #[test]
+    fn only_a_full_disk_is_recoverable() {
+        let io = |code| fjall::Error::Io(io::Error::from_raw_os_error(code));
+        assert!(ran_out_of_space(&io(libc::ENOSPC), true));
+        assert!(ran_out_of_space(&io(libc::EDQUOT), true));
+        // A failed fsync keeps writes refused until a restart, whatever the
+        // free space.
+        assert!(!ran_out_of_space(&io(libc::EIO), false));
+        assert!(!ran_out_of_space(&fjall::Error::Poisoned, true));
+        assert!(ran_out_of_space(&fjall::Error::Poisoned, false));
+        assert!(!ran_out_of_space(&fjall::Error::Unrecoverable, false));
     }
 }

@@ -8,6 +8,7 @@ mod codec;
 pub mod embedded;
 pub mod guarded;
 pub mod postgres;
+pub mod space;
 
 use std::ops::Bound;
 
@@ -173,6 +174,12 @@ pub trait Store: Send + Sync {
 
     /// Whether the backend answers (for `/readyz`).
     async fn ready(&self) -> StoreResult<()>;
+
+    /// Why writes are refused while reads are still served (the disk is
+    /// full), or `None`; `/readyz` reports it.
+    fn read_only(&self) -> Option<String> {
+        None
+    }
 
     /// Finishes queued writes, makes everything durable and stops the backend.
     /// Writes after this fail with `Unavailable`.

@@ -351,14 +351,20 @@ fn encode_hex(bytes: &[u8]) -> String {
     out
 }
 
-/// Maps a driver error: lost connections, timeouts, cancellations and
-/// shortages are `Unavailable` (503); anything else is a bug (500).
+/// Maps a driver error: a full disk is `InsufficientStorage` (507); lost
+/// connections, timeouts, cancellations and other shortages are
+/// `Unavailable` (503); anything else is a bug (500).
 fn map_pg(err: &tokio_postgres::Error) -> StoreError {
     match err.as_db_error() {
         Some(db) => {
             let code = db.code().code();
             let class = code.get(..2).unwrap_or_default();
-            if matches!(class, "08" | "40" | "53" | "57" | "58" | "55") {
+            if *db.code() == tokio_postgres::error::SqlState::DISK_FULL {
+                StoreError::InsufficientStorage(format!(
+                    "PostgreSQL: {} ({code}); writes resume once space is freed on the database server",
+                    db.message()
+                ))
+            } else if matches!(class, "08" | "40" | "53" | "57" | "58" | "55") {
                 StoreError::Unavailable(format!("PostgreSQL: {} ({code})", db.message()))
             } else {
                 StoreError::Internal(format!("PostgreSQL: {} ({code})", db.message()))

@@ -26,6 +26,7 @@ mod cli;
 mod concurrency;
 mod corruption;
 mod crash;
+mod disk_full;
 mod durability;
 mod failing_disk;
 mod journal;

@@ -549,6 +549,11 @@ impl Binary {
             .expect("kvstore did not exit within 60 s")
     }
 
+    /// The log lines so far, while the process runs.
+    pub fn lines_so_far(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
     /// Every log line, once the process has exited.
     pub fn log(&mut self) -> Vec<String> {
         if let Some(reader) = self.reader.take() {
