@@ -58,14 +58,14 @@ impl Tmpfs {
         };
         if mounted != 0 {
             let why = format!(
-                "skipped: cannot mount a tmpfs ({}); run as root (or with CAP_SYS_ADMIN) to test a full disk",
+                "cannot mount a tmpfs ({}); run as root (or with CAP_SYS_ADMIN) to test a full disk",
                 std::io::Error::last_os_error()
             );
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
                 "{why} (CI=true: a missing prerequisite fails the test)"
             );
-            eprintln!("{why}");
+            eprintln!("skipped: {why}");
             return None;
         }
         Some(Tmpfs { dir })
