@@ -96,7 +96,7 @@ impl std::fmt::Display for MinFree {
         match self {
             MinFree::Bytes(bytes) => write!(f, "{bytes}"),
             MinFree::Percent(p) => write!(f, "{p}%"),
-            MinFree::SmallerOf(bytes, p) => write!(f, "{bytes} bytes or {p}%, the smaller"),
+            MinFree::SmallerOf(bytes, p) => write!(f, "min({bytes}, {p}%)"),
         }
     }
 }

@@ -56,14 +56,14 @@ impl Tmpfs {
         };
         if mounted != 0 {
             let why = format!(
-                "skipped: cannot mount a tmpfs ({}); run as root (or with CAP_SYS_ADMIN) to test a full disk",
+                "cannot mount a tmpfs ({}); run as root (or with CAP_SYS_ADMIN) to test a full disk",
                 std::io::Error::last_os_error()
             );
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
                 "{why} (CI=true: a missing prerequisite fails the test)"
             );
-            eprintln!("{why}");
+            eprintln!("skipped: {why}");
             return None;
         }
         Some(Tmpfs { dir })
@@ -438,6 +438,28 @@ async fn engine_out_of_space(durability: &str) {
     let metrics = String::from_utf8(get(client, "/metrics").await.body.to_vec()).expect("UTF-8");
     assert!(metrics.contains("kvstore_storage_space_low 1"), "{metrics}");
 
+    // Reads go on while the engine is reopened: each is the acknowledged
+    // value, or a 503 for the moment the engine is closed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = tokio::spawn({
+        let (client, stop) = (client.clone(), std::sync::Arc::clone(&stop));
+        async move {
+            let (mut served, mut unavailable) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match bounded(client.get_raw(&key(0))).await {
+                    Ok(Some(raw)) if raw.value.as_ref() == value(0).as_slice() => served += 1,
+                    Err(ClientError::Api { status, .. })
+                        if status == StatusCode::SERVICE_UNAVAILABLE =>
+                    {
+                        unavailable += 1;
+                    }
+                    other => panic!("a read during the reopen: {other:?}"),
+                }
+            }
+            (served, unavailable)
+        }
+    });
+
     std::fs::remove_file(&ballast).expect("delete the ballast");
     let took = wait_for_writes(client, &mut next, &mut written, &mut refused).await;
     let resumed_from = written.len();
@@ -449,6 +471,10 @@ async fn engine_out_of_space(durability: &str) {
     }
     tally.resumed = written.len() - resumed_from + 1;
     tally.refused = refused.len();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, unavailable) = bounded(reader).await.expect("the reader");
+    eprintln!("reads during the reopen: {served} served, {unavailable} answered 503");
+    assert!(served > 0);
     read_back_sample(client, &written).await;
     assert!(
         server
