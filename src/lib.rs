@@ -12,6 +12,8 @@
 //! - [`cache`]: the read cache, a decorator over any store that never serves a
 //!   version older than one acknowledged; [`redis_cache`]: the cache shared by
 //!   many servers in Redis.
+//! - [`stack`]: the store that `kvstore serve` serves, built in one place:
+//!   the engine, the guard and the cache, for the server and the tests alike.
 //! - [`server`]: the process lifecycle: accept loop, connection cap, graceful
 //!   shutdown.
 //! - [`telemetry`]: the Prometheus recorder behind `GET /metrics`;
@@ -35,6 +37,7 @@ pub mod error;
 pub mod files;
 pub mod redis_cache;
 pub mod server;
+pub mod stack;
 pub mod storage;
 pub mod telemetry;
 pub mod timing;

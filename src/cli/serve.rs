@@ -2,17 +2,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use kvstore::api::Limits;
-use kvstore::cache::{CacheConfig, CacheMode, CachedStore};
-use kvstore::redis_cache::{RedisCachedStore, RedisConfig};
+use kvstore::cache::{CacheConfig, CacheMode};
+use kvstore::redis_cache::RedisConfig;
 use kvstore::server::{self, ServerConfig};
-use kvstore::storage::Store;
-use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
-use kvstore::storage::guarded::GuardedStore;
-use kvstore::storage::postgres::{Invalidation, PostgresConfig, PostgresStore};
+use kvstore::stack::{self, Stack, StackConfig};
+use kvstore::storage::embedded::{Durability, EmbeddedConfig};
+use kvstore::storage::postgres::PostgresConfig;
 use kvstore::storage::space::MinFree;
 
 /// Where the data lives.
@@ -155,22 +153,22 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         max_value_bytes: args.max_value_bytes,
         max_body_bytes: args.max_body_bytes,
     };
-    let cache_mode = args.cache.unwrap_or(match args.backend {
-        Backend::Embedded => CacheMode::Local,
-        Backend::Postgres => CacheMode::Off,
-    });
-    let (mut store, postgres): (Arc<dyn Store>, Option<Arc<PostgresStore>>) = match args.backend {
+    if args.backend == Backend::Postgres && !args.security.has_cursor_secret() {
+        // Each server would make its own secret in its data directory, and
+        // a client behind a load balancer would see its cursors refused.
+        return Err(
+            "--backend postgres needs the cursor secret that every server of the \
+                    deployment shares: set KVSTORE_CURSOR_SECRET or --cursor-secret-file"
+                .into(),
+        );
+    }
+    let backend = match args.backend {
         Backend::Embedded => {
             let mut engine = EmbeddedConfig::new(&args.data_dir);
             engine.durability = args.durability;
             engine.sync_interval = Duration::from_millis(args.sync_interval_ms);
             engine.min_free = args.min_free_bytes.unwrap_or_default();
-            let data_dir = args.data_dir.clone();
-            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(engine))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
-            (Arc::new(store), None)
+            stack::Backend::Embedded(engine)
         }
         Backend::Postgres => {
             let url = args
@@ -183,77 +181,37 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             config.connect_timeout = Duration::from_millis(args.postgres_connect_timeout_ms);
             config.statement_timeout = Duration::from_millis(args.postgres_statement_timeout_ms);
             config.schema.clone_from(&args.postgres_schema);
-            config.notify = cache_mode == CacheMode::Local;
-            let store = Arc::new(
-                PostgresStore::open(config)
-                    .await
-                    .map_err(|e| format!("cannot open PostgreSQL: {e}"))?,
-            );
-            (store.clone(), Some(store))
+            stack::Backend::Postgres(config)
         }
     };
-    let request_timeout = Duration::from_secs(args.request_timeout_secs);
-    store = Arc::new(GuardedStore::new(store, request_timeout, args.metrics));
+    let mut stack_config = StackConfig::new(backend);
+    let layers = &mut stack_config.layers;
+    if let Some(cache) = args.cache {
+        layers.cache = cache;
+    }
+    let cache_mode = layers.cache;
     let cache = CacheConfig {
         max_entries: usize::try_from(args.cache_max_entries).map_err(|e| e.to_string())?,
         max_bytes: args.cache_max_bytes,
         ttl: (args.cache_ttl_secs > 0).then(|| Duration::from_secs(args.cache_ttl_secs)),
         max_value_bytes: args.cache_max_value_bytes,
     };
-    match cache_mode {
-        CacheMode::Off => {}
-        CacheMode::Local => match &postgres {
-            None => store = Arc::new(CachedStore::new(store, cache)),
-            Some(pg) => {
-                let cached = Arc::new(
-                    CachedStore::new(store, cache)
-                        .with_coherence(", kept coherent through LISTEN/NOTIFY"),
-                );
-                // Until the first LISTEN is in place, other servers' writes
-                // would be missed.
-                cached.set_bypass(true);
-                let weak = Arc::downgrade(&cached);
-                pg.listen(Arc::new(move |event| {
-                    if let Some(cache) = weak.upgrade() {
-                        apply_invalidation(&cache, event);
-                    }
-                }))
-                .map_err(|e| e.to_string())?;
-                tracing::warn!(
-                    "--cache local on PostgreSQL: after a write on another server, this server may serve the \
-                     previous value until the notification arrives (milliseconds; see docs/postgres.md). \
-                     Use --cache off or --cache redis to read every acknowledged write on every server"
-                );
-                store = cached;
-            }
-        },
-        CacheMode::Redis => {
-            let url = args
-                .redis_url
-                .clone()
-                .ok_or("--cache redis needs --redis-url")?;
-            let mut config = RedisConfig::new(url);
-            config.prefix = match &postgres {
-                Some(_) => format!("{}{}:", args.redis_prefix, args.postgres_schema),
-                None => args.redis_prefix.clone(),
-            };
-            config.ttl = cache.ttl.unwrap_or(Duration::from_secs(86_400));
-            config.timeout = Duration::from_millis(args.redis_timeout_ms);
-            config.max_value_bytes = cache.max_value_bytes;
-            let cached = Arc::new(RedisCachedStore::new(store, config)?);
-            cached.spawn_repair();
-            store = cached;
-        }
-    }
-    if args.backend == Backend::Postgres && !args.security.has_cursor_secret() {
-        // Each server would make its own secret in its data directory, and
-        // a client behind a load balancer would see its cursors refused.
-        return Err(
-            "--backend postgres needs the cursor secret that every server of the \
-                    deployment shares: set KVSTORE_CURSOR_SECRET or --cursor-secret-file"
-                .into(),
-        );
-    }
+    layers.cache_config = cache;
+    layers.redis = args.redis_url.clone().map(|url| {
+        let mut redis = RedisConfig::new(url);
+        redis.prefix.clone_from(&args.redis_prefix);
+        redis.ttl = cache.ttl.unwrap_or(Duration::from_secs(86_400));
+        redis.timeout = Duration::from_millis(args.redis_timeout_ms);
+        redis.max_value_bytes = cache.max_value_bytes;
+        redis
+    });
+    let request_timeout = Duration::from_secs(args.request_timeout_secs);
+    layers.request_timeout = request_timeout;
+    layers.metrics = args.metrics;
+    let store = Stack::build(stack_config)
+        .await
+        .map_err(|e| e.to_string())?
+        .store;
     let security = args.security.load(&args.data_dir)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -290,28 +248,6 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     server::run_secured(listener, store, config, security, shutdown_signal())
         .await
         .map_err(|e| format!("shutdown: {e}"))
-}
-
-/// Applies what the notification listener reports to the local cache.
-fn apply_invalidation(cache: &CachedStore, event: Invalidation) {
-    match event {
-        Invalidation::Keys {
-            revision,
-            written_at_us,
-            keys,
-        } => {
-            for key in &keys {
-                cache.invalidate(key, revision);
-            }
-            let now_us = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-            let delay = (now_us - written_at_us).max(0) as f64 / 1e6;
-            metrics::histogram!("kvstore_cache_invalidation_delay_seconds").record(delay);
-        }
-        Invalidation::Lost => cache.set_bypass(true),
-        Invalidation::Resumed => cache.set_bypass(false),
-    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

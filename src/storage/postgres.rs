@@ -440,6 +440,11 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// The schema holding kvstore's table and sequence.
+    pub fn schema(&self) -> &str {
+        &self.config.schema
+    }
+
     /// Connects, and creates or upgrades the schema. Several servers may do
     /// this at once: the work runs under a transaction-level advisory lock.
     /// When PostgreSQL cannot be reached, the store opens anyway (its

@@ -9,12 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::client::{Client, ClientOptions};
 use kvstore::server::{self, Security, ServerConfig};
+use kvstore::stack::{self, Stack, StackConfig};
 use kvstore::storage::Store;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
-use kvstore::storage::guarded::GuardedStore;
 use kvstore::storage::postgres::{PostgresConfig, PostgresStore};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -336,10 +335,9 @@ impl TestServer {
             }
             Backend::Postgres => {
                 let schema = PgSchema::new();
-                let store: Arc<dyn Store> = schema.open().await;
+                let backend = stack::Backend::Postgres(schema.config());
                 let options = ClientOptions::default();
-                let mut server =
-                    Self::serve(store, None, config, Security::default(), &options).await;
+                let mut server = Self::serve(backend, config, Security::default(), &options).await;
                 server.schema = Some(schema);
                 server
             }
@@ -379,35 +377,30 @@ impl TestServer {
     ) -> Self {
         let mut engine_config = EmbeddedConfig::new(&path);
         engine(&mut engine_config);
-        let store = Arc::new(EmbeddedStore::open(engine_config).expect("open store"));
-        let mut server = Self::serve(store.clone(), Some(store), config, security, options).await;
+        let backend = stack::Backend::Embedded(engine_config);
+        let mut server = Self::serve(backend, config, security, options).await;
         server.dir = dir;
         server.path = path;
         server
     }
 
-    /// Serves `store` as `kvstore serve` does by default: measured, with the
-    /// read cache in front.
+    /// Serves `backend` as `kvstore serve` does by default: the stack that
+    /// [`Stack::build`] makes for it.
     async fn serve(
-        store: Arc<dyn Store>,
-        embedded: Option<Arc<EmbeddedStore>>,
+        backend: stack::Backend,
         config: ServerConfig,
         security: Security,
         options: &ClientOptions,
     ) -> Self {
+        let mut stack_config = StackConfig::new(backend);
+        stack_config.layers.request_timeout = config.request_timeout;
+        stack_config.layers.metrics = config.metrics;
+        let stack = Stack::build(stack_config).await.expect("the store stack");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let dyn_store: Arc<dyn Store> = Arc::new(CachedStore::new(
-            Arc::new(GuardedStore::new(
-                store.clone(),
-                config.request_timeout,
-                config.metrics,
-            )),
-            CacheConfig::default(),
-        ));
         let scheme = if security.tls.is_some() {
             "https"
         } else {
@@ -415,7 +408,7 @@ impl TestServer {
         };
         let task = tokio::spawn(server::run_secured(
             listener,
-            dyn_store,
+            stack.store,
             config,
             security,
             async move {
@@ -427,8 +420,8 @@ impl TestServer {
             addr,
             client: Client::with_options(&base, options).expect("client"),
             base,
-            store,
-            embedded,
+            store: stack.engine,
+            embedded: stack.embedded,
             dir: None,
             path: PathBuf::new(),
             shutdown: Some(tx),
