@@ -1,0 +1,89 @@
+//! The committer thread: it takes every write queued while another commit
+//! ran, as one group, once the writer is free.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fjall::PersistMode;
+use tokio::sync::mpsc;
+
+use super::{Job, MAX_GROUP_BYTES, MAX_GROUP_KEYS, Shared, WriteOp};
+use crate::error::{StoreError, StoreResult};
+
+/// The thread that commits the writes that queued while another commit ran.
+pub(super) struct Committer {
+    pub(super) shared: Arc<Shared>,
+    /// Dropped on close, which stops the buffered-mode syncer.
+    pub(super) syncer_stop: Option<std::sync::mpsc::Sender<()>>,
+    /// Dropped on close, which stops the watcher.
+    pub(super) watcher_stop: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Committer {
+    pub(super) fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+        let shared = Arc::clone(&self.shared);
+        let mut carried: Option<Job> = None;
+        loop {
+            let Some(first) = carried.take().or_else(|| queue.blocking_recv()) else {
+                break;
+            };
+            // The group is gathered only once the writer is ours: writes that
+            // queue while a write commits itself join this group.
+            let mut writer = shared.lock_writer();
+            let mut writes = Vec::new();
+            let (mut ops, mut bytes) = (0usize, 0usize);
+            let mut close = None;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Close { reply } => {
+                        close = Some(reply);
+                        break;
+                    }
+                    Job::Write { ops: w, reply } => {
+                        let weight: usize = w.iter().map(WriteOp::weight).sum();
+                        if !writes.is_empty()
+                            && (ops + w.len() > MAX_GROUP_KEYS || bytes + weight > MAX_GROUP_BYTES)
+                        {
+                            carried = Some(Job::Write { ops: w, reply });
+                            break;
+                        }
+                        ops += w.len();
+                        bytes += weight;
+                        writes.push((w, reply));
+                        shared.waiting.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                next = queue.try_recv().ok();
+            }
+            if !writes.is_empty() {
+                writer.commit_group(&shared, writes);
+            }
+            if let Some(reply) = close {
+                let _ = reply.send(self.close());
+                drop(writer);
+                queue.close();
+                // Writes that were already queued behind the close are refused.
+                while let Ok(job) = queue.try_recv() {
+                    if let Job::Write { reply, .. } = job {
+                        let _ = reply.send((
+                            Err(StoreError::Unavailable("the store is closed".into())),
+                            Duration::ZERO,
+                        ));
+                    }
+                }
+                break;
+            }
+        }
+    }
+
+    /// Called with the writer held, so no write commits itself after this.
+    fn close(&mut self) -> StoreResult<()> {
+        self.shared.closed.store(true, Ordering::Release);
+        self.syncer_stop.take();
+        self.watcher_stop.take();
+        self.shared
+            .with_engine(|engine| Ok(engine.db.persist(PersistMode::SyncAll)?))
+    }
+}

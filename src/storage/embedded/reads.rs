@@ -1,0 +1,88 @@
+//! Batch reads and ranges, each from one snapshot of the engine.
+
+use std::ops::Bound;
+
+use fjall::Readable;
+
+use super::codec;
+use super::engine::Engine;
+use super::{Entry, ScanPage, ScanRequest, Shared};
+use crate::error::StoreResult;
+
+pub(super) fn get_snapshot(shared: &Shared, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+    shared.with_engine(|engine| {
+        let snapshot = engine.db.snapshot();
+        keys.into_iter()
+            .map(|key| match snapshot.get(&engine.kv, &key)? {
+                Some(record) => Ok(Some(to_entry(key, &record, false)?)),
+                None => Ok(None),
+            })
+            .collect()
+    })
+}
+
+pub(super) fn to_entry(key: Vec<u8>, record: &[u8], keys_only: bool) -> StoreResult<Entry> {
+    let (meta, value) = codec::decode(record)?;
+    Ok(Entry {
+        key,
+        value: if keys_only {
+            Vec::new()
+        } else {
+            value.to_vec()
+        },
+        version: meta.version,
+        revision: meta.revision,
+        created_at_us: meta.created_at_us,
+        updated_at_us: meta.updated_at_us,
+    })
+}
+
+/// Whether no key can lie between the bounds (fjall, like `BTreeMap`, must not
+/// be asked for an inverted range).
+pub(super) fn range_is_empty(lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> bool {
+    match (lower, upper) {
+        (Bound::Included(l), Bound::Included(u)) => l > u,
+        (Bound::Included(l), Bound::Excluded(u))
+        | (Bound::Excluded(l), Bound::Included(u))
+        | (Bound::Excluded(l), Bound::Excluded(u)) => l >= u,
+        _ => false,
+    }
+}
+
+pub(super) fn scan_snapshot(shared: &Shared, request: &ScanRequest) -> StoreResult<ScanPage> {
+    shared.with_engine(|engine| scan_engine(engine, request))
+}
+
+fn scan_engine(engine: &Engine, request: &ScanRequest) -> StoreResult<ScanPage> {
+    let snapshot = engine.db.snapshot();
+    let range = snapshot.range(&engine.kv, (request.lower.clone(), request.upper.clone()));
+    let items: Box<dyn Iterator<Item = fjall::Guard>> = if request.reverse {
+        Box::new(range.rev())
+    } else {
+        Box::new(range)
+    };
+    let mut entries = Vec::with_capacity(request.limit.min(1024));
+    let mut value_bytes = 0usize;
+    for item in items {
+        let (key, record) = item.into_inner()?;
+        if entries.len() == request.limit {
+            return Ok(ScanPage {
+                entries,
+                more: true,
+            });
+        }
+        let entry = to_entry(key.to_vec(), &record, request.keys_only)?;
+        value_bytes = value_bytes.saturating_add(record.len() - codec::HEADER_LEN);
+        if !entries.is_empty() && !request.keys_only && value_bytes > request.max_value_bytes {
+            return Ok(ScanPage {
+                entries,
+                more: true,
+            });
+        }
+        entries.push(entry);
+    }
+    Ok(ScanPage {
+        entries,
+        more: false,
+    })
+}
