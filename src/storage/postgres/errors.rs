@@ -1,0 +1,55 @@
+//! PostgreSQL's errors as the store's: what a client should do about them.
+
+use deadpool_postgres::PoolError;
+
+use crate::error::StoreError;
+
+/// Maps a driver error: a full disk is `InsufficientStorage` (507); lost
+/// connections, timeouts, cancellations and other shortages are
+/// `Unavailable` (503); anything else is a bug (500).
+pub(super) fn map_pg(err: &tokio_postgres::Error) -> StoreError {
+    match err.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            let class = code.get(..2).unwrap_or_default();
+            if *db.code() == tokio_postgres::error::SqlState::DISK_FULL {
+                StoreError::InsufficientStorage(format!(
+                    "PostgreSQL: {} ({code}); writes resume once space is freed on the database server",
+                    db.message()
+                ))
+            } else if matches!(class, "08" | "40" | "53" | "57" | "58" | "55") {
+                StoreError::Unavailable(format!("PostgreSQL: {} ({code})", db.message()))
+            } else {
+                StoreError::Internal(format!("PostgreSQL: {} ({code})", db.message()))
+            }
+        }
+        None => StoreError::Unavailable(format!("PostgreSQL: {err}")),
+    }
+}
+
+pub(super) fn map_pool(err: PoolError) -> StoreError {
+    match err {
+        PoolError::Timeout(kind) => StoreError::Unavailable(format!(
+            "PostgreSQL did not answer in time ({kind:?} of a connection)"
+        )),
+        PoolError::Backend(err) => map_pg(&err),
+        PoolError::Closed => StoreError::Unavailable("the store is closed".into()),
+        other => StoreError::Unavailable(format!("PostgreSQL pool: {other}")),
+    }
+}
+
+/// Whether the error says the connection is gone (and the statement did not
+/// run on it).
+pub(super) fn is_lost_connection(err: &tokio_postgres::Error) -> bool {
+    err.is_closed()
+        || err.as_db_error().is_some_and(|db| {
+            let code = db.code().code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        })
+}
+
+/// Whether the transaction may simply be tried again.
+pub(super) fn is_retryable(err: &tokio_postgres::Error) -> bool {
+    err.as_db_error()
+        .is_some_and(|db| matches!(db.code().code(), "40001" | "40P01"))
+}
