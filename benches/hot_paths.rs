@@ -15,8 +15,8 @@ use axum::http::{Request, StatusCode};
 use criterion::{Criterion, criterion_group, criterion_main};
 use hyper::service::Service as _;
 use kvstore::api::{self, AppState, CursorKey, Limits, Observe};
-use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
+use kvstore::storage::layer::cache::{CacheConfig, CachedStore};
 use kvstore::storage::{Condition, Entry, ScanRequest, Store, WriteOp};
 use tower::ServiceExt as _;
 

@@ -5,13 +5,13 @@
 //! - [`api`]: the HTTP contract (routes, request parsing, limits, the error
 //!   shape); [`api::router`] lists every route, [`api::types`] holds the JSON
 //!   bodies shared with the client.
-//! - [`storage`]: the [`storage::Store`] trait every backend implements, and
-//!   [`storage::embedded`], the default engine (fjall with our own group commit).
-//! - [`storage::postgres`]: the PostgreSQL backend, for many servers on one
-//!   database.
-//! - [`cache`]: the read cache, a decorator over any store that never serves a
-//!   version older than one acknowledged; [`redis_cache`]: the cache shared by
-//!   many servers in Redis.
+//! - [`storage`]: the [`storage::Store`] trait every backend implements;
+//!   [`storage::embedded`], the default engine (fjall with our own group
+//!   commit, one file per job); [`storage::postgres`], the PostgreSQL
+//!   backend, for many servers on one database; and [`storage::layer`], the
+//!   stores over a store: the read cache that never serves a version older
+//!   than one acknowledged, the same cache shared in Redis, and the guard
+//!   (storage timeout and latency).
 //! - [`stack`]: the store that `kvstore serve` serves, built in one place:
 //!   the engine, the guard and the cache, for the server and the tests alike.
 //! - [`server`]: the process lifecycle: accept loop, connection cap, graceful
@@ -31,11 +31,9 @@
 
 pub mod api;
 pub mod bench;
-pub mod cache;
 pub mod client;
 pub mod error;
 pub mod files;
-pub mod redis_cache;
 pub mod server;
 pub mod stack;
 pub mod storage;

@@ -13,12 +13,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cache::{CacheConfig, CacheMode, CachedStore};
 use crate::error::StoreError;
-use crate::redis_cache::{RedisCachedStore, RedisConfig};
 use crate::storage::Store;
 use crate::storage::embedded::{EmbeddedConfig, EmbeddedStore};
-use crate::storage::guarded::GuardedStore;
+use crate::storage::layer::cache::{CacheConfig, CacheMode, CachedStore};
+use crate::storage::layer::guard::GuardedStore;
+use crate::storage::layer::redis_cache::{RedisCachedStore, RedisConfig};
 use crate::storage::postgres::{Invalidation, PostgresConfig, PostgresStore};
 
 /// Where the data lives.

@@ -97,7 +97,7 @@ fn describe() {
         "Time from a request's arrival to its answer, by route and method."
     );
     describe_histogram!(
-        crate::storage::guarded::STORAGE_SECONDS,
+        crate::storage::layer::guard::STORAGE_SECONDS,
         Unit::Seconds,
         "Storage backend calls, by operation (below the cache)."
     );

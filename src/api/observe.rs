@@ -19,7 +19,7 @@ use crate::timing;
 #[derive(Clone)]
 pub struct Observe {
     /// Bounds the reading of a request body (storage calls are bounded by
-    /// [`crate::storage::guarded::GuardedStore`]).
+    /// [`crate::storage::layer::guard::GuardedStore`]).
     pub request_timeout: Duration,
     /// Requests slower than this are logged at WARN with where the time went.
     pub slow_request: Duration,

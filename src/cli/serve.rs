@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kvstore::api::Limits;
-use kvstore::cache::{CacheConfig, CacheMode};
-use kvstore::redis_cache::RedisConfig;
 use kvstore::server::{self, ServerConfig};
 use kvstore::stack::{self, Stack, StackConfig};
+use kvstore::storage::embedded::space::MinFree;
 use kvstore::storage::embedded::{Durability, EmbeddedConfig};
+use kvstore::storage::layer::cache::{CacheConfig, CacheMode};
+use kvstore::storage::layer::redis_cache::RedisConfig;
 use kvstore::storage::postgres::PostgresConfig;
-use kvstore::storage::space::MinFree;
 
 /// Where the data lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -6,9 +6,8 @@
 
 mod codec;
 pub mod embedded;
-pub mod guarded;
+pub mod layer;
 pub mod postgres;
-pub mod space;
 
 use std::ops::Bound;
 

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use crate::harness::within;
 use async_trait::async_trait;
-use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::error::StoreResult;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use kvstore::storage::layer::cache::{CacheConfig, CachedStore};
 use kvstore::storage::{Condition, Entry, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome};
 use tokio::sync::{Notify, Semaphore};
 

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{PgSchema, Proxy, within};
 use crate::requests::*;
-use kvstore::cache::{CacheConfig, CachedStore};
 use kvstore::client::Client;
 use kvstore::server::{self, ServerConfig};
+use kvstore::storage::layer::cache::{CacheConfig, CachedStore};
 use kvstore::storage::postgres::{PostgresConfig, PostgresStore};
 use kvstore::storage::{Condition, OpResult, Store, WriteOp, WriteOutcome};
 use tokio::net::TcpListener;

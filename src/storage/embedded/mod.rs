@@ -40,7 +40,7 @@
 //! is set to fjall's smallest, so the `meta` keyspace is flushed each time a
 //! journal fills, and at most about two journals are kept.
 //!
-//! A full disk: the free-space guard ([`super::space`]) refuses writes before
+//! A full disk: the free-space guard ([`space`]) refuses writes before
 //! the disk fills. If the engine runs out of space all the same (the guard
 //! off, or another process filling the disk), fjall poisons the database and
 //! refuses every later write; fjall cannot be un-poisoned, so once space is
@@ -54,6 +54,7 @@ mod engine;
 mod full_disk;
 mod key_directory;
 mod reads;
+pub mod space;
 mod syncer;
 mod writer;
 
@@ -78,12 +79,12 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec;
-use super::space::{self, MinFree, SpaceGuard};
 use super::{
     Entry, FailedCondition, OpResult, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
 use crate::timing;
+use space::{MinFree, SpaceGuard};
 
 /// When an acknowledged write is on stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

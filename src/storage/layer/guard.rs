@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Entry, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome};
 use crate::error::{StoreError, StoreResult};
+use crate::storage::{Entry, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome};
 use crate::timing;
 
 /// The storage latency histogram, labelled by `op`.
