@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One round of the README's benchmark table, with the floors measured in the
-# same round: the bare HTTP server (examples/http_floor.rs) under wrk, and
-# fdatasync on the data directory's disk (examples/fsync_floor.rs), and Redis
+# same round: the bare HTTP server (benches/floors/http_floor.rs) under wrk, and
+# fdatasync on the data directory's disk (benches/floors/fsync_floor.rs), and Redis
 # with every write synced, when it is installed. Hot GETs, durable PUTs and a
 # range of 100 are also measured with wrk, the floor's own client, for
 # like-for-like ratios.

@@ -3,8 +3,9 @@
 //! kvstore. Benchmarks compare kvstore against it in the same run, since a
 //! shared machine's round trip varies from run to run.
 //!
-//! Run with `cargo run --release --example http_floor -- 127.0.0.1:7099`,
-//! then point wrk or `kvstore bench` at it.
+//! Run with `cargo run --release --example http_floor -- 127.0.0.1:7099`
+//! (Cargo.toml declares it as an example, so that the benchmark scripts
+//! build it with `--examples`), then point wrk or `kvstore bench` at it.
 
 use std::convert::Infallible;
 
