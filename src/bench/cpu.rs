@@ -5,6 +5,8 @@ use std::time::Duration;
 
 /// User plus system CPU time of this process so far; `None` where the
 /// platform does not say.
+// The one way to read the process's CPU time: a libc call (see the SAFETY notes).
+#[allow(unsafe_code)]
 pub fn process_cpu_time() -> Option<Duration> {
     #[cfg(unix)]
     {

@@ -374,9 +374,7 @@ fn write_file(path: &std::path::Path, text: &str) {
 }
 
 fn hangup(server: &Binary) {
-    let pid = i32::try_from(server.child.id()).expect("pid");
-    // SAFETY: kill(2) on our own child's pid has no memory effects.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    crate::harness::send_signal(server.child.id(), libc::SIGHUP).expect("SIGHUP");
 }
 
 /// One keep-alive request on a raw connection, with a token.

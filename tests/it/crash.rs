@@ -270,9 +270,7 @@ async fn sigterm_drains_and_exits_cleanly() {
         )));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let pid = i32::try_from(server.child.id()).expect("pid");
-    // SAFETY: kill(2) with a valid pid of our own child has no memory effects.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    crate::harness::send_signal(server.child.id(), libc::SIGTERM).expect("SIGTERM");
     let status = server.wait();
     assert!(
         status.success(),

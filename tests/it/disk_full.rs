@@ -40,6 +40,7 @@ struct Tmpfs {
 impl Tmpfs {
     /// `None` (after printing why) when this process cannot mount; under
     /// `CI=true` that fails the test instead.
+    #[allow(unsafe_code)] // std has no mount(2)
     fn mount(bytes: u64) -> Option<Tmpfs> {
         let dir = tempfile::tempdir().expect("temp dir");
         let target = CString::new(dir.path().as_os_str().as_bytes()).expect("path");
@@ -75,6 +76,7 @@ impl Tmpfs {
 }
 
 impl Drop for Tmpfs {
+    #[allow(unsafe_code)] // std has no umount2(2)
     fn drop(&mut self) {
         let target = CString::new(self.dir.path().as_os_str().as_bytes()).expect("path");
         // SAFETY: a NUL-terminated path. MNT_DETACH unmounts even while the

@@ -12,6 +12,9 @@
 //! tests were built; under `CI=true` an unset variable fails the run
 //! (`harness::ci_sets_every_service`).
 
+// A test fails by panicking: unwrap and expect are how it says what broke.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[macro_use]
 mod harness;
 #[macro_use]

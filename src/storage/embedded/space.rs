@@ -248,7 +248,9 @@ pub(crate) fn is_out_of_space(err: &io::Error) -> bool {
 
 /// Free bytes (for an unprivileged process) and the size of the file system
 /// holding `path`.
+// std has no statvfs: a libc call (see the SAFETY notes).
 #[cfg(unix)]
+#[allow(unsafe_code)]
 fn free_space(path: &Path) -> io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;

@@ -84,7 +84,7 @@ pub fn output_within(
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn the command");
-    let pid = i32::try_from(child.id()).expect("pid");
+    let pid = child.id();
     let stdin = stdin.to_vec();
     let (done, output) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -95,9 +95,9 @@ pub fn output_within(
     match output.recv_timeout(deadline) {
         Ok(output) => output.expect("the command's output"),
         Err(_) => {
-            // SAFETY: kill(2) on our own child (not yet reaped, so the pid
-            // is still its) has no memory effects.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // Not reaped yet (the waiting thread has not returned), so the
+            // pid is still the child's.
+            let _ = send_signal(pid, libc::SIGKILL);
             panic!("{command:?} did not finish within {deadline:?}");
         }
     }
@@ -132,6 +132,26 @@ impl Gate {
         *self.open.lock().unwrap() = open;
         self.changed.notify_all();
     }
+}
+
+/// Sends `signal` to a child process that has not been reaped yet (so its
+/// pid is still its own). The tests' one way to signal a process.
+#[allow(unsafe_code)]
+pub fn send_signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
+    let pid = i32::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether the tests run as root (mounts need it).
+#[allow(unsafe_code)]
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and touches no memory.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// The storage backend a test body runs against.
@@ -530,9 +550,7 @@ impl Binary {
     /// Sends SIGTERM, waits (at most a minute) for the exit, and returns
     /// whether it was clean.
     pub fn terminate(&mut self) -> bool {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        send_signal(self.child.id(), libc::SIGTERM).expect("SIGTERM");
         self.wait().success()
     }
 

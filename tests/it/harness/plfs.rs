@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::{poll_until, wait_child};
+use super::{is_root, poll_until, send_signal, wait_child};
 
 /// The wrapper that runs plfs in its own Python environment.
 const PLFS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/plfs/plfs");
@@ -173,10 +173,7 @@ impl Plfs {
         let mountpoint = self.mountpoint();
         if let Some(mut child) = self.child.take() {
             // SIGTERM makes plfs unmount and exit.
-            if let Ok(pid) = i32::try_from(child.id()) {
-                // SAFETY: kill(2) on our own child's pid has no memory effects.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
+            let _ = send_signal(child.id(), libc::SIGTERM);
             if wait_child(&mut child, UNMOUNT_DEADLINE).is_none() {
                 eprintln!("plfs did not exit on SIGTERM; killing it");
                 let _ = child.kill();
@@ -210,8 +207,7 @@ impl Drop for Plfs {
 
 /// Why plfs cannot run here, if it cannot.
 fn missing_prerequisite() -> Option<String> {
-    // SAFETY: geteuid(2) has no preconditions and no memory effects.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Some("plfs needs root (FUSE mounts with allow_other)".into());
     }
     if !Path::new("/dev/fuse").exists() {
