@@ -10,13 +10,18 @@ use std::io;
 #[non_exhaustive]
 pub enum StoreError {
     /// The backend could not be reached, timed out, or refused the operation
-    /// (a full disk, a failed sync). Answered as 503 `unavailable`.
+    /// (after a failed sync, say). Answered as 503 `unavailable`.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
-    /// An invariant of kvstore itself broke (corrupt record, lost task).
-    /// Answered as 500 `internal`.
+    /// An invariant of kvstore itself broke (a lost task, say). Answered as
+    /// 500 `internal`, asking for a bug report.
     #[error("internal error: {0}")]
     Internal(String),
+    /// Stored data failed its checks (a checksum, a header, a record that does
+    /// not decode). Answered as 500 `internal` too, since a retry reads the
+    /// same bytes, but what helps is restoring the data, not a bug report.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
     /// The file system of the data directory is (nearly) full: writes are
     /// refused until space is freed, reads go on. Answered as 507
     /// `insufficient_storage`.
@@ -33,7 +38,7 @@ impl From<fjall::Error> for StoreError {
     fn from(err: fjall::Error) -> Self {
         if is_corruption(&err) {
             tracing::error!(error = %err, "stored data is corrupt");
-            return StoreError::Internal(format!("stored data is corrupt ({err})"));
+            return StoreError::Corrupt(err.to_string());
         }
         StoreError::Unavailable(err.to_string())
     }
@@ -88,18 +93,18 @@ mod tests {
     use fjall::LsmError;
 
     #[test]
-    fn corrupt_data_is_internal_and_failed_io_unavailable() {
-        let internal = [
+    fn corrupt_data_is_corrupt_and_failed_io_unavailable() {
+        let corrupt = [
             fjall::Error::JournalRecovery(fjall::JournalRecoveryError::ChecksumMismatch),
             fjall::Error::InvalidTrailer,
             fjall::Error::Storage(LsmError::Unrecoverable),
             fjall::Error::Storage(LsmError::InvalidHeader("Block")),
             fjall::Error::Storage(LsmError::Io(io::ErrorKind::UnexpectedEof.into())),
         ];
-        for err in internal {
+        for err in corrupt {
             let shown = err.to_string();
             assert!(
-                matches!(StoreError::from(err), StoreError::Internal(_)),
+                matches!(StoreError::from(err), StoreError::Corrupt(_)),
                 "{shown}"
             );
         }

@@ -5,20 +5,22 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
+use super::types::ErrorCode;
 use crate::error::StoreError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub details: Map<String, Value>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error answered with `code`'s own status.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
-            status,
+            status: code.status(),
             code,
             message: message.into(),
             details: Map::new(),
@@ -26,31 +28,30 @@ impl ApiError {
     }
 
     pub fn invalid_key(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_key", message)
+        Self::new(ErrorCode::InvalidKey, message)
     }
 
     pub fn invalid_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        Self::new(ErrorCode::InvalidRequest, message)
     }
 
     /// No token, or one the server does not know (auth on).
     pub fn unauthenticated(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+        Self::new(ErrorCode::Unauthenticated, message)
     }
 
     /// The token is known but has no right to this key or range.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+        Self::new(ErrorCode::Forbidden, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+        Self::new(ErrorCode::NotFound, message)
     }
 
     pub fn method_not_allowed() -> Self {
         Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            ErrorCode::MethodNotAllowed,
             "this method is not allowed on this path; see the API documentation",
         )
     }
@@ -61,39 +62,30 @@ impl ApiError {
             Some(v) => format!("the condition failed: the key is at version {v}"),
             None => "the condition failed: the key does not exist".to_owned(),
         };
-        Self::new(StatusCode::PRECONDITION_FAILED, "version_mismatch", message)
+        Self::new(ErrorCode::VersionMismatch, message)
             .with_detail("current_version", json!(current_version))
     }
 
     pub fn payload_too_large(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+        Self::new(ErrorCode::PayloadTooLarge, message)
     }
 
     pub fn unsupported_media_type(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            message,
-        )
+        Self::new(ErrorCode::UnsupportedMediaType, message)
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        Self::new(ErrorCode::Unavailable, message)
     }
 
     /// The disk is (nearly) full: writes are refused until space is freed.
     pub fn insufficient_storage(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "insufficient_storage",
-            message,
-        )
+        Self::new(ErrorCode::InsufficientStorage, message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             format!(
                 "{}; this is a bug in kvstore, please report it with this message",
                 message.into()
@@ -112,6 +104,13 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::Unavailable(why) => ApiError::unavailable(why),
             StoreError::Internal(why) => ApiError::internal(why),
+            StoreError::Corrupt(why) => ApiError::new(
+                ErrorCode::Internal,
+                format!(
+                    "stored data is corrupt ({why}); retrying will not help: restore the \
+                     data directory from a backup (docs/durability.md, Corruption)"
+                ),
+            ),
             StoreError::InsufficientStorage(why) => ApiError::insufficient_storage(why),
         }
     }
@@ -122,10 +121,10 @@ impl IntoResponse for ApiError {
         // A full disk is logged once, when writes start being refused, not
         // once for every write refused.
         if self.status.is_server_error() && self.status != StatusCode::INSUFFICIENT_STORAGE {
-            tracing::warn!(status = %self.status, code = self.code, message = %self.message, "request failed");
+            tracing::warn!(status = %self.status, code = %self.code, message = %self.message, "request failed");
         }
         let mut error = self.details;
-        error.insert("code".to_owned(), Value::from(self.code));
+        error.insert("code".to_owned(), Value::from(self.code.as_str()));
         error.insert("message".to_owned(), Value::from(self.message));
         let body = serde_json::to_vec(&json!({ "error": error })).unwrap_or_else(|_| {
             b"{\"error\":{\"code\":\"internal\",\"message\":\"error body\"}}".to_vec()

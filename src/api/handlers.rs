@@ -17,6 +17,7 @@ use super::request::{
     BodyKind, Query, body_kind, check_key, check_value_size, decode_value, key_from_path,
     parse_json, read_body, write_condition,
 };
+use super::types::ErrorCode;
 use super::types::{
     BatchGetRequest, BatchGetResponse, BatchOpKind, BatchRequest, BatchResponse, BatchResult,
     ListResponse, PutBody, PutResponse,
@@ -412,15 +413,13 @@ pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> Ap
         WriteOutcome::Rejected { failed } => {
             let indexes: Vec<usize> = failed.iter().map(|f| f.index).collect();
             let versions: Vec<Option<u64>> = failed.iter().map(|f| f.current_version).collect();
-            Err(ApiError {
-                status: StatusCode::PRECONDITION_FAILED,
-                code: "version_mismatch",
-                message: format!(
+            Err(ApiError::new(
+                ErrorCode::VersionMismatch,
+                format!(
                     "{} condition(s) failed (ops {indexes:?}); nothing was written",
                     indexes.len()
                 ),
-                details: serde_json::Map::new(),
-            }
+            )
             .with_detail("failed", json!(indexes))
             .with_detail("current_versions", json!(versions)))
         }

@@ -209,15 +209,15 @@ fn read_input(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
 
 #[cfg(test)]
 mod tests {
-    use kvstore::api::types::ErrorBody;
+    use kvstore::api::types::{ErrorBody, ErrorCode};
 
     use super::*;
 
-    fn api_error(status: StatusCode, code: &str) -> ClientError {
+    fn api_error(status: StatusCode, code: ErrorCode) -> ClientError {
         ClientError::Api {
             status,
             error: ErrorBody {
-                code: code.into(),
+                code,
                 message: "why".into(),
                 details: serde_json::Map::from_iter([("current_version".into(), 3.into())]),
             },
@@ -227,28 +227,40 @@ mod tests {
     #[test]
     fn exit_codes_of_client_errors() {
         let code = |err: ClientError| Failure::from(err).code;
-        assert_eq!(code(api_error(StatusCode::NOT_FOUND, "not_found")), 1);
+        assert_eq!(
+            code(api_error(StatusCode::NOT_FOUND, ErrorCode::NotFound)),
+            1
+        );
         assert_eq!(
             code(api_error(
                 StatusCode::PRECONDITION_FAILED,
-                "version_mismatch"
+                ErrorCode::VersionMismatch
             )),
             1
         );
-        assert_eq!(code(api_error(StatusCode::BAD_REQUEST, "invalid_key")), 2);
+        assert_eq!(
+            code(api_error(StatusCode::BAD_REQUEST, ErrorCode::InvalidKey)),
+            2
+        );
         assert_eq!(
             code(api_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large"
+                ErrorCode::PayloadTooLarge
             )),
             2
         );
         assert_eq!(
-            code(api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable")),
+            code(api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable
+            )),
             3
         );
         assert_eq!(
-            code(api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal")),
+            code(api_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal
+            )),
             3
         );
         assert_eq!(code(ClientError::Transport("refused".into())), 3);
@@ -259,7 +271,7 @@ mod tests {
     fn messages_carry_the_servers_words_and_details() {
         let failure = Failure::from(api_error(
             StatusCode::PRECONDITION_FAILED,
-            "version_mismatch",
+            ErrorCode::VersionMismatch,
         ));
         assert_eq!(
             failure.about_key("a").message,

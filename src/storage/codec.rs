@@ -56,7 +56,7 @@ pub(crate) fn decode(record: &[u8]) -> StoreResult<(RecordMeta, &[u8])> {
 }
 
 fn corrupt(what: &str) -> StoreError {
-    StoreError::Internal(format!("corrupt record: {what}"))
+    StoreError::Corrupt(format!("a record that does not decode: {what}"))
 }
 
 #[cfg(test)]

@@ -487,8 +487,13 @@ async fn without_auth_the_server_says_so() {
     let log = server.log();
     assert!(clean, "{log:#?}");
     assert!(log.iter().any(|l| l.contains("auth is off")), "{log:#?}");
-    // On loopback, no warning about who can connect.
-    assert!(!log.iter().any(|l| l.contains("WARN")), "{log:#?}");
+    // On loopback, no warning about who can connect (other warnings, of a
+    // slow machine say, are not this test's business).
+    assert!(
+        !log.iter().any(|l| l.contains("WARN")
+            && (l.contains("other machines can reach") || l.contains("TLS is off"))),
+        "{log:#?}"
+    );
 }
 
 fn run_kvstore(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> std::process::Output {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::Binary;
 use hyper::{Method, StatusCode};
+use kvstore::api::types::ErrorCode;
 use kvstore::client::{Client, ClientError, RawResponse};
 use kvstore::storage::Condition;
 use tempfile::TempDir;
@@ -121,7 +122,7 @@ async fn bounded<T>(request: impl Future<Output = T>) -> T {
 }
 
 /// The status of a PUT of key number `i`, and the error code of a refusal.
-async fn put(client: &Client, i: usize) -> (StatusCode, Option<String>) {
+async fn put(client: &Client, i: usize) -> (StatusCode, Option<ErrorCode>) {
     match bounded(client.put(&key(i), value(i), Condition::Any)).await {
         Ok(_) => (StatusCode::OK, None),
         Err(ClientError::Api { status, error }) => (status, Some(error.code)),
@@ -154,7 +155,7 @@ async fn fill(
     client: &Client,
     next: &mut usize,
     written: &mut BTreeMap<usize, Vec<u8>>,
-) -> (StatusCode, Option<String>) {
+) -> (StatusCode, Option<ErrorCode>) {
     // The disk holds fewer than FS_BYTES / VALUE_BYTES values: a server that
     // never refuses fails here instead of looping.
     let most = usize::try_from(FS_BYTES).expect("size") / VALUE_BYTES + 100;
@@ -190,10 +191,10 @@ async fn wait_for_writes(
             }
             (status, code) => {
                 assert_eq!(
-                    (status, code.as_deref()),
+                    (status, code),
                     (
                         StatusCode::INSUFFICIENT_STORAGE,
-                        Some("insufficient_storage")
+                        Some(ErrorCode::InsufficientStorage)
                     ),
                     "a write while space was coming back"
                 );
@@ -294,10 +295,10 @@ async fn the_guard_refuses_writes_before_the_disk_fills_and_lets_them_resume() {
 
     let (status, code) = fill(client, &mut next, &mut written).await;
     assert_eq!(
-        (status, code.as_deref()),
+        (status, code),
         (
             StatusCode::INSUFFICIENT_STORAGE,
-            Some("insufficient_storage")
+            Some(ErrorCode::InsufficientStorage)
         )
     );
     let mut tally = Tally {
@@ -415,10 +416,10 @@ async fn engine_out_of_space(durability: &str) {
 
     let (status, code) = fill(client, &mut next, &mut written).await;
     assert_eq!(
-        (status, code.as_deref()),
+        (status, code),
         (
             StatusCode::INSUFFICIENT_STORAGE,
-            Some("insufficient_storage")
+            Some(ErrorCode::InsufficientStorage)
         ),
         "ENOSPC in the engine is a 507, not a 503 or a 500"
     );
@@ -439,7 +440,7 @@ async fn engine_out_of_space(durability: &str) {
             put(client, i).await,
             (
                 StatusCode::INSUFFICIENT_STORAGE,
-                Some("insufficient_storage".into())
+                Some(ErrorCode::InsufficientStorage)
             )
         );
         refused.push(i);

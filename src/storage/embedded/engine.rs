@@ -32,14 +32,13 @@ impl Engine {
         // the first write, makes the folders as durable as the journal.
         crate::files::sync_dir(&path.join(KEYSPACES_DIR))?;
         crate::files::sync_dir(path)?;
-        let revision = match meta.get(REVISION_KEY)? {
-            Some(raw) => u64::from_le_bytes(
-                raw.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Internal("corrupt revision record".into()))?,
-            ),
-            None => 0,
-        };
+        let revision =
+            match meta.get(REVISION_KEY)? {
+                Some(raw) => u64::from_le_bytes(raw.as_ref().try_into().map_err(|_| {
+                    StoreError::Corrupt("the revision record is not 8 bytes".into())
+                })?),
+                None => 0,
+            };
         Ok((Engine { db, kv, meta }, revision))
     }
 }
@@ -85,8 +84,8 @@ fn open_failed(path: &Path, err: fjall::Error) -> StoreError {
         files => format!("one of {}", files.join(", ")),
     };
     match StoreError::from(err) {
-        StoreError::Internal(why) => {
-            StoreError::Internal(format!("{why}; the damaged file is {place}{or_else}"))
+        StoreError::Corrupt(why) => {
+            StoreError::Corrupt(format!("{why}; the damaged file is {place}{or_else}"))
         }
         other => other,
     }
