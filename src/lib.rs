@@ -21,16 +21,12 @@
 //! - [`tls`]: rustls configurations of the server and the client.
 //! - [`client`]: a typed async client of the API, used by the CLI, the bench
 //!   tool and the tests.
-//! - [`bench`](mod@bench): the load generator of `kvstore bench` (YCSB
-//!   workloads, key distributions, the runner, latency histograms and the
-//!   report).
 //! - [`error`]: what can fail inside the library.
 //! - [`files`]: directories and small files made durable (parents fsynced,
 //!   atomic replacement).
 //! - `src/main.rs`: the `kvstore` binary (argument parsing and wiring only).
 
 pub mod api;
-pub mod bench;
 pub mod client;
 pub mod error;
 pub mod files;

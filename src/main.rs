@@ -5,6 +5,7 @@
 //! `import`, and measure it with `kvstore bench` (see `kvstore --help`).
 
 mod cli;
+mod loadgen;
 
 use std::process::ExitCode;
 

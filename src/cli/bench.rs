@@ -1,11 +1,11 @@
 //! `kvstore bench`: the arguments and the printing; the engine is
-//! [`kvstore::bench`].
+//! [`crate::loadgen`].
 
 use std::io::IsTerminal as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvstore::bench::{self, BenchConfig, Distribution, Stop, Workload};
+use crate::loadgen::{self, BenchConfig, Distribution, Stop, Workload};
 
 use super::{Failure, OutputArgs, ServerArgs, progress_bar, with_stdout, write_json};
 
@@ -25,7 +25,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, conflicts_with = "duration")]
     operations: Option<u64>,
     /// Run for this long instead of a number of operations (30s, 2m, 500ms).
-    #[arg(long, value_parser = bench::parse_duration)]
+    #[arg(long, value_parser = loadgen::parse_duration)]
     duration: Option<Duration>,
     /// Connections, each sending its next operation once the last is answered.
     #[arg(long, default_value_t = 16)]
@@ -80,7 +80,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
             "load {bar:40} {human_pos}/{human_len} records ({eta} left)",
         );
         let progress = bar.clone();
-        let report = bench::load(&config, Arc::new(move |n| progress.inc(n)))
+        let report = loadgen::load(&config, Arc::new(move |n| progress.inc(n)))
             .await
             .map_err(|err| Failure::from(err).context("load phase"))?;
         bar.finish_and_clear();
@@ -97,7 +97,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
             config.concurrency
         );
     }
-    let report = bench::run(&config, load).await?;
+    let report = loadgen::run(&config, load).await?;
     with_stdout(|out| {
         if args.output.json {
             write_json(out, &report)

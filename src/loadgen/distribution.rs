@@ -98,6 +98,7 @@ impl Zipfian {
     }
 
     /// The probability of rank `i` under the exact distribution.
+    #[cfg(test)]
     pub fn probability(&self, i: u64) -> f64 {
         1.0 / ((i + 1) as f64).powf(self.theta) / self.zetan
     }

@@ -1,5 +1,5 @@
 //! The load generator behind `kvstore bench`: YCSB core workloads and
-//! single-operation scenarios, run over N connections through [`crate::client`],
+//! single-operation scenarios, run over N connections through [`kvstore::client`],
 //! with latencies recorded in HdrHistograms.
 //!
 //! - [`distribution`]: key distributions (uniform, scrambled zipfian, latest).
@@ -16,12 +16,11 @@ pub mod workload;
 
 use std::time::Duration;
 
-use crate::client::MAX_ITEMS;
+use kvstore::client::MAX_ITEMS;
 
 pub use distribution::Distribution;
-pub use report::Report;
-pub use runner::{KEY_PREFIX, load, parse_duration, record_key, run};
-pub use workload::{Op, Workload};
+pub use runner::{load, parse_duration, run};
+pub use workload::Workload;
 
 /// When a run ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::distribution::Distribution;
 use super::workload::{Op, Workload};
-use crate::client::ClientError;
+use kvstore::client::ClientError;
 
 /// The share of all cores above which the client itself is taken to limit the
 /// figures: past it, its threads queue for CPU and add their wait to every
@@ -452,12 +452,12 @@ mod tests {
 
     #[test]
     fn cpu_warnings() {
-        let config = crate::bench::BenchConfig {
+        let config = crate::loadgen::BenchConfig {
             url: "http://127.0.0.1:1".into(),
             workload: Workload::Read,
             distribution: Distribution::Uniform,
             records: 1,
-            stop: crate::bench::Stop::Operations(1),
+            stop: crate::loadgen::Stop::Operations(1),
             concurrency: 1,
             value_size: 1,
             batch_size: 1,
