@@ -172,6 +172,29 @@ async fn fill(
     panic!("{most} writes of {VALUE_BYTES} bytes on a {FS_BYTES}-byte disk were all acknowledged")
 }
 
+/// Once space is freed: waits for writes to be acknowledged again, then
+/// writes 20 more, every one of which must be; counts them in `tally`.
+/// Gives how long writes took to resume.
+async fn resume(
+    client: &Client,
+    next: &mut usize,
+    written: &mut BTreeMap<usize, Vec<u8>>,
+    refused: &mut Vec<usize>,
+    tally: &mut Tally,
+) -> Duration {
+    let took = wait_for_writes(client, next, written, refused).await;
+    let resumed_from = written.len();
+    for _ in 0..20 {
+        let i = *next;
+        *next += 1;
+        assert_eq!(put(client, i).await, (StatusCode::OK, None));
+        written.insert(i, value(i));
+    }
+    tally.resumed = written.len() - resumed_from + 1;
+    tally.refused = refused.len();
+    took
+}
+
 /// Writes a new key every 50 ms until one is acknowledged; gives how long
 /// that took. Every refusal must be a 507.
 async fn wait_for_writes(
@@ -360,16 +383,7 @@ async fn the_guard_refuses_writes_before_the_disk_fills_and_lets_them_resume() {
     );
 
     std::fs::remove_file(&ballast).expect("delete the ballast");
-    let took = wait_for_writes(client, &mut next, &mut written, &mut refused).await;
-    let resumed_from = written.len();
-    for _ in 0..20 {
-        let i = next;
-        next += 1;
-        assert_eq!(put(client, i).await, (StatusCode::OK, None));
-        written.insert(i, value(i));
-    }
-    tally.resumed = written.len() - resumed_from + 1;
-    tally.refused = refused.len();
+    let took = resume(client, &mut next, &mut written, &mut refused, &mut tally).await;
     let ready: serde_json::Value = get(client, "/readyz").await.json().expect("JSON");
     assert_eq!(ready, serde_json::json!({"status": "ready"}));
     assert!(
@@ -471,16 +485,7 @@ async fn engine_out_of_space(durability: &str) {
     });
 
     std::fs::remove_file(&ballast).expect("delete the ballast");
-    let took = wait_for_writes(client, &mut next, &mut written, &mut refused).await;
-    let resumed_from = written.len();
-    for _ in 0..20 {
-        let i = next;
-        next += 1;
-        assert_eq!(put(client, i).await, (StatusCode::OK, None));
-        written.insert(i, value(i));
-    }
-    tally.resumed = written.len() - resumed_from + 1;
-    tally.refused = refused.len();
+    let took = resume(client, &mut next, &mut written, &mut refused, &mut tally).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (served, unavailable) = bounded(reader).await.expect("the reader");
     eprintln!("reads during the reopen: {served} served, {unavailable} answered 503");
