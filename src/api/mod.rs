@@ -5,6 +5,7 @@ pub mod auth;
 mod cursor;
 pub mod error;
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod handlers;
 mod observe;
