@@ -71,7 +71,8 @@ pub(crate) struct ServeArgs {
     data_dir: PathBuf,
     /// When a write is acknowledged: after its fsync, or once in the OS's
     /// buffers with a background sync every --sync-interval-ms.
-    #[arg(long, env = "KVSTORE_DURABILITY", value_enum, default_value_t = Durability::Fsync)]
+    #[arg(long, env = "KVSTORE_DURABILITY", default_value_t = Durability::Fsync,
+          value_parser = modes::<Durability>(Durability::ALL.map(Durability::name)))]
     durability: Durability,
     /// Free space to keep on the data directory's file system: a number of
     /// bytes, or a percentage of the file system (`5%`); writes are refused
@@ -100,7 +101,7 @@ pub(crate) struct ServeArgs {
     /// (shared by every server, at --redis-url) or `off`. Default: `local`
     /// on the embedded engine, `off` on PostgreSQL (where `local` may serve
     /// another server's writes late by the notification delay).
-    #[arg(long, env = "KVSTORE_CACHE", value_enum)]
+    #[arg(long, env = "KVSTORE_CACHE", value_parser = modes::<CacheMode>(CacheMode::ALL.map(CacheMode::name)))]
     cache: Option<CacheMode>,
     /// Redis URL of the shared cache, for --cache redis.
     #[arg(long, env = "KVSTORE_REDIS_URL", required_if_eq("cache", "redis"))]
@@ -144,6 +145,18 @@ pub(crate) struct ServeArgs {
     metrics: bool,
     #[command(flatten)]
     security: super::security::SecurityArgs,
+}
+
+/// A flag that takes one of a library type's names (which its `FromStr`
+/// reads): clap lists them in the help and refuses any other.
+fn modes<T>(
+    names: impl IntoIterator<Item = &'static str>,
+) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: std::str::FromStr<Err = String> + Clone + Send + Sync + 'static,
+{
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(names).try_map(|name: String| name.parse::<T>())
 }
 
 /// Runs the server until SIGINT or SIGTERM.

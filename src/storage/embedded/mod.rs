@@ -87,7 +87,7 @@ use crate::timing;
 use space::{MinFree, SpaceGuard};
 
 /// When an acknowledged write is on stable storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// A write is answered after the sync (fdatasync) that covers it.
     Fsync,
@@ -97,12 +97,33 @@ pub enum Durability {
     Buffered,
 }
 
-impl std::fmt::Display for Durability {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Durability {
+    /// Every mode, in the order a help text lists them.
+    pub const ALL: [Durability; 2] = [Durability::Fsync, Durability::Buffered];
+
+    /// The mode's name, as `--durability` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
             Durability::Fsync => "fsync",
             Durability::Buffered => "buffered",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|mode| mode.name() == name)
+            .ok_or_else(|| format!("{name:?}: the durability is fsync or buffered"))
     }
 }
 

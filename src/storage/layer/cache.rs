@@ -50,7 +50,7 @@ const STRIPES: usize = 4096;
 const ENTRY_OVERHEAD: u64 = 96;
 
 /// Where reads are cached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheMode {
     /// No cache: every read goes to storage.
     Off,
@@ -62,13 +62,34 @@ pub enum CacheMode {
     Redis,
 }
 
-impl std::fmt::Display for CacheMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl CacheMode {
+    /// Every mode, in the order a help text lists them.
+    pub const ALL: [CacheMode; 3] = [CacheMode::Off, CacheMode::Local, CacheMode::Redis];
+
+    /// The mode's name, as `--cache` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
             CacheMode::Off => "off",
             CacheMode::Local => "local",
             CacheMode::Redis => "redis",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|mode| mode.name() == name)
+            .ok_or_else(|| format!("{name:?}: the cache is off, local or redis"))
     }
 }
 
