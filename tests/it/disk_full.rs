@@ -149,13 +149,16 @@ struct Tally {
     lost: usize,
 }
 
-/// Writes keys from `next` on until a write is refused; gives the first
-/// refusal's status and code. Every acknowledged key goes into `written`.
+/// Writes keys from `next` on until a write is refused, which must be a 507
+/// (from the guard, or from ENOSPC in the engine: not a 503 or a 500), after
+/// at least 100 acknowledged writes. Every acknowledged key goes into
+/// `written`, the refused one into `refused`; gives the tally so far.
 async fn fill(
     client: &Client,
     next: &mut usize,
     written: &mut BTreeMap<usize, Vec<u8>>,
-) -> (StatusCode, Option<ErrorCode>) {
+    refused: &mut Vec<usize>,
+) -> Tally {
     // The disk holds fewer than FS_BYTES / VALUE_BYTES values: a server that
     // never refuses fails here instead of looping.
     let most = usize::try_from(FS_BYTES).expect("size") / VALUE_BYTES + 100;
@@ -166,7 +169,27 @@ async fn fill(
             (StatusCode::OK, _) => {
                 written.insert(i, value(i));
             }
-            refusal => return refusal,
+            refusal => {
+                assert_eq!(
+                    refusal,
+                    (
+                        StatusCode::INSUFFICIENT_STORAGE,
+                        Some(ErrorCode::InsufficientStorage)
+                    ),
+                    "a full disk is a 507, not a 503 or a 500"
+                );
+                refused.push(i);
+                let tally = Tally {
+                    acknowledged: written.len(),
+                    ..Tally::default()
+                };
+                assert!(
+                    tally.acknowledged >= 100,
+                    "only {} writes before the disk was full",
+                    tally.acknowledged
+                );
+                return tally;
+            }
         }
     }
     panic!("{most} writes of {VALUE_BYTES} bytes on a {FS_BYTES}-byte disk were all acknowledged")
@@ -316,24 +339,7 @@ async fn the_guard_refuses_writes_before_the_disk_fills_and_lets_them_resume() {
     let client = &server.client;
     let (mut next, mut written, mut refused) = (0, BTreeMap::new(), Vec::new());
 
-    let (status, code) = fill(client, &mut next, &mut written).await;
-    assert_eq!(
-        (status, code),
-        (
-            StatusCode::INSUFFICIENT_STORAGE,
-            Some(ErrorCode::InsufficientStorage)
-        )
-    );
-    let mut tally = Tally {
-        acknowledged: written.len(),
-        ..Tally::default()
-    };
-    assert!(
-        tally.acknowledged >= 100,
-        "only {} writes before the disk was full",
-        tally.acknowledged
-    );
-    refused.push(next - 1);
+    let mut tally = fill(client, &mut next, &mut written, &mut refused).await;
     // Refused again, with a message that says where to free space.
     for _ in 0..5 {
         let i = next;
@@ -428,25 +434,7 @@ async fn engine_out_of_space(durability: &str) {
     let client = &server.client;
     let (mut next, mut written, mut refused) = (0, BTreeMap::new(), Vec::new());
 
-    let (status, code) = fill(client, &mut next, &mut written).await;
-    assert_eq!(
-        (status, code),
-        (
-            StatusCode::INSUFFICIENT_STORAGE,
-            Some(ErrorCode::InsufficientStorage)
-        ),
-        "ENOSPC in the engine is a 507, not a 503 or a 500"
-    );
-    refused.push(next - 1);
-    let mut tally = Tally {
-        acknowledged: written.len(),
-        ..Tally::default()
-    };
-    assert!(
-        tally.acknowledged >= 100,
-        "only {} writes before the disk was full",
-        tally.acknowledged
-    );
+    let mut tally = fill(client, &mut next, &mut written, &mut refused).await;
     for _ in 0..5 {
         let i = next;
         next += 1;
