@@ -26,6 +26,52 @@
 //!   atomic replacement).
 //! - `src/main.rs`: the `kvstore` binary (argument parsing and wiring only).
 
+/// An enum whose variants a flag names (`--durability fsync`): the list of
+/// them, each one's name, `Display` and `FromStr`, from one table.
+macro_rules! named_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident ($what:literal) {
+            $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every variant, in the order a help text lists them.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The name a flag takes.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+
+            fn from_str(name: &str) -> Result<Self, String> {
+                Self::ALL.iter().copied().find(|v| v.name() == name).ok_or_else(|| {
+                    let names: Vec<&str> = Self::ALL.iter().map(|v| v.name()).collect();
+                    format!("{name:?}: the {} is one of {}", $what, names.join(", "))
+                })
+            }
+        }
+    };
+}
+
 pub mod api;
 pub mod client;
 pub mod error;
@@ -36,3 +82,23 @@ pub mod storage;
 pub mod telemetry;
 pub mod timing;
 pub mod tls;
+
+#[cfg(test)]
+mod tests {
+    use crate::storage::embedded::Durability;
+    use crate::storage::layer::cache::CacheMode;
+
+    #[test]
+    fn named_enums_read_back_their_names_and_refuse_others() {
+        for mode in Durability::ALL {
+            assert_eq!(mode.to_string().parse::<Durability>(), Ok(*mode));
+        }
+        for mode in CacheMode::ALL {
+            assert_eq!(mode.to_string().parse::<CacheMode>(), Ok(*mode));
+        }
+        assert_eq!(
+            "sync".parse::<Durability>(),
+            Err("\"sync\": the durability is one of fsync, buffered".to_owned())
+        );
+    }
+}

@@ -72,7 +72,7 @@ pub(crate) struct ServeArgs {
     /// When a write is acknowledged: after its fsync, or once in the OS's
     /// buffers with a background sync every --sync-interval-ms.
     #[arg(long, env = "KVSTORE_DURABILITY", default_value_t = Durability::Fsync,
-          value_parser = modes::<Durability>(Durability::ALL.map(Durability::name)))]
+          value_parser = modes::<Durability>(Durability::ALL.iter().map(|d| d.name())))]
     durability: Durability,
     /// Free space to keep on the data directory's file system: a number of
     /// bytes, or a percentage of the file system (`5%`); writes are refused
@@ -101,7 +101,7 @@ pub(crate) struct ServeArgs {
     /// (shared by every server, at --redis-url) or `off`. Default: `local`
     /// on the embedded engine, `off` on PostgreSQL (where `local` may serve
     /// another server's writes late by the notification delay).
-    #[arg(long, env = "KVSTORE_CACHE", value_parser = modes::<CacheMode>(CacheMode::ALL.map(CacheMode::name)))]
+    #[arg(long, env = "KVSTORE_CACHE", value_parser = modes::<CacheMode>(CacheMode::ALL.iter().map(|c| c.name())))]
     cache: Option<CacheMode>,
     /// Redis URL of the shared cache, for --cache redis.
     #[arg(long, env = "KVSTORE_REDIS_URL", required_if_eq("cache", "redis"))]

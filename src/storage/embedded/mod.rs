@@ -86,44 +86,16 @@ use crate::error::{StoreError, StoreResult};
 use crate::timing;
 use space::{MinFree, SpaceGuard};
 
-/// When an acknowledged write is on stable storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// A write is answered after the sync (fdatasync) that covers it.
-    Fsync,
-    /// A write is answered once it is in the operating system's buffers, and a
-    /// background sync runs at least every sync interval: a process crash loses
-    /// nothing acknowledged, a machine crash loses at most the last interval.
-    Buffered,
-}
-
-impl Durability {
-    /// Every mode, in the order a help text lists them.
-    pub const ALL: [Durability; 2] = [Durability::Fsync, Durability::Buffered];
-
-    /// The mode's name, as `--durability` takes it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Durability::Fsync => "fsync",
-            Durability::Buffered => "buffered",
-        }
-    }
-}
-
-impl std::fmt::Display for Durability {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Durability {
-    type Err = String;
-
-    fn from_str(name: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|mode| mode.name() == name)
-            .ok_or_else(|| format!("{name:?}: the durability is fsync or buffered"))
+named_enum! {
+    /// When an acknowledged write is on stable storage.
+    pub enum Durability ("durability") {
+        /// A write is answered after the sync (fdatasync) that covers it.
+        Fsync = "fsync",
+        /// A write is answered once it is in the operating system's buffers,
+        /// and a background sync runs at least every sync interval: a process
+        /// crash loses nothing acknowledged, a machine crash loses at most the
+        /// last interval.
+        Buffered = "buffered",
     }
 }
 

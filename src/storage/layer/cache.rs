@@ -49,47 +49,18 @@ const STRIPES: usize = 4096;
 /// the entry's fields and the cache's own bookkeeping).
 const ENTRY_OVERHEAD: u64 = 96;
 
-/// Where reads are cached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheMode {
-    /// No cache: every read goes to storage.
-    Off,
-    /// A cache in this process's memory (on PostgreSQL, kept coherent with
-    /// other servers through LISTEN/NOTIFY, stale for the notification delay).
-    Local,
-    /// A cache in Redis, shared by every server and updated by the writer
-    /// before it answers.
-    Redis,
-}
-
-impl CacheMode {
-    /// Every mode, in the order a help text lists them.
-    pub const ALL: [CacheMode; 3] = [CacheMode::Off, CacheMode::Local, CacheMode::Redis];
-
-    /// The mode's name, as `--cache` takes it.
-    pub fn name(self) -> &'static str {
-        match self {
-            CacheMode::Off => "off",
-            CacheMode::Local => "local",
-            CacheMode::Redis => "redis",
-        }
-    }
-}
-
-impl std::fmt::Display for CacheMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for CacheMode {
-    type Err = String;
-
-    fn from_str(name: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|mode| mode.name() == name)
-            .ok_or_else(|| format!("{name:?}: the cache is off, local or redis"))
+named_enum! {
+    /// Where reads are cached.
+    pub enum CacheMode ("cache") {
+        /// No cache: every read goes to storage.
+        Off = "off",
+        /// A cache in this process's memory (on PostgreSQL, kept coherent with
+        /// other servers through LISTEN/NOTIFY, stale for the notification
+        /// delay).
+        Local = "local",
+        /// A cache in Redis, shared by every server and updated by the writer
+        /// before it answers.
+        Redis = "redis",
     }
 }
 
