@@ -27,6 +27,18 @@ pub enum StoreError {
     /// `insufficient_storage`.
     #[error("insufficient storage: {0}")]
     InsufficientStorage(String),
+    /// A read of the change history began before the oldest revision still
+    /// kept. Answered as 410 `compacted`.
+    #[error(
+        "revision {compact_revision} is the oldest still kept (the store is at {revision}); \
+         list again and watch from the list's revision + 1"
+    )]
+    Compacted {
+        /// The oldest revision that can still be watched.
+        compact_revision: u64,
+        /// The store's current revision.
+        revision: u64,
+    },
 }
 
 impl From<fjall::Error> for StoreError {

@@ -112,6 +112,12 @@ impl From<StoreError> for ApiError {
                 ),
             ),
             StoreError::InsufficientStorage(why) => ApiError::insufficient_storage(why),
+            err @ StoreError::Compacted {
+                compact_revision,
+                revision,
+            } => ApiError::new(ErrorCode::Compacted, err.to_string())
+                .with_detail("compact_revision", json!(compact_revision))
+                .with_detail("revision", json!(revision)),
         }
     }
 }

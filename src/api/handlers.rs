@@ -291,7 +291,11 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
     let capacity = page_len_hint(&items) + next_cursor.as_ref().map_or(0, String::len);
     sized_json_response(
         StatusCode::OK,
-        &ListResponse { items, next_cursor },
+        &ListResponse {
+            items,
+            next_cursor,
+            revision: page.revision,
+        },
         capacity,
     )
 }
@@ -437,9 +441,9 @@ pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -
     }
     let keys: Vec<Vec<u8>> = body.keys.iter().map(|k| k.as_bytes().to_vec()).collect();
     let found = state.store.get_many(keys).await?;
-    let mut items = Vec::with_capacity(found.len());
+    let mut items = Vec::with_capacity(found.entries.len());
     let mut missing = Vec::new();
-    for (key, entry) in body.keys.into_iter().zip(&found) {
+    for (key, entry) in body.keys.into_iter().zip(&found.entries) {
         match entry {
             Some(entry) => items.push(EntryView::new(entry, false)),
             None => missing.push(key),
@@ -448,7 +452,11 @@ pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -
     let capacity = page_len_hint(&items) + missing.iter().map(|k| k.len() + 3).sum::<usize>();
     sized_json_response(
         StatusCode::OK,
-        &BatchGetResponse { items, missing },
+        &BatchGetResponse {
+            items,
+            missing,
+            revision: found.revision,
+        },
         capacity,
     )
 }

@@ -42,6 +42,8 @@ pub struct PutResponse {
 pub struct ListResponse<E = EntryBody> {
     pub items: Vec<E>,
     pub next_cursor: Option<String>,
+    /// The store revision the page was read at.
+    pub revision: u64,
 }
 
 /// One op of `POST /v1/batch`.
@@ -103,6 +105,8 @@ pub struct BatchGetRequest {
 pub struct BatchGetResponse<E = EntryBody> {
     pub items: Vec<E>,
     pub missing: Vec<String>,
+    /// The store revision the entries were read at.
+    pub revision: u64,
 }
 
 /// The body of every error answer.
@@ -134,6 +138,7 @@ pub enum ErrorCode {
     Forbidden,
     NotFound,
     MethodNotAllowed,
+    Compacted,
     VersionMismatch,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -155,6 +160,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Compacted => "compacted",
             ErrorCode::VersionMismatch => "version_mismatch",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
@@ -174,6 +180,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Compacted => StatusCode::GONE,
             ErrorCode::VersionMismatch => StatusCode::PRECONDITION_FAILED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -4,16 +4,21 @@
 //! [`Store`]; every backend keeps the same rules (versions, conditions, revisions,
 //! snapshots), so the API behaves the same whichever engine is configured.
 
+pub mod changes;
 mod codec;
 pub mod embedded;
+pub mod feed;
 pub mod layer;
 pub mod postgres;
 
 use std::ops::Bound;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::error::StoreResult;
+pub use changes::{Change, DeleteReason, Event, History, KeyRange};
+pub use feed::{Feed, Watcher};
 
 /// One stored key with its metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +154,18 @@ pub struct ScanPage {
     pub entries: Vec<Entry>,
     /// Whether at least one more entry lies in the range after this page.
     pub more: bool,
+    /// The store revision the page was read at: it reflects every write up
+    /// to it (and, on PostgreSQL, possibly some above it; see docs/api.md).
+    pub revision: u64,
+}
+
+/// Entries of several keys read from one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// One per key asked, in the order asked; `None` for an absent key.
+    pub entries: Vec<Option<Entry>>,
+    /// The store revision the entries were read at, as for [`ScanPage`].
+    pub revision: u64,
 }
 
 /// A key-value backend.
@@ -161,7 +178,7 @@ pub trait Store: Send + Sync {
     async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>>;
 
     /// Entries of several keys, read from one snapshot, in the order asked.
-    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>>;
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found>;
 
     /// Applies the ops atomically under one new revision when every condition
     /// holds; otherwise writes nothing. Keys must be distinct. Returns once the
@@ -170,6 +187,20 @@ pub trait Store: Send + Sync {
 
     /// One page of entries in key order, read from one snapshot.
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage>;
+
+    /// The changes after revision `after`, oldest first: at most `limit`
+    /// revisions, fewer when their values add up to many bytes. A revision
+    /// that changed nothing may come with no events. Only durable revisions
+    /// are given, and on PostgreSQL none above a revision that may still
+    /// commit.
+    ///
+    /// # Errors
+    /// [`StoreError::Compacted`](crate::error::StoreError::Compacted) when
+    /// `after + 1` is older than the history kept.
+    async fn changes(&self, after: u64, limit: usize) -> StoreResult<Vec<Change>>;
+
+    /// The live feed of this store's changes.
+    fn feed(&self) -> Arc<Feed>;
 
     /// Whether the backend answers (for `/readyz`).
     async fn ready(&self) -> StoreResult<()>;

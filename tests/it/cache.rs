@@ -16,7 +16,9 @@ use async_trait::async_trait;
 use kvstore::error::StoreResult;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::layer::cache::{CacheConfig, CachedStore};
-use kvstore::storage::{Condition, Entry, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome};
+use kvstore::storage::{
+    Change, Condition, Entry, Feed, Found, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+};
 use tokio::sync::{Notify, Semaphore};
 
 /// A store whose reads can be held after they have read storage, and whose
@@ -60,8 +62,14 @@ impl Store for StallingStore {
         }
         Ok(found)
     }
-    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
         self.inner.get_many(keys).await
+    }
+    async fn changes(&self, after: u64, limit: usize) -> StoreResult<Vec<Change>> {
+        self.inner.changes(after, limit).await
+    }
+    fn feed(&self) -> Arc<Feed> {
+        self.inner.feed()
     }
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
         let outcome = self.inner.write(ops).await;
@@ -373,7 +381,11 @@ async fn no_reader_sees_a_version_go_back() {
     for i in 0..KEYS {
         let key = format!("k{i}");
         let cached = cache.get(key.as_bytes()).await.unwrap().map(|e| e.revision);
-        let stored = cache.get_many(vec![key.into_bytes()]).await.unwrap()[0]
+        let stored = cache
+            .get_many(vec![key.into_bytes()])
+            .await
+            .unwrap()
+            .entries[0]
             .as_ref()
             .map(|e| e.revision);
         assert_eq!(

@@ -213,8 +213,11 @@ async fn check(steps: Vec<Step>, place: Place) {
                     .get_many(keys.iter().map(|i| key(*i)).collect())
                     .await
                     .expect("get_many");
-                let got: Vec<Option<u64>> =
-                    got.iter().map(|e| e.as_ref().map(|e| e.version)).collect();
+                let got: Vec<Option<u64>> = got
+                    .entries
+                    .iter()
+                    .map(|e| e.as_ref().map(|e| e.version))
+                    .collect();
                 let want: Vec<Option<u64>> = keys
                     .iter()
                     .map(|i| model.entries.get(&key(*i)).map(|e| e.version))

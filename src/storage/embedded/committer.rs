@@ -18,6 +18,8 @@ pub(super) struct Committer {
     pub(super) syncer_stop: Option<std::sync::mpsc::Sender<()>>,
     /// Dropped on close, which stops the watcher.
     pub(super) watcher_stop: Option<std::sync::mpsc::Sender<()>>,
+    /// Dropped on close, which stops the history's trimmer.
+    pub(super) trimmer_stop: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Committer {
@@ -83,6 +85,7 @@ impl Committer {
         self.shared.closed.store(true, Ordering::Release);
         self.syncer_stop.take();
         self.watcher_stop.take();
+        self.trimmer_stop.take();
         self.shared
             .with_engine(|engine| Ok(engine.db.persist(PersistMode::SyncAll)?))
     }

@@ -1,10 +1,10 @@
-//! The engine's handles (fjall's database and kvstore's two keyspaces), and
+//! The engine's handles (fjall's database and kvstore's three keyspaces), and
 //! opening them: with the syncs fjall leaves out, and with the damaged file
 //! named when the data is corrupt.
 
 use std::path::{Path, PathBuf};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable};
 
 use super::{KEYSPACES_DIR, MAX_JOURNALING_BYTES, REVISION_KEY};
 use crate::error::{StoreError, StoreResult};
@@ -14,6 +14,9 @@ pub(super) struct Engine {
     pub(super) db: Database,
     pub(super) kv: Keyspace,
     pub(super) meta: Keyspace,
+    /// The change log: one record per commit group, keyed by its first
+    /// revision (see [`crate::storage::changes`]).
+    pub(super) changes: Keyspace,
 }
 
 impl Engine {
@@ -26,20 +29,31 @@ impl Engine {
             .map_err(|err| open_failed(path, err))?;
         let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let changes = db.keyspace("changes", KeyspaceCreateOptions::default)?;
         // fjall creates `keyspaces/<id>` without an fsync of `keyspaces/`: a
         // power cut would take the new folder away, and with it every write
         // its journal holds for that keyspace. Syncing both levels here, before
         // the first write, makes the folders as durable as the journal.
         crate::files::sync_dir(&path.join(KEYSPACES_DIR))?;
         crate::files::sync_dir(path)?;
-        let revision =
-            match meta.get(REVISION_KEY)? {
-                Some(raw) => u64::from_le_bytes(raw.as_ref().try_into().map_err(|_| {
-                    StoreError::Corrupt("the revision record is not 8 bytes".into())
-                })?),
-                None => 0,
-            };
-        Ok((Engine { db, kv, meta }, revision))
+        let engine = Engine {
+            db,
+            kv,
+            meta,
+            changes,
+        };
+        let revision = engine.revision_in(&engine.db.snapshot())?;
+        Ok((engine, revision))
+    }
+
+    /// The store revision a snapshot (or the engine itself) holds.
+    pub(super) fn revision_in(&self, view: &impl Readable) -> StoreResult<u64> {
+        match view.get(&self.meta, REVISION_KEY)? {
+            Some(raw) => Ok(u64::from_le_bytes(raw.as_ref().try_into().map_err(
+                |_| StoreError::Corrupt("the revision record is not 8 bytes".into()),
+            )?)),
+            None => Ok(0),
+        }
     }
 }
 

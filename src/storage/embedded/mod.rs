@@ -52,6 +52,7 @@
 mod committer;
 mod engine;
 mod full_disk;
+mod history;
 mod key_directory;
 mod reads;
 pub mod space;
@@ -61,6 +62,7 @@ mod writer;
 use committer::Committer;
 use engine::Engine;
 use full_disk::{Failure, ran_out_of_space, run_watcher};
+use history::{read_changes, run_trimmer};
 use key_directory::KeyDirectory;
 use reads::{get_snapshot, range_is_empty, scan_snapshot, to_entry};
 use syncer::run_syncer;
@@ -78,9 +80,11 @@ use fjall::PersistMode;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{mpsc, oneshot};
 
+use super::Entry;
 use super::codec;
 use super::{
-    Entry, FailedCondition, OpResult, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+    Change, FailedCondition, Feed, Found, History, OpResult, ScanPage, ScanRequest, Store, WriteOp,
+    WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
 use crate::timing;
@@ -129,14 +133,16 @@ pub struct EmbeddedConfig {
     /// Free space to keep on the data directory's file system: writes are
     /// refused (507) below it.
     pub min_free: MinFree,
+    /// How much change history to keep for watchers.
+    pub history: History,
     pub commit_hook: Option<CommitHook>,
 }
 
 impl EmbeddedConfig {
     /// Defaults: `fsync` durability, a 10 ms sync interval, 1 ms of quiet
     /// before a write commits itself, 32 MiB of key directory (about 250,000
-    /// keys of 30 bytes), the default free space to keep ([`MinFree`]), no
-    /// hook.
+    /// keys of 30 bytes), the default free space to keep ([`MinFree`]), the
+    /// default history ([`History`]), no hook.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         EmbeddedConfig {
             path: path.into(),
@@ -145,6 +151,7 @@ impl EmbeddedConfig {
             quiet_before_inline: Duration::from_millis(1),
             key_directory_bytes: 32 << 20,
             min_free: MinFree::default(),
+            history: History::default(),
             commit_hook: None,
         }
     }
@@ -203,6 +210,9 @@ struct Shared {
     committed_revision: AtomicU64,
     closed: AtomicBool,
     hook: Option<CommitHook>,
+    /// Watchers' live delivery, fed after each commit.
+    feed: Arc<Feed>,
+    history: History,
     /// The one writer's state. Whoever holds it commits: the committer thread,
     /// or a write committing itself.
     writer: Mutex<Writer>,
@@ -345,6 +355,8 @@ impl EmbeddedStore {
             committed_revision: AtomicU64::new(revision),
             closed: AtomicBool::new(false),
             hook: config.commit_hook.clone(),
+            feed: Feed::start(revision)?,
+            history: config.history,
             writer: Mutex::new(Writer {
                 persist: match config.durability {
                     Durability::Fsync => PersistMode::SyncData,
@@ -382,10 +394,18 @@ impl EmbeddedStore {
                 .name("kvstore-watcher".into())
                 .spawn(move || run_watcher(&watched, &stopped))?,
         );
+        let (trimmer_stop, stopped) = std::sync::mpsc::channel::<()>();
+        let trimmed = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("kvstore-trimmer".into())
+                .spawn(move || run_trimmer(&trimmed, &stopped))?,
+        );
         let committer = Committer {
             shared: Arc::clone(&shared),
             syncer_stop,
             watcher_stop: Some(watcher_stop),
+            trimmer_stop: Some(trimmer_stop),
         };
         threads.push(
             std::thread::Builder::new()
@@ -471,7 +491,7 @@ impl Store for EmbeddedStore {
         })
     }
 
-    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
         if keys.len() <= INLINE_READ_ITEMS {
             return get_snapshot(&self.shared, keys);
         }
@@ -512,6 +532,7 @@ impl Store for EmbeddedStore {
             return Ok(ScanPage {
                 entries: Vec::new(),
                 more: false,
+                revision: self.committed_revision(),
             });
         }
         if request.limit <= INLINE_READ_ITEMS {
@@ -519,6 +540,22 @@ impl Store for EmbeddedStore {
         }
         self.run_blocking(move |shared| scan_snapshot(shared, &request))
             .await
+    }
+
+    async fn changes(&self, after: u64, limit: usize) -> StoreResult<Vec<Change>> {
+        if limit <= INLINE_READ_ITEMS {
+            return self
+                .shared
+                .with_engine(|engine| read_changes(engine, after, limit));
+        }
+        self.run_blocking(move |shared| {
+            shared.with_engine(|engine| read_changes(engine, after, limit))
+        })
+        .await
+    }
+
+    fn feed(&self) -> Arc<Feed> {
+        Arc::clone(&self.shared.feed)
     }
 
     async fn ready(&self) -> StoreResult<()> {
@@ -545,6 +582,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn close(&self) -> StoreResult<()> {
+        self.shared.feed.close();
         let (reply, done) = oneshot::channel();
         if self.jobs.send(Job::Close { reply }).await.is_ok() {
             done.await

@@ -6,18 +6,23 @@ use fjall::Readable;
 
 use super::codec;
 use super::engine::Engine;
-use super::{Entry, ScanPage, ScanRequest, Shared};
+use super::{Entry, Found, ScanPage, ScanRequest, Shared};
 use crate::error::StoreResult;
 
-pub(super) fn get_snapshot(shared: &Shared, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+pub(super) fn get_snapshot(shared: &Shared, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
     shared.with_engine(|engine| {
         let snapshot = engine.db.snapshot();
-        keys.into_iter()
+        let entries = keys
+            .into_iter()
             .map(|key| match snapshot.get(&engine.kv, &key)? {
                 Some(record) => Ok(Some(to_entry(key, &record, false)?)),
                 None => Ok(None),
             })
-            .collect()
+            .collect::<StoreResult<_>>()?;
+        Ok(Found {
+            entries,
+            revision: engine.revision_in(&snapshot)?,
+        })
     })
 }
 
@@ -55,6 +60,7 @@ pub(super) fn scan_snapshot(shared: &Shared, request: &ScanRequest) -> StoreResu
 
 fn scan_engine(engine: &Engine, request: &ScanRequest) -> StoreResult<ScanPage> {
     let snapshot = engine.db.snapshot();
+    let revision = engine.revision_in(&snapshot)?;
     let range = snapshot.range(&engine.kv, (request.lower.clone(), request.upper.clone()));
     let items: Box<dyn Iterator<Item = fjall::Guard>> = if request.reverse {
         Box::new(range.rev())
@@ -69,6 +75,7 @@ fn scan_engine(engine: &Engine, request: &ScanRequest) -> StoreResult<ScanPage> 
             return Ok(ScanPage {
                 entries,
                 more: true,
+                revision,
             });
         }
         let entry = to_entry(key.to_vec(), &record, request.keys_only)?;
@@ -77,6 +84,7 @@ fn scan_engine(engine: &Engine, request: &ScanRequest) -> StoreResult<ScanPage> 
             return Ok(ScanPage {
                 entries,
                 more: true,
+                revision,
             });
         }
         entries.push(entry);
@@ -84,5 +92,6 @@ fn scan_engine(engine: &Engine, request: &ScanRequest) -> StoreResult<ScanPage> 
     Ok(ScanPage {
         entries,
         more: false,
+        revision,
     })
 }

@@ -15,6 +15,7 @@ use super::{
     Reply, Shared, WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
+use crate::storage::changes::{DeleteReason, RecordBuilder, record_key};
 
 fn now_us() -> i64 {
     SystemTime::now()
@@ -59,11 +60,13 @@ impl Writer {
         };
         let first_revision = self.revision;
         let mut accepted = Vec::with_capacity(writes.len());
+        // The group's change record, committed with its data.
+        let mut record = RecordBuilder::new();
         // The group's writes, one per key: two writes of one key must not share
         // a fjall batch (they would get the same sequence number).
         let mut pending = HashMap::new();
         for (ops, reply) in writes {
-            match self.apply(engine, ops, &mut pending) {
+            match self.apply(engine, ops, &mut pending, &mut record) {
                 Ok(WriteOutcome::Rejected { failed }) => {
                     let _ = reply.send((Ok(WriteOutcome::Rejected { failed }), Duration::ZERO));
                 }
@@ -79,20 +82,26 @@ impl Writer {
             return;
         }
         let keys_written = pending.len();
-        let mut bytes_written = 0;
-        let mut batch = fjall::OwnedWriteBatch::with_capacity(engine.db.clone(), keys_written + 1)
+        let record = record.finish(self.revision, now_us());
+        let mut bytes_written = record.len();
+        let mut batch = fjall::OwnedWriteBatch::with_capacity(engine.db.clone(), keys_written + 2)
             .durability(Some(self.persist));
         for (key, write) in &pending {
             bytes_written += key.len();
             match write {
-                Some((_, record)) => {
-                    bytes_written += record.len();
-                    batch.insert(&engine.kv, key.as_slice(), record.as_slice());
+                Some((_, stored)) => {
+                    bytes_written += stored.len();
+                    batch.insert(&engine.kv, key.as_slice(), stored.as_slice());
                 }
                 None => batch.remove(&engine.kv, key.as_slice()),
             }
         }
         batch.insert(&engine.meta, REVISION_KEY, self.revision.to_le_bytes());
+        batch.insert(
+            &engine.changes,
+            record_key(first_revision + 1),
+            record.as_slice(),
+        );
         let start = Instant::now();
         let committed = batch.commit();
         let commit = start.elapsed();
@@ -127,6 +136,9 @@ impl Writer {
         for Accepted { reply, outcome } in accepted {
             let _ = reply.send((Ok(outcome), commit));
         }
+        // After the commit's sync, so that no watcher sees a write a crash
+        // could take away.
+        shared.feed.publish_record(record, self.revision);
     }
 
     /// Checks one write's conditions and, when they hold, adds its ops to the
@@ -136,6 +148,7 @@ impl Writer {
         engine: &Engine,
         ops: Vec<WriteOp>,
         pending: &mut PendingWrites,
+        record: &mut RecordBuilder,
     ) -> StoreResult<WriteOutcome> {
         let mut current = Vec::with_capacity(ops.len());
         let mut failed = Vec::new();
@@ -161,6 +174,12 @@ impl Writer {
         let revision = self.revision;
         let now = now_us();
         let mut results = Vec::with_capacity(ops.len());
+        let changed = ops
+            .iter()
+            .zip(&current)
+            .filter(|(op, meta)| matches!(op, WriteOp::Put { .. }) || meta.is_some())
+            .count();
+        record.revision(revision, changed);
         for (op, meta) in ops.into_iter().zip(current) {
             match op {
                 WriteOp::Put { key, value, .. } => {
@@ -177,13 +196,21 @@ impl Writer {
                         created_at_us: new.created_at_us,
                         updated_at_us: new.updated_at_us,
                     });
+                    record.put(
+                        &key,
+                        &value,
+                        new.version,
+                        new.created_at_us,
+                        new.updated_at_us,
+                    );
                     pending.insert(key, Some((new, codec::encode(&new, &value))));
                 }
                 WriteOp::Delete { key, .. } => {
                     results.push(OpResult::Deleted {
                         existed: meta.is_some(),
                     });
-                    if meta.is_some() {
+                    if let Some(meta) = meta {
+                        record.delete(&key, meta.version, DeleteReason::Deleted);
                         pending.insert(key, None);
                     }
                 }

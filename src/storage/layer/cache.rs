@@ -41,7 +41,9 @@ use quick_cache::Lifecycle;
 use quick_cache::Weighter;
 
 use crate::error::StoreResult;
-use crate::storage::{Entry, OpResult, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome};
+use crate::storage::{
+    Change, Entry, Feed, Found, OpResult, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+};
 
 /// Lock stripes; enough that unrelated keys rarely share one.
 const STRIPES: usize = 4096;
@@ -366,7 +368,7 @@ impl Store for CachedStore {
         Ok(found)
     }
 
-    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
         self.inner.get_many(keys).await
     }
 
@@ -435,6 +437,14 @@ impl Store for CachedStore {
 
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
         self.inner.scan(request).await
+    }
+
+    async fn changes(&self, after: u64, limit: usize) -> StoreResult<Vec<Change>> {
+        self.inner.changes(after, limit).await
+    }
+
+    fn feed(&self) -> Arc<Feed> {
+        self.inner.feed()
     }
 
     async fn ready(&self) -> StoreResult<()> {

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::error::{StoreError, StoreResult};
-use crate::storage::{Entry, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome};
+use crate::storage::{
+    Change, Entry, Feed, Found, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+};
 use crate::timing;
 
 /// The storage latency histogram, labelled by `op`.
@@ -61,7 +63,7 @@ impl Store for GuardedStore {
         self.call("get", self.inner.get(key)).await
     }
 
-    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
         self.call("get_many", self.inner.get_many(keys)).await
     }
 
@@ -71,6 +73,14 @@ impl Store for GuardedStore {
 
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
         self.call("scan", self.inner.scan(request)).await
+    }
+
+    async fn changes(&self, after: u64, limit: usize) -> StoreResult<Vec<Change>> {
+        self.call("changes", self.inner.changes(after, limit)).await
+    }
+
+    fn feed(&self) -> Arc<Feed> {
+        self.inner.feed()
     }
 
     async fn ready(&self) -> StoreResult<()> {

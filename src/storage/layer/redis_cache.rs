@@ -30,7 +30,9 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::error::StoreResult;
-use crate::storage::{Entry, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome};
+use crate::storage::{
+    Change, Entry, Feed, Found, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+};
 
 /// After a failure, Redis is left alone this long before it is tried again,
 /// so an outage costs the requests one timeout, not one each.
@@ -434,7 +436,7 @@ impl Store for RedisCachedStore {
         Ok(found)
     }
 
-    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
         self.inner.get_many(keys).await
     }
 
@@ -452,6 +454,14 @@ impl Store for RedisCachedStore {
 
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
         self.inner.scan(request).await
+    }
+
+    async fn changes(&self, after: u64, limit: usize) -> StoreResult<Vec<Change>> {
+        self.inner.changes(after, limit).await
+    }
+
+    fn feed(&self) -> Arc<Feed> {
+        self.inner.feed()
     }
 
     async fn ready(&self) -> StoreResult<()> {

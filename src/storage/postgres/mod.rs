@@ -51,8 +51,8 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::{
-    Condition, Entry, FailedCondition, OpResult, ScanPage, ScanRequest, Store, WriteOp,
-    WriteOutcome,
+    Change, Condition, Entry, FailedCondition, Feed, Found, OpResult, ScanPage, ScanRequest, Store,
+    WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
 
@@ -70,6 +70,8 @@ pub struct PostgresStore {
     listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Set once the schema is known to be in place.
     schema_ready: tokio::sync::OnceCell<()>,
+    // WATCH-PG: fed by the watermark poller.
+    feed: Arc<Feed>,
 }
 
 impl PostgresStore {
@@ -109,6 +111,7 @@ impl PostgresStore {
             closed: Arc::new(AtomicBool::new(false)),
             listener: std::sync::Mutex::new(None),
             schema_ready: tokio::sync::OnceCell::new(),
+            feed: Feed::start(0).map_err(|e| StoreError::Internal(e.to_string()))?,
         };
         match store.ensure_schema().await {
             Ok(()) => {}
@@ -454,9 +457,13 @@ impl Store for PostgresStore {
         row.map(|row| row_entry(key.to_vec(), &row, 0)).transpose()
     }
 
-    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Vec<Option<Entry>>> {
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
         if keys.is_empty() {
-            return Ok(Vec::new());
+            // WATCH-PG: the watermark.
+            return Ok(Found {
+                entries: Vec::new(),
+                revision: 0,
+            });
         }
         let sql = &self.sql.get_many;
         let keys_ref = &keys;
@@ -474,7 +481,11 @@ impl Store for PostgresStore {
             let entry = row_entry(key.clone(), row, 1)?;
             found.insert(key, entry);
         }
-        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+        // WATCH-PG: the watermark.
+        Ok(Found {
+            entries: keys.iter().map(|k| found.get(k).cloned()).collect(),
+            revision: 0,
+        })
     }
 
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
@@ -523,6 +534,7 @@ impl Store for PostgresStore {
                 return Ok(ScanPage {
                     entries,
                     more: true,
+                    revision: 0,
                 });
             }
             let running: i64 = column(row, 6)?;
@@ -533,6 +545,7 @@ impl Store for PostgresStore {
                 return Ok(ScanPage {
                     entries,
                     more: true,
+                    revision: 0,
                 });
             }
             let key: Vec<u8> = column(row, 0)?;
@@ -541,7 +554,19 @@ impl Store for PostgresStore {
         Ok(ScanPage {
             entries,
             more: false,
+            revision: 0,
         })
+    }
+
+    async fn changes(&self, _after: u64, _limit: usize) -> StoreResult<Vec<Change>> {
+        // WATCH-PG
+        Err(StoreError::Internal(
+            "watching is not built on PostgreSQL yet".into(),
+        ))
+    }
+
+    fn feed(&self) -> Arc<Feed> {
+        Arc::clone(&self.feed)
     }
 
     async fn ready(&self) -> StoreResult<()> {
