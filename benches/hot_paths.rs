@@ -91,6 +91,7 @@ fn request_path(c: &mut Criterion) {
         },
         auth: None,
         cursor_key: CursorKey::new(b"a benchmark's cursor secret").expect("cursor key"),
+        shutdown: tokio::sync::watch::channel(false).1,
     };
     let router = api::router(state.clone());
     // The server's own path for a key: past the router, into the handler.

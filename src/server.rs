@@ -100,6 +100,7 @@ pub async fn run_secured(
     } else {
         None
     };
+    let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
     let service = api::service(AppState {
         store: Arc::clone(&store),
         limits: config.limits,
@@ -110,6 +111,7 @@ pub async fn run_secured(
         },
         auth: security.auth.clone(),
         cursor_key,
+        shutdown: shutdown_seen,
     });
     let tls = security.tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
@@ -182,6 +184,8 @@ pub async fn run_secured(
     }
     drop(listener);
     tracing::info!("shutting down: finishing in-flight requests");
+    // Watch streams never finish by themselves.
+    shutting_down.send_replace(true);
     if tokio::time::timeout(config.shutdown_timeout, graceful.shutdown())
         .await
         .is_err()

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::storage::{Condition, OpResult, ScanRequest, WriteOp, WriteOutcome};
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 fn json_response<T: Serialize>(status: StatusCode, body: &T) -> ApiResult {
     // serde_json's own starting size.
@@ -36,7 +36,11 @@ fn json_response<T: Serialize>(status: StatusCode, body: &T) -> ApiResult {
 
 /// A JSON answer written into a buffer of `capacity` bytes: a page of entries
 /// sized up front is not copied again each time the buffer doubles.
-fn sized_json_response<T: Serialize>(status: StatusCode, body: &T, capacity: usize) -> ApiResult {
+pub(crate) fn sized_json_response<T: Serialize>(
+    status: StatusCode,
+    body: &T,
+    capacity: usize,
+) -> ApiResult {
     let mut bytes = Vec::with_capacity(capacity);
     serde_json::to_writer(&mut bytes, body)
         .map_err(|err| ApiError::internal(format!("encoding the answer: {err}")))?;
@@ -179,7 +183,11 @@ pub(crate) async fn delete_key(State(state): State<AppState>, request: Request) 
     }
 }
 
-fn range_bound(query: &Query, name: &str, state: &AppState) -> Result<Option<Vec<u8>>, ApiError> {
+pub(crate) fn range_bound(
+    query: &Query,
+    name: &str,
+    state: &AppState,
+) -> Result<Option<Vec<u8>>, ApiError> {
     query
         .get(name)
         .map(|text| {
@@ -188,6 +196,34 @@ fn range_bound(query: &Query, name: &str, state: &AppState) -> Result<Option<Vec
                 .map_err(|err| ApiError::invalid_request(format!("{name}: {}", err.message)))
         })
         .transpose()
+}
+
+/// The `start`, `end` and `prefix` parameters of a range, checked.
+pub(crate) fn range_params(query: &Query, state: &AppState) -> Result<RangeParams, ApiError> {
+    let start = range_bound(query, "start", state)?;
+    let end = range_bound(query, "end", state)?;
+    let prefix = range_bound(query, "prefix", state)?;
+    if prefix.is_some() && (start.is_some() || end.is_some()) {
+        return Err(ApiError::invalid_request(
+            "prefix cannot be combined with start or end",
+        ));
+    }
+    Ok((start, end, prefix))
+}
+
+/// `start`, `end` and `prefix`, each when given.
+pub(crate) type RangeParams = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// The keys a range's parameters name, as `[low, high)`.
+pub(crate) fn requested_range(
+    start: Option<Vec<u8>>,
+    end: Option<Vec<u8>>,
+    prefix: Option<&[u8]>,
+) -> auth::Range {
+    match prefix {
+        Some(p) => (Some(p.to_vec()), auth::prefix_end(p)),
+        None => (start, end),
+    }
 }
 
 pub(crate) async fn list(State(state): State<AppState>, request: Request) -> ApiResult {
@@ -203,14 +239,7 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
             "reverse",
         ],
     )?;
-    let start = range_bound(&query, "start", &state)?;
-    let end = range_bound(&query, "end", &state)?;
-    let prefix = range_bound(&query, "prefix", &state)?;
-    if prefix.is_some() && (start.is_some() || end.is_some()) {
-        return Err(ApiError::invalid_request(
-            "prefix cannot be combined with start or end",
-        ));
-    }
+    let (start, end, prefix) = range_params(&query, &state)?;
     let limit = match query.get("limit") {
         None => DEFAULT_PAGE_LIMIT,
         Some(text) => text
@@ -243,13 +272,13 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
         })
         .transpose()?;
 
-    let requested = match &prefix {
-        Some(p) => (Some(p.clone()), auth::prefix_end(p)),
-        None => (start.clone(), end.clone()),
-    };
     // A token lists only what it may read: the range clipped to its one
     // readable prefix there, or refused.
-    let (low, high) = access_of(&state, request.extensions())?.clip(requested)?;
+    let (low, high) = access_of(&state, request.extensions())?.clip(requested_range(
+        start.clone(),
+        end.clone(),
+        prefix.as_deref(),
+    ))?;
     // The cursor continues after its key, never before the (clipped) range.
     let (lower, upper) = match after {
         Some(after) if reverse => (

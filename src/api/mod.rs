@@ -12,6 +12,7 @@ mod observe;
 mod render;
 mod request;
 pub mod types;
+mod watch;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -65,6 +66,8 @@ pub struct AppState {
     pub auth: Option<Arc<auth::Auth>>,
     /// Signs and checks range cursors.
     pub cursor_key: CursorKey,
+    /// Turns true when the server shuts down: watch streams end then.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Ops in one batch, keys in one batch read, and items on one range page, at most.
@@ -146,6 +149,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/batch", post(handlers::batch))
         .route("/v1/batch/get", post(handlers::batch_get))
+        .route("/v1/watch", get(watch::watch))
+        .route("/v1/changes", get(watch::changes))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(observe::metrics))

@@ -30,6 +30,10 @@ pub struct Observe {
 /// The metric label of `/v1/kv/{key}`, whichever path answered it.
 pub(crate) const KEY_ROUTE: &str = "/v1/kv/{key}";
 
+/// Routes that wait for changes on purpose: never slow requests.
+const WATCH_ROUTE: &str = "/v1/watch";
+const CHANGES_ROUTE: &str = "/v1/changes";
+
 /// Longest key shown in the slow-request log.
 const LOGGED_KEY_CHARS: usize = 64;
 
@@ -44,6 +48,8 @@ fn route_label(request: &Request) -> &'static str {
         Some("/v1/kv") => "/v1/kv",
         Some("/v1/batch") => "/v1/batch",
         Some("/v1/batch/get") => "/v1/batch/get",
+        Some("/v1/watch") => WATCH_ROUTE,
+        Some("/v1/changes") => CHANGES_ROUTE,
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
         Some("/metrics") => "/metrics",
@@ -99,7 +105,7 @@ pub(crate) async fn observed(
         micros = elapsed.as_micros() as u64,
         "request"
     );
-    if elapsed > state.observe.slow_request {
+    if elapsed > state.observe.slow_request && !matches!(route, WATCH_ROUTE | CHANGES_ROUTE) {
         tracing::warn!(
             method = %method,
             route,

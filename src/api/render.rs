@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Datelike as _, SecondsFormat, Timelike as _};
 use serde::{Serialize, Serializer};
 
-use crate::storage::Entry;
+use crate::storage::{Change, Entry, Event};
 
 /// An entry as the API shows it, borrowed from the store's entry. It renders
 /// exactly as an `EntryBody` with the same content: `value` when the bytes are
@@ -62,6 +62,80 @@ impl EntryView<'_> {
             + self.key.len()
             + self.value.map_or(0, str::len)
             + self.value_base64.as_ref().map_or(0, String::len)
+    }
+}
+
+/// One revision of a watch: `{"revision", "events"}`.
+#[derive(Serialize)]
+pub(crate) struct ChangeView<'a> {
+    revision: u64,
+    events: Vec<EventView<'a>>,
+}
+
+impl<'a> ChangeView<'a> {
+    pub(crate) fn new(change: &'a Change) -> Self {
+        ChangeView {
+            revision: change.revision,
+            events: change.events.iter().map(EventView::new).collect(),
+        }
+    }
+}
+
+/// An event as the API shows it: a put is the entry as GET shows it without
+/// `revision` (the change's), a delete the version it removed and why.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum EventView<'a> {
+    Put {
+        key: Cow<'a, str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        value: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        value_base64: Option<String>,
+        version: u64,
+        created_at: Timestamp,
+        updated_at: Timestamp,
+    },
+    Delete {
+        key: Cow<'a, str>,
+        version: u64,
+        reason: &'static str,
+    },
+}
+
+impl<'a> EventView<'a> {
+    fn new(event: &'a Event) -> Self {
+        match event {
+            Event::Put {
+                key,
+                value,
+                version,
+                created_at_us,
+                updated_at_us,
+            } => {
+                let (value, value_base64) = match std::str::from_utf8(value) {
+                    Ok(text) => (Some(text), None),
+                    Err(_) => (None, Some(STANDARD.encode(value))),
+                };
+                EventView::Put {
+                    key: String::from_utf8_lossy(key),
+                    value,
+                    value_base64,
+                    version: *version,
+                    created_at: Timestamp(*created_at_us),
+                    updated_at: Timestamp(*updated_at_us),
+                }
+            }
+            Event::Delete {
+                key,
+                version,
+                reason,
+            } => EventView::Delete {
+                key: String::from_utf8_lossy(key),
+                version: *version,
+                reason: reason.name(),
+            },
+        }
     }
 }
 

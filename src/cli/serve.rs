@@ -7,6 +7,7 @@ use std::time::Duration;
 use kvstore::api::Limits;
 use kvstore::server::{self, ServerConfig};
 use kvstore::stack::{self, Stack, StackConfig};
+use kvstore::storage::History;
 use kvstore::storage::embedded::space::MinFree;
 use kvstore::storage::embedded::{Durability, EmbeddedConfig};
 use kvstore::storage::layer::cache::{CacheConfig, CacheMode};
@@ -84,6 +85,15 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "KVSTORE_SYNC_INTERVAL_MS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..))]
     sync_interval_ms: u64,
+    /// Change history kept for watchers, in revisions: a revision is kept
+    /// while it is among the last this many, or younger than
+    /// --watch-history-secs, whichever keeps more.
+    #[arg(long, env = "KVSTORE_WATCH_HISTORY_REVISIONS", default_value_t = History::default().revisions)]
+    watch_history_revisions: u64,
+    /// Change history kept for watchers, in seconds (see
+    /// --watch-history-revisions).
+    #[arg(long, env = "KVSTORE_WATCH_HISTORY_SECS", default_value_t = History::default().age.as_secs())]
+    watch_history_secs: u64,
     /// Longest key, in bytes.
     #[arg(long, env = "KVSTORE_MAX_KEY_BYTES", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..=65_536))]
@@ -175,12 +185,17 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
                 .into(),
         );
     }
+    let history = History {
+        revisions: args.watch_history_revisions,
+        age: Duration::from_secs(args.watch_history_secs),
+    };
     let backend = match args.backend {
         Backend::Embedded => {
             let mut engine = EmbeddedConfig::new(&args.data_dir);
             engine.durability = args.durability;
             engine.sync_interval = Duration::from_millis(args.sync_interval_ms);
             engine.min_free = args.min_free_bytes.unwrap_or_default();
+            engine.history = history;
             stack::Backend::Embedded(engine)
         }
         Backend::Postgres => {

@@ -24,7 +24,8 @@ fn applied(response: &RawResponse) -> Value {
 /// A batch read's answer, checked for shape; items are full entries.
 fn read(response: &RawResponse) -> Value {
     let body = expect_json(response, StatusCode::OK);
-    assert_fields(&body, &["items", "missing"]);
+    assert_fields(&body, &["items", "missing", "revision"]);
+    assert_read_revision(&body);
     for item in body["items"].as_array().expect("items") {
         assert_entry_shape(item, false);
     }
@@ -349,8 +350,15 @@ async fn batch_get_answers_items_in_the_order_asked() {
     assert_eq!(body["items"][0]["value_base64"], "//4=");
     assert_eq!(body["missing"], json!(["none", "also/none"]));
 
+    // The read's revision is the store's: "a" was the last write.
+    assert_eq!(body["revision"], entry(c, "a").await["revision"]);
+
     let body = read(&batch_get(c, json!(["x", "y"])).await);
-    assert_eq!(body, json!({"items": [], "missing": ["x", "y"]}));
+    let revision = entry(c, "a").await["revision"].clone();
+    assert_eq!(
+        body,
+        json!({"items": [], "missing": ["x", "y"], "revision": revision})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -160,6 +160,22 @@ pub fn assert_fields(value: &Value, fields: &[&str]) {
     assert_eq!(have, want, "fields of {value}");
 }
 
+/// Asserts that a read answer's `revision` is a number at least as high as
+/// the revision of every entry it lists: the page was read at that revision.
+pub fn assert_read_revision(answer: &Value) {
+    let revision = answer["revision"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("revision is not a number: {answer}"));
+    for item in answer["items"].as_array().into_iter().flatten() {
+        if let Some(written) = item.get("revision").and_then(Value::as_u64) {
+            assert!(
+                written <= revision,
+                "entry above the read revision: {answer}"
+            );
+        }
+    }
+}
+
 /// Asserts RFC 3339 UTC with exactly six fractional digits and `Z`.
 pub fn assert_timestamp(text: &str) {
     let bytes = text.as_bytes();
@@ -404,7 +420,8 @@ pub async fn seed_keys(client: &Client, keys: &[&str]) {
 pub async fn list(client: &Client, query: &str) -> Value {
     let response = get(client, &format!("/v1/kv?{query}")).await;
     let page = expect_json(&response, StatusCode::OK);
-    assert_fields(&page, &["items", "next_cursor"]);
+    assert_fields(&page, &["items", "next_cursor", "revision"]);
+    assert_read_revision(&page);
     let keys_only = query
         .split('&')
         .any(|p| p == "keys_only=1" || p == "keys_only=true");
@@ -471,6 +488,7 @@ pub fn router_over(store: Arc<dyn Store>, auth: Option<Arc<Auth>>) -> axum::Rout
         },
         auth,
         cursor_key: CursorKey::random().expect("cursor key"),
+        shutdown: tokio::sync::watch::channel(false).1,
     })
 }
 
