@@ -61,6 +61,10 @@ struct Inbox {
     bytes: usize,
     /// Something was dropped because the inbox was full.
     overflowed: bool,
+    /// The highest revision published so far. Taken with the items, under
+    /// the same lock: a revision published after the items were taken must
+    /// not count as dispatched with them.
+    through: u64,
 }
 
 struct Registration {
@@ -102,7 +106,10 @@ impl Feed {
     /// When the thread cannot be started.
     pub fn start(revision: u64) -> std::io::Result<Arc<Feed>> {
         let feed = Arc::new(Feed {
-            inbox: Mutex::new(Inbox::default()),
+            inbox: Mutex::new(Inbox {
+                through: revision,
+                ..Inbox::default()
+            }),
             inbox_ready: Condvar::new(),
             state: Mutex::new(State {
                 ring: VecDeque::new(),
@@ -156,6 +163,7 @@ impl Feed {
             inbox.bytes += bytes;
             inbox.items.push_back(item);
         }
+        inbox.through = inbox.through.max(through);
         self.latest.fetch_max(through, Ordering::AcqRel);
         drop(inbox);
         self.inbox_ready.notify_one();
@@ -167,6 +175,22 @@ impl Feed {
         self.closed.store(true, Ordering::Release);
         lock(&self.state).watchers.clear();
         self.inbox_ready.notify_one();
+    }
+
+    /// Forgets the changes up to `revision`, which the change log no longer
+    /// keeps either: a watcher from below it is told it is compacted, as the
+    /// log would tell it, rather than served or refused depending on what the
+    /// ring happens to hold.
+    pub fn forget_through(&self, revision: u64) {
+        let mut state = lock(&self.state);
+        while let Some(old) = state.ring.front() {
+            if old.revision > revision {
+                break;
+            }
+            state.ring_bytes -= old.weight();
+            state.ring.pop_front();
+        }
+        state.covered_from = state.covered_from.max(revision);
     }
 
     /// Watchers open now.
@@ -223,8 +247,9 @@ impl Feed {
         lock(&self.state).watchers.remove(&id);
     }
 
-    /// Takes what was published, decodes it, and hands it out.
-    fn dispatch(&self, items: Vec<Published>, overflowed: bool) {
+    /// Takes what was published, up to revision `latest`, decodes it, and
+    /// hands it out.
+    fn dispatch(&self, items: Vec<Published>, overflowed: bool, latest: u64) {
         let mut changes = Vec::new();
         for item in items {
             match item {
@@ -238,7 +263,6 @@ impl Feed {
                 },
             }
         }
-        let latest = self.latest();
         let mut state = lock(&self.state);
         if overflowed {
             // What was dropped is only in the change log now.
@@ -325,13 +349,11 @@ fn run(feed: &Weak<Feed>) {
         }
         let items: Vec<Published> = inbox.items.drain(..).collect();
         let overflowed = std::mem::take(&mut inbox.overflowed);
+        let through = inbox.through;
         inbox.bytes = 0;
         drop(inbox);
-        if !items.is_empty()
-            || overflowed
-            || feed.latest() > feed.dispatched.load(Ordering::Acquire)
-        {
-            feed.dispatch(items, overflowed);
+        if !items.is_empty() || overflowed || through > feed.dispatched.load(Ordering::Acquire) {
+            feed.dispatch(items, overflowed, through);
         }
     }
 }
@@ -451,10 +473,15 @@ impl Watcher {
                     .fetch_sub(change.weight(), Ordering::AcqRel);
                 received.push(change);
             }
+            let dropped = live.changes.is_closed();
             for change in received {
                 self.take(&change);
             }
-            if self.ready.is_empty() {
+            if dropped {
+                // Dropped for falling behind: what came after its last
+                // change was never queued, and is read from the ring or log.
+                self.go_offline();
+            } else if self.ready.is_empty() {
                 self.position = self.position.max(dispatched);
             }
         }

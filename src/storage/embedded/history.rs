@@ -131,6 +131,7 @@ fn trim(shared: &Shared, engine: &Engine) -> StoreResult<()> {
         }
     }
     delete(engine, &mut doomed)?;
+    shared.feed.forget_through(oldest.saturating_sub(1));
     metrics::gauge!(OLDEST_GAUGE).set(oldest as f64);
     metrics::gauge!(REVISIONS_GAUGE).set((current + 1).saturating_sub(oldest) as f64);
     Ok(())
