@@ -8,7 +8,8 @@
 //! - [`storage`]: the [`storage::Store`] trait every backend implements;
 //!   [`storage::embedded`], the default engine (fjall with our own group
 //!   commit, one file per job); [`storage::postgres`], the PostgreSQL
-//!   backend, for many servers on one database; and [`storage::layer`], the
+//!   backend, for many servers on one database; [`storage::feed`], the live
+//!   change feed that watchers follow; and [`storage::layer`], the
 //!   stores over a store: the read cache that never serves a version older
 //!   than one acknowledged, the same cache shared in Redis, and the guard
 //!   (storage timeout and latency).
