@@ -1,6 +1,27 @@
 //! Following the store's changes: `GET /v1/watch` as a typed stream that
 //! resumes by itself when its connection drops, and `GET /v1/changes` pages.
 //!
+//! ```no_run
+//! use kvstore::client::{Client, ClientError, WatchMessage, WatchRange, WatchRequest};
+//!
+//! # async fn run() -> Result<(), ClientError> {
+//! let client = Client::new("http://127.0.0.1:7070")?;
+//! let mut changes = client.watch(WatchRequest {
+//!     range: WatchRange::Prefix("users/".into()),
+//!     from_revision: None,
+//! });
+//! while let Some(message) = changes.next().await {
+//!     match message {
+//!         Ok(WatchMessage::Change(change)) => println!("{change:?}"),
+//!         Ok(WatchMessage::Progress { .. }) => {}
+//!         // Compacted: list the range again, watch from its revision + 1.
+//!         Err(err) => return Err(err),
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! The stream reads the Server-Sent Events itself: the protocol is a few
 //! lines of text, and the crates that parse it bring their own HTTP stacks or
 //! stream adapters for what is here one loop over the body's frames.
@@ -675,7 +696,7 @@ mod tests {
     #[test]
     fn events_are_cut_at_blank_lines_whatever_the_chunks() {
         let stream = b":keep-alive\n\nid: 7\nevent: change\ndata: {\"a\":\ndata:1}\n\n\
-            event:progress\r\nid:8\r\ndata: {}\r\n\r\ndata\rdata: x\r\r";
+            event:progress\r\nid:8\r\ndata: {}\r\n\r\ndata\rdata: x\r\r\n";
         let expected = vec![
             event(Some("7"), "change", "{\"a\":\n1}"),
             event(Some("8"), "progress", "{}"),
@@ -691,6 +712,8 @@ mod tests {
     #[test]
     fn an_unfinished_event_is_not_dispatched() {
         assert_eq!(events(&[b"id: 1\nevent: change\ndata: {}\n"]), vec![]);
+        // A `\r` last may be the first half of a `\r\n`.
+        assert_eq!(events(&[b"data: x\r\r"]), vec![]);
         assert_eq!(
             events(&[b"id: 1\n\ndata: x\n\n"]),
             vec![event(None, "message", "x")]
