@@ -483,3 +483,81 @@ async fn the_cli_prints_one_json_change_per_line_and_exits_0_on_sigterm() {
     assert_eq!(status.code(), Some(0), "{}", cli.stderr());
     server.stop().await;
 }
+
+/// A server that answers each watch connection with the next of `bodies`
+/// (as an event stream, then closes it) and hands the test each request's
+/// head.
+async fn scripted_server(bodies: Vec<String>) -> (String, Receiver<String>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, heads) = std::sync::mpsc::channel();
+    tokio::spawn(async move {
+        for body in bodies {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = tx.send(String::from_utf8_lossy(&head).to_lowercase());
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{body}"
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+    });
+    (base, heads)
+}
+
+fn change_event(revision: u64) -> String {
+    format!(
+        "id: {revision}\nevent: change\ndata: {{\"revision\":{revision},\"events\":[{{\"type\":\"delete\",\"key\":\"k\",\"version\":1,\"reason\":\"deleted\"}}]}}\n\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_sends_the_last_id_skips_repeats_and_compacted_mid_stream_ends_it() {
+    let first = format!(":hi\n\n{}", change_event(3));
+    let second = format!(
+        "{}{}event: compacted\ndata: {{\"compact_revision\":9,\"revision\":12}}\n\n",
+        change_event(3),
+        change_event(4)
+    );
+    let (base, heads) = scripted_server(vec![first, second]).await;
+    let client = Client::new(&base).unwrap();
+    let mut stream = watch_from(&client, WatchRange::Prefix("k".into()), 3);
+    let mut next = async || within(60, "the next message", stream.next()).await;
+    let revision = |message: Option<Result<WatchMessage, ClientError>>| match message {
+        Some(Ok(WatchMessage::Change(change))) => change.revision,
+        other => panic!("not a change: {other:?}"),
+    };
+    assert_eq!(revision(next().await), 3);
+    // The first connection ended; the repeat of 3 on the second is skipped.
+    assert_eq!(revision(next().await), 4);
+    assert!(matches!(
+        next().await,
+        Some(Err(ClientError::Compacted {
+            compact_revision: 9,
+            revision: 12
+        }))
+    ));
+    assert!(next().await.is_none());
+    let heads: Vec<String> = heads.try_iter().collect();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(
+        heads[0].starts_with("get /v1/watch?prefix=k&from_revision=3 "),
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[1].contains("\r\nlast-event-id: 3\r\n"),
+        "{}",
+        heads[1]
+    );
+}
