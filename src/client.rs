@@ -2,14 +2,24 @@
 //!
 //! [`Client::send`] is the raw layer (any method, path, headers and body);
 //! the typed methods build on it with the bodies of [`crate::api::types`].
+//! [`Client::watch`] and [`Client::changes`] (in [`watch`](self::WatchStream))
+//! follow the store's changes.
+
+mod watch;
+
+pub use watch::{
+    Change, ChangesPage, ChangesRequest, Event, Value, WatchMessage, WatchRange, WatchRequest,
+    WatchStream,
+};
 
 use std::error::Error as StdError;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderName};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -20,7 +30,7 @@ use serde::de::DeserializeOwned;
 
 use crate::api::types::{
     BatchGetRequest, BatchGetResponse, BatchRequest, BatchResponse, EntryBody, ErrorBody,
-    ErrorResponse, ListResponse, PutResponse,
+    ErrorCode, ErrorResponse, ListResponse, PutResponse,
 };
 use crate::storage::Condition;
 
@@ -58,6 +68,20 @@ pub enum ClientError {
     /// The answer was not what API v1 describes.
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
+    /// A watch or changes request started before the history the server
+    /// keeps (410 `compacted`, or `event: compacted` once a watch fell that
+    /// far behind): list the range again and watch from the list's
+    /// `revision + 1`.
+    #[error(
+        "the changes before revision {compact_revision} are no longer kept (the store is at \
+         revision {revision}): list the range again and watch from its revision + 1"
+    )]
+    Compacted {
+        /// The oldest revision still watchable.
+        compact_revision: u64,
+        /// The store's current revision.
+        revision: u64,
+    },
 }
 
 /// An error and its sources on one line: hyper's own `Display` stops at
@@ -93,6 +117,21 @@ pub struct RawResponse {
 }
 
 impl RawResponse {
+    /// Reads the whole body of an answer.
+    async fn read(response: Response<Incoming>) -> Result<Self, ClientError> {
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|err| ClientError::Transport(error_chain(&err)))?
+            .to_bytes();
+        Ok(RawResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
     /// The body parsed as JSON.
     ///
     /// # Errors
@@ -114,11 +153,58 @@ impl RawResponse {
 
     fn into_error(self) -> ClientError {
         match self.json::<ErrorResponse>() {
-            Ok(body) => ClientError::Api {
+            Ok(body) => compacted(&body.error).unwrap_or(ClientError::Api {
                 status: self.status,
                 error: body.error,
-            },
+            }),
             Err(err) => err,
+        }
+    }
+}
+
+/// A `compacted` error with both of its revisions as [`ClientError::Compacted`],
+/// so that a 410 and a watch's `event: compacted` read the same.
+fn compacted(error: &ErrorBody) -> Option<ClientError> {
+    if error.code != ErrorCode::Compacted {
+        return None;
+    }
+    let revision = |name: &str| error.details.get(name).and_then(serde_json::Value::as_u64);
+    Some(ClientError::Compacted {
+        compact_revision: revision("compact_revision")?,
+        revision: revision("revision")?,
+    })
+}
+
+/// A query string built one parameter at a time, its values percent-encoded.
+#[derive(Default)]
+struct QueryString(Vec<String>);
+
+impl QueryString {
+    fn text(&mut self, name: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            self.0
+                .push(format!("{name}={}", utf8_percent_encode(value, QUERY_SAFE)));
+        }
+    }
+
+    fn number(&mut self, name: &str, value: Option<u64>) {
+        if let Some(value) = value {
+            self.0.push(format!("{name}={value}"));
+        }
+    }
+
+    fn flag(&mut self, name: &str, on: bool) {
+        if on {
+            self.0.push(format!("{name}=1"));
+        }
+    }
+
+    /// `path`, followed by the query when there is one.
+    fn after(&self, path: &str) -> String {
+        if self.0.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{path}?{}", self.0.join("&"))
         }
     }
 }
@@ -230,6 +316,19 @@ impl Client {
         headers: &[(HeaderName, &str)],
         body: impl Into<Bytes>,
     ) -> Result<RawResponse, ClientError> {
+        let response = self.start(method, path_and_query, headers, body).await?;
+        RawResponse::read(response).await
+    }
+
+    /// Sends one request; the answer's body is left to read as it comes
+    /// (a watch's never ends).
+    async fn start(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(HeaderName, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Response<Incoming>, ClientError> {
         let mut request = Request::builder()
             .method(method)
             .uri(format!("{}{path_and_query}", self.base));
@@ -246,22 +345,10 @@ impl Client {
         let request = request
             .body(Full::new(body.into()))
             .map_err(|err| ClientError::Transport(format!("bad request: {err}")))?;
-        let response = self
-            .http
+        self.http
             .request(request)
             .await
-            .map_err(|err| ClientError::Transport(error_chain(&err)))?;
-        let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|err| ClientError::Transport(error_chain(&err)))?
-            .to_bytes();
-        Ok(RawResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+            .map_err(|err| ClientError::Transport(error_chain(&err)))
     }
 
     async fn send_json<B: Serialize, T: DeserializeOwned>(
@@ -379,31 +466,15 @@ impl Client {
     /// # Errors
     /// Transport and server errors.
     pub async fn list(&self, params: &ListParams) -> Result<ListResponse, ClientError> {
-        let mut query = Vec::new();
-        let mut text = |name: &str, value: &Option<String>| {
-            if let Some(v) = value {
-                query.push(format!("{name}={}", utf8_percent_encode(v, QUERY_SAFE)));
-            }
-        };
-        text("start", &params.start);
-        text("end", &params.end);
-        text("prefix", &params.prefix);
-        text("cursor", &params.cursor);
-        if let Some(limit) = params.limit {
-            query.push(format!("limit={limit}"));
-        }
-        if params.keys_only {
-            query.push("keys_only=1".into());
-        }
-        if params.reverse {
-            query.push("reverse=1".into());
-        }
-        let path = if query.is_empty() {
-            "/v1/kv".to_owned()
-        } else {
-            format!("/v1/kv?{}", query.join("&"))
-        };
-        self.send(Method::GET, &path, &[], Bytes::new())
+        let mut query = QueryString::default();
+        query.text("start", params.start.as_deref());
+        query.text("end", params.end.as_deref());
+        query.text("prefix", params.prefix.as_deref());
+        query.text("cursor", params.cursor.as_deref());
+        query.number("limit", params.limit.map(|limit| limit as u64));
+        query.flag("keys_only", params.keys_only);
+        query.flag("reverse", params.reverse);
+        self.send(Method::GET, &query.after("/v1/kv"), &[], Bytes::new())
             .await?
             .into_result()
     }

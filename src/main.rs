@@ -1,8 +1,9 @@
 //! The `kvstore` binary: argument parsing and wiring only.
 //!
 //! Run the server with `kvstore serve` (see `kvstore serve --help`); talk to
-//! it with `kvstore get`, `put`, `delete`, `list`, `batch`, `export`,
-//! `import`, and measure it with `kvstore bench` (see `kvstore --help`).
+//! it with `kvstore get`, `put`, `delete`, `list`, `batch`, `watch`,
+//! `export`, `import`, and measure it with `kvstore bench` (see
+//! `kvstore --help`).
 
 mod cli;
 mod loadgen;
@@ -54,6 +55,8 @@ enum Command {
     List(cli::kv::ListArgs),
     /// Apply an atomic batch of writes from a JSON file.
     Batch(cli::kv::BatchArgs),
+    /// Print the changes to a key or range as they happen.
+    Watch(cli::watch::WatchArgs),
     /// Write entries to stdout as NDJSON.
     Export(cli::dump::ExportArgs),
     /// Write the entries of an NDJSON dump, in batches.
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         Command::Delete(args) => runtime.block_on(cli::kv::delete(args)),
         Command::List(args) => runtime.block_on(cli::kv::list(args)),
         Command::Batch(args) => runtime.block_on(cli::kv::batch(args)),
+        Command::Watch(args) => runtime.block_on(cli::watch::watch(args)),
         Command::Export(args) => runtime.block_on(cli::dump::export(args)),
         Command::Import(args) => runtime.block_on(cli::dump::import(args)),
         Command::Bench(args) => runtime.block_on(cli::bench::run(args)),

@@ -6,6 +6,7 @@ pub(crate) mod dump;
 pub(crate) mod kv;
 pub(crate) mod security;
 pub(crate) mod serve;
+pub(crate) mod watch;
 
 use std::fmt;
 use std::io::{IsTerminal as _, Write};
@@ -68,7 +69,7 @@ pub(crate) struct OutputArgs {
     json: bool,
 }
 
-/// Exit codes of the client subcommands (documented in the README).
+/// Exit codes of the client subcommands (documented in docs/cli.md).
 mod exit {
     /// Not found, a failed condition, or another failure.
     pub(super) const FAILED: u8 = 1;
@@ -76,6 +77,8 @@ mod exit {
     pub(super) const USAGE: u8 = 2;
     /// The server cannot be reached, failed (5xx), or answered nonsense.
     pub(super) const SERVER: u8 = 3;
+    /// A watch starts (or fell) before the history the server keeps.
+    pub(super) const COMPACTED: u8 = 4;
 }
 
 /// Why a subcommand failed, and the exit code that says so.
@@ -165,6 +168,10 @@ impl From<ClientError> for Failure {
                 code: exit::SERVER,
                 message: err.to_string(),
             },
+            ClientError::Compacted { .. } => Failure {
+                code: exit::COMPACTED,
+                message: err.to_string(),
+            },
         }
     }
 }
@@ -193,6 +200,29 @@ fn progress_bar(len: Option<u64>, template: &str) -> ProgressBar {
     match ProgressStyle::with_template(template) {
         Ok(style) => bar.with_style(style),
         Err(_) => bar,
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn stop_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
     }
 }
 
@@ -265,6 +295,13 @@ mod tests {
         );
         assert_eq!(code(ClientError::Transport("refused".into())), 3);
         assert_eq!(code(ClientError::Protocol("garbage".into())), 3);
+        assert_eq!(
+            code(ClientError::Compacted {
+                compact_revision: 5,
+                revision: 9
+            }),
+            4
+        );
     }
 
     #[test]

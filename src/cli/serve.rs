@@ -273,30 +273,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         metrics: args.metrics,
         header_read_timeout: args.security.header_read_timeout(),
     };
-    server::run_secured(listener, store, config, security, shutdown_signal())
+    server::run_secured(listener, store, config, security, super::stop_signal())
         .await
         .map_err(|e| format!("shutdown: {e}"))
-}
-
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
-    }
 }

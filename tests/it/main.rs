@@ -40,3 +40,4 @@ mod postgres;
 mod robustness;
 mod tls;
 mod watch;
+mod watch_client;

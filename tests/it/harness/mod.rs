@@ -488,16 +488,26 @@ impl Binary {
     /// Starts `kvstore serve --listen 127.0.0.1:0 --data-dir DIR ARGS...` and
     /// waits for the line that names its address.
     pub fn start(data_dir: &Path, args: &[&str]) -> Self {
-        Self::try_start(data_dir, args)
+        Self::start_on("127.0.0.1:0", data_dir, args)
+    }
+
+    /// [`Binary::start`] on `listen` (`127.0.0.1:PORT`): a restart on the
+    /// address of the server before it, so that its clients find it again.
+    pub fn start_on(listen: &str, data_dir: &Path, args: &[&str]) -> Self {
+        Self::try_start_on(listen, data_dir, args)
             .unwrap_or_else(|log| panic!("kvstore did not start: {log:#?}"))
     }
 
     /// [`Binary::start`], or the log lines of a server that exited (within a
     /// minute) without listening.
     pub fn try_start(data_dir: &Path, args: &[&str]) -> Result<Self, Vec<String>> {
+        Self::try_start_on("127.0.0.1:0", data_dir, args)
+    }
+
+    fn try_start_on(listen: &str, data_dir: &Path, args: &[&str]) -> Result<Self, Vec<String>> {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvstore"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(args)
             .env_remove("RUST_LOG")
