@@ -11,7 +11,7 @@ use super::{Failure, OutputArgs, ServerArgs, stop_signal, write_json};
 #[derive(clap::Args)]
 pub(crate) struct WatchArgs {
     /// Watch only this key.
-    #[arg(conflicts_with_all = ["prefix", "start", "end"])]
+    #[arg(long, conflicts_with_all = ["prefix", "start", "end"])]
     key: Option<String>,
     /// Only keys that begin with this.
     #[arg(long, conflicts_with_all = ["start", "end"])]

@@ -2,14 +2,19 @@
 //! conditional puts, deletes, batches, reads and scans, with the store closed
 //! and reopened in between, checked step by step against a `BTreeMap` model,
 //! on every backend (PostgreSQL when `KVSTORE_TEST_POSTGRES_URL` is set).
+//! Watchers check the change feed against the model's history: one follows
+//! everything from revision 1 and resumes after every reopen, and others
+//! start at random past revisions on random ranges.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{
-    Condition, FailedCondition, OpResult, ScanRequest, Store, WriteOp, WriteOutcome,
+    Change, Condition, Event, FailedCondition, KeyRange, OpResult, ScanRequest, Store, Watcher,
+    WriteOp, WriteOutcome,
 };
 use proptest::prelude::*;
 
@@ -29,7 +34,17 @@ enum Step {
         keys_only: bool,
     },
     Reopen,
+    /// Watch `lower..upper` from `back` revisions before the current one.
+    Watch {
+        lower: Bound<usize>,
+        upper: Bound<usize>,
+        back: u64,
+    },
 }
+
+/// What one revision did to one key, as the model sees it: the key, whether
+/// it was put (else deleted), and the version written or removed.
+type ModelEvent = (Vec<u8>, bool, u64);
 
 #[derive(Debug, Clone, PartialEq)]
 struct ModelEntry {
@@ -42,6 +57,8 @@ struct ModelEntry {
 struct Model {
     entries: BTreeMap<Vec<u8>, ModelEntry>,
     revision: u64,
+    /// The events of every revision, in order.
+    history: Vec<(u64, Vec<ModelEvent>)>,
 }
 
 impl Model {
@@ -62,6 +79,21 @@ impl Model {
         }
         self.revision += 1;
         let revision = self.revision;
+        let mut events = Vec::new();
+        for op in ops {
+            match op {
+                WriteOp::Put { key, .. } => {
+                    let version = self.entries.get(key).map_or(1, |e| e.version + 1);
+                    events.push((key.clone(), true, version));
+                }
+                WriteOp::Delete { key, .. } => {
+                    if let Some(entry) = self.entries.get(key) {
+                        events.push((key.clone(), false, entry.version));
+                    }
+                }
+            }
+        }
+        self.history.push((revision, events));
         let results = ops
             .iter()
             .map(|op| match op {
@@ -154,7 +186,57 @@ fn step() -> impl Strategy<Value = Step> {
             |(lower, upper, reverse, limit, keys_only)| Step::Scan { lower, upper, reverse, limit, keys_only }
         ),
         1 => Just(Step::Reopen),
+        1 => (bound(), bound(), 0u64..12).prop_map(|(lower, upper, back)| Step::Watch { lower, upper, back }),
     ]
+}
+
+/// The events of a change, as the model keeps them, in key order.
+fn model_events(change: &Change) -> Vec<ModelEvent> {
+    let mut events: Vec<ModelEvent> = change
+        .events
+        .iter()
+        .map(|event| match event {
+            Event::Put { key, version, .. } => (key.clone(), true, *version),
+            Event::Delete { key, version, .. } => (key.clone(), false, *version),
+        })
+        .collect();
+    events.sort();
+    events
+}
+
+/// Reads from `watcher` exactly the revisions after `after` that the model
+/// says touched `range`, then nothing more.
+async fn expect_changes(
+    watcher: &mut Watcher,
+    model: &Model,
+    after: u64,
+    range: &KeyRange,
+    n: usize,
+) {
+    let want: Vec<(u64, Vec<ModelEvent>)> = model
+        .history
+        .iter()
+        .filter(|(revision, _)| *revision > after)
+        .filter_map(|(revision, events)| {
+            let mut inside: Vec<ModelEvent> = events
+                .iter()
+                .filter(|e| range.contains(&e.0))
+                .cloned()
+                .collect();
+            inside.sort();
+            (!inside.is_empty()).then_some((*revision, inside))
+        })
+        .collect();
+    let mut got = Vec::new();
+    for _ in &want {
+        match watcher.next(Duration::from_secs(10)).await.expect("watch") {
+            Some(change) => got.push((change.revision, model_events(&change))),
+            None => break,
+        }
+    }
+    assert_eq!(got, want, "step {n}: watch after {after} of {range:?}");
+    let extra = watcher.next(Duration::ZERO).await.expect("watch");
+    assert_eq!(extra, None, "step {n}: watch after {after} of {range:?}");
 }
 
 fn key_bound(b: &Bound<usize>) -> Bound<Vec<u8>> {
@@ -188,6 +270,16 @@ impl Place {
 async fn check(steps: Vec<Step>, place: Place) {
     let mut store = place.open().await;
     let mut model = Model::default();
+    let everything = KeyRange::everything();
+    let mut follower = Watcher::start(
+        store.feed(),
+        Arc::clone(&store),
+        everything.clone(),
+        Some(1),
+    )
+    .await
+    .expect("watch");
+    let mut followed_through = 0;
     for (n, step) in steps.into_iter().enumerate() {
         match step {
             Step::Write(ops) => {
@@ -294,12 +386,49 @@ async fn check(steps: Vec<Step>, place: Place) {
                 assert_eq!(page.more, more, "step {n}: scan more");
             }
             Step::Reopen => {
+                expect_changes(&mut follower, &model, followed_through, &everything, n).await;
+                followed_through = model.revision;
+                drop(follower);
                 store.close().await.expect("close");
                 drop(store);
                 store = place.open().await;
+                // Resumes after what it saw, from the history the store kept.
+                follower = Watcher::start(
+                    store.feed(),
+                    Arc::clone(&store),
+                    everything.clone(),
+                    Some(followed_through + 1),
+                )
+                .await
+                .expect("resume the watch");
+            }
+            Step::Watch { lower, upper, back } => {
+                let range = KeyRange {
+                    lower: key_bound(&lower),
+                    upper: key_bound(&upper),
+                };
+                let after = model.revision.saturating_sub(back);
+                let mut watcher = Watcher::start(
+                    store.feed(),
+                    Arc::clone(&store),
+                    range.clone(),
+                    Some(after + 1),
+                )
+                .await
+                .expect("watch");
+                expect_changes(&mut watcher, &model, after, &range, n).await;
             }
         }
     }
+    expect_changes(
+        &mut follower,
+        &model,
+        followed_through,
+        &everything,
+        usize::MAX,
+    )
+    .await;
+    drop(follower);
     store.close().await.expect("close");
 }
 
