@@ -76,6 +76,64 @@ async fn the_default_mode_never_reads_stale_across_servers() {
     assert_eq!(stale, 0, "stale reads in the default mode");
 }
 
+/// Writers on both servers, a watcher on each: both see every acknowledged
+/// write once, in revision order, whichever server took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn watchers_on_each_server_see_every_servers_writes_in_order() {
+    let schema = PgSchema::new();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&schema, dir_a.path(), &[]);
+    let b = start(&schema, dir_b.path(), &[]);
+    let mut streams = Vec::new();
+    for server in [&a, &b] {
+        streams.push(crate::watch::watch(server.addr.parse().expect("address"), "").await);
+    }
+    let mut writers = Vec::new();
+    for writer in 0..8 {
+        let client = if writer % 2 == 0 {
+            a.client.clone()
+        } else {
+            b.client.clone()
+        };
+        writers.push(tokio::spawn(async move {
+            let mut revisions = Vec::new();
+            for i in 0..40 {
+                let key = format!("w{writer}/{}", i % 5);
+                let written = client.put(&key, "v", Condition::Any).await.expect("put");
+                revisions.push(written.revision);
+            }
+            revisions
+        }));
+    }
+    let mut acknowledged = std::collections::BTreeSet::new();
+    for writer in writers {
+        acknowledged.extend(
+            crate::harness::within(120, "the writers", writer)
+                .await
+                .unwrap(),
+        );
+    }
+    let last = *acknowledged.last().expect("writes");
+    for stream in &mut streams {
+        let revisions: Vec<u64> = stream
+            .changes_through(last)
+            .await
+            .iter()
+            .map(|message| message.id.expect("id"))
+            .collect();
+        assert!(
+            revisions.windows(2).all(|w| w[0] < w[1]),
+            "out of order or repeated: {revisions:?}"
+        );
+        let seen: std::collections::BTreeSet<u64> = revisions.into_iter().collect();
+        assert_eq!(seen, acknowledged, "every acknowledged write, nothing else");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(kvstore_test_postgres),

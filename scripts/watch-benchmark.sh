@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The watch numbers of docs/performance.md, in one round:
+# - durable PUTs at 16 connections under wrk (the Lua script of
+#   benchmark.sh), with no watcher and with 100 watchers of every written
+#   key (curl reading each stream), and, given a second binary, the same
+#   on a build without the change log, in the same round;
+# - delivery latency from a PUT's answer to its event at a watcher, with 1,
+#   100 and 10,000 watchers (each on a prefix of its own; writes go to the
+#   first 100), and the server's memory per open watcher.
+#
+#   cargo build --release --bins --examples
+#   scripts/watch-benchmark.sh [DURATION] [BASELINE_BINARY]
+#
+# Needs wrk and curl. Run it three times and quote medians.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+D=${1:-8s}
+BASELINE=${2:-}
+BIN=target/release/kvstore
+PORT=7088
+export KVSTORE_URL=http://127.0.0.1:$PORT
+DATA=$(mktemp -d)
+PUT_SCRIPT="$DATA.put.lua"
+VALUE=$(printf 'x%.0s' $(seq 1 100))
+cat >"$PUT_SCRIPT" <<LUA
+local body = '{"value":"$VALUE"}'
+local headers = { ["Content-Type"] = "application/json" }
+request = function()
+  return wrk.format("PUT", string.format("/v1/kv/wrk/k%06d", math.random(0, 99999)), headers, body)
+end
+LUA
+WATCHERS=()
+trap 'kill ${SERVER:-} "${WATCHERS[@]}" 2>/dev/null || true; rm -rf "$DATA" "$PUT_SCRIPT"' EXIT
+
+wrk_row() {
+  wrk --latency "$@" | awk '/ 50%/{p50=$2} / 99%/{p99=$2} /Requests\/sec/{rps=$2}
+    /Non-2xx or 3xx responses/{bad=$NF}
+    END{printf "%s req/s, p50 %s, p99 %s%s\n", rps, p50, p99, bad ? ", " bad " non-2xx answers" : ""}'
+}
+
+# serve BINARY: a server on a fresh data directory.
+serve() {
+  rm -rf "$DATA/data"
+  "$1" serve --data-dir "$DATA/data" --listen 127.0.0.1:$PORT --max-connections 20000 2>/dev/null &
+  SERVER=$!
+  wait_ready
+}
+stop() {
+  kill -INT "$SERVER"
+  wait "$SERVER" || true
+}
+
+if [ -n "$BASELINE" ]; then
+  serve "$BASELINE"
+  echo "durable PUT, 16 connections, build without the change log: $(wrk_row -t2 -c16 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
+  stop
+fi
+
+serve "$BIN"
+echo "durable PUT, 16 connections, no watcher: $(wrk_row -t2 -c16 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
+for _ in $(seq 1 100); do
+  curl -sN "$KVSTORE_URL/v1/watch?prefix=wrk/" >/dev/null &
+  WATCHERS+=($!)
+done
+sleep 1
+echo "durable PUT, 16 connections, 100 watchers of every write: $(wrk_row -t2 -c16 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
+kill "${WATCHERS[@]}" 2>/dev/null || true
+WATCHERS=()
+stop
+
+for n in 1 100 10000; do
+  serve "$BIN"
+  echo "== $n watchers, 4 writers"
+  target/release/examples/watch_latency "$KVSTORE_URL" "$KVSTORE_URL" "$n" "$((n < 100 ? n : 100))" 4000 4 "$SERVER"
+  stop
+done
