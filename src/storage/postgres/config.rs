@@ -67,14 +67,18 @@ impl PostgresConfig {
         config.connect_timeout(self.connect_timeout);
         config.keepalives_idle(Duration::from_secs(10));
         config.application_name(&self.application_name);
+        // Every statement is short: compiling one with JIT (which a poor
+        // estimate on a table not analyzed yet can trigger) costs far more
+        // than it runs.
+        let mut options = vec![
+            config.get_options().unwrap_or_default().to_owned(),
+            "-c jit=off".to_owned(),
+        ];
         let timeout_ms = self.statement_timeout.as_millis();
         if timeout_ms > 0 {
-            let options = match config.get_options() {
-                Some(existing) => format!("{existing} -c statement_timeout={timeout_ms}"),
-                None => format!("-c statement_timeout={timeout_ms}"),
-            };
-            config.options(&options);
+            options.push(format!("-c statement_timeout={timeout_ms}"));
         }
+        config.options(options.join(" ").trim_start());
         Ok(config)
     }
 

@@ -206,7 +206,7 @@ impl Sql {
                 .then(|| format!("SELECT pg_notify({channel}, $1)")),
             kv,
             changes: format!(
-                "WITH w AS MATERIALIZED (SELECT settled, trimmed FROM {watermark}),
+                "WITH w AS MATERIALIZED (SELECT settled, trimmed FROM {watermark} LIMIT 1),
                 revs AS MATERIALIZED (
                     SELECT revision FROM {revisions}
                     WHERE revision > $1 AND revision <= (SELECT settled FROM w)
@@ -218,7 +218,7 @@ impl Sql {
                 ORDER BY revs.revision, c.key"
             ),
             above_watermark: format!(
-                "SELECT w.settled, w.trimmed, r.revision FROM {watermark} w
+                "SELECT w.settled, w.trimmed, r.revision FROM (SELECT * FROM {watermark} LIMIT 1) w
                  LEFT JOIN LATERAL (
                      SELECT revision FROM {revisions} WHERE revision > w.settled
                      ORDER BY revision LIMIT $1
@@ -259,20 +259,22 @@ impl Sql {
     /// every write up to it is visible to the read. An empty read gives one
     /// row with a null key. The five numbers are the last five columns.
     pub(super) fn at_revision(&self, rows: &str, order: &str) -> String {
+        // Scalar subqueries, so that the planner counts one row of numbers
+        // (the watermark table has no statistics until analyzed).
         format!(
-            "WITH w AS MATERIALIZED (SELECT settled FROM {watermark}),
-            page AS MATERIALIZED ({rows}),
+            "WITH page AS MATERIALIZED ({rows}),
             top AS MATERIALIZED (
-                SELECT greatest(w.settled, coalesce((SELECT max(revision) FROM page), 0)) AS page,
-                       greatest(w.settled, coalesce((SELECT max(revision) FROM {revisions}), 0)) AS head
-                FROM w
+                SELECT settled,
+                       greatest(settled, coalesce((SELECT max(revision) FROM page), 0)) AS page,
+                       greatest(settled, coalesce((SELECT max(revision) FROM {revisions}), 0)) AS head
+                FROM (SELECT (SELECT settled FROM {watermark}) AS settled) w
             )
-            SELECT page.*, w.settled,
+            SELECT page.*, top.settled,
                    top.page, (SELECT count(*) FROM {revisions}
-                              WHERE revision > w.settled AND revision <= top.page),
+                              WHERE revision > top.settled AND revision <= top.page),
                    top.head, (SELECT count(*) FROM {revisions}
-                              WHERE revision > w.settled AND revision <= top.head)
-            FROM w CROSS JOIN top LEFT JOIN page ON true {order}",
+                              WHERE revision > top.settled AND revision <= top.head)
+            FROM top LEFT JOIN page ON true {order}",
             watermark = self.watermark,
             revisions = self.revisions,
         )
