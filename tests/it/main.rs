@@ -39,3 +39,4 @@ mod ops;
 mod postgres;
 mod robustness;
 mod tls;
+mod watch_postgres;

@@ -4,6 +4,9 @@
 use super::super::{Condition, DeleteReason};
 use super::PostgresConfig;
 
+/// Revisions above the watermark that a read or the poller looks at, at most.
+pub(super) const LOOK_AHEAD: i64 = 10_000;
+
 /// The database clock in microseconds since the Unix epoch: one clock for
 /// every server.
 pub(super) const NOW_US: &str = "(extract(epoch from clock_timestamp()) * 1000000)::int8";
@@ -96,22 +99,29 @@ impl Sql {
         } else {
             String::new()
         };
-        // $1 key, $2 value, $3 condition kind, $4 expected version.
+        // $1 key, $2 value, $3 condition kind, $4 expected version. The
+        // revision is taken once, after the row lock, in a materialized CTE:
+        // a `nextval` in the UPDATE's SET would be evaluated again when the
+        // row turns out to have changed since the snapshot, leaving the first
+        // value unused (a hole that watchers wait for until it is filled).
         let put = format!(
             "WITH cur AS MATERIALIZED (
                 SELECT version FROM {kv} WHERE key = $1 FOR UPDATE
             ), now AS MATERIALIZED (SELECT {NOW_US} AS us),
-            upd AS (
+            rev AS MATERIALIZED (
+                SELECT nextval({seq}) AS r FROM now
+                WHERE CASE WHEN EXISTS (SELECT 1 FROM cur)
+                    THEN $3 = 0 OR $3 = 3 OR ($3 = 1 AND (SELECT version FROM cur) = $4)
+                    ELSE $3 = 0 OR $3 = 2 END
+            ), upd AS (
                 UPDATE {kv} SET value = $2, version = {kv}.version + 1,
-                    revision = nextval({seq}),
+                    revision = (SELECT r FROM rev),
                     updated_at_us = greatest({kv}.updated_at_us, (SELECT us FROM now))
-                WHERE key = $1 AND EXISTS (SELECT 1 FROM cur)
-                  AND ($3 = 0 OR $3 = 3 OR ($3 = 1 AND (SELECT version FROM cur) = $4))
+                WHERE key = $1 AND EXISTS (SELECT 1 FROM cur) AND EXISTS (SELECT 1 FROM rev)
                 RETURNING version, revision, created_at_us, updated_at_us
             ), ins AS (
                 INSERT INTO {kv} (key, value, version, revision, created_at_us, updated_at_us)
-                SELECT $1, $2, 1, nextval({seq}), us, us FROM now
-                WHERE NOT EXISTS (SELECT 1 FROM cur) AND ($3 = 0 OR $3 = 2)
+                SELECT $1, $2, 1, r, us, us FROM now, rev WHERE NOT EXISTS (SELECT 1 FROM cur)
                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value,
                     version = {kv}.version + 1, revision = nextval({seq}),
                     updated_at_us = greatest({kv}.updated_at_us, EXCLUDED.updated_at_us)
@@ -122,8 +132,14 @@ impl Sql {
                 UNION ALL
                 SELECT true, version, revision, created_at_us, updated_at_us FROM ins
             ), marked AS (
-                INSERT INTO {revisions} (revision, written_at_us)
-                SELECT revision, (SELECT us FROM now) FROM done
+                INSERT INTO {revisions} (revision, written_at_us, gap)
+                SELECT revision, us, false FROM done, now
+                UNION ALL
+                -- The revision taken for an insert that met a concurrent
+                -- one is not used: it is settled as a gap at once, rather
+                -- than left as a hole for the poller to fill.
+                SELECT r, us, true FROM rev, now
+                WHERE NOT EXISTS (SELECT 1 FROM done WHERE done.revision = rev.r)
             ), logged AS (
                 INSERT INTO {changes} (revision, key, value, version, created_at_us, updated_at_us)
                 SELECT revision, $1, $2, version, created_at_us, updated_at_us FROM done
@@ -252,29 +268,32 @@ impl Sql {
     }
 
     /// `rows` (a query whose column 0 is the key, and that has a `revision`
-    /// column) with, from the same snapshot: the settled watermark; the
-    /// highest revision of the rows (or the watermark) and how many revisions
-    /// between the watermark and it have settled; the same for the highest
-    /// revision logged. When every revision up to one of the two has settled,
-    /// every write up to it is visible to the read. An empty read gives one
-    /// row with a null key. The five numbers are the last five columns.
+    /// column) with two numbers from the same snapshot, as its last two
+    /// columns: the highest revision of the rows (or the watermark), and the
+    /// revision up to which every revision has settled in the snapshot (the
+    /// watermark, then the run of logged revisions above it, looked at up to
+    /// `LOOK_AHEAD` of them), so that every write up to it is visible to the
+    /// read. An empty read gives one row with a null key.
     pub(super) fn at_revision(&self, rows: &str, order: &str) -> String {
         // Scalar subqueries, so that the planner counts one row of numbers
         // (the watermark table has no statistics until analyzed).
         format!(
             "WITH page AS MATERIALIZED ({rows}),
-            top AS MATERIALIZED (
+            w AS MATERIALIZED (
                 SELECT settled,
-                       greatest(settled, coalesce((SELECT max(revision) FROM page), 0)) AS page,
-                       greatest(settled, coalesce((SELECT max(revision) FROM {revisions}), 0)) AS head
+                       least(coalesce((SELECT max(revision) FROM {revisions}), 0),
+                             settled + {LOOK_AHEAD}) AS head
                 FROM (SELECT (SELECT settled FROM {watermark}) AS settled) w
+            ),
+            top AS MATERIALIZED (
+                SELECT greatest(settled, coalesce((SELECT max(revision) FROM page), 0)) AS page,
+                       greatest(settled, coalesce((
+                           SELECT min(g) - 1 FROM generate_series(settled + 1, head) g
+                           WHERE NOT EXISTS (SELECT 1 FROM {revisions} WHERE revision = g)
+                       ), head)) AS run
+                FROM w
             )
-            SELECT page.*, top.settled,
-                   top.page, (SELECT count(*) FROM {revisions}
-                              WHERE revision > top.settled AND revision <= top.page),
-                   top.head, (SELECT count(*) FROM {revisions}
-                              WHERE revision > top.settled AND revision <= top.head)
-            FROM top LEFT JOIN page ON true {order}",
+            SELECT page.*, top.page, top.run FROM top LEFT JOIN page ON true {order}",
             watermark = self.watermark,
             revisions = self.revisions,
         )

@@ -25,9 +25,12 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::types::Type;
 
+use deadpool_postgres::Pool;
+
 use super::Shared;
-use super::errors::map_pg;
+use super::errors::{map_pg, map_pool};
 use super::rows::{column, to_u64};
+use super::sql::{LOOK_AHEAD, Sql};
 use crate::error::{StoreError, StoreResult};
 use crate::storage::changes::{OLDEST_GAUGE, REVISIONS_GAUGE};
 use crate::storage::{Change, DeleteReason, Event};
@@ -42,8 +45,6 @@ const FILL_AFTER: Duration = Duration::from_millis(250);
 /// The longest a fill waits for a write that has logged the revision but not
 /// committed yet.
 const FILL_LOCK_TIMEOUT: &str = "100ms";
-/// Revisions above the watermark looked at in one round, and gaps filled.
-const LOOK_AHEAD: i64 = 10_000;
 /// Revisions published to the feed at a time.
 const PUBLISH_PAGE: usize = 1000;
 /// A page of changes ends once its events add up to this many bytes (after
@@ -62,15 +63,6 @@ const TRIM_LOCK: i32 = 7071;
 const GAPS_FILLED: &str = "kvstore_postgres_revision_gaps_filled_total";
 
 impl Shared {
-    /// The settled watermark and the revision the history is trimmed through.
-    pub(super) async fn watermark(&self) -> StoreResult<(u64, u64)> {
-        let sql = &self.sql.watermark_row;
-        let row = self
-            .read(|client| async move { client.query_one(sql.as_str(), &[]).await })
-            .await?;
-        Ok((to_u64(column(&row, 0)?)?, to_u64(column(&row, 1)?)?))
-    }
-
     /// The revisions after `after` up to the watermark, at most `limit`,
     /// each with its events (none for a gap or a write that changed nothing).
     pub(super) async fn changes(&self, after: u64, limit: usize) -> StoreResult<Vec<Change>> {
@@ -124,6 +116,16 @@ impl Shared {
         }
         Ok(changes)
     }
+}
+
+/// The watermark, read when the store opens (the schema is in place).
+pub(super) async fn settled_at_open(pool: &Pool, sql: &Sql) -> StoreResult<u64> {
+    let client = pool.get().await.map_err(map_pool)?;
+    let row = client
+        .query_one(sql.watermark_row.as_str(), &[])
+        .await
+        .map_err(|e| map_pg(&e))?;
+    to_u64(column(&row, 0)?)
 }
 
 /// The event of a row of `Sql::changes`, `None` when the revision has none.
