@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::harness::{PgSchema, within};
+use crate::harness::{PgSchema, Proxy, within};
 use kvstore::error::StoreError;
 use kvstore::storage::postgres::PostgresStore;
 use kvstore::storage::{
@@ -484,4 +484,45 @@ async fn a_version_1_schema_is_upgraded() {
     // Opening again finds version 2 and changes nothing.
     drop(schema.open().await);
     assert_eq!(store.changes(41, 10).await.expect("changes").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn a_store_opened_while_the_database_is_down_feeds_watchers_once_it_is_back() {
+    let schema = PgSchema::new();
+    let first = write(&*schema.open().await, vec![put("before", "v")]).await;
+    let (target, _) = crate::postgres::through(&schema.url, "127.0.0.1:1".parse().expect("addr"));
+    let mut proxy = Proxy::start(target).await;
+    proxy.down().await;
+    let (_, url) = crate::postgres::through(&schema.url, proxy.addr);
+    let mut config = schema.config();
+    config.url = url;
+    config.connect_timeout = Duration::from_secs(1);
+    let store = Arc::new(PostgresStore::open(config).await.expect("open while down"));
+    // Its feed does not know where the history ends yet.
+    let mut early = watch(&store, None).await;
+    proxy.up().await;
+    let revision = within(30, "a write once the database is back", async {
+        loop {
+            match store.write(vec![put("after", "v")]).await {
+                Ok(WriteOutcome::Applied { revision, .. }) => return revision,
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    let changes = collect(&mut early, 10, "the write after the outage", |c| {
+        c.last().is_some_and(|c| c.revision >= revision)
+    })
+    .await;
+    let revisions: Vec<u64> = changes.iter().map(|c| c.revision).collect();
+    assert_eq!(revisions, vec![first, revision]);
+    let mut late = watch(&store, None).await;
+    let next = write(&store, vec![put("later", "v")]).await;
+    let changes = collect(&mut late, 10, "a later write", |c| !c.is_empty()).await;
+    assert_eq!(changes[0].revision, next);
 }
