@@ -521,8 +521,72 @@ async fn a_store_opened_while_the_database_is_down_feeds_watchers_once_it_is_bac
     .await;
     let revisions: Vec<u64> = changes.iter().map(|c| c.revision).collect();
     assert_eq!(revisions, vec![first, revision]);
-    let mut late = watch(&store, None).await;
+    let mut late = watch(&store, Some(revision + 1)).await;
     let next = write(&store, vec![put("later", "v")]).await;
     let changes = collect(&mut late, 10, "a later write", |c| !c.is_empty()).await;
     assert_eq!(changes[0].revision, next);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn racing_creates_leave_no_hole_and_lose_no_change() {
+    let schema = PgSchema::new();
+    let store = schema.open().await;
+    let mut watcher = watch(&store, None).await;
+    // Every writer creates the same new keys at once, alone or in batches:
+    // the losers of each race take a revision they cannot use, or retry.
+    let writers: Vec<_> = (0..6)
+        .map(|w| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut revisions = Vec::new();
+                for i in 0..30 {
+                    let ops = if w % 2 == 0 {
+                        vec![put(&format!("n{i}"), &format!("{w}"))]
+                    } else {
+                        vec![
+                            put(&format!("n{i}"), &format!("{w}")),
+                            put(&format!("m{i}"), &format!("{w}")),
+                        ]
+                    };
+                    revisions.push(write(&store, ops).await);
+                }
+                revisions
+            })
+        })
+        .collect();
+    let mut written = BTreeSet::new();
+    for writer in writers {
+        written.extend(within(60, "a writer", writer).await.expect("writer"));
+    }
+    let last = *written.last().expect("revisions");
+    let changes = collect(&mut watcher, 30, "every write", |c| {
+        c.last().is_some_and(|c| c.revision >= last)
+    })
+    .await;
+    let revisions: Vec<u64> = changes.iter().map(|c| c.revision).collect();
+    assert_eq!(revisions, written.into_iter().collect::<Vec<_>>());
+    let mut state = BTreeMap::new();
+    for event in changes.into_iter().flat_map(|c| c.events) {
+        if let Event::Put {
+            key,
+            value,
+            version,
+            ..
+        } = event
+        {
+            state.insert(key, (version, value));
+        }
+    }
+    let page = store.scan(scan_everything()).await.expect("scan");
+    let want: BTreeMap<Vec<u8>, (u64, Vec<u8>)> = page
+        .entries
+        .into_iter()
+        .map(|e| (e.key, (e.version, e.value)))
+        .collect();
+    assert_eq!(state, want);
+    assert_eq!(page.revision, last);
 }

@@ -474,6 +474,13 @@ impl PostgresStore {
             // A key that was absent under the locks but is not new now was
             // created by a concurrent write: its revision may be above ours.
             if version != 1 && !current.contains_key(key) {
+                tx.rollback().await?;
+                // The revision this attempt took is settled as a gap at once,
+                // rather than left as a hole that watchers wait for until the
+                // poller fills it.
+                client
+                    .execute(self.shared.sql.fill.as_str(), &[&vec![revision]])
+                    .await?;
                 return Ok(None);
             }
             written.insert(
