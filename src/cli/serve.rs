@@ -209,6 +209,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             config.connect_timeout = Duration::from_millis(args.postgres_connect_timeout_ms);
             config.statement_timeout = Duration::from_millis(args.postgres_statement_timeout_ms);
             config.schema.clone_from(&args.postgres_schema);
+            config.history = history;
             stack::Backend::Postgres(config)
         }
     };

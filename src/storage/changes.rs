@@ -41,7 +41,8 @@ impl DeleteReason {
         }
     }
 
-    fn code(self) -> u8 {
+    /// Its code in stored change records (both backends).
+    pub(crate) fn code(self) -> u8 {
         match self {
             DeleteReason::Deleted => 0,
             DeleteReason::Expired => 1,
@@ -49,7 +50,7 @@ impl DeleteReason {
         }
     }
 
-    fn from_code(code: u8) -> StoreResult<Self> {
+    pub(crate) fn from_code(code: u8) -> StoreResult<Self> {
         match code {
             0 => Ok(DeleteReason::Deleted),
             1 => Ok(DeleteReason::Expired),
@@ -184,6 +185,10 @@ impl Default for History {
         }
     }
 }
+
+/// Metric names of the history a backend keeps.
+pub(crate) const OLDEST_GAUGE: &str = "kvstore_watch_history_oldest_revision";
+pub(crate) const REVISIONS_GAUGE: &str = "kvstore_watch_history_revisions";
 
 const FORMAT_V1: u8 = 1;
 const KIND_PUT: u8 = 0;

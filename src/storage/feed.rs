@@ -59,12 +59,22 @@ enum Published {
 struct Inbox {
     items: VecDeque<Published>,
     bytes: usize,
-    /// Something was dropped because the inbox was full.
+    /// Something was dropped (the inbox was full, or the feed restarted).
     overflowed: bool,
     /// The highest revision published so far. Taken with the items, under
     /// the same lock: a revision published after the items were taken must
     /// not count as dispatched with them.
     through: u64,
+}
+
+impl Inbox {
+    /// Drops what is queued; the feed thread then starts over at the latest
+    /// revision.
+    fn forget(&mut self) {
+        self.items.clear();
+        self.bytes = 0;
+        self.overflowed = true;
+    }
 }
 
 struct Registration {
@@ -151,14 +161,25 @@ impl Feed {
         self.publish(Published::Changes(changes), bytes, through);
     }
 
+    /// Forgets what the feed holds and goes on from `revision`: every
+    /// watcher reads from the change log again (and so learns whether its
+    /// position is still kept). For a backend that could not tell where its
+    /// history ended when the feed started, or whose position was trimmed.
+    pub fn restart(&self, revision: u64) {
+        let mut inbox = lock(&self.inbox);
+        inbox.forget();
+        inbox.through = inbox.through.max(revision);
+        self.latest.fetch_max(revision, Ordering::AcqRel);
+        drop(inbox);
+        self.inbox_ready.notify_one();
+    }
+
     fn publish(&self, item: Published, bytes: usize, through: u64) {
         let mut inbox = lock(&self.inbox);
         if inbox.bytes + bytes > INBOX_BYTES && !inbox.items.is_empty() {
             // The feed thread is far behind: forget, and let every watcher
             // read from the change log, rather than hold memory without bound.
-            inbox.items.clear();
-            inbox.bytes = 0;
-            inbox.overflowed = true;
+            inbox.forget();
         } else {
             inbox.bytes += bytes;
             inbox.items.push_back(item);

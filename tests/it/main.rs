@@ -41,3 +41,4 @@ mod robustness;
 mod tls;
 mod watch;
 mod watch_client;
+mod watch_postgres;

@@ -203,7 +203,7 @@ async fn servers_starting_together_set_the_schema_up_once() {
 }
 
 /// The host and port of a postgres:// URL, and the URL with them replaced.
-fn through(url: &str, addr: SocketAddr) -> (SocketAddr, String) {
+pub(crate) fn through(url: &str, addr: SocketAddr) -> (SocketAddr, String) {
     let config: tokio_postgres::Config = url.parse().expect("URL");
     let host = match &config.get_hosts()[0] {
         tokio_postgres::config::Host::Tcp(host) => host.clone(),

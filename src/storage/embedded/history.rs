@@ -18,7 +18,9 @@ use fjall::Readable;
 use super::Shared;
 use super::engine::Engine;
 use crate::error::{StoreError, StoreResult};
-use crate::storage::changes::{Change, decode_record, record_first, record_header, record_key};
+use crate::storage::changes::{
+    Change, OLDEST_GAUGE, REVISIONS_GAUGE, decode_record, record_first, record_header, record_key,
+};
 
 /// A page of changes ends once its records add up to this many bytes (after
 /// at least one revision).
@@ -29,10 +31,6 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 /// that the trimmer never competes with the writer for long.
 const TRIM_BATCH: usize = 1000;
 const TRIM_ROUND: usize = 20_000;
-
-/// Metric names of the history.
-const OLDEST_GAUGE: &str = "kvstore_watch_history_oldest_revision";
-const REVISIONS_GAUGE: &str = "kvstore_watch_history_revisions";
 
 /// The revisions after `after`, from one snapshot.
 pub(super) fn read_changes(engine: &Engine, after: u64, limit: usize) -> StoreResult<Vec<Change>> {

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::error::{StoreError, StoreResult};
+use crate::storage::History;
 
 /// How to reach PostgreSQL.
 #[derive(Clone)]
@@ -22,6 +23,8 @@ pub struct PostgresConfig {
     pub notify: bool,
     /// How the connections name themselves in `pg_stat_activity`.
     pub application_name: String,
+    /// How much change history to keep for watchers.
+    pub history: History,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -34,13 +37,14 @@ impl std::fmt::Debug for PostgresConfig {
             .field("schema", &self.schema)
             .field("notify", &self.notify)
             .field("application_name", &self.application_name)
+            .field("history", &self.history)
             .finish()
     }
 }
 
 impl PostgresConfig {
     /// Defaults: 16 connections, a 5 s connect timeout, a 30 s statement
-    /// timeout, schema `public`, no notifications.
+    /// timeout, schema `public`, no notifications, the default history.
     pub fn new(url: impl Into<String>) -> Self {
         PostgresConfig {
             url: url.into(),
@@ -50,6 +54,7 @@ impl PostgresConfig {
             schema: "public".into(),
             notify: false,
             application_name: "kvstore".into(),
+            history: History::default(),
         }
     }
 
@@ -62,14 +67,18 @@ impl PostgresConfig {
         config.connect_timeout(self.connect_timeout);
         config.keepalives_idle(Duration::from_secs(10));
         config.application_name(&self.application_name);
+        // Every statement is short: compiling one with JIT (which a poor
+        // estimate on a table not analyzed yet can trigger) costs far more
+        // than it runs.
+        let mut options = vec![
+            config.get_options().unwrap_or_default().to_owned(),
+            "-c jit=off".to_owned(),
+        ];
         let timeout_ms = self.statement_timeout.as_millis();
         if timeout_ms > 0 {
-            let options = match config.get_options() {
-                Some(existing) => format!("{existing} -c statement_timeout={timeout_ms}"),
-                None => format!("-c statement_timeout={timeout_ms}"),
-            };
-            config.options(&options);
+            options.push(format!("-c statement_timeout={timeout_ms}"));
         }
+        config.options(options.join(" ").trim_start());
         Ok(config)
     }
 

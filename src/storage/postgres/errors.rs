@@ -48,8 +48,17 @@ pub(super) fn is_lost_connection(err: &tokio_postgres::Error) -> bool {
         })
 }
 
-/// Whether the transaction may simply be tried again.
+/// Whether the transaction may simply be tried again: a deadlock, a
+/// serialization failure, or a revision that was settled as a gap before the
+/// write could log it (see `watch.rs`), which a new revision cures.
 pub(super) fn is_retryable(err: &tokio_postgres::Error) -> bool {
-    err.as_db_error()
-        .is_some_and(|db| matches!(db.code().code(), "40001" | "40P01"))
+    err.as_db_error().is_some_and(|db| {
+        matches!(db.code().code(), "40001" | "40P01")
+            || (*db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                && db.constraint() == Some(REVISIONS_KEY))
+    })
 }
+
+/// The primary key of `kv_revisions`, on which a late write meets the gap
+/// that settled its revision.
+const REVISIONS_KEY: &str = "kv_revisions_pkey";

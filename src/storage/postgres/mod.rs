@@ -18,6 +18,7 @@
 //!   the lock was taken is noticed (its version is not 1) and the transaction
 //!   is rolled back and tried again, so conditions and revisions stay exact.
 //! - Batch reads and each range page are one statement, so one snapshot.
+//! - Every write also logs its changes, for watchers (see `watch.rs`).
 //!
 //! Across keys, PostgreSQL commits concurrent writes in any order, so a reader
 //! may see revision 11 before revision 10 is visible; a write that starts after
@@ -30,6 +31,7 @@ mod notify;
 mod rows;
 mod schema;
 mod sql;
+mod watch;
 
 pub use config::PostgresConfig;
 pub use notify::Invalidation;
@@ -38,7 +40,9 @@ use config::redact;
 use errors::{is_lost_connection, is_retryable, map_pg, map_pool};
 use notify::{listen_once, notification_payloads};
 use rows::{column, row_entry, to_u64};
+use schema::migrate;
 use sql::{Sql, condition_params};
+use watch::{Poller, run_trimmer, settled_at_open};
 
 use std::ops::Bound;
 use std::sync::Arc;
@@ -47,8 +51,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use tokio::task::JoinHandle;
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{NoTls, Row};
 
 use super::{
     Change, Condition, Entry, FailedCondition, Feed, Found, OpResult, ScanPage, ScanRequest, Store,
@@ -57,27 +62,44 @@ use super::{
 use crate::error::{StoreError, StoreResult};
 
 /// The schema version this build creates and understands.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 /// How often a batch is tried again after a concurrent write created one of
 /// its keys, or after a deadlock or serialization failure.
 const MAX_ATTEMPTS: usize = 10;
+/// How often a read is made when a revision below the highest one it shows
+/// had not settled in its snapshot (a write still committing, or a hole not
+/// filled yet), before it answers a revision below what it shows (pauses of
+/// 1 and 4 ms: enough for a commit under light load, and bounded under heavy
+/// load, where some write is always committing).
+const READ_ATTEMPTS: u32 = 3;
+
 /// The PostgreSQL backend.
 pub struct PostgresStore {
+    shared: Arc<Shared>,
+    listener: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The watermark poller and the history trimmer.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// What the store's requests and its background tasks share.
+struct Shared {
     pool: Pool,
     sql: Sql,
     config: PostgresConfig,
     closed: Arc<AtomicBool>,
-    listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Set once the schema is known to be in place.
     schema_ready: tokio::sync::OnceCell<()>,
-    // WATCH-PG: fed by the watermark poller.
+    /// Fed by the poller.
     feed: Arc<Feed>,
+    /// Wakes the poller once this server's write committed, so that its
+    /// watchers see it without waiting for the next poll.
+    kick: tokio::sync::Notify,
 }
 
 impl PostgresStore {
     /// The schema holding kvstore's table and sequence.
     pub fn schema(&self) -> &str {
-        &self.config.schema
+        &self.shared.config.schema
     }
 
     /// Connects, and creates or upgrades the schema. Several servers may do
@@ -104,33 +126,55 @@ impl PostgresStore {
             .recycle_timeout(Some(config.connect_timeout))
             .build()
             .map_err(|e| StoreError::Internal(format!("building the pool: {e}")))?;
-        let store = PostgresStore {
+        let sql = Sql::new(&config);
+        // The feed starts at the watermark; when it cannot be read, the
+        // poller restarts the feed there once PostgreSQL answers (until
+        // then, watchers wait).
+        let settled = match async {
+            migrate(&pool, &config).await?;
+            settled_at_open(&pool, &sql).await
+        }
+        .await
+        {
+            Ok(settled) => Some(settled),
+            Err(StoreError::Unavailable(why)) => {
+                tracing::warn!(
+                    error = %why,
+                    "PostgreSQL is unreachable; answering 503 until it is back"
+                );
+                None
+            }
+            Err(err) => return Err(err),
+        };
+        let shared = Shared {
             pool,
-            sql: Sql::new(&config),
+            sql,
             config,
             closed: Arc::new(AtomicBool::new(false)),
-            listener: std::sync::Mutex::new(None),
-            schema_ready: tokio::sync::OnceCell::new(),
-            feed: Feed::start(0).map_err(|e| StoreError::Internal(e.to_string()))?,
+            schema_ready: tokio::sync::OnceCell::new_with(settled.map(|_| ())),
+            feed: Feed::start(settled.unwrap_or_default())
+                .map_err(|e| StoreError::Internal(e.to_string()))?,
+            kick: tokio::sync::Notify::new(),
         };
-        match store.ensure_schema().await {
-            Ok(()) => {}
-            Err(StoreError::Unavailable(why)) => tracing::warn!(
-                error = %why,
-                "PostgreSQL is unreachable; answering 503 until it is back"
-            ),
-            Err(err) => return Err(err),
-        }
-        Ok(store)
+        let shared = Arc::new(shared);
+        let tasks = vec![
+            tokio::spawn(Poller::new(Arc::clone(&shared), settled).run()),
+            tokio::spawn(run_trimmer(Arc::clone(&shared))),
+        ];
+        Ok(PostgresStore {
+            shared,
+            listener: std::sync::Mutex::new(None),
+            tasks: std::sync::Mutex::new(tasks),
+        })
     }
 
     /// Listens for the writes of every server (which must run with `notify`)
     /// and hands them to `on` until the store is closed. When the listening
     /// connection breaks, `on` gets `Lost`, and `Resumed` once it listens again.
     pub fn listen(&self, on: Arc<dyn Fn(Invalidation) + Send + Sync>) -> StoreResult<()> {
-        let config = self.config.pg_config()?;
-        let channel = self.config.channel();
-        let closed = Arc::clone(&self.closed);
+        let config = self.shared.config.pg_config()?;
+        let channel = self.shared.config.channel();
+        let closed = Arc::clone(&self.shared.closed);
         let task = tokio::spawn(async move {
             let mut listening = true;
             while !closed.load(Ordering::Acquire) {
@@ -154,6 +198,57 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Stops the background tasks and the feed.
+    fn stop_tasks(&self) {
+        let tasks = self
+            .tasks
+            .lock()
+            .map(|mut tasks| std::mem::take(&mut *tasks))
+            .unwrap_or_default();
+        for task in tasks {
+            task.abort();
+        }
+        self.shared.feed.close();
+    }
+
+    /// Runs a read made by [`Sql::at_revision`] and gives its rows (without
+    /// the placeholder of an empty read) and the revision it was read at:
+    /// the revision up to which every write is visible to it, which is also
+    /// at least every revision it shows unless a lower one was still
+    /// committing after a few tries.
+    async fn read_at<F, Fut>(&self, work: F) -> StoreResult<(Vec<Row>, u64)>
+    where
+        F: Fn(deadpool_postgres::Object) -> Fut,
+        Fut: Future<Output = Result<Vec<Row>, tokio_postgres::Error>>,
+    {
+        let mut pause = Duration::from_millis(1);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut rows = self.shared.read(&work).await?;
+            let first = rows
+                .first()
+                .ok_or_else(|| StoreError::Internal("the watermark row is missing".into()))?;
+            let number = |i: usize| to_u64(column(first, first.len().saturating_sub(2) + i)?);
+            let (shown, settled) = (number(0)?, number(1)?);
+            if settled >= shown || attempt == READ_ATTEMPTS {
+                rows.retain(|row| matches!(row.try_get::<_, Option<&[u8]>>(0), Ok(Some(_))));
+                return Ok((rows, settled));
+            }
+            // A write below the highest revision shown is still committing.
+            tokio::time::sleep(pause).await;
+            pause *= 4;
+        }
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.stop_tasks();
+    }
+}
+
+impl Shared {
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
         if self.schema_ready.get().is_none() {
             self.ensure_schema().await?;
@@ -188,7 +283,9 @@ impl PostgresStore {
             }
         }
     }
+}
 
+impl PostgresStore {
     async fn put_one(
         &self,
         key: &[u8],
@@ -197,10 +294,10 @@ impl PostgresStore {
     ) -> StoreResult<WriteOutcome> {
         let (kind, expected) = condition_params(condition);
         for _ in 0..MAX_ATTEMPTS {
-            let client = self.writer().await?;
+            let client = self.shared.writer().await?;
             let statement = client
                 .prepare_typed_cached(
-                    &self.sql.put,
+                    &self.shared.sql.put,
                     &[Type::BYTEA, Type::BYTEA, Type::INT4, Type::INT8],
                 )
                 .await
@@ -247,15 +344,32 @@ impl PostgresStore {
 
     async fn delete_one(&self, key: &[u8], condition: Condition) -> StoreResult<WriteOutcome> {
         let (kind, expected) = condition_params(condition);
-        let client = self.writer().await?;
-        let statement = client
-            .prepare_typed_cached(&self.sql.delete, &[Type::BYTEA, Type::INT4, Type::INT8])
-            .await
-            .map_err(|e| map_pg(&e))?;
-        let row = client
-            .query_one(&statement, &[&key, &kind, &expected])
-            .await
-            .map_err(|e| map_pg(&e))?;
+        let mut attempts = 0;
+        let row = loop {
+            attempts += 1;
+            let client = self.shared.writer().await?;
+            let statement = client
+                .prepare_typed_cached(
+                    &self.shared.sql.delete,
+                    &[Type::BYTEA, Type::INT4, Type::INT8],
+                )
+                .await
+                .map_err(|e| map_pg(&e))?;
+            match client
+                .query_one(&statement, &[&key, &kind, &expected])
+                .await
+            {
+                Ok(row) => break row,
+                Err(err) if is_retryable(&err) => {
+                    if attempts == MAX_ATTEMPTS {
+                        return Err(StoreError::Unavailable(
+                            "too much contention on one key; try again".into(),
+                        ));
+                    }
+                }
+                Err(err) => return Err(map_pg(&err)),
+            }
+        };
         let ok: bool = column(&row, 0)?;
         let current: Option<i64> = column(&row, 1)?;
         if !ok {
@@ -276,7 +390,7 @@ impl PostgresStore {
 
     async fn write_batch(&self, ops: &[WriteOp]) -> StoreResult<WriteOutcome> {
         for _ in 0..MAX_ATTEMPTS {
-            let mut client = self.writer().await?;
+            let mut client = self.shared.writer().await?;
             match self.try_batch(&mut client, ops).await {
                 Ok(Some(outcome)) => return Ok(outcome),
                 Ok(None) => continue,
@@ -297,11 +411,11 @@ impl PostgresStore {
         ops: &[WriteOp],
     ) -> Result<Option<WriteOutcome>, tokio_postgres::Error> {
         let lock = client
-            .prepare_typed_cached(&self.sql.lock, &[Type::BYTEA_ARRAY])
+            .prepare_typed_cached(&self.shared.sql.lock, &[Type::BYTEA_ARRAY])
             .await?;
         let apply = client
             .prepare_typed_cached(
-                &self.sql.apply,
+                &self.shared.sql.apply,
                 &[Type::BYTEA_ARRAY, Type::BYTEA_ARRAY, Type::BYTEA_ARRAY],
             )
             .await?;
@@ -360,6 +474,13 @@ impl PostgresStore {
             // A key that was absent under the locks but is not new now was
             // created by a concurrent write: its revision may be above ours.
             if version != 1 && !current.contains_key(key) {
+                tx.rollback().await?;
+                // The revision this attempt took is settled as a gap at once,
+                // rather than left as a hole that watchers wait for until the
+                // poller fills it.
+                client
+                    .execute(self.shared.sql.fill.as_str(), &[&vec![revision]])
+                    .await?;
                 return Ok(None);
             }
             written.insert(
@@ -372,7 +493,7 @@ impl PostgresStore {
                 },
             );
         }
-        if let Some(notify) = &self.sql.notify {
+        if let Some(notify) = &self.shared.sql.notify {
             let keys: Vec<&[u8]> = ops
                 .iter()
                 .map(WriteOp::key)
@@ -427,9 +548,9 @@ impl PostgresStore {
         // $1 limit (one more than the page, to know whether more follow),
         // $2 keys only, $3 the page's value bytes. The running sum lets the
         // database leave out the values of rows the page will not return.
-        format!(
+        let rows = format!(
             "SELECT key, CASE WHEN $2 OR (running > $3 AND n > 1) THEN NULL ELSE value END,
-                    version, revision, created_at_us, updated_at_us, running
+                    version, revision, created_at_us, updated_at_us, running, n
              FROM (
                 SELECT key, value, version, revision, created_at_us, updated_at_us,
                        (sum(octet_length(value)) OVER w)::int8 AS running,
@@ -438,17 +559,19 @@ impl PostgresStore {
                 WINDOW w AS (ORDER BY key {order} ROWS UNBOUNDED PRECEDING)
                 ORDER BY key {order}
                 LIMIT $1
-             ) page ORDER BY key {order}",
-            kv = self.sql.kv
-        )
+             ) page",
+            kv = self.shared.sql.kv
+        );
+        self.shared.sql.at_revision(&rows, "ORDER BY page.n")
     }
 }
 
 #[async_trait]
 impl Store for PostgresStore {
     async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
-        let sql = &self.sql.get;
+        let sql = &self.shared.sql.get;
         let row = self
+            .shared
             .read(|client| async move {
                 let statement = client.prepare_typed_cached(sql, &[Type::BYTEA]).await?;
                 client.query_opt(&statement, &[&key]).await
@@ -458,17 +581,10 @@ impl Store for PostgresStore {
     }
 
     async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
-        if keys.is_empty() {
-            // WATCH-PG: the watermark.
-            return Ok(Found {
-                entries: Vec::new(),
-                revision: 0,
-            });
-        }
-        let sql = &self.sql.get_many;
+        let sql = &self.shared.sql.get_many;
         let keys_ref = &keys;
-        let rows = self
-            .read(|client| async move {
+        let (rows, revision) = self
+            .read_at(|client| async move {
                 let statement = client
                     .prepare_typed_cached(sql, &[Type::BYTEA_ARRAY])
                     .await?;
@@ -481,15 +597,14 @@ impl Store for PostgresStore {
             let entry = row_entry(key.clone(), row, 1)?;
             found.insert(key, entry);
         }
-        // WATCH-PG: the watermark.
         Ok(Found {
             entries: keys.iter().map(|k| found.get(k).cloned()).collect(),
-            revision: 0,
+            revision,
         })
     }
 
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
-        match ops.as_slice() {
+        let outcome = match ops.as_slice() {
             [] => Err(StoreError::Internal("a write without ops".into())),
             [
                 WriteOp::Put {
@@ -500,7 +615,11 @@ impl Store for PostgresStore {
             ] => self.put_one(key, value, *condition).await,
             [WriteOp::Delete { key, condition }] => self.delete_one(key, *condition).await,
             _ => self.write_batch(&ops).await,
+        }?;
+        if matches!(outcome, WriteOutcome::Applied { .. }) {
+            self.shared.kick.notify_one();
         }
+        Ok(outcome)
     }
 
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
@@ -515,8 +634,8 @@ impl Store for PostgresStore {
             }
         }
         let (sql, bounds) = (&sql, &bounds);
-        let rows = self
-            .read(|client| async move {
+        let (rows, revision) = self
+            .read_at(|client| async move {
                 let types = [Type::INT8, Type::BOOL, Type::INT8, Type::BYTEA, Type::BYTEA];
                 let statement = client
                     .prepare_typed_cached(sql, &types[..3 + bounds.len()])
@@ -534,7 +653,7 @@ impl Store for PostgresStore {
                 return Ok(ScanPage {
                     entries,
                     more: true,
-                    revision: 0,
+                    revision,
                 });
             }
             let running: i64 = column(row, 6)?;
@@ -545,7 +664,7 @@ impl Store for PostgresStore {
                 return Ok(ScanPage {
                     entries,
                     more: true,
-                    revision: 0,
+                    revision,
                 });
             }
             let key: Vec<u8> = column(row, 0)?;
@@ -554,23 +673,20 @@ impl Store for PostgresStore {
         Ok(ScanPage {
             entries,
             more: false,
-            revision: 0,
+            revision,
         })
     }
 
-    async fn changes(&self, _after: u64, _limit: usize) -> StoreResult<Vec<Change>> {
-        // WATCH-PG
-        Err(StoreError::Internal(
-            "watching is not built on PostgreSQL yet".into(),
-        ))
+    async fn changes(&self, after: u64, limit: usize) -> StoreResult<Vec<Change>> {
+        self.shared.changes(after, limit).await
     }
 
     fn feed(&self) -> Arc<Feed> {
-        Arc::clone(&self.feed)
+        Arc::clone(&self.shared.feed)
     }
 
     async fn ready(&self) -> StoreResult<()> {
-        let client = self.writer().await?;
+        let client = self.shared.writer().await?;
         client
             .simple_query("SELECT 1")
             .await
@@ -582,7 +698,8 @@ impl Store for PostgresStore {
     /// answered, so nothing is left to flush); reads go on, as on the
     /// embedded engine, until the store is dropped.
     async fn close(&self) -> StoreResult<()> {
-        self.closed.store(true, Ordering::Release);
+        self.shared.closed.store(true, Ordering::Release);
+        self.stop_tasks();
         let task = self.listener.lock().ok().and_then(|mut t| t.take());
         if let Some(task) = task {
             task.abort();
@@ -591,7 +708,7 @@ impl Store for PostgresStore {
     }
 
     fn report_metrics(&self) {
-        let status = self.pool.status();
+        let status = self.shared.pool.status();
         metrics::gauge!("kvstore_postgres_pool_connections").set(status.size as f64);
         metrics::gauge!("kvstore_postgres_pool_available").set(status.available as f64);
         metrics::gauge!("kvstore_postgres_pool_waiting").set(status.waiting as f64);
@@ -600,9 +717,9 @@ impl Store for PostgresStore {
     fn describe(&self) -> String {
         format!(
             "postgres ({}, schema {}, pool {})",
-            redact(&self.config.url),
-            self.config.schema,
-            self.config.pool_size
+            redact(&self.shared.config.url),
+            self.shared.config.schema,
+            self.shared.config.pool_size
         )
     }
 }
