@@ -171,7 +171,17 @@ impl PostgresStore {
     /// Listens for the writes of every server (which must run with `notify`)
     /// and hands them to `on` until the store is closed. When the listening
     /// connection breaks, `on` gets `Lost`, and `Resumed` once it listens again.
+    ///
+    /// A notified write also wakes this server's feed poller, so that its
+    /// watchers get another server's write without waiting for the next poll.
     pub fn listen(&self, on: Arc<dyn Fn(Invalidation) + Send + Sync>) -> StoreResult<()> {
+        let shared = Arc::clone(&self.shared);
+        let on: Arc<dyn Fn(Invalidation) + Send + Sync> = Arc::new(move |event| {
+            if matches!(event, Invalidation::Keys { .. }) {
+                shared.kick.notify_one();
+            }
+            on(event);
+        });
         let config = self.shared.config.pg_config()?;
         let channel = self.shared.config.channel();
         let closed = Arc::clone(&self.shared.closed);
