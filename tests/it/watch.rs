@@ -618,6 +618,66 @@ async fn a_stalled_watcher_neither_blocks_writers_nor_loses_changes() {
     );
 }
 
+/// A stalled watcher that falls behind the history kept is told so: its
+/// stream ends with `event: compacted`, after only changes in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_falls_behind_the_history_ends_with_compacted() {
+    let server = TestServer::start_with(ServerConfig::default(), |engine| {
+        engine.history = History {
+            revisions: 5,
+            age: Duration::ZERO,
+        };
+    })
+    .await;
+    let mut stalled = watch(server.addr, "").await;
+    let value = "x".repeat(64 * 1024);
+    let mut last = 0;
+    for i in 0..600 {
+        last = revision_of(&put_text(&server.client, &format!("t/{}", i % 50), &value).await);
+    }
+    // The trimmer runs every second: wait until the history starts past
+    // what the watcher's queue and the sockets can hold.
+    let mut trimmed = false;
+    for _ in 0..100 {
+        if let Err(kvstore::error::StoreError::Compacted {
+            compact_revision, ..
+        }) = server.store.changes(0, 1).await
+            && compact_revision > 100
+        {
+            trimmed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(trimmed, "the history was never trimmed");
+    let mut revisions = Vec::new();
+    let ended = loop {
+        let message = stalled.next(30).await;
+        match message.event.as_str() {
+            "change" => revisions.push(change_revision(&message)),
+            "compacted" => break message,
+            other => panic!("unexpected {other}: {message:?}"),
+        }
+    };
+    assert_fields(&ended.data, &["compact_revision", "revision"]);
+    let compact = ended.data["compact_revision"]
+        .as_u64()
+        .expect("compact_revision");
+    assert!(compact > 100 && compact <= last, "{ended:?}");
+    assert!(
+        revisions.windows(2).all(|w| w[1] == w[0] + 1),
+        "a gap before the end"
+    );
+    assert!(
+        revisions.last().is_none_or(|r| *r < compact),
+        "{revisions:?}"
+    );
+    assert!(
+        stalled.next_within(10).await.is_none(),
+        "the stream goes on"
+    );
+}
+
 /// A watch from below the history kept is 410 `compacted` with the oldest
 /// watchable revision, from which a watch works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
