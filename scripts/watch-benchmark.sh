@@ -6,7 +6,9 @@
 #   on a build without the change log, in the same round;
 # - delivery latency from a PUT's answer to its event at a watcher, with 1,
 #   100 and 10,000 watchers (each on a prefix of its own; writes go to the
-#   first 100), and the server's memory per open watcher.
+#   first 100), and the server's memory per open watcher;
+# - with KVSTORE_BENCH_POSTGRES_URL set, the same latency across two servers
+#   on one PostgreSQL schema (watchers on one, 16 writers on the other).
 #
 #   cargo build --release --bins --examples
 #   scripts/watch-benchmark.sh [DURATION] [BASELINE_BINARY]
@@ -76,3 +78,20 @@ for n in 1 100 10000; do
   target/release/examples/watch_latency "$KVSTORE_URL" "$KVSTORE_URL" "$n" "$((n < 100 ? n : 100))" 4000 4 "$SERVER"
   stop
 done
+
+# Across servers on PostgreSQL, when KVSTORE_BENCH_POSTGRES_URL is set: 100
+# watchers on one server, 16 writers on the other, both on one schema.
+if [ -n "${KVSTORE_BENCH_POSTGRES_URL:-}" ]; then
+  SCHEMA=kvstore_watch_bench_$$
+  PG=(--backend postgres --postgres-url "$KVSTORE_BENCH_POSTGRES_URL" --postgres-schema "$SCHEMA"
+      --cursor-secret "a secret the two servers of this benchmark share")
+  "$BIN" serve "${PG[@]}" --listen 127.0.0.1:$PORT --max-connections 20000 2>/dev/null & SERVER=$!
+  wait_ready
+  "$BIN" serve "${PG[@]}" --listen 127.0.0.1:$((PORT + 1)) 2>/dev/null & SERVER_B=$!
+  KVSTORE_URL=http://127.0.0.1:$((PORT + 1)) wait_ready
+  echo "== PostgreSQL: 100 watchers on one server, 16 writers on the other"
+  target/release/examples/watch_latency "$KVSTORE_URL" "http://127.0.0.1:$((PORT + 1))" 100 100 4000 16
+  kill -INT "$SERVER_B"; wait "$SERVER_B" || true
+  stop
+  psql "$KVSTORE_BENCH_POSTGRES_URL" -qc "DROP SCHEMA $SCHEMA CASCADE" >/dev/null
+fi
