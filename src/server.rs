@@ -158,7 +158,9 @@ pub async fn run_secured(
                 }
                 // The handshake runs here, not in the accept loop, and is
                 // bounded, so a silent client holds one slot for a while at most.
-                Some(acceptor) => {
+                // Boxed: inline, rustls's state would make every plain
+                // connection's task as large as a TLS one's.
+                Some(acceptor) => Box::pin(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             watcher
@@ -174,7 +176,8 @@ pub async fn run_secured(
                             Ok(())
                         }
                     }
-                }
+                })
+                .await,
             };
             if let Err(err) = served {
                 tracing::debug!(error = %err, "connection ended with an error");
