@@ -37,7 +37,7 @@ use crate::storage::{Change, DeleteReason, Event};
 
 /// How often the poller looks for new revisions when this server wrote
 /// nothing (its own writes wake it at once).
-pub(super) const POLL_EVERY: Duration = Duration::from_millis(25);
+pub(super) const POLL_EVERY: Duration = Duration::from_millis(10);
 /// How long a revision may stay missing below an existing one before it is
 /// filled as a gap: far longer than a write takes between its `nextval` and
 /// its commit, so that a fill rarely makes a write start again.
