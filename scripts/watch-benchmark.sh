@@ -62,14 +62,20 @@ fi
 
 serve "$BIN"
 echo "durable PUT, 16 connections, no watcher: $(wrk_row -t2 -c16 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
-for _ in $(seq 1 100); do
-  curl -sN "$KVSTORE_URL/v1/watch?prefix=wrk/" >/dev/null &
-  WATCHERS+=($!)
+# 100 watchers: on prefixes of their own (the writer's cost of having them),
+# then of every write (each write sent 100 times, to 100 curl processes on
+# the same cores).
+for watched in "their own prefixes" "every write"; do
+  for i in $(seq 1 100); do
+    if [ "$watched" = "every write" ]; then prefix=wrk/; else prefix=idle$i/; fi
+    curl -sN "$KVSTORE_URL/v1/watch?prefix=$prefix" >/dev/null &
+    WATCHERS+=($!)
+  done
+  sleep 1
+  echo "durable PUT, 16 connections, 100 watchers of $watched: $(wrk_row -t2 -c16 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
+  kill "${WATCHERS[@]}" 2>/dev/null || true
+  WATCHERS=()
 done
-sleep 1
-echo "durable PUT, 16 connections, 100 watchers of every write: $(wrk_row -t2 -c16 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
-kill "${WATCHERS[@]}" 2>/dev/null || true
-WATCHERS=()
 stop
 
 for n in 1 100 10000; do
