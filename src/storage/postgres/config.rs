@@ -86,6 +86,12 @@ impl PostgresConfig {
     pub fn channel(&self) -> String {
         format!("kvstore_{}", self.schema)
     }
+
+    /// The channel on which a server that advanced the change feed's
+    /// watermark tells the others to look.
+    pub fn feed_channel(&self) -> String {
+        format!("kvstore_feed_{}", self.schema)
+    }
 }
 
 /// The URL without its password, for logs.

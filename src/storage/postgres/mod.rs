@@ -38,7 +38,7 @@ pub use notify::Invalidation;
 
 use config::redact;
 use errors::{is_lost_connection, is_retryable, map_pg, map_pool};
-use notify::{listen_once, notification_payloads};
+use notify::{Hearing, invalidations, keep_listening, notification_payloads};
 use rows::{column, row_entry, to_u64};
 use schema::migrate;
 use sql::{Sql, condition_params};
@@ -157,9 +157,25 @@ impl PostgresStore {
             kick: tokio::sync::Notify::new(),
         };
         let shared = Arc::new(shared);
+        // A watermark advanced by another server wakes the poller at once;
+        // without the connection, it still polls.
+        let (listening, heard) = (Arc::clone(&shared), Arc::clone(&shared));
+        let feed_wakeups = Hearing {
+            listening: Box::new(move || listening.kick.notify_one()),
+            heard: Box::new(move |_| heard.kick.notify_one()),
+            lost: Box::new(
+                |err| tracing::debug!(error = %err, "the feed's notification connection broke"),
+            ),
+        };
         let tasks = vec![
             tokio::spawn(Poller::new(Arc::clone(&shared), settled).run()),
             tokio::spawn(run_trimmer(Arc::clone(&shared))),
+            tokio::spawn(keep_listening(
+                shared.config.pg_config()?,
+                shared.config.feed_channel(),
+                Arc::clone(&shared.closed),
+                feed_wakeups,
+            )),
         ];
         Ok(PostgresStore {
             shared,
@@ -171,37 +187,13 @@ impl PostgresStore {
     /// Listens for the writes of every server (which must run with `notify`)
     /// and hands them to `on` until the store is closed. When the listening
     /// connection breaks, `on` gets `Lost`, and `Resumed` once it listens again.
-    ///
-    /// A notified write also wakes this server's feed poller, so that its
-    /// watchers get another server's write without waiting for the next poll.
     pub fn listen(&self, on: Arc<dyn Fn(Invalidation) + Send + Sync>) -> StoreResult<()> {
-        let shared = Arc::clone(&self.shared);
-        let on: Arc<dyn Fn(Invalidation) + Send + Sync> = Arc::new(move |event| {
-            if matches!(event, Invalidation::Keys { .. }) {
-                shared.kick.notify_one();
-            }
-            on(event);
-        });
-        let config = self.shared.config.pg_config()?;
-        let channel = self.shared.config.channel();
-        let closed = Arc::clone(&self.shared.closed);
-        let task = tokio::spawn(async move {
-            let mut listening = true;
-            while !closed.load(Ordering::Acquire) {
-                match listen_once(&config, &channel, &on, &closed).await {
-                    Ok(()) => break,
-                    Err(err) => {
-                        if listening {
-                            tracing::warn!(error = %err, "lost the PostgreSQL notification connection; the local cache is bypassed until it is back");
-                        }
-                        listening = false;
-                        on(Invalidation::Lost);
-                        metrics::counter!("kvstore_cache_listen_failures_total").increment(1);
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-            }
-        });
+        let task = tokio::spawn(keep_listening(
+            self.shared.config.pg_config()?,
+            self.shared.config.channel(),
+            Arc::clone(&self.shared.closed),
+            invalidations(on),
+        ));
         if let Ok(mut slot) = self.listener.lock() {
             *slot = Some(task);
         }

@@ -92,11 +92,66 @@ pub(super) fn notification_payloads(
     payloads
 }
 
+/// What a listening connection reports to its owner.
+pub(super) struct Hearing {
+    /// LISTEN is in place (again): whatever was sent before may have been missed.
+    pub listening: Box<dyn Fn() + Send + Sync>,
+    /// A notification's payload.
+    pub heard: Box<dyn Fn(&str) + Send + Sync>,
+    /// The connection broke (why); it is made again every 500 ms.
+    pub lost: Box<dyn Fn(&str) + Send + Sync>,
+}
+
+/// What the writes of other servers tell a local cache, from their
+/// notifications: the keys to forget, or everything when one is unreadable or
+/// the connection broke.
+pub(super) fn invalidations(on: Arc<dyn Fn(Invalidation) + Send + Sync>) -> Hearing {
+    let (resumed, heard, lost) = (Arc::clone(&on), Arc::clone(&on), on);
+    let warned = AtomicBool::new(false);
+    Hearing {
+        listening: Box::new(move || resumed(Invalidation::Resumed)),
+        heard: Box::new(move |payload| match parse_notification(payload) {
+            Some(invalidation) => heard(invalidation),
+            None => {
+                tracing::warn!(payload, "unreadable notification; clearing the cache");
+                heard(Invalidation::Lost);
+                heard(Invalidation::Resumed);
+            }
+        }),
+        lost: Box::new(move |err| {
+            if !warned.swap(true, Ordering::AcqRel) {
+                tracing::warn!(error = %err, "lost the PostgreSQL notification connection; the local cache is bypassed until it is back");
+            }
+            lost(Invalidation::Lost);
+            metrics::counter!("kvstore_cache_listen_failures_total").increment(1);
+        }),
+    }
+}
+
+/// Listens on `channel` until the store closes, connecting again after a
+/// failure.
+pub(super) async fn keep_listening(
+    config: tokio_postgres::Config,
+    channel: String,
+    closed: Arc<AtomicBool>,
+    hearing: Hearing,
+) {
+    while !closed.load(Ordering::Acquire) {
+        match listen_once(&config, &channel, &hearing, &closed).await {
+            Ok(()) => break,
+            Err(err) => {
+                (hearing.lost)(&err);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 /// Listens until the connection breaks (an error) or the store closes (`Ok`).
-pub(super) async fn listen_once(
+async fn listen_once(
     config: &tokio_postgres::Config,
     channel: &str,
-    on: &Arc<dyn Fn(Invalidation) + Send + Sync>,
+    hearing: &Hearing,
     closed: &AtomicBool,
 ) -> Result<(), String> {
     let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
@@ -123,21 +178,14 @@ pub(super) async fn listen_once(
             .batch_execute(&format!("LISTEN {}", ident(channel)))
             .await
             .map_err(|e| e.to_string())?;
-        // Anything written before LISTEN took effect may have been missed.
-        on(Invalidation::Resumed);
-        tracing::info!(channel, "listening for the writes of other servers");
+        // Anything sent before LISTEN took effect may have been missed.
+        (hearing.listening)();
+        tracing::info!(channel, "listening for the notifications of other servers");
         let mut ping = tokio::time::interval(Duration::from_secs(2));
         loop {
             tokio::select! {
                 payload = rx.recv() => match payload {
-                    Some(payload) => match parse_notification(&payload) {
-                        Some(invalidation) => on(invalidation),
-                        None => {
-                            tracing::warn!(payload, "unreadable notification; clearing the cache");
-                            on(Invalidation::Lost);
-                            on(Invalidation::Resumed);
-                        }
-                    },
+                    Some(payload) => (hearing.heard)(&payload),
                     None => return Err("the notification connection closed".to_owned()),
                 },
                 _ = ping.tick() => {

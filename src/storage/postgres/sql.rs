@@ -82,6 +82,7 @@ impl Sql {
         let deleted = DeleteReason::Deleted.code();
         let seq = literal(&format!("{schema}.kv_revision"));
         let channel = literal(&config.channel());
+        let feed_channel = literal(&config.feed_channel());
         // The put's notification: `revision:written_at_us:hex(key)`.
         let put_notify = if config.notify {
             format!(
@@ -240,7 +241,14 @@ impl Sql {
                      ORDER BY revision LIMIT $1
                  ) r ON true ORDER BY r.revision"
             ),
-            advance: format!("UPDATE {watermark} SET settled = $1 WHERE settled < $1"),
+            // Other servers' pollers listen on the feed channel: an advance
+            // wakes them at once instead of at their next poll. One
+            // notification per advance, not per write, so that NOTIFY's
+            // commit-time lock stays off the write path.
+            advance: format!(
+                "WITH moved AS (UPDATE {watermark} SET settled = $1 WHERE settled < $1 RETURNING 1)
+                 SELECT pg_notify({feed_channel}, '') FROM moved"
+            ),
             // A revision taken by a write that has not logged it yet is
             // settled as a gap: the write then fails on the primary key and
             // is tried again under a new revision.
