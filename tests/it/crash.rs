@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::harness::plfs::Plfs;
 use crate::harness::{Binary, within};
 use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
-use kvstore::client::Client;
+use kvstore::client::{ChangesRequest, Client, Event, WatchRange};
 use kvstore::storage::Condition;
 
 /// What the writers know: per key, the last acknowledged (value, version), and
@@ -150,7 +150,48 @@ async fn verify_after_restart(client: &Client, shared: &Mutex<Ledger>) {
         ledger.max_revision
     );
     ledger.max_revision = answer.revision;
+    verify_history(client, &ledger, answer.revision).await;
     *shared.lock().unwrap() = ledger;
+}
+
+/// The change history survived with the data: from revision 1 to `through`,
+/// in order, each key's last event is its entry now.
+async fn verify_history(client: &Client, ledger: &Ledger, through: u64) {
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut after = 0;
+    while after < through {
+        let page = client
+            .changes(&ChangesRequest {
+                range: WatchRange::All,
+                after: Some(after),
+                limit: Some(1000),
+                wait: Some(Duration::from_secs(5)),
+            })
+            .await
+            .expect("changes");
+        for change in &page.changes {
+            assert!(
+                change.revision > after,
+                "history out of order at {}",
+                change.revision
+            );
+            after = change.revision;
+            for event in &change.events {
+                match event {
+                    Event::Put { key, version, .. } => last.insert(key.clone(), *version),
+                    Event::Delete { key, .. } => last.remove(key),
+                };
+            }
+        }
+        after = after.max(page.revision);
+    }
+    for (key, (_, version)) in &ledger.acked {
+        assert_eq!(
+            last.get(key),
+            Some(version),
+            "{key}: the history ends elsewhere"
+        );
+    }
 }
 
 /// How each cycle of [`crash_cycles`] ends.

@@ -58,6 +58,41 @@ async fn a_write_is_not_answered_while_its_sync_is_held() {
     server.stop().await;
 }
 
+/// Watchers get a change only once the sync that covers it is done: while
+/// the hook holds the committer after the sync, the watch stays silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_not_delivered_before_its_sync() {
+    let gate = Arc::new(Gate::default());
+    let (server, mut events) = gated_server(Arc::clone(&gate)).await;
+    let mut watch = crate::watch::watch(server.addr, "").await;
+
+    let client = server.client.clone();
+    let put = tokio::spawn(async move { client.put("k", "v", Condition::Any).await });
+    let event = within(60, "the commit event", events.recv())
+        .await
+        .expect("commit event");
+    assert_eq!(
+        event,
+        CommitEvent::Committed {
+            last_revision: 1,
+            synced: true
+        }
+    );
+    // Held at the hook: nothing may reach the watcher yet (a progress
+    // message would come after 5 s at the earliest).
+    let early = watch.next_within(1).await;
+    assert!(
+        early.is_none(),
+        "delivered before its sync was reported: {early:?}"
+    );
+
+    gate.set(true);
+    within(60, "the answer", put).await.unwrap().expect("put");
+    let change = watch.next_change(30).await;
+    assert_eq!(change.id, Some(1));
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_queued_during_a_sync_share_the_next_one() {
     let gate = Arc::new(Gate::default());
