@@ -274,18 +274,6 @@ pub(crate) enum Access {
 /// A key range: lower bound included (or none), upper bound excluded (or none).
 pub(crate) type Range = (Option<Vec<u8>>, Option<Vec<u8>>);
 
-/// The smallest key above every key that starts with `prefix`, if any.
-pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < u8::MAX {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
 /// The overlap of two ranges, if not empty.
 fn intersect(a: &Range, b: &Range) -> Option<Range> {
     let lower = match (&a.0, &b.0) {
@@ -349,7 +337,10 @@ impl Access {
             .map(|(_, p)| p)
             .collect();
         let mut overlaps = outer.iter().filter_map(|p| {
-            let readable = ((!p.is_empty()).then(|| p.to_vec()), prefix_end(p));
+            let readable = (
+                (!p.is_empty()).then(|| p.to_vec()),
+                crate::storage::changes::prefix_end(p),
+            );
             intersect(&range, &readable).map(|r| (p, r))
         });
         let names = || {

@@ -221,7 +221,7 @@ pub(crate) fn requested_range(
     prefix: Option<&[u8]>,
 ) -> auth::Range {
     match prefix {
-        Some(p) => (Some(p.to_vec()), auth::prefix_end(p)),
+        Some(p) => (Some(p.to_vec()), crate::storage::changes::prefix_end(p)),
         None => (start, end),
     }
 }

@@ -129,6 +129,18 @@ impl Change {
     }
 }
 
+/// The smallest key above every key that starts with `prefix`, if any.
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 /// The keys a watcher follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRange {
@@ -143,6 +155,28 @@ impl KeyRange {
             lower: Bound::Unbounded,
             upper: Bound::Unbounded,
         }
+    }
+
+    /// The one key the range holds, when it is a single key.
+    pub(crate) fn single_key(&self) -> Option<&[u8]> {
+        match (&self.lower, &self.upper) {
+            (Bound::Included(low), Bound::Included(high)) if low == high => Some(low),
+            _ => None,
+        }
+    }
+
+    /// The prefix whose keys the range holds exactly, when it is one (not
+    /// the empty prefix: that is every key).
+    pub(crate) fn prefix(&self) -> Option<&[u8]> {
+        let Bound::Included(low) = &self.lower else {
+            return None;
+        };
+        let exact = match (&self.upper, prefix_end(low)) {
+            (Bound::Excluded(high), Some(end)) => *high == end,
+            (Bound::Unbounded, None) => true,
+            _ => false,
+        };
+        (exact && !low.is_empty()).then_some(low.as_slice())
     }
 
     fn is_everything(&self) -> bool {

@@ -17,7 +17,7 @@
 //! head again it registers again. A watcher that falls behind the history the
 //! backend keeps gets [`StoreError::Compacted`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -91,8 +91,92 @@ struct State {
     ring_bytes: usize,
     covered_from: u64,
     head: u64,
-    watchers: HashMap<u64, Registration>,
+    watchers: Watchers,
     next_id: u64,
+}
+
+/// The live watchers, indexed so that a change finds the ones its keys
+/// concern without a look at every watcher: single keys and prefixes by
+/// hash (as etcd keeps its key watchers in a map), any other range in a
+/// list that every change goes through.
+#[derive(Default)]
+struct Watchers {
+    all: HashMap<u64, Registration>,
+    keys: HashMap<Vec<u8>, Vec<u64>>,
+    prefixes: HashMap<Vec<u8>, Vec<u64>>,
+    /// How many watched prefixes have each length.
+    prefix_lengths: BTreeMap<usize, usize>,
+    others: Vec<u64>,
+}
+
+impl Watchers {
+    fn insert(&mut self, id: u64, registration: Registration) {
+        let range = &registration.range;
+        if let Some(key) = range.single_key() {
+            self.keys.entry(key.to_vec()).or_default().push(id);
+        } else if let Some(prefix) = range.prefix() {
+            self.prefixes.entry(prefix.to_vec()).or_default().push(id);
+            *self.prefix_lengths.entry(prefix.len()).or_default() += 1;
+        } else {
+            self.others.push(id);
+        }
+        self.all.insert(id, registration);
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(registration) = self.all.remove(&id) else {
+            return;
+        };
+        let range = &registration.range;
+        if let Some(key) = range.single_key() {
+            remove_from(&mut self.keys, key, id);
+        } else if let Some(prefix) = range.prefix() {
+            remove_from(&mut self.prefixes, prefix, id);
+            if let Some(count) = self.prefix_lengths.get_mut(&prefix.len()) {
+                *count -= 1;
+                if *count == 0 {
+                    self.prefix_lengths.remove(&prefix.len());
+                }
+            }
+        } else {
+            self.others.retain(|other| *other != id);
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Watchers::default();
+    }
+
+    fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    /// The watchers whose ranges may hold a key of `change`, each once.
+    fn concerned(&self, change: &Change) -> Vec<u64> {
+        let mut ids = self.others.clone();
+        for event in &change.events {
+            let key = event.key();
+            ids.extend(self.keys.get(key).into_iter().flatten());
+            for &length in self.prefix_lengths.keys() {
+                if length > key.len() {
+                    break;
+                }
+                ids.extend(self.prefixes.get(&key[..length]).into_iter().flatten());
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+fn remove_from(index: &mut HashMap<Vec<u8>, Vec<u64>>, key: &[u8], id: u64) {
+    if let Some(ids) = index.get_mut(key) {
+        ids.retain(|other| *other != id);
+        if ids.is_empty() {
+            index.remove(key);
+        }
+    }
 }
 
 /// The live change feed of one store.
@@ -126,7 +210,7 @@ impl Feed {
                 ring_bytes: 0,
                 covered_from: revision,
                 head: revision,
-                watchers: HashMap::new(),
+                watchers: Watchers::default(),
                 next_id: 0,
             }),
             latest: AtomicU64::new(revision),
@@ -265,7 +349,7 @@ impl Feed {
     }
 
     fn unregister(&self, id: u64) {
-        lock(&self.state).watchers.remove(&id);
+        lock(&self.state).watchers.remove(id);
     }
 
     /// Takes what was published, up to revision `latest`, decodes it, and
@@ -304,7 +388,10 @@ impl Feed {
             }
             let change = Arc::new(change);
             let weight = change.weight();
-            for (id, watcher) in &state.watchers {
+            for id in state.watchers.concerned(&change) {
+                let Some(watcher) = state.watchers.all.get(&id) else {
+                    continue;
+                };
                 if change.revision <= watcher.skip_through
                     || !change
                         .events
@@ -319,11 +406,11 @@ impl Feed {
                 if sent {
                     watcher.queued_bytes.fetch_add(weight, Ordering::AcqRel);
                 } else {
-                    dropped.push(*id);
+                    dropped.push(id);
                 }
             }
             for id in dropped.drain(..) {
-                state.watchers.remove(&id);
+                state.watchers.remove(id);
                 metrics::counter!(LAGGED).increment(1);
             }
             state.head = change.revision;
@@ -562,5 +649,86 @@ impl Drop for Watcher {
         self.go_offline();
         self.feed.open_watchers.fetch_sub(1, Ordering::AcqRel);
         metrics::gauge!(WATCHERS_GAUGE).decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Bound;
+
+    use super::*;
+    use crate::storage::changes::{DeleteReason, Event, prefix_end};
+
+    fn registration(range: KeyRange) -> Registration {
+        let (queue, _) = mpsc::channel(1);
+        Registration {
+            range,
+            skip_through: 0,
+            queue,
+            queued_bytes: Arc::default(),
+        }
+    }
+
+    fn key(k: &str) -> KeyRange {
+        KeyRange {
+            lower: Bound::Included(k.as_bytes().to_vec()),
+            upper: Bound::Included(k.as_bytes().to_vec()),
+        }
+    }
+
+    fn prefix(p: &str) -> KeyRange {
+        KeyRange {
+            lower: Bound::Included(p.as_bytes().to_vec()),
+            upper: prefix_end(p.as_bytes()).map_or(Bound::Unbounded, Bound::Excluded),
+        }
+    }
+
+    fn change(keys: &[&str]) -> Change {
+        Change {
+            revision: 1,
+            events: keys
+                .iter()
+                .map(|k| Event::Delete {
+                    key: k.as_bytes().to_vec(),
+                    version: 1,
+                    reason: DeleteReason::Deleted,
+                })
+                .collect(),
+        }
+    }
+
+    /// Every watcher whose range holds a key of the change is found, by the
+    /// index or the list of other ranges, and only those of the index.
+    #[test]
+    fn a_change_finds_the_watchers_of_its_keys() {
+        let mut watchers = Watchers::default();
+        watchers.insert(0, registration(key("a/1")));
+        watchers.insert(1, registration(prefix("a/")));
+        watchers.insert(2, registration(prefix("b/")));
+        watchers.insert(3, registration(KeyRange::everything()));
+        watchers.insert(4, registration(prefix("a/1")));
+        watchers.insert(5, registration(prefix("\u{ff}")));
+        watchers.insert(
+            6,
+            registration(KeyRange {
+                lower: Bound::Included(b"a".to_vec()),
+                upper: Bound::Excluded(b"c".to_vec()),
+            }),
+        );
+        assert_eq!(watchers.concerned(&change(&["a/1"])), [0, 1, 3, 4, 6]);
+        assert_eq!(watchers.concerned(&change(&["b/2", "a/2"])), [1, 2, 3, 6]);
+        assert_eq!(watchers.concerned(&change(&["z"])), [3, 6]);
+        assert_eq!(watchers.concerned(&change(&["\u{ff}x"])), [3, 5, 6]);
+        for id in [0, 1, 3, 6] {
+            watchers.remove(id);
+        }
+        assert_eq!(watchers.concerned(&change(&["a/1", "b/1"])), [2, 4]);
+        assert_eq!(watchers.len(), 3);
+        watchers.remove(4);
+        assert_eq!(
+            watchers.prefix_lengths.get(&3),
+            None,
+            "no prefix of length 3 left"
+        );
     }
 }
