@@ -198,6 +198,22 @@ pub(crate) fn range_bound(
         .transpose()
 }
 
+/// The `limit` parameter of a page: 1 to [`MAX_PAGE_LIMIT`], `default`
+/// when absent.
+pub(crate) fn page_limit(query: &Query, default: usize) -> Result<usize, ApiError> {
+    let Some(text) = query.get("limit") else {
+        return Ok(default);
+    };
+    text.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE_LIMIT).contains(n))
+        .ok_or_else(|| {
+            ApiError::invalid_request(format!(
+                "limit must be a whole number from 1 to {MAX_PAGE_LIMIT}, not '{text}'"
+            ))
+        })
+}
+
 /// The `start`, `end` and `prefix` parameters of a range, checked.
 pub(crate) fn range_params(query: &Query, state: &AppState) -> Result<RangeParams, ApiError> {
     let start = range_bound(query, "start", state)?;
@@ -240,18 +256,7 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
         ],
     )?;
     let (start, end, prefix) = range_params(&query, &state)?;
-    let limit = match query.get("limit") {
-        None => DEFAULT_PAGE_LIMIT,
-        Some(text) => text
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid_request(format!(
-                    "limit must be a whole number from 1 to {MAX_PAGE_LIMIT}, not '{text}'"
-                ))
-            })?,
-    };
+    let limit = page_limit(&query, DEFAULT_PAGE_LIMIT)?;
     let keys_only = query.flag("keys_only")?;
     let reverse = query.flag("reverse")?;
     let scope = CursorScope {

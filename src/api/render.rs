@@ -33,10 +33,7 @@ impl<'a> EntryView<'a> {
         let (value, value_base64) = if keys_only {
             (None, None)
         } else {
-            match std::str::from_utf8(&entry.value) {
-                Ok(text) => (Some(text), None),
-                Err(_) => (None, Some(STANDARD.encode(&entry.value))),
-            }
+            text_or_base64(&entry.value)
         };
         EntryView {
             // Keys are checked to be UTF-8 before they are stored.
@@ -62,6 +59,15 @@ impl EntryView<'_> {
             + self.key.len()
             + self.value.map_or(0, str::len)
             + self.value_base64.as_ref().map_or(0, String::len)
+    }
+}
+
+/// A value as the API carries it: `value` when its bytes are UTF-8, else
+/// `value_base64`.
+fn text_or_base64(value: &[u8]) -> (Option<&str>, Option<String>) {
+    match std::str::from_utf8(value) {
+        Ok(text) => (Some(text), None),
+        Err(_) => (None, Some(STANDARD.encode(value))),
     }
 }
 
@@ -113,10 +119,7 @@ impl<'a> EventView<'a> {
                 created_at_us,
                 updated_at_us,
             } => {
-                let (value, value_base64) = match std::str::from_utf8(value) {
-                    Ok(text) => (Some(text), None),
-                    Err(_) => (None, Some(STANDARD.encode(value))),
-                };
+                let (value, value_base64) = text_or_base64(value);
                 EventView::Put {
                     key: String::from_utf8_lossy(key),
                     value,

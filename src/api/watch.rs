@@ -13,12 +13,12 @@ use futures_util::stream::{self, Stream};
 use serde::Serialize;
 use serde_json::json;
 
+use super::AppState;
 use super::auth::{self, access_of};
 use super::error::ApiError;
-use super::handlers::{ApiResult, range_params, requested_range, sized_json_response};
+use super::handlers::{ApiResult, page_limit, range_params, requested_range, sized_json_response};
 use super::render::ChangeView;
 use super::request::{Query, check_key};
-use super::{AppState, MAX_PAGE_LIMIT};
 use crate::error::StoreError;
 use crate::storage::{Change, KeyRange, Watcher};
 
@@ -183,18 +183,7 @@ pub(crate) async fn changes(State(state): State<AppState>, request: Request) -> 
     )?;
     let range = watched_range(&query, &state, &request)?;
     let after = revision_param(&query, "after")?;
-    let limit = match query.get("limit") {
-        None => DEFAULT_CHANGES_LIMIT,
-        Some(text) => text
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid_request(format!(
-                    "limit must be a whole number from 1 to {MAX_PAGE_LIMIT}, not '{text}'"
-                ))
-            })?,
-    };
+    let limit = page_limit(&query, DEFAULT_CHANGES_LIMIT)?;
     let wait = match query.get("wait_ms") {
         None => Duration::ZERO,
         Some(text) => text

@@ -11,7 +11,7 @@ use kvstore::client::{ListParams, MAX_ITEMS};
 use kvstore::storage::Condition;
 use serde_json::json;
 
-use super::{Failure, OutputArgs, ServerArgs, read_input, with_stdout, write_json};
+use super::{Failure, OutputArgs, RangeArgs, ServerArgs, read_input, with_stdout, write_json};
 
 #[derive(clap::Args)]
 pub(crate) struct GetArgs {
@@ -139,15 +139,8 @@ pub(crate) async fn delete(args: DeleteArgs) -> Result<(), Failure> {
 
 #[derive(clap::Args)]
 pub(crate) struct ListArgs {
-    /// Only keys that begin with this.
-    #[arg(long, conflicts_with_all = ["start", "end"])]
-    prefix: Option<String>,
-    /// First key (inclusive).
-    #[arg(long)]
-    start: Option<String>,
-    /// Last key (exclusive).
-    #[arg(long)]
-    end: Option<String>,
+    #[command(flatten)]
+    range: RangeArgs,
     /// At most this many items. Without --all, one page, which the server
     /// allows up to 1000 items.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -176,9 +169,9 @@ pub(crate) async fn list(args: ListArgs) -> Result<(), Failure> {
     let client = args.server.client()?;
     let mut remaining = args.limit;
     let mut pages = client.pages(ListParams {
-        start: args.start.clone(),
-        end: args.end.clone(),
-        prefix: args.prefix.clone(),
+        start: args.range.start.clone(),
+        end: args.range.end.clone(),
+        prefix: args.range.prefix.clone(),
         limit: None,
         cursor: args.cursor.clone(),
         keys_only: args.keys_only,

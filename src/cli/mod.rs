@@ -61,6 +61,20 @@ fn http_url(url: &str) -> Result<String, String> {
     }
 }
 
+/// A range of keys: a prefix, or bounds (neither: every key).
+#[derive(clap::Args)]
+pub(crate) struct RangeArgs {
+    /// Only keys that begin with this.
+    #[arg(long, conflicts_with_all = ["start", "end"])]
+    prefix: Option<String>,
+    /// First key (inclusive).
+    #[arg(long)]
+    start: Option<String>,
+    /// Last key (exclusive).
+    #[arg(long)]
+    end: Option<String>,
+}
+
 /// How a subcommand prints its result.
 #[derive(clap::Args)]
 pub(crate) struct OutputArgs {

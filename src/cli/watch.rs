@@ -6,22 +6,15 @@ use std::io::Write;
 use kvstore::client::{Change, Event, Value, WatchMessage, WatchRange, WatchRequest};
 use serde_json::json;
 
-use super::{Failure, OutputArgs, ServerArgs, stop_signal, write_json};
+use super::{Failure, OutputArgs, RangeArgs, ServerArgs, stop_signal, write_json};
 
 #[derive(clap::Args)]
 pub(crate) struct WatchArgs {
     /// Watch only this key.
     #[arg(long, conflicts_with_all = ["prefix", "start", "end"])]
     key: Option<String>,
-    /// Only keys that begin with this.
-    #[arg(long, conflicts_with_all = ["start", "end"])]
-    prefix: Option<String>,
-    /// First key (inclusive).
-    #[arg(long)]
-    start: Option<String>,
-    /// Last key (exclusive).
-    #[arg(long)]
-    end: Option<String>,
+    #[command(flatten)]
+    range: RangeArgs,
     /// Start at this revision, if the server still keeps it (default: the
     /// changes after the current revision).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
@@ -40,14 +33,12 @@ pub(crate) struct WatchArgs {
 /// exit code 4.
 pub(crate) async fn watch(args: WatchArgs) -> Result<(), Failure> {
     let client = args.server.client()?;
-    let range = match (args.key, args.prefix) {
+    let RangeArgs { prefix, start, end } = args.range;
+    let range = match (args.key, prefix) {
         (Some(key), _) => WatchRange::Key(key),
         (None, Some(prefix)) => WatchRange::Prefix(prefix),
-        (None, None) if args.start.is_none() && args.end.is_none() => WatchRange::All,
-        (None, None) => WatchRange::Span {
-            start: args.start,
-            end: args.end,
-        },
+        (None, None) if start.is_none() && end.is_none() => WatchRange::All,
+        (None, None) => WatchRange::Span { start, end },
     };
     let mut stream = client.watch(WatchRequest {
         range,
