@@ -20,7 +20,7 @@ use hyper::service::Service as _;
 use kvstore::api::{self, AppState, CursorKey, Limits, Observe};
 use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::layer::cache::{CacheConfig, CachedStore};
-use kvstore::storage::{Condition, Entry, ScanRequest, Store, WriteOp};
+use kvstore::storage::{Condition, Entry, Expiry, ScanRequest, Store, WriteOp};
 use tower::ServiceExt as _;
 
 /// The server's allocator, so that allocation costs are the server's.
@@ -51,6 +51,7 @@ fn put(key: &str) -> Vec<WriteOp> {
         key: key.as_bytes().to_vec(),
         value: VALUE.to_vec(),
         condition: Condition::Any,
+        expiry: Expiry::Never,
     }]
 }
 
@@ -174,6 +175,8 @@ fn entry_json(c: &mut Criterion) {
         revision: 1207,
         created_at_us: 1_764_097_672_123_456,
         updated_at_us: 1_764_097_681_000_001,
+        expires_at_us: None,
+        lease: None,
     };
     c.bench_function("json: render a 100-byte entry", |b| {
         b.iter(|| {

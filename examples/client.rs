@@ -34,12 +34,8 @@ async fn main() -> Result<(), ClientError> {
     let ops = ["users/43", "users/44"]
         .into_iter()
         .map(|key| BatchOp {
-            op: BatchOpKind::Put,
-            key: key.into(),
             value: Some("new".into()),
-            value_base64: None,
-            if_version: None,
-            if_absent: None,
+            ..BatchOp::new(BatchOpKind::Put, key)
         })
         .collect();
     let batch = client.batch(&BatchRequest { ops }).await?;

@@ -39,6 +39,10 @@ pub enum StoreError {
         /// The store's current revision.
         revision: u64,
     },
+    /// A lease named by a request does not exist or has expired. Answered as
+    /// 404 `lease_not_found`.
+    #[error("lease {0:016x} does not exist or has expired; grant a new one")]
+    LeaseNotFound(u64),
 }
 
 impl From<fjall::Error> for StoreError {

@@ -112,6 +112,9 @@ impl From<StoreError> for ApiError {
                 ),
             ),
             StoreError::InsufficientStorage(why) => ApiError::insufficient_storage(why),
+            err @ StoreError::LeaseNotFound(_) => {
+                ApiError::new(ErrorCode::LeaseNotFound, err.to_string())
+            }
             err @ StoreError::Compacted {
                 compact_revision,
                 revision,

@@ -61,8 +61,11 @@ pub fn cursor(
 /// A JSON body as each POST/PUT endpoint parses and checks it.
 pub fn json_bodies(body: &[u8]) {
     let limits = Limits::default();
-    if let Ok(value) = handlers::put_value(body, &limits) {
+    if let Ok((value, expiry)) = handlers::put_value(body, &limits) {
         assert!(value.len() <= limits.max_value_bytes);
+        if let crate::storage::Expiry::Ttl(ttl_ms) = expiry {
+            assert!((1..=super::leases::MAX_TTL_MS).contains(&ttl_ms));
+        }
     }
     if let Ok(batch) = request::parse_json::<BatchRequest>(body) {
         batch_ops(batch);

@@ -12,6 +12,7 @@ use serde_json::json;
 use super::auth::{self, access_of};
 use super::cursor::CursorScope;
 use super::error::ApiError;
+use super::leases;
 use super::render::EntryView;
 use super::request::{
     BodyKind, Query, body_kind, check_key, check_value_size, decode_value, key_from_path,
@@ -25,11 +26,11 @@ use super::types::{
 use super::{
     AppState, DEFAULT_PAGE_LIMIT, Limits, MAX_BATCH_OPS, MAX_PAGE_LIMIT, MAX_PAGE_VALUE_BYTES,
 };
-use crate::storage::{Condition, OpResult, ScanRequest, WriteOp, WriteOutcome};
+use crate::storage::{Condition, Expiry, OpResult, ScanRequest, WriteOp, WriteOutcome};
 
 pub(crate) type ApiResult = Result<Response, ApiError>;
 
-fn json_response<T: Serialize>(status: StatusCode, body: &T) -> ApiResult {
+pub(crate) fn json_response<T: Serialize>(status: StatusCode, body: &T) -> ApiResult {
     // serde_json's own starting size.
     sized_json_response(status, body, 128)
 }
@@ -109,26 +110,39 @@ pub(crate) async fn get_key(State(state): State<AppState>, request: Request) -> 
 pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> ApiResult {
     let (parts, body) = request.into_parts();
     let key = key_from_path(parts.uri.path(), &state.limits)?;
-    access_of(&state, &parts.extensions)?.check_write(&key, "")?;
-    Query::parse(parts.uri.query(), &[])?;
+    let access = access_of(&state, &parts.extensions)?;
+    access.check_write(&key, "")?;
+    let query = Query::parse(parts.uri.query(), &["ttl_ms", "keep_ttl", "lease"])?;
     let condition = write_condition(&parts.headers)?.unwrap_or(Condition::Any);
     let kind = body_kind(&parts.headers, true)?;
     let body = read_body(&parts.headers, body, &state).await?;
-    let value = match kind {
+    let (value, expiry) = match kind {
         BodyKind::Raw => {
             check_value_size(body.len(), &state.limits)?;
-            body.to_vec()
+            (body.to_vec(), leases::expiry_from_query(&query)?)
         }
-        BodyKind::Json => put_value(&body, &state.limits)?,
+        BodyKind::Json => {
+            if query
+                .get("ttl_ms")
+                .or(query.get("keep_ttl"))
+                .or(query.get("lease"))
+                .is_some()
+            {
+                return Err(ApiError::invalid_request(
+                    "a JSON body carries ttl_ms, keep_ttl and lease as fields, not as query parameters",
+                ));
+            }
+            put_value(&body, &state.limits)?
+        }
     };
-    let outcome = state
-        .store
-        .write(vec![WriteOp::Put {
-            key: key.clone(),
-            value,
-            condition,
-        }])
-        .await?;
+    let ops = vec![WriteOp::Put {
+        key: key.clone(),
+        value,
+        condition,
+        expiry,
+    }];
+    leases::check_attach(&state, &access, &ops).await?;
+    let outcome = state.store.write(ops).await?;
     match outcome {
         WriteOutcome::Applied { revision, results } => {
             let Some(OpResult::Put {
@@ -346,10 +360,14 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     parse_json(&body)
 }
 
-/// The value of a JSON `PUT` body.
-pub(crate) fn put_value(body: &[u8], limits: &Limits) -> Result<Vec<u8>, ApiError> {
+/// The value and expiry of a JSON `PUT` body.
+pub(crate) fn put_value(body: &[u8], limits: &Limits) -> Result<(Vec<u8>, Expiry), ApiError> {
     let put: PutBody = parse_json(body)?;
-    decode_value(put.value, put.value_base64, limits, "body")
+    let expiry = leases::expiry(put.ttl_ms, put.keep_ttl, put.lease.as_deref(), "")?;
+    Ok((
+        decode_value(put.value, put.value_base64, limits, "body")?,
+        expiry,
+    ))
 }
 
 /// Checks a batch and turns it into the store's write ops.
@@ -398,11 +416,22 @@ pub(crate) fn batch_ops(request: BatchRequest, limits: &Limits) -> Result<Vec<Wr
                 key,
                 value: decode_value(op.value, op.value_base64, limits, &at)?,
                 condition,
+                expiry: leases::expiry(
+                    op.ttl_ms,
+                    op.keep_ttl,
+                    op.lease.as_deref(),
+                    &format!("{at}: "),
+                )?,
             },
             BatchOpKind::Delete => {
                 if op.value.is_some() || op.value_base64.is_some() {
                     return Err(ApiError::invalid_request(format!(
                         "{at}: a delete takes no value"
+                    )));
+                }
+                if op.ttl_ms.is_some() || op.keep_ttl.is_some() || op.lease.is_some() {
+                    return Err(ApiError::invalid_request(format!(
+                        "{at}: a delete takes no ttl_ms, keep_ttl or lease"
                     )));
                 }
                 if condition == Condition::Absent {
@@ -427,6 +456,7 @@ pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> Ap
             .check_write(op.key(), &format!("ops[{index}]: "))
             .map_err(|err| err.with_detail("index", json!(index)))?;
     }
+    leases::check_attach(&state, &access, &ops).await?;
     let keys: Vec<String> = ops.iter().map(|op| key_text(op.key().to_vec())).collect();
     match state.store.write(ops).await? {
         WriteOutcome::Applied { revision, results } => {

@@ -8,6 +8,7 @@ pub mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod handlers;
+pub mod leases;
 mod observe;
 mod render;
 mod request;
@@ -152,6 +153,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/batch", post(handlers::batch))
         .route("/v1/batch/get", post(handlers::batch_get))
+        .route("/v1/leases", post(leases::grant))
+        .route("/v1/leases/{id}", get(leases::get).delete(leases::revoke))
+        .route("/v1/leases/{id}/keepalive", post(leases::keepalive))
         .route("/v1/watch", get(watch::watch))
         .route("/v1/changes", get(watch::changes))
         .route("/healthz", get(handlers::healthz))

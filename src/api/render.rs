@@ -10,7 +10,8 @@ use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Datelike as _, SecondsFormat, Timelike as _};
 use serde::{Serialize, Serializer};
 
-use crate::storage::{Change, Entry, Event};
+use super::leases::lease_text;
+use crate::storage::{Change, Entry, Event, LeaseId};
 
 /// An entry as the API shows it, borrowed from the store's entry. It renders
 /// exactly as an `EntryBody` with the same content: `value` when the bytes are
@@ -26,6 +27,10 @@ pub struct EntryView<'a> {
     revision: u64,
     created_at: Timestamp,
     updated_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<LeaseText>,
 }
 
 impl<'a> EntryView<'a> {
@@ -44,7 +49,19 @@ impl<'a> EntryView<'a> {
             revision: entry.revision,
             created_at: Timestamp(entry.created_at_us),
             updated_at: Timestamp(entry.updated_at_us),
+            expires_at: entry.expires_at_us.map(Timestamp),
+            lease: entry.lease.map(LeaseText),
         }
+    }
+}
+
+/// A lease id, rendered as the API writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LeaseText(LeaseId);
+
+impl Serialize for LeaseText {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&lease_text(self.0))
     }
 }
 
@@ -52,9 +69,9 @@ impl EntryView<'_> {
     /// About how many bytes of JSON the view renders to, so that a page of
     /// them can be written into a buffer of the right size at once.
     pub fn json_len_hint(&self) -> usize {
-        // The field names, punctuation, two timestamps and two numbers of
-        // up to 20 digits.
-        const FIXED: usize = 176;
+        // The field names, punctuation, three timestamps, a lease and two
+        // numbers of up to 20 digits.
+        const FIXED: usize = 256;
         FIXED
             + self.key.len()
             + self.value.map_or(0, str::len)
@@ -101,6 +118,10 @@ enum EventView<'a> {
         version: u64,
         created_at: Timestamp,
         updated_at: Timestamp,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<Timestamp>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        lease: Option<LeaseText>,
     },
     Delete {
         key: Cow<'a, str>,
@@ -118,6 +139,8 @@ impl<'a> EventView<'a> {
                 version,
                 created_at_us,
                 updated_at_us,
+                expires_at_us,
+                lease,
             } => {
                 let (value, value_base64) = text_or_base64(value);
                 EventView::Put {
@@ -127,6 +150,8 @@ impl<'a> EventView<'a> {
                     version: *version,
                     created_at: Timestamp(*created_at_us),
                     updated_at: Timestamp(*updated_at_us),
+                    expires_at: expires_at_us.map(Timestamp),
+                    lease: lease.map(LeaseText),
                 }
             }
             Event::Delete {
@@ -186,6 +211,20 @@ fn put_pair(out: &mut [u8], n: u32) {
         8081828384858687888990919293949596979899";
     let at = (n as usize % 100) * 2;
     out.copy_from_slice(&PAIRS[at..at + 2]);
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut buf = [0u8; TIMESTAMP_LEN];
+        match self.write_common(&mut buf) {
+            Some(text) => f.write_str(text),
+            None => f.write_str(
+                &DateTime::from_timestamp_micros(self.0)
+                    .unwrap_or_default()
+                    .to_rfc3339_opts(SecondsFormat::Micros, true),
+            ),
+        }
+    }
 }
 
 impl Serialize for Timestamp {
@@ -255,6 +294,8 @@ mod tests {
             revision: u64::MAX,
             created_at_us: 1_764_097_672_123_456,
             updated_at_us: 1_764_097_672_123_456,
+            expires_at_us: Some(1_764_097_672_123_456),
+            lease: Some(u64::MAX),
         };
         for keys_only in [false, true] {
             let view = EntryView::new(&entry, keys_only);
@@ -308,6 +349,8 @@ mod tests {
                 revision,
                 created_at_us,
                 updated_at_us,
+                expires_at_us: None,
+                lease: None,
             };
             let json = serde_json::to_vec(&EntryView::new(&entry, keys_only))
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -326,6 +369,8 @@ mod tests {
                 revision,
                 created_at: chrono_text(created_at_us),
                 updated_at: chrono_text(updated_at_us),
+                expires_at: None,
+                lease: None,
             });
         }
     }

@@ -15,6 +15,12 @@ pub struct EntryBody {
     pub revision: u64,
     pub created_at: String,
     pub updated_at: String,
+    /// When the key expires (its own deadline, or its lease's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// The lease the key is attached to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
 }
 
 /// The JSON body of `PUT /v1/kv/{key}`.
@@ -25,6 +31,13 @@ pub struct PutBody {
     pub value: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_base64: Option<String>,
+    /// At most one of `ttl_ms`, `keep_ttl` and `lease` (docs/api.md, Expiry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_ttl: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
 }
 
 /// The answer to a successful `PUT`.
@@ -60,6 +73,30 @@ pub struct BatchOp {
     pub if_version: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub if_absent: Option<bool>,
+    /// For a put, as on [`PutBody`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_ttl: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+}
+
+impl BatchOp {
+    /// An op on `key` with no value, condition or expiry yet.
+    pub fn new(op: BatchOpKind, key: impl Into<String>) -> Self {
+        BatchOp {
+            op,
+            key: key.into(),
+            value: None,
+            value_base64: None,
+            if_version: None,
+            if_absent: None,
+            ttl_ms: None,
+            keep_ttl: None,
+            lease: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +146,23 @@ pub struct BatchGetResponse<E = EntryBody> {
     pub revision: u64,
 }
 
+/// The body of `POST /v1/leases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub ttl_ms: u64,
+}
+
+/// A lease as the API shows it; `keys` only in the answer to `GET`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseBody {
+    pub lease: String,
+    pub ttl_ms: u64,
+    pub expires_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<u64>,
+}
+
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorResponse {
@@ -137,6 +191,7 @@ pub enum ErrorCode {
     Unauthenticated,
     Forbidden,
     NotFound,
+    LeaseNotFound,
     MethodNotAllowed,
     Compacted,
     VersionMismatch,
@@ -159,6 +214,7 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::LeaseNotFound => "lease_not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Compacted => "compacted",
             ErrorCode::VersionMismatch => "version_mismatch",
@@ -178,7 +234,7 @@ impl ErrorCode {
             ErrorCode::InvalidKey | ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
-            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::NotFound | ErrorCode::LeaseNotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Compacted => StatusCode::GONE,
             ErrorCode::VersionMismatch => StatusCode::PRECONDITION_FAILED,

@@ -221,12 +221,9 @@ fn parse_line(line: &str) -> Result<BatchOp, String> {
         ));
     }
     Ok(BatchOp {
-        op: BatchOpKind::Put,
-        key: record.key,
         value: record.value,
         value_base64: record.value_base64,
-        if_version: None,
-        if_absent: None,
+        ..BatchOp::new(BatchOpKind::Put, record.key)
     })
 }
 

@@ -65,12 +65,8 @@ impl Values {
 
 fn put_op(key: String, value: &str) -> BatchOp {
     BatchOp {
-        op: BatchOpKind::Put,
-        key,
         value: Some(value.to_owned()),
-        value_base64: None,
-        if_version: None,
-        if_absent: None,
+        ..BatchOp::new(BatchOpKind::Put, key)
     }
 }
 

@@ -10,14 +10,19 @@
 //! revision   = revision (8) | event count (4) | events...
 //! event      = kind (1) | key length (4) | key | version (8)
 //!              put:    created_at_us (8) | updated_at_us (8) | value length (4) | value
+//!                      | deadline
 //!              delete: reason (1)
+//! deadline   = flags (1) | expires_at_us (8, if flags & 1) | lease (8, if flags & 2)
 //! ```
+//!
+//! Format 1 records (written before expiry existed) have no `deadline`.
 //!
 //! Integers are little-endian, as in [`super::codec`]. The header lets the
 //! trimmer read a record's span and age without decoding its events.
 
 use std::ops::Bound;
 
+use super::LeaseId;
 use crate::error::{StoreError, StoreResult};
 
 /// Why a key was deleted.
@@ -70,6 +75,9 @@ pub enum Event {
         version: u64,
         created_at_us: i64,
         updated_at_us: i64,
+        /// As on [`Entry`](super::Entry).
+        expires_at_us: Option<i64>,
+        lease: Option<LeaseId>,
     },
     /// The key, which had `version`, was removed.
     Delete {
@@ -225,6 +233,10 @@ pub(crate) const OLDEST_GAUGE: &str = "kvstore_watch_history_oldest_revision";
 pub(crate) const REVISIONS_GAUGE: &str = "kvstore_watch_history_revisions";
 
 const FORMAT_V1: u8 = 1;
+/// Adds a put's deadline and lease.
+const FORMAT_V2: u8 = 2;
+const HAS_DEADLINE: u8 = 1;
+const HAS_LEASE: u8 = 2;
 const KIND_PUT: u8 = 0;
 const KIND_DELETE: u8 = 1;
 /// Bytes before a record's revisions.
@@ -237,6 +249,16 @@ pub(crate) struct RecordHeader {
     pub written_at_us: i64,
 }
 
+/// A put's metadata, as a change record keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    pub version: u64,
+    pub created_at_us: i64,
+    pub updated_at_us: i64,
+    pub expires_at_us: Option<i64>,
+    pub lease: Option<LeaseId>,
+}
+
 /// Builds one record from the revisions of a commit group, in order.
 pub(crate) struct RecordBuilder {
     bytes: Vec<u8>,
@@ -245,7 +267,7 @@ pub(crate) struct RecordBuilder {
 impl RecordBuilder {
     pub(crate) fn new() -> Self {
         let mut bytes = Vec::with_capacity(256);
-        bytes.push(FORMAT_V1);
+        bytes.push(FORMAT_V2);
         bytes.extend_from_slice(&[0; 16]);
         RecordBuilder { bytes }
     }
@@ -257,20 +279,24 @@ impl RecordBuilder {
             .extend_from_slice(&u32::try_from(events).unwrap_or(u32::MAX).to_le_bytes());
     }
 
-    pub(crate) fn put(
-        &mut self,
-        key: &[u8],
-        value: &[u8],
-        version: u64,
-        created: i64,
-        updated: i64,
-    ) {
+    pub(crate) fn put(&mut self, key: &[u8], value: &[u8], stamp: &Stamp) {
         self.bytes.push(KIND_PUT);
         self.bytes_field(key);
-        self.bytes.extend_from_slice(&version.to_le_bytes());
-        self.bytes.extend_from_slice(&created.to_le_bytes());
-        self.bytes.extend_from_slice(&updated.to_le_bytes());
+        self.bytes.extend_from_slice(&stamp.version.to_le_bytes());
+        self.bytes
+            .extend_from_slice(&stamp.created_at_us.to_le_bytes());
+        self.bytes
+            .extend_from_slice(&stamp.updated_at_us.to_le_bytes());
         self.bytes_field(value);
+        let flags = u8::from(stamp.expires_at_us.is_some()) * HAS_DEADLINE
+            + u8::from(stamp.lease.is_some()) * HAS_LEASE;
+        self.bytes.push(flags);
+        if let Some(deadline) = stamp.expires_at_us {
+            self.bytes.extend_from_slice(&deadline.to_le_bytes());
+        }
+        if let Some(lease) = stamp.lease {
+            self.bytes.extend_from_slice(&lease.to_le_bytes());
+        }
     }
 
     pub(crate) fn delete(&mut self, key: &[u8], version: u64, reason: DeleteReason) {
@@ -310,7 +336,7 @@ pub(crate) fn record_first(key: &[u8]) -> StoreResult<u64> {
 
 pub(crate) fn record_header(record: &[u8]) -> StoreResult<RecordHeader> {
     let mut reader = Reader(record);
-    if reader.u8()? != FORMAT_V1 {
+    if !matches!(reader.u8()?, FORMAT_V1 | FORMAT_V2) {
         return Err(corrupt("unknown change record format"));
     }
     Ok(RecordHeader {
@@ -322,6 +348,7 @@ pub(crate) fn record_header(record: &[u8]) -> StoreResult<RecordHeader> {
 /// The revisions of a record.
 pub(crate) fn decode_record(record: &[u8]) -> StoreResult<Vec<Change>> {
     let header = record_header(record)?;
+    let with_deadlines = record.first() == Some(&FORMAT_V2);
     let mut reader = Reader(&record[RECORD_HEADER_LEN..]);
     let mut changes = Vec::new();
     while !reader.0.is_empty() {
@@ -336,12 +363,26 @@ pub(crate) fn decode_record(record: &[u8]) -> StoreResult<Vec<Change>> {
                 KIND_PUT => {
                     let created_at_us = reader.i64()?;
                     let updated_at_us = reader.i64()?;
+                    let value = reader.bytes()?.to_vec();
+                    let flags = if with_deadlines { reader.u8()? } else { 0 };
+                    let expires_at_us = if flags & HAS_DEADLINE != 0 {
+                        Some(reader.i64()?)
+                    } else {
+                        None
+                    };
+                    let lease = if flags & HAS_LEASE != 0 {
+                        Some(reader.u64()?)
+                    } else {
+                        None
+                    };
                     Event::Put {
                         key,
-                        value: reader.bytes()?.to_vec(),
+                        value,
                         version,
                         created_at_us,
                         updated_at_us,
+                        expires_at_us,
+                        lease,
                     }
                 }
                 KIND_DELETE => Event::Delete {
@@ -410,9 +451,30 @@ mod tests {
     fn records_round_trip() {
         let mut builder = RecordBuilder::new();
         builder.revision(7, 2);
-        builder.put(b"a", b"1", 3, -5, 9);
+        builder.put(
+            b"a",
+            b"1",
+            &Stamp {
+                version: 3,
+                created_at_us: -5,
+                updated_at_us: 9,
+                expires_at_us: None,
+                lease: None,
+            },
+        );
         builder.delete(b"b", 2, DeleteReason::Expired);
-        builder.revision(8, 0);
+        builder.revision(8, 1);
+        builder.put(
+            b"c",
+            b"",
+            &Stamp {
+                version: 1,
+                created_at_us: 10,
+                updated_at_us: 10,
+                expires_at_us: Some(20),
+                lease: Some(7),
+            },
+        );
         let record = builder.finish(8, 1_700_000_000_000_000);
         let header = record_header(&record).unwrap();
         assert_eq!(header.last_revision, 8);
@@ -430,6 +492,8 @@ mod tests {
                             version: 3,
                             created_at_us: -5,
                             updated_at_us: 9,
+                            expires_at_us: None,
+                            lease: None,
                         },
                         Event::Delete {
                             key: b"b".to_vec(),
@@ -440,7 +504,15 @@ mod tests {
                 },
                 Change {
                     revision: 8,
-                    events: vec![],
+                    events: vec![Event::Put {
+                        key: b"c".to_vec(),
+                        value: Vec::new(),
+                        version: 1,
+                        created_at_us: 10,
+                        updated_at_us: 10,
+                        expires_at_us: Some(20),
+                        lease: Some(7),
+                    }],
                 },
             ]
         );

@@ -33,6 +33,59 @@ pub struct Entry {
     pub created_at_us: i64,
     /// Microseconds since the Unix epoch.
     pub updated_at_us: i64,
+    /// When the key expires, in microseconds since the Unix epoch: its own
+    /// deadline, or its lease's when it has one; `None` when it never does.
+    pub expires_at_us: Option<i64>,
+    /// The lease the key is attached to.
+    pub lease: Option<LeaseId>,
+}
+
+/// A lease's id: never 0.
+pub type LeaseId = u64;
+
+/// What a put does to the key's deadline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Expiry {
+    /// The key has no deadline after the put (as Redis's SET leaves it).
+    #[default]
+    Never,
+    /// The key expires this many milliseconds after the put is applied.
+    Ttl(u64),
+    /// The key keeps its deadline or lease (none for a key that is absent).
+    Keep,
+    /// The key is attached to this lease and expires with it; the lease must
+    /// exist, else the whole write fails with `LeaseNotFound`.
+    Lease(LeaseId),
+}
+
+/// A lease: a deadline many keys share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub id: LeaseId,
+    /// What a keepalive renews it for.
+    pub ttl_ms: u64,
+    /// Microseconds since the Unix epoch.
+    pub expires_at_us: i64,
+    /// The name of the token that granted it, when the server has auth on:
+    /// only that token may renew, read, revoke or attach keys to it.
+    pub owner: Option<String>,
+}
+
+/// A lease with the number of keys attached to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub lease: Lease,
+    pub keys: u64,
+}
+
+/// What revoking a lease did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// The revision that deleted the lease's keys (the store's current one
+    /// when it had none).
+    pub revision: u64,
+    /// The keys deleted.
+    pub keys: Vec<Vec<u8>>,
 }
 
 /// What must hold about a key's current version for a write to go ahead.
@@ -68,6 +121,7 @@ pub enum WriteOp {
         key: Vec<u8>,
         value: Vec<u8>,
         condition: Condition,
+        expiry: Expiry,
     },
     Delete {
         key: Vec<u8>,
@@ -106,6 +160,9 @@ pub enum OpResult {
         created: bool,
         created_at_us: i64,
         updated_at_us: i64,
+        /// As on [`Entry`].
+        expires_at_us: Option<i64>,
+        lease: Option<LeaseId>,
     },
     /// `existed` is false for an unconditional delete of an absent key.
     Deleted { existed: bool },
@@ -168,6 +225,21 @@ pub struct Found {
     pub revision: u64,
 }
 
+/// The wall clock, in microseconds since the Unix epoch.
+pub fn system_now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+impl Entry {
+    /// Whether the entry's deadline has passed at `now_us`.
+    pub fn expired(&self, now_us: i64) -> bool {
+        self.expires_at_us
+            .is_some_and(|deadline| deadline <= now_us)
+    }
+}
+
 /// A key-value backend.
 ///
 /// Implementations assign versions and revisions inside their own atomic write,
@@ -201,6 +273,34 @@ pub trait Store: Send + Sync {
 
     /// The live feed of this store's changes.
     fn feed(&self) -> Arc<Feed>;
+
+    /// Grants a lease that expires `ttl_ms` milliseconds from now unless it
+    /// is kept alive.
+    async fn grant_lease(&self, ttl_ms: u64, owner: Option<String>) -> StoreResult<Lease>;
+
+    /// Renews a lease for its full `ttl_ms` from now.
+    ///
+    /// # Errors
+    /// `LeaseNotFound` when it does not exist or has expired.
+    async fn keep_lease_alive(&self, id: LeaseId) -> StoreResult<Lease>;
+
+    /// A lease and how many keys are attached to it; `None` when it does not
+    /// exist or has expired.
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>>;
+
+    /// Ends a lease and deletes every key attached to it in one revision,
+    /// each with the reason `LeaseRevoked`.
+    ///
+    /// # Errors
+    /// `LeaseNotFound` when it does not exist or has expired.
+    async fn revoke_lease(&self, id: LeaseId) -> StoreResult<Revoked>;
+
+    /// The clock deadlines are kept by, in microseconds since the Unix
+    /// epoch: the server's wall clock unless a test set another. Layers that
+    /// hold entries (the caches) ask it whether an entry has expired.
+    fn now_us(&self) -> i64 {
+        system_now_us()
+    }
 
     /// Whether the backend answers (for `/readyz`).
     async fn ready(&self) -> StoreResult<()>;

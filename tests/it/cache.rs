@@ -17,7 +17,8 @@ use kvstore::error::StoreResult;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::layer::cache::{CacheConfig, CachedStore};
 use kvstore::storage::{
-    Change, Condition, Entry, Feed, Found, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+    Change, Condition, Entry, Expiry, Feed, Found, Lease, LeaseId, LeaseInfo, Revoked, ScanPage,
+    ScanRequest, Store, WriteOp, WriteOutcome,
 };
 use tokio::sync::{Notify, Semaphore};
 
@@ -71,6 +72,18 @@ impl Store for StallingStore {
     fn feed(&self) -> Arc<Feed> {
         self.inner.feed()
     }
+    async fn grant_lease(&self, ttl_ms: u64, owner: Option<String>) -> StoreResult<Lease> {
+        self.inner.grant_lease(ttl_ms, owner).await
+    }
+    async fn keep_lease_alive(&self, id: LeaseId) -> StoreResult<Lease> {
+        self.inner.keep_lease_alive(id).await
+    }
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+        self.inner.lease(id).await
+    }
+    async fn revoke_lease(&self, id: LeaseId) -> StoreResult<Revoked> {
+        self.inner.revoke_lease(id).await
+    }
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
         let outcome = self.inner.write(ops).await;
         if self.stall_write.swap(false, Ordering::SeqCst) {
@@ -98,6 +111,7 @@ fn put(key: &str, value: &str) -> Vec<WriteOp> {
         key: key.as_bytes().to_vec(),
         value: value.as_bytes().to_vec(),
         condition: Condition::Any,
+        expiry: Expiry::Never,
     }]
 }
 
@@ -105,6 +119,7 @@ fn delete(key: &str) -> Vec<WriteOp> {
     vec![WriteOp::Delete {
         key: key.as_bytes().to_vec(),
         condition: Condition::Any,
+        expiry: Expiry::Never,
     }]
 }
 

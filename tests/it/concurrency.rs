@@ -74,12 +74,8 @@ async fn read_everywhere(client: &Client, key: &str) -> [Option<EntryBody>; 3] {
 
 fn put_both(value: &str) -> BatchRequest {
     let op = |key: &str| BatchOp {
-        op: BatchOpKind::Put,
-        key: key.to_owned(),
         value: Some(value.to_owned()),
-        value_base64: None,
-        if_version: None,
-        if_absent: None,
+        ..BatchOp::new(BatchOpKind::Put, key)
     };
     BatchRequest {
         ops: vec![op("pair/x"), op("pair/y")],
@@ -87,14 +83,7 @@ fn put_both(value: &str) -> BatchRequest {
 }
 
 fn delete_both() -> BatchRequest {
-    let op = |key: &str| BatchOp {
-        op: BatchOpKind::Delete,
-        key: key.to_owned(),
-        value: None,
-        value_base64: None,
-        if_version: None,
-        if_absent: None,
-    };
+    let op = |key: &str| BatchOp::new(BatchOpKind::Delete, key);
     BatchRequest {
         ops: vec![op("pair/x"), op("pair/y")],
     }

@@ -63,12 +63,9 @@ async fn batch_writer(client: Client, ledger: Arc<Mutex<Ledger>>, cycle: u64) {
             ops: keys
                 .iter()
                 .map(|key| BatchOp {
-                    op: BatchOpKind::Put,
-                    key: key.clone(),
                     value: Some(value.clone()),
-                    value_base64: None,
-                    if_version: None,
                     if_absent: Some(true),
+                    ..BatchOp::new(BatchOpKind::Put, key.clone())
                 })
                 .collect(),
         };

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::harness::{Gate, TestServer, eventually, within};
 use kvstore::server::ServerConfig;
 use kvstore::storage::embedded::{CommitEvent, Durability, EmbeddedConfig, EmbeddedStore};
-use kvstore::storage::{Condition, Store, WriteOp, WriteOutcome};
+use kvstore::storage::{Condition, Expiry, Store, WriteOp, WriteOutcome};
 use tokio::sync::mpsc;
 
 /// A server whose commit hook reports every event on a channel, then waits at
@@ -255,6 +255,7 @@ impl CommitThreads {
             key: key.as_bytes().to_vec(),
             value: b"v".to_vec(),
             condition: Condition::Any,
+            expiry: Expiry::Never,
         }];
         tokio::spawn(async move {
             match store.write(ops).await.expect("write") {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
-use kvstore::storage::{Condition, Store, WriteOp};
+use kvstore::storage::{Condition, Expiry, Store, WriteOp};
 use rand::rngs::SmallRng;
 use rand::{Rng as _, SeedableRng as _};
 
@@ -38,6 +38,7 @@ async fn journals_are_deleted_as_their_writes_are_flushed() {
                 key: format!("k{i:05}").into_bytes(),
                 value,
                 condition: Condition::Any,
+                expiry: Expiry::Never,
             }])
             .await
             .unwrap();

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{
-    Change, Condition, Event, FailedCondition, KeyRange, OpResult, ScanRequest, Store, Watcher,
-    WriteOp, WriteOutcome,
+    Change, Condition, Event, Expiry, FailedCondition, KeyRange, OpResult, ScanRequest, Store,
+    Watcher, WriteOp, WriteOutcome,
 };
 use proptest::prelude::*;
 
@@ -113,6 +113,8 @@ impl Model {
                         created: previous.is_none(),
                         created_at_us: 0,
                         updated_at_us: 0,
+                        expires_at_us: None,
+                        lease: None,
                     }
                 }
                 WriteOp::Delete { key, .. } => OpResult::Deleted {
@@ -158,7 +160,7 @@ fn condition() -> impl Strategy<Value = Condition> {
 fn op() -> impl Strategy<Value = WriteOp> {
     prop_oneof![
         3 => (0..KEYS.len(), proptest::collection::vec(any::<u8>(), 0..16), condition())
-            .prop_map(|(k, value, condition)| WriteOp::Put { key: key(k), value, condition }),
+            .prop_map(|(k, value, condition)| WriteOp::Put { key: key(k), value, condition, expiry: Expiry::Never }),
         1 => (0..KEYS.len(), condition().prop_filter("absent delete", |c| *c != Condition::Absent))
             .prop_map(|(k, condition)| WriteOp::Delete { key: key(k), condition }),
     ]

@@ -17,7 +17,7 @@ use kvstore::client::Client;
 use kvstore::server::{self, ServerConfig};
 use kvstore::storage::layer::cache::{CacheConfig, CachedStore};
 use kvstore::storage::postgres::{PostgresConfig, PostgresStore};
-use kvstore::storage::{Condition, OpResult, Store, WriteOp, WriteOutcome};
+use kvstore::storage::{Condition, Expiry, OpResult, Store, WriteOp, WriteOutcome};
 use tokio::net::TcpListener;
 
 fn put(key: &str, value: &str, condition: Condition) -> WriteOp {
@@ -25,6 +25,7 @@ fn put(key: &str, value: &str, condition: Condition) -> WriteOp {
         key: key.as_bytes().to_vec(),
         value: value.as_bytes().to_vec(),
         condition,
+        expiry: Expiry::Never,
     }
 }
 

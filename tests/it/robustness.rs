@@ -21,19 +21,25 @@ fn op() -> impl Strategy<Value = BatchOp> {
         prop::option::of("[A-Za-z0-9+/=!]{0,12}"),
         prop::option::of(0u64..3),
         prop::option::of(any::<bool>()),
+        prop::option::of(0u64..3),
+        prop::option::of("[0-9a-fz]{0,17}"),
     )
         .prop_map(
-            |(delete, key, value, value_base64, if_version, if_absent)| BatchOp {
-                op: if delete {
-                    BatchOpKind::Delete
-                } else {
-                    BatchOpKind::Put
-                },
-                key,
+            |(delete, key, value, value_base64, if_version, if_absent, ttl_ms, lease)| BatchOp {
                 value,
                 value_base64,
                 if_version,
                 if_absent,
+                ttl_ms,
+                lease,
+                ..BatchOp::new(
+                    if delete {
+                        BatchOpKind::Delete
+                    } else {
+                        BatchOpKind::Put
+                    },
+                    key,
+                )
             },
         )
 }

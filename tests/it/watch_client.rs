@@ -67,12 +67,8 @@ fn watch_from(client: &Client, range: WatchRange, from: u64) -> WatchStream {
 
 fn op(kind: BatchOpKind, key: &str, value: Option<&str>) -> BatchOp {
     BatchOp {
-        op: kind,
-        key: key.into(),
         value: value.map(str::to_owned),
-        value_base64: None,
-        if_version: None,
-        if_absent: None,
+        ..BatchOp::new(kind, key)
     }
 }
 

@@ -12,7 +12,8 @@ use crate::harness::{PgSchema, Proxy, within};
 use kvstore::error::StoreError;
 use kvstore::storage::postgres::PostgresStore;
 use kvstore::storage::{
-    Change, Condition, Event, History, KeyRange, ScanRequest, Store, Watcher, WriteOp, WriteOutcome,
+    Change, Condition, Event, Expiry, History, KeyRange, ScanRequest, Store, Watcher, WriteOp,
+    WriteOutcome,
 };
 
 fn put(key: &str, value: &str) -> WriteOp {
@@ -20,6 +21,7 @@ fn put(key: &str, value: &str) -> WriteOp {
         key: key.as_bytes().to_vec(),
         value: value.as_bytes().to_vec(),
         condition: Condition::Any,
+        expiry: Expiry::Never,
     }
 }
 
@@ -27,6 +29,7 @@ fn delete(key: &str) -> WriteOp {
     WriteOp::Delete {
         key: key.as_bytes().to_vec(),
         condition: Condition::Any,
+        expiry: Expiry::Never,
     }
 }
 

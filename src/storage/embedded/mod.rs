@@ -83,8 +83,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::Entry;
 use super::codec;
 use super::{
-    Change, FailedCondition, Feed, Found, History, OpResult, ScanPage, ScanRequest, Store, WriteOp,
-    WriteOutcome,
+    Change, FailedCondition, Feed, Found, History, Lease, LeaseId, LeaseInfo, OpResult, Revoked,
+    ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
 use crate::timing;
@@ -556,6 +556,22 @@ impl Store for EmbeddedStore {
 
     fn feed(&self) -> Arc<Feed> {
         Arc::clone(&self.shared.feed)
+    }
+
+    async fn grant_lease(&self, _ttl_ms: u64, _owner: Option<String>) -> StoreResult<Lease> {
+        Err(StoreError::Unavailable("leases are not built yet".into()))
+    }
+
+    async fn keep_lease_alive(&self, _id: LeaseId) -> StoreResult<Lease> {
+        Err(StoreError::Unavailable("leases are not built yet".into()))
+    }
+
+    async fn lease(&self, _id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+        Err(StoreError::Unavailable("leases are not built yet".into()))
+    }
+
+    async fn revoke_lease(&self, _id: LeaseId) -> StoreResult<Revoked> {
+        Err(StoreError::Unavailable("leases are not built yet".into()))
     }
 
     async fn ready(&self) -> StoreResult<()> {

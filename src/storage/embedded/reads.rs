@@ -39,6 +39,8 @@ pub(super) fn to_entry(key: Vec<u8>, record: &[u8], keys_only: bool) -> StoreRes
         revision: meta.revision,
         created_at_us: meta.created_at_us,
         updated_at_us: meta.updated_at_us,
+        expires_at_us: meta.expires_at_us,
+        lease: meta.lease,
     })
 }
 
@@ -79,7 +81,7 @@ fn scan_engine(engine: &Engine, request: &ScanRequest) -> StoreResult<ScanPage> 
             });
         }
         let entry = to_entry(key.to_vec(), &record, request.keys_only)?;
-        value_bytes = value_bytes.saturating_add(record.len() - codec::HEADER_LEN);
+        value_bytes = value_bytes.saturating_add(codec::decode(&record)?.1.len());
         if !entries.is_empty() && !request.keys_only && value_bytes > request.max_value_bytes {
             return Ok(ScanPage {
                 entries,

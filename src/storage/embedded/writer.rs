@@ -15,7 +15,7 @@ use super::{
     Reply, Shared, WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
-use crate::storage::changes::{DeleteReason, RecordBuilder, record_key};
+use crate::storage::changes::{DeleteReason, RecordBuilder, Stamp, record_key};
 
 fn now_us() -> i64 {
     SystemTime::now()
@@ -189,19 +189,27 @@ impl Writer {
                         created_at_us: meta.map_or(now, |m| m.created_at_us),
                         // Never before the previous write, even if the clock steps back.
                         updated_at_us: meta.map_or(now, |m| now.max(m.updated_at_us)),
+                        expires_at_us: None,
+                        lease: None,
                     };
                     results.push(OpResult::Put {
                         version: new.version,
                         created: meta.is_none(),
                         created_at_us: new.created_at_us,
                         updated_at_us: new.updated_at_us,
+                        expires_at_us: new.expires_at_us,
+                        lease: new.lease,
                     });
                     record.put(
                         &key,
                         &value,
-                        new.version,
-                        new.created_at_us,
-                        new.updated_at_us,
+                        &Stamp {
+                            version: new.version,
+                            created_at_us: new.created_at_us,
+                            updated_at_us: new.updated_at_us,
+                            expires_at_us: new.expires_at_us,
+                            lease: new.lease,
+                        },
                     );
                     pending.insert(key, Some((new, codec::encode(&new, &value))));
                 }

@@ -42,7 +42,8 @@ use quick_cache::Weighter;
 
 use crate::error::StoreResult;
 use crate::storage::{
-    Change, Entry, Feed, Found, OpResult, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+    Change, Entry, Feed, Found, Lease, LeaseId, LeaseInfo, OpResult, Revoked, ScanPage,
+    ScanRequest, Store, WriteOp, WriteOutcome,
 };
 
 /// Lock stripes; enough that unrelated keys rarely share one.
@@ -352,8 +353,11 @@ impl Store for CachedStore {
         if self.bypass.load(Ordering::Acquire) {
             return self.inner.get(key).await;
         }
+        // An entry past its deadline is a miss: the store answers for it
+        // (absent), whether or not the key's expiry delete has run yet.
         if let Some(slot) = self.cache.get(key)
             && slot.is_fresh(self.now())
+            && !matches!(&slot, Slot::Present(entry, _) if entry.expired(self.inner.now_us()))
         {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(match slot {
@@ -395,6 +399,8 @@ impl Store for CachedStore {
                                 version,
                                 created_at_us,
                                 updated_at_us,
+                                expires_at_us,
+                                lease,
                                 ..
                             },
                             Some(value),
@@ -406,6 +412,8 @@ impl Store for CachedStore {
                                 revision: *revision,
                                 created_at_us: *created_at_us,
                                 updated_at_us: *updated_at_us,
+                                expires_at_us: *expires_at_us,
+                                lease: *lease,
                             }),
                             self.expiry(),
                         )),
@@ -445,6 +453,36 @@ impl Store for CachedStore {
 
     fn feed(&self) -> Arc<Feed> {
         self.inner.feed()
+    }
+
+    async fn grant_lease(&self, ttl_ms: u64, owner: Option<String>) -> StoreResult<Lease> {
+        self.inner.grant_lease(ttl_ms, owner).await
+    }
+
+    async fn keep_lease_alive(&self, id: LeaseId) -> StoreResult<Lease> {
+        self.inner.keep_lease_alive(id).await
+    }
+
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+        self.inner.lease(id).await
+    }
+
+    /// The revoked keys leave the cache as deletes do. (A lease that expires
+    /// needs nothing: its keys' cached entries carry its deadline.)
+    async fn revoke_lease(&self, id: LeaseId) -> StoreResult<Revoked> {
+        let revoked = self.inner.revoke_lease(id).await?;
+        for key in &revoked.keys {
+            self.apply_write(
+                key.clone(),
+                revoked.revision,
+                Some(Slot::Absent(revoked.revision, self.expiry())),
+            );
+        }
+        Ok(revoked)
+    }
+
+    fn now_us(&self) -> i64 {
+        self.inner.now_us()
     }
 
     async fn ready(&self) -> StoreResult<()> {

@@ -12,7 +12,8 @@ use async_trait::async_trait;
 
 use crate::error::{StoreError, StoreResult};
 use crate::storage::{
-    Change, Entry, Feed, Found, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+    Change, Entry, Feed, Found, Lease, LeaseId, LeaseInfo, Revoked, ScanPage, ScanRequest, Store,
+    WriteOp, WriteOutcome,
 };
 use crate::timing;
 
@@ -81,6 +82,28 @@ impl Store for GuardedStore {
 
     fn feed(&self) -> Arc<Feed> {
         self.inner.feed()
+    }
+
+    async fn grant_lease(&self, ttl_ms: u64, owner: Option<String>) -> StoreResult<Lease> {
+        self.call("grant_lease", self.inner.grant_lease(ttl_ms, owner))
+            .await
+    }
+
+    async fn keep_lease_alive(&self, id: LeaseId) -> StoreResult<Lease> {
+        self.call("keep_lease_alive", self.inner.keep_lease_alive(id))
+            .await
+    }
+
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+        self.call("lease", self.inner.lease(id)).await
+    }
+
+    async fn revoke_lease(&self, id: LeaseId) -> StoreResult<Revoked> {
+        self.call("revoke_lease", self.inner.revoke_lease(id)).await
+    }
+
+    fn now_us(&self) -> i64 {
+        self.inner.now_us()
     }
 
     async fn ready(&self) -> StoreResult<()> {

@@ -31,7 +31,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::error::StoreResult;
 use crate::storage::{
-    Change, Entry, Feed, Found, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+    Change, Entry, Feed, Found, Lease, LeaseId, LeaseInfo, Revoked, ScanPage, ScanRequest, Store,
+    WriteOp, WriteOutcome,
 };
 
 /// After a failure, Redis is left alone this long before it is tried again,
@@ -106,16 +107,24 @@ enum Cached {
     Absent,
 }
 
+/// A cached record: `A` for an absent key; `E` and the entry's version,
+/// revision, timestamps and value; or, for a key that expires, `X` and the
+/// same with its deadline and lease (0 for none) before the value.
 fn encode(entry: Option<&Entry>) -> Vec<u8> {
     match entry {
         None => b"A".to_vec(),
         Some(e) => {
-            let mut out = Vec::with_capacity(1 + 32 + e.value.len());
-            out.push(b'E');
+            let mut out = Vec::with_capacity(1 + 48 + e.value.len());
+            let expires = e.expires_at_us.is_some() || e.lease.is_some();
+            out.push(if expires { b'X' } else { b'E' });
             out.extend_from_slice(&e.version.to_be_bytes());
             out.extend_from_slice(&e.revision.to_be_bytes());
             out.extend_from_slice(&e.created_at_us.to_be_bytes());
             out.extend_from_slice(&e.updated_at_us.to_be_bytes());
+            if expires {
+                out.extend_from_slice(&e.expires_at_us.unwrap_or(i64::MAX).to_be_bytes());
+                out.extend_from_slice(&e.lease.unwrap_or(0).to_be_bytes());
+            }
             out.extend_from_slice(&e.value);
             out
         }
@@ -124,18 +133,30 @@ fn encode(entry: Option<&Entry>) -> Vec<u8> {
 
 fn decode(key: &[u8], record: &[u8]) -> Option<Cached> {
     let eight = |at: usize| -> Option<[u8; 8]> { record.get(at..at + 8)?.try_into().ok() };
-    match record.first()? {
-        b'A' => Some(Cached::Absent),
-        b'E' => Some(Cached::Present(Entry {
-            key: key.to_vec(),
-            version: u64::from_be_bytes(eight(1)?),
-            revision: u64::from_be_bytes(eight(9)?),
-            created_at_us: i64::from_be_bytes(eight(17)?),
-            updated_at_us: i64::from_be_bytes(eight(25)?),
-            value: record.get(33..)?.to_vec(),
-        })),
-        _ => None,
-    }
+    let (expires_at_us, lease, value_at) = match record.first()? {
+        b'A' => return Some(Cached::Absent),
+        b'E' => (None, None, 33),
+        b'X' => {
+            let deadline = i64::from_be_bytes(eight(33)?);
+            let lease = u64::from_be_bytes(eight(41)?);
+            (
+                (deadline != i64::MAX).then_some(deadline),
+                (lease != 0).then_some(lease),
+                49,
+            )
+        }
+        _ => return None,
+    };
+    Some(Cached::Present(Entry {
+        key: key.to_vec(),
+        version: u64::from_be_bytes(eight(1)?),
+        revision: u64::from_be_bytes(eight(9)?),
+        created_at_us: i64::from_be_bytes(eight(17)?),
+        updated_at_us: i64::from_be_bytes(eight(25)?),
+        value: record.get(value_at..)?.to_vec(),
+        expires_at_us,
+        lease,
+    }))
 }
 
 /// A [`Store`] with the shared Redis cache in front.
@@ -404,6 +425,8 @@ impl Store for RedisCachedStore {
         match answer.as_slice() {
             b"M" | b"W" => {}
             record => match decode(key, record) {
+                // Past its deadline: the store answers for it (absent).
+                Some(Cached::Present(entry)) if entry.expired(self.inner.now_us()) => {}
                 Some(Cached::Present(entry)) => {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(Some(entry));
@@ -464,6 +487,31 @@ impl Store for RedisCachedStore {
         self.inner.feed()
     }
 
+    async fn grant_lease(&self, ttl_ms: u64, owner: Option<String>) -> StoreResult<Lease> {
+        self.inner.grant_lease(ttl_ms, owner).await
+    }
+
+    async fn keep_lease_alive(&self, id: LeaseId) -> StoreResult<Lease> {
+        self.inner.keep_lease_alive(id).await
+    }
+
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+        self.inner.lease(id).await
+    }
+
+    /// The revoked keys leave the cache as deletes do. (A lease that expires
+    /// needs nothing: its keys' cached entries carry its deadline.)
+    async fn revoke_lease(&self, id: LeaseId) -> StoreResult<Revoked> {
+        let revoked = self.inner.revoke_lease(id).await?;
+        let keys: Vec<&[u8]> = revoked.keys.iter().map(Vec::as_slice).collect();
+        self.invalidate(&keys).await;
+        Ok(revoked)
+    }
+
+    fn now_us(&self) -> i64 {
+        self.inner.now_us()
+    }
+
     async fn ready(&self) -> StoreResult<()> {
         self.inner.ready().await
     }
@@ -510,10 +558,19 @@ mod tests {
             revision: 99,
             created_at_us: 1,
             updated_at_us: 2,
+            expires_at_us: None,
+            lease: None,
         };
-        match decode(b"k", &encode(Some(&entry))) {
-            Some(Cached::Present(e)) => assert_eq!(e, entry),
-            _ => panic!("not an entry"),
+        let expiring = Entry {
+            expires_at_us: Some(-4),
+            lease: Some(77),
+            ..entry.clone()
+        };
+        for entry in [entry, expiring] {
+            match decode(b"k", &encode(Some(&entry))) {
+                Some(Cached::Present(e)) => assert_eq!(e, entry),
+                _ => panic!("not an entry"),
+            }
         }
         assert!(matches!(decode(b"k", &encode(None)), Some(Cached::Absent)));
         assert!(decode(b"k", b"E12").is_none());

@@ -56,8 +56,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    Change, Condition, Entry, FailedCondition, Feed, Found, OpResult, ScanPage, ScanRequest, Store,
-    WriteOp, WriteOutcome,
+    Change, Condition, Entry, FailedCondition, Feed, Found, Lease, LeaseId, LeaseInfo, OpResult,
+    Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
 
@@ -324,6 +324,8 @@ impl PostgresStore {
                         created: version == 1,
                         created_at_us: column(&row, 3)?,
                         updated_at_us: column(&row, 4)?,
+                        expires_at_us: None,
+                        lease: None,
                     }],
                 });
             }
@@ -492,6 +494,8 @@ impl PostgresStore {
                     created: version == 1,
                     created_at_us: row.try_get(5)?,
                     updated_at_us: row.try_get(6)?,
+                    expires_at_us: None,
+                    lease: None,
                 },
             );
         }
@@ -515,6 +519,8 @@ impl PostgresStore {
                     created: false,
                     created_at_us: 0,
                     updated_at_us: 0,
+                    expires_at_us: None,
+                    lease: None,
                 }),
                 WriteOp::Delete { key, .. } => OpResult::Deleted {
                     existed: current.contains_key(key.as_slice()),
@@ -613,6 +619,7 @@ impl Store for PostgresStore {
                     key,
                     value,
                     condition,
+                    expiry: _,
                 },
             ] => self.put_one(key, value, *condition).await,
             [WriteOp::Delete { key, condition }] => self.delete_one(key, *condition).await,
@@ -685,6 +692,30 @@ impl Store for PostgresStore {
 
     fn feed(&self) -> Arc<Feed> {
         Arc::clone(&self.shared.feed)
+    }
+
+    async fn grant_lease(&self, _ttl_ms: u64, _owner: Option<String>) -> StoreResult<Lease> {
+        Err(StoreError::Unavailable(
+            "leases are not built on PostgreSQL yet".into(),
+        ))
+    }
+
+    async fn keep_lease_alive(&self, _id: LeaseId) -> StoreResult<Lease> {
+        Err(StoreError::Unavailable(
+            "leases are not built on PostgreSQL yet".into(),
+        ))
+    }
+
+    async fn lease(&self, _id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+        Err(StoreError::Unavailable(
+            "leases are not built on PostgreSQL yet".into(),
+        ))
+    }
+
+    async fn revoke_lease(&self, _id: LeaseId) -> StoreResult<Revoked> {
+        Err(StoreError::Unavailable(
+            "leases are not built on PostgreSQL yet".into(),
+        ))
     }
 
     async fn ready(&self) -> StoreResult<()> {

@@ -24,6 +24,8 @@ pub(super) fn row_entry(key: Vec<u8>, row: &Row, first: usize) -> StoreResult<En
         revision: to_u64(get(2)?)?,
         created_at_us: get(3)?,
         updated_at_us: get(4)?,
+        expires_at_us: None,
+        lease: None,
     })
 }
 

@@ -147,6 +147,8 @@ fn row_event(row: &tokio_postgres::Row) -> StoreResult<Option<Event>> {
                 version,
                 created_at_us: stamp(6)?,
                 updated_at_us: stamp(7)?,
+                expires_at_us: None,
+                lease: None,
             }
         }
         None => {
