@@ -12,7 +12,7 @@ use kvstore::client::Client;
 use kvstore::server::{self, ServerConfig};
 use kvstore::stack::{Backend, Stack, StackConfig};
 use kvstore::storage::embedded::EmbeddedConfig;
-use kvstore::storage::{Condition, Store, WriteOp, WriteOutcome};
+use kvstore::storage::{Condition, Expiry, Store, WriteOp, WriteOutcome};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -32,6 +32,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             key: b"greeting".to_vec(),
             value: b"hello".to_vec(),
             condition: Condition::Absent,
+            expiry: Expiry::Never,
         }])
         .await?;
     match outcome {
