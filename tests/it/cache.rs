@@ -119,7 +119,6 @@ fn delete(key: &str) -> Vec<WriteOp> {
     vec![WriteOp::Delete {
         key: key.as_bytes().to_vec(),
         condition: Condition::Any,
-        expiry: Expiry::Never,
     }]
 }
 

@@ -29,7 +29,6 @@ fn delete(key: &str) -> WriteOp {
     WriteOp::Delete {
         key: key.as_bytes().to_vec(),
         condition: Condition::Any,
-        expiry: Expiry::Never,
     }
 }
 
