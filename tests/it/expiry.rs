@@ -286,3 +286,47 @@ async fn expired_keys_are_invisible_before_they_are_deleted() {
         revision_of(&deleted)
     );
 }
+
+/// Deadlines are stored with the data: keys and a lease that expire while
+/// the server is down (killed with SIGKILL) are gone for every read as soon
+/// as it is back, and are then deleted, each with its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_expire_while_the_server_is_down_are_gone_at_restart() {
+    use crate::harness::Binary;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut server = Binary::start(dir.path(), &[]);
+    let c = &server.client;
+    put_with(c, "short", json!({"value": "s", "ttl_ms": 1000})).await;
+    put_with(c, "long", json!({"value": "l", "ttl_ms": 600_000})).await;
+    let lease = grant(c, 1000).await;
+    let written =
+        revision_of(&put_with(c, "leased", json!({"value": "x", "lease": lease["lease"]})).await);
+    server.child.kill().expect("SIGKILL");
+    server.wait();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let server = Binary::start(dir.path(), &[]);
+    let c = &server.client;
+    let read = expect_json(
+        &post_json(
+            c,
+            "/v1/batch/get",
+            &json!({"keys": ["short", "long", "leased"]}),
+        )
+        .await,
+        StatusCode::OK,
+    );
+    assert_eq!(read["missing"], json!(["short", "leased"]), "{read}");
+    assert!(entry(c, "long").await.get("expires_at").is_some());
+    for (key, version) in [("short", 1), ("leased", 1)] {
+        let change = deletion_of(c, key, written.saturating_sub(3)).await;
+        assert_eq!(
+            change["events"],
+            json!([{"type": "delete", "key": key, "version": version, "reason": "expired"}])
+        );
+    }
+    expect_error(
+        &get(c, &lease_path(&lease, "")).await,
+        StatusCode::NOT_FOUND,
+        "lease_not_found",
+    );
+}
