@@ -5,16 +5,24 @@
 //! Watchers check the change feed against the model's history: one follows
 //! everything from revision 1 and resumes after every reopen, and others
 //! start at random past revisions on random ranges.
+//!
+//! On the embedded engine the store runs on a clock the test controls, and
+//! the steps add expiry: puts with a TTL, `keep_ttl` or a lease, leases
+//! granted, renewed and revoked, and the clock moved on, after which the
+//! expirer's deletes (each key under its own revision, a lease's keys under
+//! one) must be exactly the model's.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use kvstore::error::StoreError;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{
-    Change, Condition, Event, Expiry, FailedCondition, KeyRange, OpResult, ScanRequest, Store,
-    Watcher, WriteOp, WriteOutcome,
+    Change, Condition, DeleteReason, Event, Expiry, FailedCondition, KeyRange, LeaseId, OpResult,
+    ScanRequest, Store, Watcher, WriteOp, WriteOutcome,
 };
 use proptest::prelude::*;
 
@@ -23,7 +31,7 @@ const KEYS: &[&str] = &["a", "a/", "a/b", "ab", "b", "b/c", "c", "é"];
 
 #[derive(Debug, Clone)]
 enum Step {
-    Write(Vec<WriteOp>),
+    Write(Vec<StepOp>),
     Get(usize),
     GetMany(Vec<usize>),
     Scan {
@@ -40,17 +48,58 @@ enum Step {
         upper: Bound<usize>,
         back: u64,
     },
+    /// Move the clock on by this many milliseconds.
+    Advance(u64),
+    Grant(u64),
+    KeepAlive(usize),
+    Revoke(usize),
 }
 
-/// What one revision did to one key, as the model sees it: the key, whether
-/// it was put (else deleted), and the version written or removed.
-type ModelEvent = (Vec<u8>, bool, u64);
+/// A put's expiry as the steps name it: leases by their index in the order
+/// granted (a step's lease index that was never granted names an unknown id).
+#[derive(Debug, Clone, Copy)]
+enum StepExpiry {
+    Never,
+    Ttl(u64),
+    Keep,
+    Lease(usize),
+}
+
+/// A lease id no grant gives (ids are random 64-bit numbers).
+const UNKNOWN_LEASE: LeaseId = 0x00ab_cdef;
+
+/// Where the clock starts: 2027-01-15.
+const EPOCH_US: i64 = 1_800_000_000_000_000;
+
+/// What one revision did to one key, as the model sees it: the key, what
+/// happened (`put`, or a delete's reason), and the version written or removed.
+type ModelEvent = (Vec<u8>, &'static str, u64);
 
 #[derive(Debug, Clone, PartialEq)]
 struct ModelEntry {
     value: Vec<u8>,
     version: u64,
     revision: u64,
+    /// The key's own deadline.
+    expires_at_us: Option<i64>,
+    lease: Option<LeaseId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ModelLease {
+    id: LeaseId,
+    ttl_ms: u64,
+    expires_at_us: i64,
+}
+
+/// An entry as a read shows it: with its effective deadline.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    value: Vec<u8>,
+    version: u64,
+    revision: u64,
+    expires_at_us: Option<i64>,
+    lease: Option<LeaseId>,
 }
 
 #[derive(Default)]
@@ -59,10 +108,108 @@ struct Model {
     revision: u64,
     /// The events of every revision, in order.
     history: Vec<(u64, Vec<ModelEvent>)>,
+    now_us: i64,
+    /// Leases by the index of their grant; `None` once ended.
+    leases: Vec<Option<ModelLease>>,
+    /// The ids of all leases granted, by index.
+    ids: Vec<LeaseId>,
 }
 
 impl Model {
-    fn write(&mut self, ops: &[WriteOp]) -> WriteOutcome {
+    fn lease_id(&self, index: usize) -> LeaseId {
+        self.ids.get(index).copied().unwrap_or(UNKNOWN_LEASE)
+    }
+
+    fn live_lease(&self, id: LeaseId) -> Option<&ModelLease> {
+        self.leases.iter().flatten().find(|lease| lease.id == id)
+    }
+
+    fn seen(&self, entry: &ModelEntry) -> Seen {
+        Seen {
+            value: entry.value.clone(),
+            version: entry.version,
+            revision: entry.revision,
+            expires_at_us: entry.expires_at_us.or_else(|| {
+                entry
+                    .lease
+                    .and_then(|id| self.live_lease(id).map(|l| l.expires_at_us))
+            }),
+            lease: entry.lease,
+        }
+    }
+
+    fn record(&mut self, events: Vec<ModelEvent>) {
+        self.revision += 1;
+        self.history.push((self.revision, events));
+    }
+
+    /// Ends a lease: its keys go in one revision (none if it has no keys).
+    fn end_lease(&mut self, index: usize, reason: &'static str) -> Vec<Vec<u8>> {
+        let Some(lease) = self.leases[index].take() else {
+            return Vec::new();
+        };
+        let keys: Vec<Vec<u8>> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.lease == Some(lease.id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !keys.is_empty() {
+            let events = keys
+                .iter()
+                .map(|k| (k.clone(), reason, self.entries[k].version))
+                .collect();
+            for key in &keys {
+                self.entries.remove(key);
+            }
+            self.record(events);
+        }
+        keys
+    }
+
+    /// The expirer's round at the model's time: due leases (earliest first),
+    /// then due keys by deadline and key, each under its own revision.
+    fn expire(&mut self) {
+        let mut due: Vec<(i64, LeaseId, usize)> = self
+            .leases
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.as_ref().map(|l| (l.expires_at_us, l.id, i)))
+            .filter(|(deadline, _, _)| *deadline <= self.now_us)
+            .collect();
+        due.sort_unstable();
+        for (_, _, index) in due {
+            self.end_lease(index, "expired");
+        }
+        let mut keys: Vec<(i64, Vec<u8>)> = self
+            .entries
+            .iter()
+            .filter_map(|(k, e)| e.expires_at_us.map(|d| (d, k.clone())))
+            .filter(|(deadline, _)| *deadline <= self.now_us)
+            .collect();
+        keys.sort();
+        for (_, key) in keys {
+            let version = self.entries[&key].version;
+            self.entries.remove(&key);
+            self.record(vec![(key, "expired", version)]);
+        }
+    }
+
+    fn write(&mut self, ops: &[WriteOp]) -> Result<WriteOutcome, LeaseId> {
+        for op in ops {
+            if let WriteOp::Put {
+                expiry: Expiry::Lease(id),
+                ..
+            } = op
+                && self.live_lease(*id).is_none()
+            {
+                return Err(*id);
+            }
+        }
+        Ok(self.apply(ops))
+    }
+
+    fn apply(&mut self, ops: &[WriteOp]) -> WriteOutcome {
         let failed: Vec<FailedCondition> = ops
             .iter()
             .enumerate()
@@ -84,11 +231,11 @@ impl Model {
             match op {
                 WriteOp::Put { key, .. } => {
                     let version = self.entries.get(key).map_or(1, |e| e.version + 1);
-                    events.push((key.clone(), true, version));
+                    events.push((key.clone(), "put", version));
                 }
                 WriteOp::Delete { key, .. } => {
                     if let Some(entry) = self.entries.get(key) {
-                        events.push((key.clone(), false, entry.version));
+                        events.push((key.clone(), "deleted", entry.version));
                     }
                 }
             }
@@ -97,24 +244,37 @@ impl Model {
         let results = ops
             .iter()
             .map(|op| match op {
-                WriteOp::Put { key, value, .. } => {
-                    let previous = self.entries.get(key).map(|e| e.version);
-                    let version = previous.map_or(1, |v| v + 1);
-                    self.entries.insert(
-                        key.clone(),
-                        ModelEntry {
-                            value: value.clone(),
-                            version,
-                            revision,
-                        },
-                    );
+                WriteOp::Put {
+                    key, value, expiry, ..
+                } => {
+                    let previous = self.entries.get(key).cloned();
+                    let version = previous.as_ref().map_or(1, |e| e.version + 1);
+                    let (expires_at_us, lease) = match expiry {
+                        Expiry::Never => (None, None),
+                        Expiry::Ttl(ms) => {
+                            (Some(self.now_us + i64::try_from(*ms).unwrap() * 1000), None)
+                        }
+                        Expiry::Keep => previous
+                            .as_ref()
+                            .map_or((None, None), |e| (e.expires_at_us, e.lease)),
+                        Expiry::Lease(id) => (None, Some(*id)),
+                    };
+                    let entry = ModelEntry {
+                        value: value.clone(),
+                        version,
+                        revision,
+                        expires_at_us,
+                        lease,
+                    };
+                    let seen = self.seen(&entry);
+                    self.entries.insert(key.clone(), entry);
                     OpResult::Put {
                         version,
                         created: previous.is_none(),
                         created_at_us: 0,
                         updated_at_us: 0,
-                        expires_at_us: None,
-                        lease: None,
+                        expires_at_us: seen.expires_at_us,
+                        lease,
                     }
                 }
                 WriteOp::Delete { key, .. } => OpResult::Deleted {
@@ -157,13 +317,65 @@ fn condition() -> impl Strategy<Value = Condition> {
     ]
 }
 
-fn op() -> impl Strategy<Value = WriteOp> {
+fn step_expiry(clocked: bool) -> BoxedStrategy<StepExpiry> {
+    if !clocked {
+        return Just(StepExpiry::Never).boxed();
+    }
     prop_oneof![
-        3 => (0..KEYS.len(), proptest::collection::vec(any::<u8>(), 0..16), condition())
-            .prop_map(|(k, value, condition)| WriteOp::Put { key: key(k), value, condition, expiry: Expiry::Never }),
-        1 => (0..KEYS.len(), condition().prop_filter("absent delete", |c| *c != Condition::Absent))
-            .prop_map(|(k, condition)| WriteOp::Delete { key: key(k), condition }),
+        3 => Just(StepExpiry::Never),
+        2 => prop_oneof![Just(100u64), Just(1000), Just(5000)].prop_map(StepExpiry::Ttl),
+        1 => Just(StepExpiry::Keep),
+        1 => (0usize..3).prop_map(StepExpiry::Lease),
     ]
+    .boxed()
+}
+
+/// A write op; a put's expiry is resolved against the model's leases when
+/// the step runs.
+#[derive(Debug, Clone)]
+struct StepOp {
+    op: WriteOp,
+    expiry: StepExpiry,
+}
+
+fn op(clocked: bool) -> impl Strategy<Value = StepOp> {
+    prop_oneof![
+        3 => (0..KEYS.len(), proptest::collection::vec(any::<u8>(), 0..16), condition(), step_expiry(clocked))
+            .prop_map(|(k, value, condition, expiry)| StepOp {
+                op: WriteOp::Put { key: key(k), value, condition, expiry: Expiry::Never },
+                expiry,
+            }),
+        1 => (0..KEYS.len(), condition().prop_filter("absent delete", |c| *c != Condition::Absent))
+            .prop_map(|(k, condition)| StepOp {
+                op: WriteOp::Delete { key: key(k), condition },
+                expiry: StepExpiry::Never,
+            }),
+    ]
+}
+
+/// The store's ops of a step, with leases named by their ids.
+fn resolve(ops: &[StepOp], model: &Model) -> Vec<WriteOp> {
+    ops.iter()
+        .map(|StepOp { op, expiry }| match op {
+            WriteOp::Put {
+                key,
+                value,
+                condition,
+                ..
+            } => WriteOp::Put {
+                key: key.clone(),
+                value: value.clone(),
+                condition: *condition,
+                expiry: match expiry {
+                    StepExpiry::Never => Expiry::Never,
+                    StepExpiry::Ttl(ms) => Expiry::Ttl(*ms),
+                    StepExpiry::Keep => Expiry::Keep,
+                    StepExpiry::Lease(i) => Expiry::Lease(model.lease_id(*i)),
+                },
+            },
+            delete => delete.clone(),
+        })
+        .collect()
 }
 
 fn bound() -> impl Strategy<Value = Bound<usize>> {
@@ -174,14 +386,19 @@ fn bound() -> impl Strategy<Value = Bound<usize>> {
     ]
 }
 
-fn step() -> impl Strategy<Value = Step> {
+fn step(clocked: bool) -> impl Strategy<Value = Step> {
+    let (advance, leases) = if clocked { (2, 1) } else { (0, 0) };
     prop_oneof![
-        6 => op().prop_map(|op| Step::Write(vec![op])),
-        3 => proptest::collection::vec(op(), 1..5).prop_map(|ops| {
+        6 => op(clocked).prop_map(|op| Step::Write(vec![op])),
+        3 => proptest::collection::vec(op(clocked), 1..5).prop_map(|ops| {
             // A batch names each key at most once.
             let mut seen = std::collections::HashSet::new();
-            Step::Write(ops.into_iter().filter(|op| seen.insert(op.key().to_vec())).collect())
+            Step::Write(ops.into_iter().filter(|op| seen.insert(op.op.key().to_vec())).collect())
         }),
+        advance => prop_oneof![Just(50u64), Just(600), Just(2000), Just(6000)].prop_map(Step::Advance),
+        leases => prop_oneof![Just(500u64), Just(3000)].prop_map(Step::Grant),
+        leases => (0usize..3).prop_map(Step::KeepAlive),
+        leases => (0usize..3).prop_map(Step::Revoke),
         2 => (0..KEYS.len()).prop_map(Step::Get),
         1 => proptest::collection::vec(0..KEYS.len(), 0..5).prop_map(Step::GetMany),
         2 => (bound(), bound(), any::<bool>(), 1usize..6, any::<bool>()).prop_map(
@@ -198,8 +415,12 @@ fn model_events(change: &Change) -> Vec<ModelEvent> {
         .events
         .iter()
         .map(|event| match event {
-            Event::Put { key, version, .. } => (key.clone(), true, *version),
-            Event::Delete { key, version, .. } => (key.clone(), false, *version),
+            Event::Put { key, version, .. } => (key.clone(), "put", *version),
+            Event::Delete {
+                key,
+                version,
+                reason,
+            } => (key.clone(), reason.name(), *version),
         })
         .collect();
     events.sort();
@@ -251,27 +472,64 @@ fn key_bound(b: &Bound<usize>) -> Bound<Vec<u8>> {
 
 /// Where the store under test keeps its data, so it can be reopened.
 enum Place {
-    /// A data directory, and the bytes of the writer's key directory.
-    Dir(tempfile::TempDir, u64),
+    /// A data directory, the bytes of the writer's key directory, and the
+    /// clock the store runs on.
+    Dir(tempfile::TempDir, u64, Arc<AtomicI64>),
     Schema(crate::harness::PgSchema),
 }
 
 impl Place {
     async fn open(&self) -> Arc<dyn Store> {
         match self {
-            Place::Dir(dir, key_directory_bytes) => {
+            Place::Dir(dir, key_directory_bytes, clock) => {
                 let mut config = EmbeddedConfig::new(dir.path());
                 config.key_directory_bytes = *key_directory_bytes;
+                let clock = Arc::clone(clock);
+                config.clock = Some(Arc::new(move || clock.load(Ordering::SeqCst)));
                 Arc::new(EmbeddedStore::open(config).expect("open store"))
             }
             Place::Schema(schema) => schema.open().await,
         }
     }
+
+    fn clock(&self) -> Option<&AtomicI64> {
+        match self {
+            Place::Dir(_, _, clock) => Some(clock),
+            Place::Schema(_) => None,
+        }
+    }
+}
+
+/// Waits until the store's history reaches the model's revision.
+async fn reach(store: &Arc<dyn Store>, revision: u64, n: usize) {
+    crate::harness::within(
+        10,
+        &format!("step {n}: the expirer's deletes up to {revision}"),
+        async {
+            loop {
+                let changes = store
+                    .changes(revision.saturating_sub(1), 1)
+                    .await
+                    .expect("changes");
+                if changes.last().is_some_and(|c| c.revision >= revision) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        },
+    )
+    .await;
 }
 
 async fn check(steps: Vec<Step>, place: Place) {
+    if let Some(clock) = place.clock() {
+        clock.store(EPOCH_US, Ordering::SeqCst);
+    }
     let mut store = place.open().await;
-    let mut model = Model::default();
+    let mut model = Model {
+        now_us: EPOCH_US,
+        ..Model::default()
+    };
     let everything = KeyRange::everything();
     let mut follower = Watcher::start(
         store.feed(),
@@ -285,19 +543,85 @@ async fn check(steps: Vec<Step>, place: Place) {
     for (n, step) in steps.into_iter().enumerate() {
         match step {
             Step::Write(ops) => {
-                let got = without_timestamps(store.write(ops.clone()).await.expect("write"));
-                assert_eq!(got, model.write(&ops), "step {n}: {ops:?}");
+                let ops = resolve(&ops, &model);
+                match (store.write(ops.clone()).await, model.write(&ops)) {
+                    (Ok(got), Ok(want)) => {
+                        assert_eq!(without_timestamps(got), want, "step {n}: {ops:?}")
+                    }
+                    (Err(StoreError::LeaseNotFound(got)), Err(want)) => {
+                        assert_eq!(got, want, "step {n}")
+                    }
+                    (got, want) => panic!("step {n}: {ops:?}: got {got:?}, want {want:?}"),
+                }
+            }
+            Step::Advance(ms) => {
+                let clock = place.clock().expect("a clock");
+                model.now_us += i64::try_from(ms).unwrap() * 1000;
+                clock.store(model.now_us, Ordering::SeqCst);
+                let before = model.revision;
+                model.expire();
+                if model.revision > before {
+                    reach(&store, model.revision, n).await;
+                }
+            }
+            Step::Grant(ttl_ms) => {
+                let lease = store.grant_lease(ttl_ms, None).await.expect("grant");
+                assert_eq!(
+                    lease.expires_at_us,
+                    model.now_us + i64::try_from(ttl_ms).unwrap() * 1000
+                );
+                model.ids.push(lease.id);
+                model.leases.push(Some(ModelLease {
+                    id: lease.id,
+                    ttl_ms,
+                    expires_at_us: lease.expires_at_us,
+                }));
+            }
+            Step::KeepAlive(i) => {
+                let id = model.lease_id(i);
+                let got = store.keep_lease_alive(id).await;
+                let now = model.now_us;
+                match (got, model.leases.get_mut(i).and_then(Option::as_mut)) {
+                    (Ok(got), Some(lease)) => {
+                        lease.expires_at_us = now + i64::try_from(lease.ttl_ms).unwrap() * 1000;
+                        assert_eq!(got.expires_at_us, lease.expires_at_us, "step {n}");
+                    }
+                    (Err(StoreError::LeaseNotFound(got)), None) => assert_eq!(got, id),
+                    (got, want) => panic!("step {n}: keepalive: got {got:?}, want {want:?}"),
+                }
+            }
+            Step::Revoke(i) => {
+                let id = model.lease_id(i);
+                let got = store.revoke_lease(id).await;
+                let live = model.leases.get(i).is_some_and(Option::is_some);
+                match got {
+                    Ok(revoked) if live => {
+                        let mut keys = model.end_lease(i, DeleteReason::LeaseRevoked.name());
+                        let mut got_keys = revoked.keys;
+                        keys.sort();
+                        got_keys.sort();
+                        assert_eq!(
+                            (got_keys, revoked.revision),
+                            (keys, model.revision),
+                            "step {n}"
+                        );
+                    }
+                    Err(StoreError::LeaseNotFound(got)) if !live => assert_eq!(got, id),
+                    got => panic!("step {n}: revoke of a lease live={live}: {got:?}"),
+                }
             }
             Step::Get(i) => {
                 let got = store.get(&key(i)).await.expect("get");
-                let want = model.entries.get(&key(i));
+                let want = model.entries.get(&key(i)).map(|e| model.seen(e));
                 assert_eq!(
-                    got.map(|e| ModelEntry {
+                    got.map(|e| Seen {
                         value: e.value,
                         version: e.version,
-                        revision: e.revision
+                        revision: e.revision,
+                        expires_at_us: e.expires_at_us,
+                        lease: e.lease,
                     }),
-                    want.cloned(),
+                    want,
                     "step {n}: get {}",
                     KEYS[i]
                 );
@@ -351,13 +675,13 @@ async fn check(steps: Vec<Step>, place: Place) {
                     }
                     _ => false,
                 };
-                let mut want: Vec<(Vec<u8>, ModelEntry)> = if inverted {
+                let mut want: Vec<(Vec<u8>, Seen)> = if inverted {
                     Vec::new()
                 } else {
                     model
                         .entries
                         .range((lower, upper))
-                        .map(|(k, e)| (k.clone(), e.clone()))
+                        .map(|(k, e)| (k.clone(), model.seen(e)))
                         .collect()
                 };
                 if reverse {
@@ -365,16 +689,18 @@ async fn check(steps: Vec<Step>, place: Place) {
                 }
                 let more = want.len() > limit;
                 want.truncate(limit);
-                let got: Vec<(Vec<u8>, ModelEntry)> = page
+                let got: Vec<(Vec<u8>, Seen)> = page
                     .entries
                     .into_iter()
                     .map(|e| {
                         (
                             e.key,
-                            ModelEntry {
+                            Seen {
                                 value: e.value,
                                 version: e.version,
                                 revision: e.revision,
+                                expires_at_us: e.expires_at_us,
+                                lease: e.lease,
                             },
                         )
                     })
@@ -443,7 +769,7 @@ proptest! {
     /// back from the engine.
     #[test]
     fn store_matches_model(
-        steps in proptest::collection::vec(step(), 1..40),
+        steps in proptest::collection::vec(step(true), 1..40),
         multi_threaded in any::<bool>(),
         tiny_key_directory in any::<bool>(),
     ) {
@@ -455,7 +781,8 @@ proptest! {
         .expect("runtime");
         let dir = tempfile::tempdir().expect("temp dir");
         let key_directory_bytes = if tiny_key_directory { 100 } else { EmbeddedConfig::new("").key_directory_bytes };
-        runtime.block_on(check(steps, Place::Dir(dir, key_directory_bytes)));
+        let clock = Arc::new(AtomicI64::new(EPOCH_US));
+        runtime.block_on(check(steps, Place::Dir(dir, key_directory_bytes, clock)));
     }
 }
 
@@ -464,7 +791,7 @@ proptest! {
 
     #[test]
     #[cfg_attr(not(kvstore_test_postgres), ignore = "set KVSTORE_TEST_POSTGRES_URL to run it")]
-    fn postgres_store_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
+    fn postgres_store_matches_model(steps in proptest::collection::vec(step(false), 1..40)) {
         let schema = crate::harness::PgSchema::new();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         runtime.block_on(check(steps, Place::Schema(schema)));

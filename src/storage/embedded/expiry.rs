@@ -155,15 +155,19 @@ impl Leases {
             .contains_key(&id)
     }
 
-    /// Leases whose deadline has passed at `now_us`.
+    /// Leases whose deadline has passed at `now_us`, the earliest first (and
+    /// by id between equal deadlines, so that the order is the same each time).
     pub(super) fn due(&self, now_us: i64) -> Vec<LeaseId> {
-        self.0
+        let mut due: Vec<(i64, LeaseId)> = self
+            .0
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
             .filter(|lease| lease.expires_at_us <= now_us)
-            .map(|lease| lease.id)
-            .collect()
+            .map(|lease| (lease.expires_at_us, lease.id))
+            .collect();
+        due.sort_unstable();
+        due.into_iter().map(|(_, id)| id).collect()
     }
 
     pub(super) fn set(&self, lease: Lease) {
