@@ -409,3 +409,82 @@ async fn no_reader_sees_a_version_go_back() {
     }
     cache.close().await.unwrap();
 }
+
+// ---------------------------------------------------------------- expiry
+
+/// An embedded store on a clock the test moves, and a way to move it.
+fn clocked_store(dir: &std::path::Path) -> (Arc<EmbeddedStore>, Arc<std::sync::atomic::AtomicI64>) {
+    let now = Arc::new(std::sync::atomic::AtomicI64::new(1_800_000_000_000_000));
+    let mut config = EmbeddedConfig::new(dir);
+    let clock = Arc::clone(&now);
+    config.clock = Some(Arc::new(move || clock.load(Ordering::SeqCst)));
+    (Arc::new(EmbeddedStore::open(config).unwrap()), now)
+}
+
+fn put_expiring(key: &str, expiry: Expiry) -> Vec<WriteOp> {
+    vec![WriteOp::Put {
+        key: key.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+        condition: Condition::Any,
+        expiry,
+    }]
+}
+
+/// A cache in front of the store must not serve what expired or was
+/// revoked: the expirer's deletes do not pass through it, so it checks
+/// deadlines itself, and a revoke drops the lease's keys.
+async fn cache_forgets_what_expires(cache: Arc<dyn Store>, now: &std::sync::atomic::AtomicI64) {
+    cache
+        .write(put_expiring("ttl", Expiry::Ttl(1000)))
+        .await
+        .unwrap();
+    let lease = cache.grant_lease(5000, None).await.unwrap();
+    cache
+        .write(put_expiring("revoked", Expiry::Lease(lease.id)))
+        .await
+        .unwrap();
+    let short = cache.grant_lease(3000, None).await.unwrap();
+    cache
+        .write(put_expiring("lapsed", Expiry::Lease(short.id)))
+        .await
+        .unwrap();
+    for key in ["ttl", "revoked", "lapsed"] {
+        // Read twice: the second is a hit when the cache holds the entry.
+        assert!(value_of(cache.as_ref(), key).await.is_some(), "{key}");
+        assert!(value_of(cache.as_ref(), key).await.is_some(), "{key}");
+    }
+    // A keepalive moves the deadline of the lease's keys, which reads show.
+    now.fetch_add(1000, Ordering::SeqCst);
+    let renewed = cache.keep_lease_alive(lease.id).await.unwrap();
+    let seen = cache.get(b"revoked").await.unwrap().unwrap();
+    assert_eq!(seen.expires_at_us, Some(renewed.expires_at_us));
+    cache.revoke_lease(lease.id).await.unwrap();
+    assert_eq!(value_of(cache.as_ref(), "revoked").await, None);
+    now.fetch_add(3_500_000, Ordering::SeqCst);
+    assert_eq!(value_of(cache.as_ref(), "ttl").await, None);
+    assert_eq!(value_of(cache.as_ref(), "lapsed").await, None);
+    cache.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_cache_never_serves_an_expired_or_revoked_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, now) = clocked_store(dir.path());
+    let cache = CachedStore::new(store, CacheConfig::default());
+    cache_forgets_what_expires(Arc::new(cache), &now).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_redis),
+    ignore = "set KVSTORE_TEST_REDIS_URL to run it"
+)]
+async fn the_redis_cache_never_serves_an_expired_or_revoked_key() {
+    use kvstore::storage::layer::redis_cache::{RedisCachedStore, RedisConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let (store, now) = clocked_store(dir.path());
+    let mut config = RedisConfig::new(crate::harness::redis_url());
+    config.prefix = format!("expiry-test-{}:", std::process::id());
+    let cache = RedisCachedStore::new(store, config).unwrap();
+    cache_forgets_what_expires(Arc::new(cache), &now).await;
+}

@@ -288,10 +288,17 @@ impl CachedStore {
             .filter(|slot| slot.is_fresh(self.now()))
     }
 
+    /// Whether an entry may be cached: not too large, and not on a lease,
+    /// whose deadline a keepalive moves without a write to the key (a cached
+    /// entry would show the old one).
+    fn cacheable(&self, value_len: usize, lease: Option<LeaseId>) -> bool {
+        value_len <= self.config.max_value_bytes && lease.is_none()
+    }
+
     /// Fills the cache after a read of the store that began at `epoch`.
     fn fill(&self, key: &[u8], epoch: u64, found: Option<&Entry>) {
         let slot = match found {
-            Some(entry) if entry.value.len() <= self.config.max_value_bytes => {
+            Some(entry) if self.cacheable(entry.value.len(), entry.lease) => {
                 Some(Slot::Present(Arc::new(entry.clone()), self.expiry()))
             }
             Some(_) => None,
@@ -314,7 +321,7 @@ impl CachedStore {
     }
 
     /// Applies what a write did to the cache; `slot` is `None` for a put whose
-    /// value is too large to cache.
+    /// entry may not be cached.
     fn apply_write(&self, key: Vec<u8>, revision: u64, slot: Option<Slot>) {
         let mut stripe = self.stripe(&key);
         stripe.epoch += 1;
@@ -379,11 +386,10 @@ impl Store for CachedStore {
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
         // Copy what the cache needs before the ops move into the store; values
         // too large to cache are not copied.
-        let max_value = self.config.max_value_bytes;
         let plan: Vec<(Vec<u8>, Option<Vec<u8>>)> = ops
             .iter()
             .map(|op| match op {
-                WriteOp::Put { key, value, .. } if value.len() <= max_value => {
+                WriteOp::Put { key, value, .. } if self.cacheable(value.len(), None) => {
                     (key.clone(), Some(value.clone()))
                 }
                 _ => (op.key().to_vec(), None),
@@ -393,6 +399,9 @@ impl Store for CachedStore {
         match &outcome {
             Ok(WriteOutcome::Applied { revision, results }) => {
                 for ((key, value), result) in plan.into_iter().zip(results) {
+                    // A put on a lease (given, or kept by keep_ttl) is not cached.
+                    let value =
+                        value.filter(|_| !matches!(result, OpResult::Put { lease: Some(_), .. }));
                     let slot = match (result, value) {
                         (
                             OpResult::Put {

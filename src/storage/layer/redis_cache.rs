@@ -440,9 +440,11 @@ impl Store for RedisCachedStore {
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let found = self.inner.get(key).await?;
+        // Not an entry on a lease: a keepalive moves its deadline without a
+        // write to the key, so a cached copy would show the old one.
         let cacheable = found
             .as_ref()
-            .is_none_or(|e| e.value.len() <= self.config.max_value_bytes);
+            .is_none_or(|e| e.value.len() <= self.config.max_value_bytes && e.lease.is_none());
         if answer.as_slice() == b"M" && cacheable {
             let ttl_ms = u64::try_from(self.config.ttl.as_millis()).unwrap_or(u64::MAX);
             let mut fill = self.fill_script.prepare_invoke();
