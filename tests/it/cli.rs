@@ -408,7 +408,10 @@ async fn export_then_import_round_trips() {
 
     // Twice: the same values (new versions).
     let summary = json(&ok(to, &["import", path, "--json"], b"").await);
-    assert_eq!(summary, serde_json::json!({"imported": 28, "batches": 1}));
+    assert_eq!(
+        summary,
+        serde_json::json!({"imported": 28, "batches": 1, "skipped": 0})
+    );
     assert_eq!(contents(&target).await, contents(&source).await);
     assert_eq!(
         target.client.get("item00").await.unwrap().unwrap().version,
