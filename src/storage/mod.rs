@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::error::StoreResult;
+use crate::error::{StoreError, StoreResult};
 pub use changes::{Change, DeleteReason, Event, History, KeyRange};
 pub use feed::{Feed, Watcher};
 
@@ -223,6 +223,29 @@ pub struct Found {
     pub entries: Vec<Option<Entry>>,
     /// The store revision the entries were read at, as for [`ScanPage`].
     pub revision: u64,
+}
+
+/// A clock in microseconds since the Unix epoch (see [`system_now_us`]).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The deadline `ttl_ms` milliseconds after `now_us`.
+pub fn deadline_after(now_us: i64, ttl_ms: u64) -> i64 {
+    now_us.saturating_add(i64::try_from(ttl_ms.saturating_mul(1000)).unwrap_or(i64::MAX))
+}
+
+/// A new lease id: random, so that ids cannot be guessed, and never 0.
+pub(crate) fn new_lease_id() -> StoreResult<LeaseId> {
+    loop {
+        let mut bytes = [0u8; 8];
+        rustls::crypto::ring::default_provider()
+            .secure_random
+            .fill(&mut bytes)
+            .map_err(|_| StoreError::Internal("the system's random source failed".into()))?;
+        let id = u64::from_le_bytes(bytes);
+        if id != 0 {
+            return Ok(id);
+        }
+    }
 }
 
 /// The wall clock, in microseconds since the Unix epoch.

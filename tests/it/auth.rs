@@ -551,3 +551,58 @@ async fn the_cli_hashes_tokens_and_sends_them() {
     assert!(String::from_utf8_lossy(&out.2.stderr).contains("403 forbidden"));
     server.stop().await;
 }
+
+/// A lease belongs to the token that granted it: another token may not
+/// renew, read or revoke it, nor attach keys to it (a revoke must not delete
+/// keys its token could not write); without a token, 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_belong_to_the_token_that_granted_them() {
+    let server = server(false).await;
+    let app = client_with(&server, Some("app-token"));
+    let admin = &server.client;
+    let granted = expect_json(
+        &post_json(&app, "/v1/leases", &serde_json::json!({"ttl_ms": 60_000})).await,
+        StatusCode::CREATED,
+    );
+    let id = granted["lease"].as_str().expect("lease id").to_owned();
+    let path = format!("/v1/leases/{id}");
+    put_answer(
+        &put_json(
+            &app,
+            "users/1",
+            &serde_json::json!({"value": "x", "lease": id}),
+            &[],
+        )
+        .await,
+        "users/1",
+    );
+    let info = expect_json(&get(&app, &path).await, StatusCode::OK);
+    assert_eq!(info["keys"], 1, "{info}");
+    for response in [
+        get(admin, &path).await,
+        post_json(admin, &format!("{path}/keepalive"), &serde_json::json!({})).await,
+        delete(admin, &path, &[]).await,
+        put_json(
+            admin,
+            "users/2",
+            &serde_json::json!({"value": "x", "lease": id}),
+            &[],
+        )
+        .await,
+    ] {
+        expect_error(&response, StatusCode::FORBIDDEN, "forbidden");
+    }
+    assert_missing(admin, "users/2").await;
+    assert_eq!(entry(admin, "users/1").await["lease"], id.as_str());
+    let anonymous = client_with(&server, None);
+    expect_error(
+        &get(&anonymous, &path).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+    );
+    assert_eq!(
+        delete(&app, &path, &[]).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_missing(admin, "users/1").await;
+}

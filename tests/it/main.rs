@@ -32,6 +32,7 @@ mod corruption;
 mod crash;
 mod disk_full;
 mod durability;
+mod expiry;
 mod failing_disk;
 mod journal;
 mod model;

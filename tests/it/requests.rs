@@ -201,6 +201,15 @@ pub fn assert_timestamp(text: &str) {
 /// or `value_base64` unless `keys_only`, and well-formed timestamps.
 pub fn assert_entry_shape(entry: &Value, keys_only: bool) {
     let mut fields = ENTRY_META.to_vec();
+    // Only on keys that expire, and on keys on a lease.
+    for optional in ["expires_at", "lease"] {
+        if entry.get(optional).is_some() {
+            fields.push(optional);
+        }
+    }
+    if let Some(deadline) = entry.get("expires_at") {
+        assert_timestamp(deadline.as_str().unwrap_or_default());
+    }
     if !keys_only {
         fields.push(if entry.get("value").is_some() {
             "value"

@@ -20,6 +20,8 @@ pub(super) struct Committer {
     pub(super) watcher_stop: Option<std::sync::mpsc::Sender<()>>,
     /// Dropped on close, which stops the history's trimmer.
     pub(super) trimmer_stop: Option<std::sync::mpsc::Sender<()>>,
+    /// Dropped on close, which stops the expirer.
+    pub(super) expirer_stop: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Committer {
@@ -86,6 +88,7 @@ impl Committer {
         self.syncer_stop.take();
         self.watcher_stop.take();
         self.trimmer_stop.take();
+        self.expirer_stop.take();
         self.shared
             .with_engine(|engine| Ok(engine.db.persist(PersistMode::SyncAll)?))
     }

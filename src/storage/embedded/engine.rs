@@ -1,4 +1,4 @@
-//! The engine's handles (fjall's database and kvstore's three keyspaces), and
+//! The engine's handles (fjall's database and kvstore's keyspaces), and
 //! opening them: with the syncs fjall leaves out, and with the damaged file
 //! named when the data is corrupt.
 
@@ -17,6 +17,11 @@ pub(super) struct Engine {
     /// The change log: one record per commit group, keyed by its first
     /// revision (see [`crate::storage::changes`]).
     pub(super) changes: Keyspace,
+    /// What expires, by deadline; the keys of each lease; the leases (see
+    /// [`super::expiry`]).
+    pub(super) deadlines: Keyspace,
+    pub(super) lease_keys: Keyspace,
+    pub(super) leases: Keyspace,
 }
 
 impl Engine {
@@ -30,6 +35,9 @@ impl Engine {
         let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let changes = db.keyspace("changes", KeyspaceCreateOptions::default)?;
+        let deadlines = db.keyspace("deadlines", KeyspaceCreateOptions::default)?;
+        let lease_keys = db.keyspace("lease_keys", KeyspaceCreateOptions::default)?;
+        let leases = db.keyspace("leases", KeyspaceCreateOptions::default)?;
         // fjall creates `keyspaces/<id>` without an fsync of `keyspaces/`: a
         // power cut would take the new folder away, and with it every write
         // its journal holds for that keyspace. Syncing both levels here, before
@@ -41,6 +49,9 @@ impl Engine {
             kv,
             meta,
             changes,
+            deadlines,
+            lease_keys,
+            leases,
         };
         let revision = engine.revision_in(&engine.db.snapshot())?;
         Ok((engine, revision))

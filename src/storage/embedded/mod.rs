@@ -51,6 +51,7 @@
 
 mod committer;
 mod engine;
+mod expiry;
 mod full_disk;
 mod history;
 mod key_directory;
@@ -61,6 +62,7 @@ mod writer;
 
 use committer::Committer;
 use engine::Engine;
+use expiry::{Leases, lease_keys, run_expirer};
 use full_disk::{Failure, ran_out_of_space, run_watcher};
 use history::{read_changes, run_trimmer};
 use key_directory::KeyDirectory;
@@ -83,8 +85,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::Entry;
 use super::codec;
 use super::{
-    Change, FailedCondition, Feed, Found, History, Lease, LeaseId, LeaseInfo, OpResult, Revoked,
-    ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+    Change, Clock, DeleteReason, FailedCondition, Feed, Found, History, Lease, LeaseId, LeaseInfo,
+    OpResult, Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome, deadline_after,
+    new_lease_id, system_now_us,
 };
 use crate::error::{StoreError, StoreResult};
 use crate::timing;
@@ -136,6 +139,9 @@ pub struct EmbeddedConfig {
     /// How much change history to keep for watchers.
     pub history: History,
     pub commit_hook: Option<CommitHook>,
+    /// The clock deadlines are kept by; `None` is the wall clock. Tests set
+    /// one they control.
+    pub clock: Option<Clock>,
 }
 
 impl EmbeddedConfig {
@@ -153,6 +159,7 @@ impl EmbeddedConfig {
             min_free: MinFree::default(),
             history: History::default(),
             commit_hook: None,
+            clock: None,
         }
     }
 }
@@ -225,6 +232,9 @@ struct Shared {
     last_overlap_us: AtomicU64,
     opened: Instant,
     quiet_before_inline_us: u64,
+    /// The leases, in memory (see [`expiry`]).
+    leases: Leases,
+    clock: Option<Clock>,
 }
 
 impl Shared {
@@ -321,6 +331,28 @@ impl Shared {
         (quiet >= self.quiet_before_inline_us, in_flight)
     }
 
+    fn now_us(&self) -> i64 {
+        self.clock
+            .as_ref()
+            .map_or_else(system_now_us, |clock| clock())
+    }
+
+    /// Whether a key with this metadata is there at `now_us`: before its
+    /// deadline, and on a lease that has not expired, if on one.
+    fn alive(&self, meta: &codec::RecordMeta, now_us: i64) -> bool {
+        self.deadline_of(meta)
+            .is_none_or(|deadline| deadline > now_us)
+    }
+
+    /// The key's effective deadline: its own, or its lease's (`i64::MIN`
+    /// for a lease that is gone).
+    fn deadline_of(&self, meta: &codec::RecordMeta) -> Option<i64> {
+        meta.expires_at_us.or_else(|| {
+            meta.lease
+                .map(|id| self.leases.deadline(id).unwrap_or(i64::MIN))
+        })
+    }
+
     fn lock_writer(&self) -> MutexGuard<'_, Writer> {
         // A panic while committing cannot leave the writer half-updated in a
         // way that matters: a failed commit resets the revision before it
@@ -347,6 +379,7 @@ impl EmbeddedStore {
     pub fn open(config: EmbeddedConfig) -> StoreResult<Self> {
         crate::files::create_dir_all_durably(&config.path)?;
         let (engine, revision) = Engine::open(&config.path)?;
+        let leases = Leases::load(&engine)?;
         let shared = Arc::new(Shared {
             engine: ArcSwapOption::from_pointee(engine),
             space: SpaceGuard::new(&config.path, config.min_free),
@@ -371,6 +404,8 @@ impl EmbeddedStore {
             opened: Instant::now(),
             quiet_before_inline_us: u64::try_from(config.quiet_before_inline.as_micros())
                 .unwrap_or(u64::MAX),
+            leases,
+            clock: config.clock.clone(),
         });
 
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
@@ -401,11 +436,19 @@ impl EmbeddedStore {
                 .name("kvstore-trimmer".into())
                 .spawn(move || run_trimmer(&trimmed, &stopped))?,
         );
+        let (expirer_stop, stopped) = std::sync::mpsc::channel::<()>();
+        let expiring = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("kvstore-expirer".into())
+                .spawn(move || run_expirer(&expiring, &stopped))?,
+        );
         let committer = Committer {
             shared: Arc::clone(&shared),
             syncer_stop,
             watcher_stop: Some(watcher_stop),
             trimmer_stop: Some(trimmer_stop),
+            expirer_stop: Some(expirer_stop),
         };
         threads.push(
             std::thread::Builder::new()
@@ -469,6 +512,20 @@ impl EmbeddedStore {
         None
     }
 
+    /// Runs `work` with the writer held, on a blocking thread.
+    async fn with_writer<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Shared, &mut Writer) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        self.run_blocking(move |shared| {
+            if shared.closed.load(Ordering::Acquire) {
+                return Err(StoreError::Unavailable("the store is closed".into()));
+            }
+            work(shared, &mut shared.lock_writer())
+        })
+        .await
+    }
+
     async fn run_blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&Shared) -> StoreResult<T> + Send + 'static,
@@ -486,7 +543,13 @@ impl Store for EmbeddedStore {
         // A point read is a memtable or block-cache lookup (under a
         // microsecond), far cheaper than handing it to a blocking thread.
         self.shared.with_engine(|engine| match engine.kv.get(key)? {
-            Some(record) => Ok(Some(to_entry(key.to_vec(), &record, false)?)),
+            Some(record) => to_entry(
+                &self.shared,
+                self.shared.now_us(),
+                key.to_vec(),
+                &record,
+                false,
+            ),
             None => Ok(None),
         })
     }
@@ -558,20 +621,64 @@ impl Store for EmbeddedStore {
         Arc::clone(&self.shared.feed)
     }
 
-    async fn grant_lease(&self, _ttl_ms: u64, _owner: Option<String>) -> StoreResult<Lease> {
-        Err(StoreError::Unavailable("leases are not built yet".into()))
+    async fn grant_lease(&self, ttl_ms: u64, owner: Option<String>) -> StoreResult<Lease> {
+        self.with_writer(move |shared, writer| {
+            let mut id = new_lease_id()?;
+            while shared.leases.contains(id) {
+                id = new_lease_id()?;
+            }
+            let lease = Lease {
+                id,
+                ttl_ms,
+                expires_at_us: deadline_after(shared.now_us(), ttl_ms),
+                owner,
+            };
+            writer.store_lease(shared, lease)
+        })
+        .await
     }
 
-    async fn keep_lease_alive(&self, _id: LeaseId) -> StoreResult<Lease> {
-        Err(StoreError::Unavailable("leases are not built yet".into()))
+    async fn keep_lease_alive(&self, id: LeaseId) -> StoreResult<Lease> {
+        self.with_writer(move |shared, writer| {
+            let now = shared.now_us();
+            let mut lease = shared
+                .leases
+                .live(id, now)
+                .ok_or(StoreError::LeaseNotFound(id))?;
+            lease.expires_at_us = deadline_after(now, lease.ttl_ms);
+            writer.store_lease(shared, lease)
+        })
+        .await
     }
 
-    async fn lease(&self, _id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
-        Err(StoreError::Unavailable("leases are not built yet".into()))
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+        let Some(lease) = self.shared.leases.live(id, self.shared.now_us()) else {
+            return Ok(None);
+        };
+        self.run_blocking(move |shared| {
+            let keys = shared.with_engine(|engine| lease_keys(engine, id))?;
+            Ok(Some(LeaseInfo {
+                lease,
+                keys: keys.len() as u64,
+            }))
+        })
+        .await
     }
 
-    async fn revoke_lease(&self, _id: LeaseId) -> StoreResult<Revoked> {
-        Err(StoreError::Unavailable("leases are not built yet".into()))
+    async fn revoke_lease(&self, id: LeaseId) -> StoreResult<Revoked> {
+        self.with_writer(move |shared, writer| {
+            if shared.leases.live(id, shared.now_us()).is_none() {
+                return Err(StoreError::LeaseNotFound(id));
+            }
+            writer
+                .end_lease(shared, id, DeleteReason::LeaseRevoked)?
+                .ok_or(StoreError::LeaseNotFound(id))
+        })
+        .await
+    }
+
+    fn now_us(&self) -> i64 {
+        self.shared.now_us()
     }
 
     async fn ready(&self) -> StoreResult<()> {

@@ -1,4 +1,6 @@
-//! Batch reads and ranges, each from one snapshot of the engine.
+//! Batch reads and ranges, each from one snapshot of the engine. A key past
+//! its deadline (or on a lease that is gone) is left out at once, whether or
+//! not the expirer has deleted it yet.
 
 use std::ops::Bound;
 
@@ -12,10 +14,11 @@ use crate::error::StoreResult;
 pub(super) fn get_snapshot(shared: &Shared, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
     shared.with_engine(|engine| {
         let snapshot = engine.db.snapshot();
+        let now = shared.now_us();
         let entries = keys
             .into_iter()
             .map(|key| match snapshot.get(&engine.kv, &key)? {
-                Some(record) => Ok(Some(to_entry(key, &record, false)?)),
+                Some(record) => to_entry(shared, now, key, &record, false),
                 None => Ok(None),
             })
             .collect::<StoreResult<_>>()?;
@@ -26,9 +29,20 @@ pub(super) fn get_snapshot(shared: &Shared, keys: Vec<Vec<u8>>) -> StoreResult<F
     })
 }
 
-pub(super) fn to_entry(key: Vec<u8>, record: &[u8], keys_only: bool) -> StoreResult<Entry> {
+/// The entry a stored record holds; `None` when it has expired at `now_us`.
+pub(super) fn to_entry(
+    shared: &Shared,
+    now_us: i64,
+    key: Vec<u8>,
+    record: &[u8],
+    keys_only: bool,
+) -> StoreResult<Option<Entry>> {
     let (meta, value) = codec::decode(record)?;
-    Ok(Entry {
+    let expires_at_us = shared.deadline_of(&meta);
+    if expires_at_us.is_some_and(|deadline| deadline <= now_us) {
+        return Ok(None);
+    }
+    Ok(Some(Entry {
         key,
         value: if keys_only {
             Vec::new()
@@ -39,9 +53,9 @@ pub(super) fn to_entry(key: Vec<u8>, record: &[u8], keys_only: bool) -> StoreRes
         revision: meta.revision,
         created_at_us: meta.created_at_us,
         updated_at_us: meta.updated_at_us,
-        expires_at_us: meta.expires_at_us,
+        expires_at_us,
         lease: meta.lease,
-    })
+    }))
 }
 
 /// Whether no key can lie between the bounds (fjall, like `BTreeMap`, must not
@@ -57,11 +71,12 @@ pub(super) fn range_is_empty(lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> 
 }
 
 pub(super) fn scan_snapshot(shared: &Shared, request: &ScanRequest) -> StoreResult<ScanPage> {
-    shared.with_engine(|engine| scan_engine(engine, request))
+    shared.with_engine(|engine| scan_engine(shared, engine, request))
 }
 
-fn scan_engine(engine: &Engine, request: &ScanRequest) -> StoreResult<ScanPage> {
+fn scan_engine(shared: &Shared, engine: &Engine, request: &ScanRequest) -> StoreResult<ScanPage> {
     let snapshot = engine.db.snapshot();
+    let now = shared.now_us();
     let revision = engine.revision_in(&snapshot)?;
     let range = snapshot.range(&engine.kv, (request.lower.clone(), request.upper.clone()));
     let items: Box<dyn Iterator<Item = fjall::Guard>> = if request.reverse {
@@ -80,8 +95,10 @@ fn scan_engine(engine: &Engine, request: &ScanRequest) -> StoreResult<ScanPage> 
                 revision,
             });
         }
-        let entry = to_entry(key.to_vec(), &record, request.keys_only)?;
-        value_bytes = value_bytes.saturating_add(codec::decode(&record)?.1.len());
+        let Some(entry) = to_entry(shared, now, key.to_vec(), &record, request.keys_only)? else {
+            continue;
+        };
+        value_bytes = value_bytes.saturating_add(entry.value.len());
         if !entries.is_empty() && !request.keys_only && value_bytes > request.max_value_bytes {
             return Ok(ScanPage {
                 entries,

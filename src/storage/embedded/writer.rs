@@ -1,14 +1,25 @@
 //! The engine's one writer: it checks a group's conditions, assigns versions
 //! and revisions, commits one fjall batch with its sync, and answers.
+//!
+//! Expiry goes through here too (see [`super::expiry`]): a key past its
+//! deadline is absent to conditions, and the first write to find it deletes
+//! it first, under a revision of its own with the reason `expired`, so that a
+//! watcher sees the delete before the key's next life. Leases are granted,
+//! renewed and revoked by the writer, so a write attaching a key to a lease
+//! and the lease's end are ordered.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fjall::PersistMode;
 
 use super::codec::{self, RecordMeta};
 use super::engine::Engine;
+use super::expiry::{
+    ROUND_KEYS, deadline_key, due_end, encode_lease, lease_key, lease_keys, split_deadline_key,
+};
+use super::full_disk::Failure;
 use super::key_directory::KeyDirectory;
 use super::{
     COMMIT_SECONDS, CommitEvent, FailedCondition, GROUP_KEYS, GROUP_WRITES, OpResult, REVISION_KEY,
@@ -16,12 +27,7 @@ use super::{
 };
 use crate::error::{StoreError, StoreResult};
 use crate::storage::changes::{DeleteReason, RecordBuilder, Stamp, record_key};
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
+use crate::storage::{Expiry, Lease, LeaseId, Revoked, deadline_after};
 
 /// The state of the engine's one writer.
 pub(super) struct Writer {
@@ -37,55 +43,183 @@ struct Accepted {
     outcome: WriteOutcome,
 }
 
+/// Where an index entry lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Index {
+    Deadlines,
+    LeaseKeys,
+}
+
+/// Everything one commit writes, in one fjall batch.
+struct Group {
+    first_revision: u64,
+    /// The new record of each key written, or `None` for a delete. Two writes
+    /// of one key must not share a fjall batch (they would get the same
+    /// sequence number), so the last one wins here.
+    pending: HashMap<Vec<u8>, Option<(RecordMeta, Vec<u8>)>>,
+    /// Index entries to insert (with their value) or remove, last one winning.
+    index: HashMap<(Index, Vec<u8>), Option<Vec<u8>>>,
+    /// Lease records to store or remove.
+    leases: Vec<(LeaseId, Option<Lease>)>,
+    /// The group's change record, committed with its data.
+    record: RecordBuilder,
+}
+
+impl Group {
+    fn new(first_revision: u64) -> Self {
+        Group {
+            first_revision,
+            pending: HashMap::new(),
+            index: HashMap::new(),
+            leases: Vec::new(),
+            record: RecordBuilder::new(),
+        }
+    }
+
+    /// Stores the key's new record (or its delete) and moves its index
+    /// entries from `old` to `new`.
+    fn set(&mut self, key: Vec<u8>, old: Option<RecordMeta>, new: Option<(RecordMeta, Vec<u8>)>) {
+        let new_meta = new.as_ref().map(|(meta, _)| *meta);
+        if let Some(deadline) = old.and_then(|m| m.expires_at_us) {
+            self.index
+                .insert((Index::Deadlines, deadline_key(deadline, &key)), None);
+        }
+        if let Some(lease) = old.and_then(|m| m.lease) {
+            self.index
+                .insert((Index::LeaseKeys, lease_key(lease, &key)), None);
+        }
+        if let Some(meta) = new_meta {
+            if let Some(deadline) = meta.expires_at_us {
+                self.index.insert(
+                    (Index::Deadlines, deadline_key(deadline, &key)),
+                    Some(meta.version.to_le_bytes().to_vec()),
+                );
+            }
+            if let Some(lease) = meta.lease {
+                self.index
+                    .insert((Index::LeaseKeys, lease_key(lease, &key)), Some(Vec::new()));
+            }
+        }
+        self.pending.insert(key, new);
+    }
+
+    /// The key's metadata as this group leaves it so far, if it wrote it.
+    fn written(&self, key: &[u8]) -> Option<Option<RecordMeta>> {
+        self.pending
+            .get(key)
+            .map(|write| write.as_ref().map(|(meta, _)| *meta))
+    }
+}
+
 impl Writer {
+    /// The key's current metadata: this group's write of it, else the
+    /// directory's.
+    fn current(
+        &mut self,
+        engine: &Engine,
+        group: &Group,
+        key: &[u8],
+    ) -> StoreResult<Option<RecordMeta>> {
+        match group.written(key) {
+            Some(meta) => Ok(meta),
+            None => self.directory.current(engine, key),
+        }
+    }
+
+    /// Deletes `key`, whose metadata is `meta`, under a revision of its own.
+    fn delete_alone(
+        &mut self,
+        group: &mut Group,
+        key: &[u8],
+        meta: RecordMeta,
+        reason: DeleteReason,
+    ) {
+        self.revision += 1;
+        group.record.revision(self.revision, 1);
+        group.record.delete(key, meta.version, reason);
+        group.set(key.to_vec(), Some(meta), None);
+    }
+
+    /// The engine, unless writes are refused (then why, see [`refusal`]).
+    fn engine_for<'a>(shared: &Shared, loaded: Option<&'a Engine>) -> StoreResult<&'a Engine> {
+        match (shared.failure(), loaded) {
+            (None, Some(engine)) if !shared.space.is_low() => Ok(engine),
+            _ => Err(refusal(shared)),
+        }
+    }
+
     pub(super) fn commit_group(&mut self, shared: &Shared, writes: Vec<(Vec<WriteOp>, Reply)>) {
         let loaded = shared.engine.load();
         // Writes queued before the guard saw the disk nearly full are refused
         // here too, so that at most one group runs past the threshold.
-        let engine = match (shared.failure(), loaded.as_deref()) {
-            (None, Some(engine)) if !shared.space.is_low() => engine,
-            (failure, _) => {
-                let refusal = || match &failure {
-                    Some(failure) => failure.error(),
-                    None if shared.space.is_low() => {
-                        StoreError::InsufficientStorage(shared.space.refusal())
-                    }
-                    None => StoreError::Unavailable("the engine is being reopened".into()),
-                };
-                for (_, reply) in writes {
-                    let _ = reply.send((Err(refusal()), Duration::ZERO));
-                }
-                return;
+        let Ok(engine) = Self::engine_for(shared, loaded.as_deref()) else {
+            for (_, reply) in writes {
+                let _ = reply.send((Err(refusal(shared)), Duration::ZERO));
             }
+            return;
         };
-        let first_revision = self.revision;
+        let now = shared.now_us();
+        let mut group = Group::new(self.revision);
         let mut accepted = Vec::with_capacity(writes.len());
-        // The group's change record, committed with its data.
-        let mut record = RecordBuilder::new();
-        // The group's writes, one per key: two writes of one key must not share
-        // a fjall batch (they would get the same sequence number).
-        let mut pending = HashMap::new();
         for (ops, reply) in writes {
-            match self.apply(engine, ops, &mut pending, &mut record) {
+            match self.apply(shared, engine, ops, now, &mut group) {
                 Ok(WriteOutcome::Rejected { failed }) => {
                     let _ = reply.send((Ok(WriteOutcome::Rejected { failed }), Duration::ZERO));
                 }
                 Ok(outcome) => accepted.push(Accepted { reply, outcome }),
                 // Reading a current version failed (an I/O error, a corrupt
-                // record): this write fails alone; it added nothing to the group.
+                // record), or a lease is gone: this write fails alone; it
+                // added nothing to the group.
                 Err(err) => {
                     let _ = reply.send((Err(err), Duration::ZERO));
                 }
             }
         }
-        if accepted.is_empty() {
+        if self.revision == group.first_revision {
             return;
         }
+        match self.commit(shared, engine, group, accepted.len()) {
+            Ok((commit, record)) => {
+                for Accepted { reply, outcome } in accepted {
+                    let _ = reply.send((Ok(outcome), commit));
+                }
+                // After the commit's sync, so that no watcher sees a write a
+                // crash could take away.
+                shared.feed.publish_record(record, self.revision);
+            }
+            Err(failure) => {
+                for Accepted { reply, .. } in accepted {
+                    let _ = reply.send((Err(failure.error()), Duration::ZERO));
+                }
+            }
+        }
+    }
+
+    /// Commits a group in one fjall batch and updates the directory and the
+    /// leases; gives how long the commit took and the group's change record
+    /// (to publish when the group took revisions).
+    fn commit(
+        &mut self,
+        shared: &Shared,
+        engine: &Engine,
+        group: Group,
+        writes: usize,
+    ) -> Result<(Duration, Vec<u8>), Failure> {
+        let Group {
+            first_revision,
+            pending,
+            index,
+            leases,
+            record,
+        } = group;
         let keys_written = pending.len();
-        let record = record.finish(self.revision, now_us());
+        let record = record.finish(self.revision, shared.now_us());
         let mut bytes_written = record.len();
-        let mut batch = fjall::OwnedWriteBatch::with_capacity(engine.db.clone(), keys_written + 2)
-            .durability(Some(self.persist));
+        let mut batch = fjall::OwnedWriteBatch::with_capacity(
+            engine.db.clone(),
+            keys_written + index.len() + leases.len() + 2,
+        )
+        .durability(Some(self.persist));
         for (key, write) in &pending {
             bytes_written += key.len();
             match write {
@@ -96,35 +230,56 @@ impl Writer {
                 None => batch.remove(&engine.kv, key.as_slice()),
             }
         }
+        for ((space, key), value) in &index {
+            let keyspace = match space {
+                Index::Deadlines => &engine.deadlines,
+                Index::LeaseKeys => &engine.lease_keys,
+            };
+            bytes_written += key.len();
+            match value {
+                Some(value) => batch.insert(keyspace, key.as_slice(), value.as_slice()),
+                None => batch.remove(keyspace, key.as_slice()),
+            }
+        }
+        for (id, lease) in &leases {
+            match lease {
+                Some(lease) => batch.insert(&engine.leases, id.to_be_bytes(), encode_lease(lease)),
+                None => batch.remove(&engine.leases, id.to_be_bytes()),
+            }
+        }
         batch.insert(&engine.meta, REVISION_KEY, self.revision.to_le_bytes());
-        batch.insert(
-            &engine.changes,
-            record_key(first_revision + 1),
-            record.as_slice(),
-        );
+        if self.revision > first_revision {
+            batch.insert(
+                &engine.changes,
+                record_key(first_revision + 1),
+                record.as_slice(),
+            );
+        }
         let start = Instant::now();
         let committed = batch.commit();
         let commit = start.elapsed();
         metrics::histogram!(COMMIT_SECONDS).record(commit.as_secs_f64());
-        metrics::histogram!(GROUP_WRITES).record(accepted.len() as f64);
+        metrics::histogram!(GROUP_WRITES).record(writes as f64);
         metrics::histogram!(GROUP_KEYS).record(keys_written as f64);
         if let Err(err) = committed {
             self.revision = first_revision;
-            // The directory holds no write of this group: it is updated below,
-            // after a commit that succeeded.
+            // The directory and the leases hold no write of this group: they
+            // are updated below, after a commit that succeeded.
             let what = match self.persist {
                 PersistMode::Buffer => "commit (journal write)",
                 PersistMode::SyncData | PersistMode::SyncAll => "commit (journal write and sync)",
             };
-            let failure = shared.engine_failed(what, &err);
-            for Accepted { reply, .. } in accepted {
-                let _ = reply.send((Err(failure.error()), Duration::ZERO));
-            }
-            return;
+            return Err(shared.engine_failed(what, &err));
         }
         shared.space.committed(bytes_written as u64);
         for (key, write) in pending {
             self.directory.set(key, write.map(|(meta, _)| meta));
+        }
+        for (id, lease) in leases {
+            match lease {
+                Some(lease) => shared.leases.set(lease),
+                None => shared.leases.remove(id),
+            }
         }
         shared
             .committed_revision
@@ -133,100 +288,250 @@ impl Writer {
             last_revision: self.revision,
             synced: matches!(self.persist, PersistMode::SyncData | PersistMode::SyncAll),
         });
-        for Accepted { reply, outcome } in accepted {
-            let _ = reply.send((Ok(outcome), commit));
-        }
-        // After the commit's sync, so that no watcher sees a write a crash
-        // could take away.
-        shared.feed.publish_record(record, self.revision);
+        Ok((commit, record))
     }
 
     /// Checks one write's conditions and, when they hold, adds its ops to the
-    /// group under the next revision.
+    /// group under the next revision. Keys it finds past their deadline are
+    /// deleted first, each under a revision of its own, whatever the outcome.
     fn apply(
         &mut self,
+        shared: &Shared,
         engine: &Engine,
         ops: Vec<WriteOp>,
-        pending: &mut PendingWrites,
-        record: &mut RecordBuilder,
+        now: i64,
+        group: &mut Group,
     ) -> StoreResult<WriteOutcome> {
-        let mut current = Vec::with_capacity(ops.len());
-        let mut failed = Vec::new();
-        for (index, op) in ops.iter().enumerate() {
-            let meta = match pending.get(op.key()) {
-                Some(write) => write.as_ref().map(|(meta, _)| *meta),
-                None => self.directory.current(engine, op.key())?,
-            };
-            let version = meta.map(|m| m.version);
-            if !op.condition().holds(version) {
-                failed.push(FailedCondition {
-                    index,
-                    current_version: version,
-                });
+        // Before anything is added to the group, so that a write naming a
+        // lease that is gone adds nothing.
+        let mut lease_deadlines = HashMap::new();
+        for op in &ops {
+            if let WriteOp::Put {
+                expiry: Expiry::Lease(id),
+                ..
+            } = op
+            {
+                let lease = shared
+                    .leases
+                    .live(*id, now)
+                    .ok_or(StoreError::LeaseNotFound(*id))?;
+                lease_deadlines.insert(*id, lease.expires_at_us);
             }
-            current.push(meta);
         }
+        let mut current = Vec::with_capacity(ops.len());
+        for op in &ops {
+            current.push(self.current(engine, group, op.key())?);
+        }
+        for (op, meta) in ops.iter().zip(current.iter_mut()) {
+            if let Some(expired) = meta.filter(|m| !shared.alive(m, now)) {
+                self.delete_alone(group, op.key(), expired, DeleteReason::Expired);
+                *meta = None;
+            }
+        }
+        let failed: Vec<FailedCondition> = ops
+            .iter()
+            .zip(&current)
+            .enumerate()
+            .filter(|(_, (op, meta))| !op.condition().holds(meta.map(|m| m.version)))
+            .map(|(index, (_, meta))| FailedCondition {
+                index,
+                current_version: meta.map(|m| m.version),
+            })
+            .collect();
         if !failed.is_empty() {
             return Ok(WriteOutcome::Rejected { failed });
         }
 
         self.revision += 1;
         let revision = self.revision;
-        let now = now_us();
         let mut results = Vec::with_capacity(ops.len());
         let changed = ops
             .iter()
             .zip(&current)
             .filter(|(op, meta)| matches!(op, WriteOp::Put { .. }) || meta.is_some())
             .count();
-        record.revision(revision, changed);
+        group.record.revision(revision, changed);
         for (op, meta) in ops.into_iter().zip(current) {
             match op {
-                WriteOp::Put { key, value, .. } => {
+                WriteOp::Put {
+                    key, value, expiry, ..
+                } => {
+                    let (expires_at_us, lease) = match expiry {
+                        Expiry::Never => (None, None),
+                        Expiry::Ttl(ms) => (Some(deadline_after(now, ms)), None),
+                        Expiry::Keep => meta.map_or((None, None), |m| (m.expires_at_us, m.lease)),
+                        Expiry::Lease(id) => (None, Some(id)),
+                    };
                     let new = RecordMeta {
                         version: meta.map_or(1, |m| m.version + 1),
                         revision,
                         created_at_us: meta.map_or(now, |m| m.created_at_us),
                         // Never before the previous write, even if the clock steps back.
                         updated_at_us: meta.map_or(now, |m| now.max(m.updated_at_us)),
-                        expires_at_us: None,
-                        lease: None,
+                        expires_at_us,
+                        lease,
                     };
+                    let effective = expires_at_us.or_else(|| {
+                        lease.and_then(|id| {
+                            lease_deadlines
+                                .get(&id)
+                                .copied()
+                                .or_else(|| shared.leases.deadline(id))
+                        })
+                    });
                     results.push(OpResult::Put {
                         version: new.version,
                         created: meta.is_none(),
                         created_at_us: new.created_at_us,
                         updated_at_us: new.updated_at_us,
-                        expires_at_us: new.expires_at_us,
-                        lease: new.lease,
+                        expires_at_us: effective,
+                        lease,
                     });
-                    record.put(
+                    group.record.put(
                         &key,
                         &value,
                         &Stamp {
                             version: new.version,
                             created_at_us: new.created_at_us,
                             updated_at_us: new.updated_at_us,
-                            expires_at_us: new.expires_at_us,
-                            lease: new.lease,
+                            expires_at_us: effective,
+                            lease,
                         },
                     );
-                    pending.insert(key, Some((new, codec::encode(&new, &value))));
+                    let stored = codec::encode(&new, &value);
+                    group.set(key, meta, Some((new, stored)));
                 }
                 WriteOp::Delete { key, .. } => {
                     results.push(OpResult::Deleted {
                         existed: meta.is_some(),
                     });
                     if let Some(meta) = meta {
-                        record.delete(&key, meta.version, DeleteReason::Deleted);
-                        pending.insert(key, None);
+                        group
+                            .record
+                            .delete(&key, meta.version, DeleteReason::Deleted);
+                        group.set(key, Some(meta), None);
                     }
                 }
             }
         }
         Ok(WriteOutcome::Applied { revision, results })
     }
+
+    /// Stores a new or renewed lease (no revision: a lease is not a key).
+    pub(super) fn store_lease(&mut self, shared: &Shared, lease: Lease) -> StoreResult<Lease> {
+        let loaded = shared.engine.load();
+        let engine = Self::engine_for(shared, loaded.as_deref())?;
+        let mut group = Group::new(self.revision);
+        group.leases.push((lease.id, Some(lease.clone())));
+        self.commit(shared, engine, group, 0)
+            .map_err(|failure| failure.error())?;
+        Ok(lease)
+    }
+
+    /// Ends a lease: deletes its keys in one revision with `reason`, and the
+    /// lease. `None` when the lease does not exist.
+    pub(super) fn end_lease(
+        &mut self,
+        shared: &Shared,
+        id: LeaseId,
+        reason: DeleteReason,
+    ) -> StoreResult<Option<Revoked>> {
+        if !shared.leases.contains(id) {
+            return Ok(None);
+        }
+        let loaded = shared.engine.load();
+        let engine = Self::engine_for(shared, loaded.as_deref())?;
+        let mut group = Group::new(self.revision);
+        let mut deleted = Vec::new();
+        for key in lease_keys(engine, id)? {
+            match self.directory.current(engine, &key)? {
+                Some(meta) if meta.lease == Some(id) => deleted.push((key, meta)),
+                // An index entry the key has moved on from.
+                _ => {
+                    group
+                        .index
+                        .insert((Index::LeaseKeys, lease_key(id, &key)), None);
+                }
+            }
+        }
+        if !deleted.is_empty() {
+            self.revision += 1;
+            group.record.revision(self.revision, deleted.len());
+        }
+        let mut keys = Vec::with_capacity(deleted.len());
+        for (key, meta) in deleted {
+            group.record.delete(&key, meta.version, reason);
+            keys.push(key.clone());
+            group.set(key, Some(meta), None);
+        }
+        group.leases.push((id, None));
+        let first = group.first_revision;
+        let (_, record) = self
+            .commit(shared, engine, group, 0)
+            .map_err(|failure| failure.error())?;
+        if self.revision > first {
+            shared.feed.publish_record(record, self.revision);
+        }
+        Ok(Some(Revoked {
+            revision: self.revision,
+            keys,
+        }))
+    }
+
+    /// One round of the expirer: deletes up to [`ROUND_KEYS`] keys past their
+    /// deadline, each under a revision of its own, and ends expired leases.
+    /// Tells whether keys were left for another round.
+    pub(super) fn expire_round(&mut self, shared: &Shared) -> StoreResult<bool> {
+        let now = shared.now_us();
+        for id in shared.leases.due(now) {
+            self.end_lease(shared, id, DeleteReason::Expired)?;
+        }
+        let loaded = shared.engine.load();
+        let engine = Self::engine_for(shared, loaded.as_deref())?;
+        let mut group = Group::new(self.revision);
+        let mut more = false;
+        let snapshot = engine.db.snapshot();
+        let due = fjall::Readable::range(&snapshot, &engine.deadlines, ..due_end(now));
+        for (taken, item) in due.enumerate() {
+            if taken == ROUND_KEYS {
+                more = true;
+                break;
+            }
+            let (raw, version) = item.into_inner()?;
+            let (deadline, key) = split_deadline_key(&raw)?;
+            match self.current(engine, &group, key)? {
+                Some(meta)
+                    if meta.expires_at_us == Some(deadline)
+                        && *version == meta.version.to_le_bytes() =>
+                {
+                    self.delete_alone(&mut group, key, meta, DeleteReason::Expired);
+                }
+                // The key was rewritten or deleted since: the entry is stale.
+                _ => {
+                    group.index.insert((Index::Deadlines, raw.to_vec()), None);
+                }
+            }
+        }
+        if group.index.is_empty() && group.pending.is_empty() {
+            return Ok(more);
+        }
+        let first = group.first_revision;
+        let (_, record) = self
+            .commit(shared, engine, group, 0)
+            .map_err(|failure| failure.error())?;
+        if self.revision > first {
+            shared.feed.publish_record(record, self.revision);
+        }
+        Ok(more)
+    }
 }
 
-/// The writes of a commit group by key: the new record, or `None` for a delete.
-type PendingWrites = HashMap<Vec<u8>, Option<(RecordMeta, Vec<u8>)>>;
+/// Why writes are refused: the failure kept, a disk nearly full, or the
+/// engine being reopened.
+fn refusal(shared: &Shared) -> StoreError {
+    match shared.failure() {
+        Some(failure) => failure.error(),
+        None if shared.space.is_low() => StoreError::InsufficientStorage(shared.space.refusal()),
+        None => StoreError::Unavailable("the engine is being reopened".into()),
+    }
+}
