@@ -192,8 +192,12 @@ async fn a_lease_from_grant_to_revoke() {
         time(&renewed["expires_at"]) > time(&lease["expires_at"]),
         "{renewed} after {lease}"
     );
-    let entry = json(&ok(url, &["get", "svc/a", "--json"], b"").await);
-    assert_eq!(entry["expires_at"], renewed["expires_at"]);
+    let out = ok(url, &["lease", "keepalive", &id], b"").await;
+    assert!(
+        text(&out.stdout).starts_with(&format!("renewed lease {id}: ttl 30s, expires at ")),
+        "{}",
+        text(&out.stdout)
+    );
 
     let out = ok(url, &["lease", "revoke", &id], b"").await;
     assert_eq!(text(&out.stdout), format!("revoked lease {id}\n"));
@@ -212,6 +216,31 @@ async fn a_lease_from_grant_to_revoke() {
         );
     }
     assert_eq!(server.client.get("svc/b").await.unwrap(), None);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keepalive_moves_the_deadline_of_its_keys() {
+    let server = TestServer::start().await;
+    let url = server.base.as_str();
+    let lease = json(&ok(url, &["lease", "grant", "30s", "--json"], b"").await);
+    let id = lease["lease"].as_str().unwrap();
+    ok(url, &["put", "svc/a", "up", "--lease", id], b"").await;
+    // Read once before the renewal, as a client polling the key would.
+    let entry = json(&ok(url, &["get", "svc/a", "--json"], b"").await);
+    assert_eq!(entry["expires_at"], lease["expires_at"]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let renewed = json(&ok(url, &["lease", "keepalive", id, "--json"], b"").await);
+    let entry = json(&ok(url, &["get", "svc/a", "--json"], b"").await);
+    assert_eq!(
+        entry["expires_at"], renewed["expires_at"],
+        "get after the keepalive"
+    );
+    let page = json(&ok(url, &["list", "--json"], b"").await);
+    assert_eq!(
+        page["items"][0]["expires_at"], renewed["expires_at"],
+        "list after the keepalive"
+    );
     server.stop().await;
 }
 
@@ -299,18 +328,22 @@ async fn blocking<T: Send + 'static>(
 async fn keepalive_every_renews_until_sigterm_or_the_lease_is_gone() {
     let server = TestServer::start().await;
     let url = server.base.as_str();
-    let lease = server.client.grant_lease(1000).await.unwrap();
+    let lease = server.client.grant_lease(2000).await.unwrap();
     let id = lease.lease.clone();
 
     let (keepalive, seen) = blocking(Keepalive::start(url, &id), |k| k.next_lines(3)).await;
     for line in &seen {
         assert!(
-            line.starts_with(&format!("renewed lease {id}: ttl 1s, expires at ")),
+            line.starts_with(&format!("renewed lease {id}: ttl 2s, expires at ")),
             "{line}"
         );
     }
-    // Alive past its first ttl, thanks to the renewals.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Alive past its first deadline, thanks to the renewals.
+    sleep_past(
+        time(&lease.expires_at.as_str().into()),
+        Duration::from_secs(3),
+    )
+    .await;
     let alive = server.client.lease(lease_id(&id)).await.unwrap();
     assert!(alive.expires_at > lease.expires_at, "{alive:?}");
 
