@@ -479,20 +479,9 @@ impl Client {
             Expiry::Keep => query.flag("keep_ttl", true),
             Expiry::Lease(id) => query.text("lease", Some(&lease_text(id))),
         }
-        let tag = condition_header(condition);
-        let mut headers = vec![(header::CONTENT_TYPE, "application/octet-stream")];
-        headers.extend(
-            tag.as_ref()
-                .map(|(name, value)| (name.clone(), value.as_str())),
-        );
-        self.send(
-            Method::PUT,
-            &query.after(&Self::key_path(key)),
-            &headers,
-            value,
-        )
-        .await?
-        .into_result()
+        let path = query.after(&Self::key_path(key));
+        self.put_request(&path, "application/octet-stream", condition, value)
+            .await
     }
 
     /// Writes a JSON `PUT` body (`value` or `value_base64`, and `ttl_ms`,
@@ -508,13 +497,25 @@ impl Client {
         condition: Condition,
     ) -> Result<PutResponse, ClientError> {
         let body = serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.put_request(&Self::key_path(key), "application/json", condition, body)
+            .await
+    }
+
+    /// A single-key `PUT` of `body`, of `content_type`, if `condition` holds.
+    async fn put_request(
+        &self,
+        path_and_query: &str,
+        content_type: &str,
+        condition: Condition,
+        body: impl Into<Bytes>,
+    ) -> Result<PutResponse, ClientError> {
         let tag = condition_header(condition);
-        let mut headers = vec![(header::CONTENT_TYPE, "application/json")];
+        let mut headers = vec![(header::CONTENT_TYPE, content_type)];
         headers.extend(
             tag.as_ref()
                 .map(|(name, value)| (name.clone(), value.as_str())),
         );
-        self.send(Method::PUT, &Self::key_path(key), &headers, body)
+        self.send(Method::PUT, path_and_query, &headers, body)
             .await?
             .into_result()
     }
