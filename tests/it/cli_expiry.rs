@@ -49,10 +49,10 @@ async fn put_with_a_ttl_shows_its_deadline_then_is_gone() {
     let server = TestServer::start().await;
     let url = server.base.as_str();
     let before = Utc::now();
-    ok(url, &["put", "session/1", "token", "--ttl", "2s"], b"").await;
+    ok(url, &["put", "session/1", "token", "--ttl", "5s"], b"").await;
     let entry = json(&ok(url, &["get", "session/1", "--json"], b"").await);
     let deadline = time(&entry["expires_at"]);
-    assert_deadline(deadline, before, TimeDelta::seconds(2));
+    assert_deadline(deadline, before, TimeDelta::seconds(5));
     assert!(entry.get("lease").is_none(), "{entry}");
 
     // Stdout stays the exact value; the deadline goes to stderr.
@@ -76,7 +76,7 @@ async fn put_with_a_ttl_shows_its_deadline_then_is_gone() {
     );
     assert!(text(&ok(url, &["get", "plain"], b"").await.stderr).is_empty());
 
-    sleep_past(deadline, Duration::from_secs(3)).await;
+    sleep_past(deadline, Duration::from_secs(6)).await;
     let err = fails(url, &["get", "session/1"], b"", 1).await;
     assert!(err.contains("the key does not exist"), "{err}");
     let out = ok(url, &["list", "--keys-only"], b"").await;
@@ -328,20 +328,20 @@ async fn blocking<T: Send + 'static>(
 async fn keepalive_every_renews_until_sigterm_or_the_lease_is_gone() {
     let server = TestServer::start().await;
     let url = server.base.as_str();
-    let lease = server.client.grant_lease(2000).await.unwrap();
+    let lease = server.client.grant_lease(3000).await.unwrap();
     let id = lease.lease.clone();
 
     let (keepalive, seen) = blocking(Keepalive::start(url, &id), |k| k.next_lines(3)).await;
     for line in &seen {
         assert!(
-            line.starts_with(&format!("renewed lease {id}: ttl 2s, expires at ")),
+            line.starts_with(&format!("renewed lease {id}: ttl 3s, expires at ")),
             "{line}"
         );
     }
     // Alive past its first deadline, thanks to the renewals.
     sleep_past(
         time(&lease.expires_at.as_str().into()),
-        Duration::from_secs(3),
+        Duration::from_secs(4),
     )
     .await;
     let alive = server.client.lease(lease_id(&id)).await.unwrap();
