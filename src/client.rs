@@ -3,7 +3,9 @@
 //! [`Client::send`] is the raw layer (any method, path, headers and body);
 //! the typed methods build on it with the bodies of [`crate::api::types`].
 //! [`Client::watch`] and [`Client::changes`] (in [`watch`](self::WatchStream))
-//! follow the store's changes.
+//! follow the store's changes. Keys may expire: [`Client::put_with`] and
+//! [`Client::put_body`] give a write a deadline ([`Expiry`]), and
+//! [`Client::grant_lease`] makes a deadline that many keys share.
 
 mod watch;
 
@@ -28,11 +30,12 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::api::leases::lease_text;
 use crate::api::types::{
     BatchGetRequest, BatchGetResponse, BatchRequest, BatchResponse, EntryBody, ErrorBody,
-    ErrorCode, ErrorResponse, ListResponse, PutResponse,
+    ErrorCode, ErrorResponse, LeaseBody, LeaseRequest, ListResponse, PutBody, PutResponse,
 };
-use crate::storage::Condition;
+use crate::storage::{Condition, Expiry, LeaseId};
 
 /// Characters of a key sent as they are in a path; `/` needs no escape.
 const PATH_SAFE: &AsciiSet = &NON_ALPHANUMERIC
@@ -82,6 +85,28 @@ pub enum ClientError {
         /// The store's current revision.
         revision: u64,
     },
+    /// The lease does not exist or has expired (404 `lease_not_found`): a
+    /// write that named it wrote nothing, and a keepalive came too late.
+    /// Only a new lease helps.
+    #[error("{message} (404 lease_not_found)")]
+    LeaseNotFound {
+        /// The server's message, which names the lease.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// Whether the same request may fare better later: the server could not
+    /// be reached or failed (5xx), which says nothing about the request.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Transport(_) => true,
+            ClientError::Api { status, .. } => status.is_server_error(),
+            ClientError::Protocol(_)
+            | ClientError::Compacted { .. }
+            | ClientError::LeaseNotFound { .. } => false,
+        }
+    }
 }
 
 /// An error and its sources on one line: hyper's own `Display` stops at
@@ -153,6 +178,9 @@ impl RawResponse {
 
     fn into_error(self) -> ClientError {
         match self.json::<ErrorResponse>() {
+            Ok(body) if body.error.code == ErrorCode::LeaseNotFound => ClientError::LeaseNotFound {
+                message: body.error.message,
+            },
             Ok(body) => compacted(&body.error).unwrap_or(ClientError::Api {
                 status: self.status,
                 error: body.error,
@@ -414,7 +442,9 @@ impl Client {
         }
     }
 
-    /// Writes `value` (any bytes) under `key`, if `condition` holds.
+    /// Writes `value` (any bytes) under `key`, if `condition` holds. The key
+    /// is left without a deadline, as [`Client::put_with`] with
+    /// [`Expiry::Never`] leaves it.
     ///
     /// # Errors
     /// [`ClientError::Api`] with code `version_mismatch` when the condition fails.
@@ -424,18 +454,68 @@ impl Client {
         value: impl Into<Bytes>,
         condition: Condition,
     ) -> Result<PutResponse, ClientError> {
-        let tag;
-        let mut headers = vec![(header::CONTENT_TYPE, "application/octet-stream")];
-        match condition {
-            Condition::Any => {}
-            Condition::Version(v) => {
-                tag = format!("\"{v}\"");
-                headers.push((header::IF_MATCH, tag.as_str()));
-            }
-            Condition::Exists => headers.push((header::IF_MATCH, "*")),
-            Condition::Absent => headers.push((header::IF_NONE_MATCH, "*")),
+        self.put_with(key, value, condition, Expiry::Never).await
+    }
+
+    /// Writes `value` (any bytes) under `key`, if `condition` holds, with the
+    /// deadline `expiry` asks for: [`Expiry::Ttl`] in milliseconds (1 or
+    /// more), [`Expiry::Keep`] the key's current one, [`Expiry::Lease`] its
+    /// lease's, [`Expiry::Never`] none.
+    ///
+    /// # Errors
+    /// [`ClientError::Api`] with code `version_mismatch` when the condition
+    /// fails; [`ClientError::LeaseNotFound`] when the lease is gone.
+    pub async fn put_with(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        condition: Condition,
+        expiry: Expiry,
+    ) -> Result<PutResponse, ClientError> {
+        let mut query = QueryString::default();
+        match expiry {
+            Expiry::Never => {}
+            Expiry::Ttl(ttl_ms) => query.number("ttl_ms", Some(ttl_ms)),
+            Expiry::Keep => query.flag("keep_ttl", true),
+            Expiry::Lease(id) => query.text("lease", Some(&lease_text(id))),
         }
-        self.send(Method::PUT, &Self::key_path(key), &headers, value)
+        let path = query.after(&Self::key_path(key));
+        self.put_request(&path, "application/octet-stream", condition, value)
+            .await
+    }
+
+    /// Writes a JSON `PUT` body (`value` or `value_base64`, and `ttl_ms`,
+    /// `keep_ttl` or `lease`) under `key`, if `condition` holds.
+    ///
+    /// # Errors
+    /// As [`Client::put_with`]; [`ClientError::Api`] with code
+    /// `invalid_request` for a body that is not one the API takes.
+    pub async fn put_body(
+        &self,
+        key: &str,
+        body: &PutBody,
+        condition: Condition,
+    ) -> Result<PutResponse, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.put_request(&Self::key_path(key), "application/json", condition, body)
+            .await
+    }
+
+    /// A single-key `PUT` of `body`, of `content_type`, if `condition` holds.
+    async fn put_request(
+        &self,
+        path_and_query: &str,
+        content_type: &str,
+        condition: Condition,
+        body: impl Into<Bytes>,
+    ) -> Result<PutResponse, ClientError> {
+        let tag = condition_header(condition);
+        let mut headers = vec![(header::CONTENT_TYPE, content_type)];
+        headers.extend(
+            tag.as_ref()
+                .map(|(name, value)| (name.clone(), value.as_str())),
+        );
+        self.send(Method::PUT, path_and_query, &headers, body)
             .await?
             .into_result()
     }
@@ -520,6 +600,67 @@ impl Client {
     pub async fn batch_get(&self, keys: Vec<String>) -> Result<BatchGetResponse, ClientError> {
         self.send_json("/v1/batch/get", &BatchGetRequest { keys })
             .await
+    }
+
+    /// A new lease that expires `ttl_ms` milliseconds from now unless it is
+    /// kept alive; keys written with [`Expiry::Lease`] expire with it.
+    ///
+    /// # Errors
+    /// [`ClientError::Api`] with code `invalid_request` for a `ttl_ms` of 0
+    /// or over 100 years.
+    pub async fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseBody, ClientError> {
+        self.send_json("/v1/leases", &LeaseRequest { ttl_ms }).await
+    }
+
+    /// Renews a lease for its full `ttl_ms`, from now.
+    ///
+    /// # Errors
+    /// [`ClientError::LeaseNotFound`] when it expired or was revoked.
+    pub async fn keep_lease_alive(&self, id: LeaseId) -> Result<LeaseBody, ClientError> {
+        let path = format!("{}/keepalive", Self::lease_path(id));
+        self.send(Method::POST, &path, &[], Bytes::new())
+            .await?
+            .into_result()
+    }
+
+    /// A lease, with the number of keys attached to it (`keys`).
+    ///
+    /// # Errors
+    /// [`ClientError::LeaseNotFound`] when it expired or was revoked.
+    pub async fn lease(&self, id: LeaseId) -> Result<LeaseBody, ClientError> {
+        self.send(Method::GET, &Self::lease_path(id), &[], Bytes::new())
+            .await?
+            .into_result()
+    }
+
+    /// Ends a lease now, deleting every key attached to it (in one revision).
+    ///
+    /// # Errors
+    /// [`ClientError::LeaseNotFound`] when it had already expired or was
+    /// revoked.
+    pub async fn revoke_lease(&self, id: LeaseId) -> Result<(), ClientError> {
+        let response = self
+            .send(Method::DELETE, &Self::lease_path(id), &[], Bytes::new())
+            .await?;
+        if response.status.is_success() {
+            Ok(())
+        } else {
+            Err(response.into_error())
+        }
+    }
+
+    fn lease_path(id: LeaseId) -> String {
+        format!("/v1/leases/{}", lease_text(id))
+    }
+}
+
+/// The header that makes a single-key write conditional, if any.
+fn condition_header(condition: Condition) -> Option<(HeaderName, String)> {
+    match condition {
+        Condition::Any => None,
+        Condition::Version(v) => Some((header::IF_MATCH, format!("\"{v}\""))),
+        Condition::Exists => Some((header::IF_MATCH, "*".to_owned())),
+        Condition::Absent => Some((header::IF_NONE_MATCH, "*".to_owned())),
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Run the server with `kvstore serve` (see `kvstore serve --help`); talk to
 //! it with `kvstore get`, `put`, `delete`, `list`, `batch`, `watch`,
-//! `export`, `import`, and measure it with `kvstore bench` (see
+//! `lease`, `export`, `import`, and measure it with `kvstore bench` (see
 //! `kvstore --help`).
 
 mod cli;
@@ -57,6 +57,8 @@ enum Command {
     Batch(cli::kv::BatchArgs),
     /// Print the changes to a key or range as they happen.
     Watch(cli::watch::WatchArgs),
+    /// Grant, renew, show or revoke a lease: a deadline that keys share.
+    Lease(cli::lease::LeaseArgs),
     /// Write entries to stdout as NDJSON.
     Export(cli::dump::ExportArgs),
     /// Write the entries of an NDJSON dump, in batches.
@@ -90,6 +92,7 @@ fn main() -> ExitCode {
         Command::List(args) => runtime.block_on(cli::kv::list(args)),
         Command::Batch(args) => runtime.block_on(cli::kv::batch(args)),
         Command::Watch(args) => runtime.block_on(cli::watch::watch(args)),
+        Command::Lease(args) => runtime.block_on(cli::lease::lease(args)),
         Command::Export(args) => runtime.block_on(cli::dump::export(args)),
         Command::Import(args) => runtime.block_on(cli::dump::import(args)),
         Command::Bench(args) => runtime.block_on(cli::bench::run(args)),

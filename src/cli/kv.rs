@@ -7,11 +7,14 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use kvstore::api::types::{BatchRequest, EntryBody};
-use kvstore::client::{ListParams, MAX_ITEMS};
-use kvstore::storage::Condition;
+use kvstore::client::{ClientError, ListParams, MAX_ITEMS, Value};
+use kvstore::storage::{Condition, Expiry, LeaseId};
 use serde_json::json;
 
-use super::{Failure, OutputArgs, RangeArgs, ServerArgs, read_input, with_stdout, write_json};
+use super::{
+    Failure, OutputArgs, RangeArgs, ServerArgs, deadline_text, lease_id, read_input, ttl_ms,
+    with_stdout, write_json,
+};
 
 #[derive(clap::Args)]
 pub(crate) struct GetArgs {
@@ -24,33 +27,35 @@ pub(crate) struct GetArgs {
 }
 
 /// Prints the value of a key: its exact bytes (a newline is added only on a
-/// terminal), or with `--json` the whole entry (value, version, revision,
-/// times) as the API gives it.
+/// terminal) and, on stderr so that stdout stays the value, its deadline when
+/// it has one; or with `--json` the whole entry (value, version, revision,
+/// times, deadline) as the API gives it.
 pub(crate) async fn get(args: GetArgs) -> Result<(), Failure> {
     let client = args.server.client()?;
-    let about = |err| Failure::from(err).about_key(&args.key);
-    let absent = || Failure::absent_key(&args.key);
+    let entry = client
+        .get(&args.key)
+        .await
+        .map_err(|err| Failure::from(err).about_key(&args.key))?
+        .ok_or_else(|| Failure::absent_key(&args.key))?;
     if args.output.json {
-        let entry = client
-            .get(&args.key)
-            .await
-            .map_err(about)?
-            .ok_or_else(absent)?;
         return with_stdout(|out| write_json(out, &entry));
     }
-    let raw = client
-        .get_raw(&args.key)
-        .await
-        .map_err(about)?
-        .ok_or_else(absent)?;
-    let newline = std::io::stdout().is_terminal() && !raw.value.ends_with(b"\n");
+    let deadline = deadline_text(entry.expires_at.as_deref(), entry.lease.as_deref());
+    let value = Value::from_fields(&entry.key, entry.value, entry.value_base64)
+        .map_err(|why| Failure::from(ClientError::Protocol(why)))?;
+    let value = value.as_bytes();
+    let newline = std::io::stdout().is_terminal() && !value.ends_with(b"\n");
     with_stdout(|out| {
-        out.write_all(&raw.value).map_err(Failure::output)?;
+        out.write_all(value).map_err(Failure::output)?;
         if newline {
             out.write_all(b"\n").map_err(Failure::output)?;
         }
         Ok(())
-    })
+    })?;
+    if let Some(deadline) = deadline {
+        eprintln!("{deadline}");
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -69,6 +74,17 @@ pub(crate) struct PutArgs {
     /// Write only if the key does not exist.
     #[arg(long, conflicts_with = "if_version")]
     create_only: bool,
+    /// Expire the key this long after the write (`30s`, `1500ms`, `2m`,
+    /// `1h`). Without --ttl, --keep-ttl or --lease the key has no deadline.
+    #[arg(long, value_name = "DURATION", value_parser = ttl_ms,
+          conflicts_with_all = ["keep_ttl", "lease"])]
+    ttl: Option<u64>,
+    /// Keep the key's current deadline or lease (none for a new key).
+    #[arg(long, conflicts_with = "lease")]
+    keep_ttl: bool,
+    /// Attach the key to a lease (`kvstore lease grant`): it expires with it.
+    #[arg(long, value_name = "ID", value_parser = lease_id)]
+    lease: Option<LeaseId>,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -88,8 +104,14 @@ pub(crate) async fn put(args: PutArgs) -> Result<(), Failure> {
         (None, true) => Condition::Absent,
         (None, false) => Condition::Any,
     };
+    let expiry = match (args.ttl, args.keep_ttl, args.lease) {
+        (Some(ttl_ms), _, _) => Expiry::Ttl(ttl_ms),
+        (None, true, _) => Expiry::Keep,
+        (None, false, Some(id)) => Expiry::Lease(id),
+        (None, false, None) => Expiry::Never,
+    };
     let answer = client
-        .put(&args.key, Bytes::from(value), condition)
+        .put_with(&args.key, Bytes::from(value), condition, expiry)
         .await
         .map_err(|err| Failure::from(err).about_key(&args.key))?;
     with_stdout(|out| {
@@ -235,7 +257,8 @@ impl<W: Write> ListPrinter<W> {
 
     /// For people: the key, a tab, and the value with control characters
     /// escaped (so that every entry stays on one line), or `base64:` and the
-    /// value when it is not UTF-8.
+    /// value when it is not UTF-8; then, for a key with a deadline, a tab
+    /// and `expires at T` (`, lease L`).
     fn item(&mut self, item: &EntryBody) -> std::io::Result<()> {
         if self.json {
             if self.printed > 0 {
@@ -243,12 +266,18 @@ impl<W: Write> ListPrinter<W> {
             }
             serde_json::to_writer(&mut self.out, item)?;
         } else {
+            write!(self.out, "{}", item.key)?;
             match (&item.value, &item.value_base64) {
-                _ if self.keys_only => writeln!(self.out, "{}", item.key)?,
-                (Some(text), _) => writeln!(self.out, "{}\t{}", item.key, text.escape_debug())?,
-                (None, Some(encoded)) => writeln!(self.out, "{}\tbase64:{encoded}", item.key)?,
-                (None, None) => writeln!(self.out, "{}", item.key)?,
+                _ if self.keys_only => {}
+                (Some(text), _) => write!(self.out, "\t{}", text.escape_debug())?,
+                (None, Some(encoded)) => write!(self.out, "\tbase64:{encoded}")?,
+                (None, None) => {}
             }
+            if let Some(deadline) = deadline_text(item.expires_at.as_deref(), item.lease.as_deref())
+            {
+                write!(self.out, "\t{deadline}")?;
+            }
+            writeln!(self.out)?;
         }
         self.printed += 1;
         Ok(())

@@ -4,6 +4,7 @@
 pub(crate) mod bench;
 pub(crate) mod dump;
 pub(crate) mod kv;
+pub(crate) mod lease;
 pub(crate) mod security;
 pub(crate) mod serve;
 pub(crate) mod watch;
@@ -14,7 +15,9 @@ use std::process::ExitCode;
 
 use hyper::StatusCode;
 use indicatif::{ProgressBar, ProgressStyle};
+use kvstore::api::leases::{check_ttl_ms, parse_lease_id};
 use kvstore::client::{Client, ClientError, ClientOptions};
+use kvstore::storage::LeaseId;
 use serde::Serialize;
 
 /// The server that a client subcommand talks to.
@@ -186,7 +189,51 @@ impl From<ClientError> for Failure {
                 code: exit::COMPACTED,
                 message: err.to_string(),
             },
+            ClientError::LeaseNotFound { .. } => Failure {
+                code: exit::FAILED,
+                message: err.to_string(),
+            },
         }
+    }
+}
+
+/// A ttl as people write it (`30s`, `1500ms`, `2m`, `1h`), in the whole
+/// milliseconds that the API takes (rounded to the nearest).
+fn ttl_ms(text: &str) -> Result<u64, String> {
+    let duration = crate::loadgen::parse_duration(text)?;
+    let ms =
+        u64::try_from(duration.as_nanos().saturating_add(500_000) / 1_000_000).unwrap_or(u64::MAX);
+    if ms == 0 {
+        return Err(format!(
+            "'{text}' is shorter than a millisecond, the shortest ttl"
+        ));
+    }
+    check_ttl_ms(ms, "").map_err(|err| err.message)
+}
+
+/// A ttl in milliseconds as people read it: `10s`, or `1500ms` when it is
+/// not a whole number of seconds.
+fn ttl_text(ms: u64) -> String {
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// A lease id as `kvstore lease grant` printed it (16 hex digits).
+fn lease_id(text: &str) -> Result<LeaseId, String> {
+    parse_lease_id(text).map_err(|err| err.message)
+}
+
+/// An entry's deadline for people (`expires at T`, `expires at T, lease L`),
+/// or `None` when the key has none.
+fn deadline_text(expires_at: Option<&str>, lease: Option<&str>) -> Option<String> {
+    match (expires_at, lease) {
+        (None, None) => None,
+        (Some(at), None) => Some(format!("expires at {at}")),
+        (Some(at), Some(lease)) => Some(format!("expires at {at}, lease {lease}")),
+        (None, Some(lease)) => Some(format!("lease {lease}")),
     }
 }
 
@@ -315,6 +362,39 @@ mod tests {
                 revision: 9
             }),
             4
+        );
+    }
+
+    #[test]
+    fn ttls_in_whole_milliseconds() {
+        assert_eq!(ttl_ms("30s"), Ok(30_000));
+        assert_eq!(ttl_ms("1500ms"), Ok(1500));
+        assert_eq!(ttl_ms("2m"), Ok(120_000));
+        assert_eq!(ttl_ms("1.1s"), Ok(1100));
+        assert!(ttl_ms("0").unwrap_err().contains("not a positive duration"));
+        assert!(
+            ttl_ms("0.1ms")
+                .unwrap_err()
+                .contains("shorter than a millisecond")
+        );
+        assert!(ttl_ms("abc").unwrap_err().contains("not a duration"));
+        assert!(ttl_ms("1000000h").unwrap_err().contains("from 1 to"));
+        assert_eq!(
+            (ttl_text(30_000), ttl_text(1500)),
+            ("30s".into(), "1500ms".into())
+        );
+    }
+
+    #[test]
+    fn lease_not_found_fails_like_a_missing_key() {
+        let failure = Failure::from(ClientError::LeaseNotFound {
+            message: "lease 00000000000000ab does not exist or has expired; grant a new one".into(),
+        });
+        assert_eq!(failure.code, 1);
+        assert!(
+            failure.message.ends_with("(404 lease_not_found)"),
+            "{}",
+            failure.message
         );
     }
 

@@ -126,6 +126,8 @@ mod tests {
             version: 4,
             created_at: "t".into(),
             updated_at: "t".into(),
+            expires_at: None,
+            lease: None,
         };
         let change = Change {
             revision: 1207,

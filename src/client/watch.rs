@@ -130,6 +130,10 @@ pub enum Event {
         version: u64,
         created_at: String,
         updated_at: String,
+        /// When the key expires, if it has a deadline.
+        expires_at: Option<String>,
+        /// The lease the key is attached to.
+        lease: Option<String>,
     },
     /// The key is gone: `version` is the one it removed, `reason` says why
     /// (`deleted`, `expired`, `lease_revoked`, or what a newer server adds).
@@ -158,6 +162,30 @@ pub enum Value {
 }
 
 impl Value {
+    /// The value of an entry or a put event, from its `value` or
+    /// `value_base64` (exactly one); `key` names it in the error.
+    ///
+    /// # Errors
+    /// When neither or both are there, or the base64 does not decode.
+    pub fn from_fields(
+        key: &str,
+        value: Option<String>,
+        value_base64: Option<String>,
+    ) -> Result<Self, String> {
+        match (value, value_base64) {
+            (Some(text), None) => Ok(Value::Text(text)),
+            (None, Some(encoded)) => Ok(Value::Bytes(
+                STANDARD
+                    .decode(&encoded)
+                    .map_err(|err| format!("value_base64 of '{key}': {err}"))?
+                    .into(),
+            )),
+            _ => Err(format!(
+                "the entry of '{key}' needs exactly one of value and value_base64"
+            )),
+        }
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         match self {
             Value::Text(text) => text.as_bytes(),
@@ -179,6 +207,10 @@ enum EventBody {
         version: u64,
         created_at: String,
         updated_at: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease: Option<String>,
     },
     Delete {
         key: String,
@@ -199,29 +231,17 @@ impl TryFrom<EventBody> for Event {
                 version,
                 created_at,
                 updated_at,
-            } => {
-                let value = match (value, value_base64) {
-                    (Some(text), None) => Value::Text(text),
-                    (None, Some(encoded)) => Value::Bytes(
-                        STANDARD
-                            .decode(&encoded)
-                            .map_err(|err| format!("value_base64 of '{key}': {err}"))?
-                            .into(),
-                    ),
-                    _ => {
-                        return Err(format!(
-                            "the put of '{key}' needs exactly one of value and value_base64"
-                        ));
-                    }
-                };
-                Event::Put {
-                    key,
-                    value,
-                    version,
-                    created_at,
-                    updated_at,
-                }
-            }
+                expires_at,
+                lease,
+            } => Event::Put {
+                value: Value::from_fields(&key, value, value_base64)?,
+                key,
+                version,
+                created_at,
+                updated_at,
+                expires_at,
+                lease,
+            },
             EventBody::Delete {
                 key,
                 version,
@@ -244,6 +264,8 @@ impl From<Event> for EventBody {
                 version,
                 created_at,
                 updated_at,
+                expires_at,
+                lease,
             } => {
                 let (value, value_base64) = match value {
                     Value::Text(text) => (Some(text), None),
@@ -256,6 +278,8 @@ impl From<Event> for EventBody {
                     version,
                     created_at,
                     updated_at,
+                    expires_at,
+                    lease,
                 }
             }
             Event::Delete {
@@ -379,7 +403,7 @@ impl WatchStream {
             match self.step().await {
                 Ok(Some(message)) => return Some(Ok(message)),
                 Ok(None) => {}
-                Err(err) if self.connected && retryable(&err) => {
+                Err(err) if self.connected && err.is_transient() => {
                     self.body = None;
                     self.parser = SseParser::default();
                     let wait = self.backoff();
@@ -538,15 +562,6 @@ impl WatchStream {
         self.failures = self.failures.saturating_add(1);
         let half = ceiling / 2;
         half + half.mul_f64(self.rng.random::<f64>())
-    }
-}
-
-/// Whether another connection may fare better.
-fn retryable(err: &ClientError) -> bool {
-    match err {
-        ClientError::Transport(_) => true,
-        ClientError::Api { status, .. } => status.is_server_error(),
-        ClientError::Protocol(_) | ClientError::Compacted { .. } => false,
     }
 }
 
@@ -733,7 +748,7 @@ mod tests {
 
     #[test]
     fn events_read_back_as_the_server_writes_them() {
-        let text = r#"{"revision":9,"events":[{"type":"put","key":"a","value":"1","version":4,"created_at":"t1","updated_at":"t2"},{"type":"put","key":"b","value_base64":"/w==","version":1,"created_at":"t","updated_at":"t"},{"type":"delete","key":"d","version":2,"reason":"expired"}]}"#;
+        let text = r#"{"revision":9,"events":[{"type":"put","key":"a","value":"1","version":4,"created_at":"t1","updated_at":"t2"},{"type":"put","key":"b","value_base64":"/w==","version":1,"created_at":"t","updated_at":"t","expires_at":"t3","lease":"00000000000000ab"},{"type":"delete","key":"d","version":2,"reason":"expired"}]}"#;
         let change: Change = serde_json::from_str(text).unwrap();
         assert_eq!(
             change.events[1],
@@ -743,6 +758,8 @@ mod tests {
                 version: 1,
                 created_at: "t".into(),
                 updated_at: "t".into(),
+                expires_at: Some("t3".into()),
+                lease: Some("00000000000000ab".into()),
             }
         );
         assert_eq!(serde_json::to_string(&change).unwrap(), text);

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 /// Runs `kvstore ARGS` against `url` (through `KVSTORE_URL`) with `stdin`
 /// as its input, off the async runtime so the in-process server keeps serving.
-async fn kvstore(url: &str, args: &[&str], stdin: &[u8]) -> Output {
+pub(crate) async fn kvstore(url: &str, args: &[&str], stdin: &[u8]) -> Output {
     let url = url.to_owned();
     let args: Vec<String> = args.iter().map(|&a| a.to_owned()).collect();
     let stdin = stdin.to_vec();
@@ -28,7 +28,7 @@ async fn kvstore(url: &str, args: &[&str], stdin: &[u8]) -> Output {
 }
 
 /// Output of a command that must succeed.
-async fn ok(url: &str, args: &[&str], stdin: &[u8]) -> Output {
+pub(crate) async fn ok(url: &str, args: &[&str], stdin: &[u8]) -> Output {
     let out = kvstore(url, args, stdin).await;
     assert_eq!(
         out.status.code(),
@@ -41,7 +41,7 @@ async fn ok(url: &str, args: &[&str], stdin: &[u8]) -> Output {
 }
 
 /// Stderr of a command that must fail with exit code `code`.
-async fn fails(url: &str, args: &[&str], stdin: &[u8], code: i32) -> String {
+pub(crate) async fn fails(url: &str, args: &[&str], stdin: &[u8], code: i32) -> String {
     let out = kvstore(url, args, stdin).await;
     assert_eq!(
         out.status.code(),
@@ -53,16 +53,16 @@ async fn fails(url: &str, args: &[&str], stdin: &[u8], code: i32) -> String {
     text(&out.stderr)
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn json(out: &Output) -> Value {
+pub(crate) fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|err| panic!("{err}: not JSON: {}", text(&out.stdout)))
 }
 
-fn lines(out: &Output) -> Vec<String> {
+pub(crate) fn lines(out: &Output) -> Vec<String> {
     text(&out.stdout).lines().map(str::to_owned).collect()
 }
 
@@ -408,7 +408,10 @@ async fn export_then_import_round_trips() {
 
     // Twice: the same values (new versions).
     let summary = json(&ok(to, &["import", path, "--json"], b"").await);
-    assert_eq!(summary, serde_json::json!({"imported": 28, "batches": 1}));
+    assert_eq!(
+        summary,
+        serde_json::json!({"imported": 28, "batches": 1, "skipped": 0})
+    );
     assert_eq!(contents(&target).await, contents(&source).await);
     assert_eq!(
         target.client.get("item00").await.unwrap().unwrap().version,

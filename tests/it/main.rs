@@ -26,6 +26,7 @@ mod api_range;
 mod auth;
 mod cache;
 mod cli;
+mod cli_expiry;
 mod concurrency;
 mod corruption;
 mod crash;
