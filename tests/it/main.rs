@@ -31,6 +31,7 @@ mod corruption;
 mod crash;
 mod disk_full;
 mod durability;
+mod expiry_postgres;
 mod failing_disk;
 mod journal;
 mod model;
