@@ -160,12 +160,31 @@ async fn keys_vanish_at_their_deadline_and_are_deleted_once_with_an_event() {
     let at = deadline(&single[0]).max(deadline(&batch[0]));
     let entry = store.get(b"one").await.expect("get").expect("one");
     assert_eq!(entry.expires_at_us, Some(deadline(&single[0])));
-    assert_eq!(visible(&store).await, ["one", "stays", "three", "two"]);
+    // The change log carries a put's deadline.
+    let (marker, _) = write(&store, vec![put("marker", "m", Expiry::Never)]).await;
+    let logged: Vec<(Vec<u8>, Option<i64>)> = history_through(&store, marker)
+        .await
+        .iter()
+        .flat_map(|c| c.events.clone())
+        .filter_map(|e| match e {
+            Event::Put {
+                key, expires_at_us, ..
+            } => Some((key, expires_at_us)),
+            Event::Delete { .. } => None,
+        })
+        .collect();
+    assert_eq!(logged[0], (b"one".to_vec(), Some(deadline(&single[0]))));
+    assert_eq!(logged[1], (b"stays".to_vec(), None));
+    assert_eq!(logged[3], (b"two".to_vec(), Some(deadline(&batch[0]))));
+    assert_eq!(
+        visible(&store).await,
+        ["marker", "one", "stays", "three", "two"]
+    );
     // A closed store serves reads but expires nothing: what it reads past
     // the deadline is gone although its row is still there.
     store.close().await.expect("close");
     sleep_past(at).await;
-    assert_eq!(rows_in_table(&schema).await, 4);
+    assert_eq!(rows_in_table(&schema).await, 5);
     assert_eq!(store.get(b"one").await.expect("get"), None);
     let found = store
         .get_many(vec![b"two".to_vec(), b"stays".to_vec()])
@@ -173,7 +192,7 @@ async fn keys_vanish_at_their_deadline_and_are_deleted_once_with_an_event() {
         .expect("get_many");
     assert!(found.entries[0].is_none());
     assert!(found.entries[1].is_some());
-    assert_eq!(visible(&store).await, ["stays"]);
+    assert_eq!(visible(&store).await, ["marker", "stays"]);
     // A running store deletes them, each once, under a revision of its own.
     let running = schema.open().await;
     let gone = deletes_within(&running, 2, 3).await;
@@ -185,7 +204,7 @@ async fn keys_vanish_at_their_deadline_and_are_deleted_once_with_an_event() {
     assert_eq!(keys, ["one", "three", "two"]);
     assert!(gone.iter().all(|(_, _, r)| *r == DeleteReason::Expired));
     assert!(gone.windows(2).all(|w| w[0].0 < w[1].0), "{gone:?}");
-    assert_eq!(rows_in_table(&schema).await, 1);
+    assert_eq!(rows_in_table(&schema).await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,6 +384,13 @@ async fn leases_hold_keys_until_revoked_in_one_revision() {
         OpResult::Put { lease: Some(id), expires_at_us: Some(at), .. }
             if id == lease.id && at == lease.expires_at_us
     ));
+    let (revision, _) = write(&store, vec![put("marker", "m", Expiry::Never)]).await;
+    let logged = history_through(&store, revision).await;
+    assert!(matches!(
+        &logged[0].events[0],
+        Event::Put { key, lease: Some(id), expires_at_us: Some(at), .. }
+            if key == b"a" && *id == lease.id && *at == lease.expires_at_us
+    ));
     let info = store.lease(lease.id).await.expect("lease").expect("live");
     assert_eq!((info.keys, info.lease.owner.as_deref()), (2, Some("owner")));
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -388,10 +414,10 @@ async fn leases_hold_keys_until_revoked_in_one_revision() {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(visible(&store).await, ["a", "b", "c"]);
+    assert_eq!(visible(&store).await, ["a", "b", "c", "marker"]);
     let revoked = store.revoke_lease(lease.id).await.expect("revoke");
     assert_eq!(revoked.keys, [b"a".to_vec(), b"b".to_vec()]);
-    assert_eq!(visible(&store).await, ["c"]);
+    assert_eq!(visible(&store).await, ["c", "marker"]);
     let changes = history_through(&store, revoked.revision).await;
     let last = changes.last().expect("the revocation");
     assert_eq!(last.revision, revoked.revision);
