@@ -33,6 +33,7 @@ mod crash;
 mod disk_full;
 mod durability;
 mod expiry;
+mod expiry_postgres;
 mod failing_disk;
 mod journal;
 mod model;

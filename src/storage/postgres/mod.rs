@@ -19,6 +19,9 @@
 //!   is rolled back and tried again, so conditions and revisions stay exact.
 //! - Batch reads and each range page are one statement, so one snapshot.
 //! - Every write also logs its changes, for watchers (see `watch.rs`).
+//! - Keys may expire, by their own deadline or their lease's, judged by the
+//!   database clock: reads leave expired keys out at once, and an expirer on
+//!   every server deletes them as writes (see `expiry.rs`).
 //!
 //! Across keys, PostgreSQL commits concurrent writes in any order, so a reader
 //! may see revision 11 before revision 10 is visible; a write that starts after
@@ -27,6 +30,7 @@
 
 mod config;
 mod errors;
+mod expiry;
 mod notify;
 mod rows;
 mod schema;
@@ -38,10 +42,14 @@ pub use notify::Invalidation;
 
 use config::redact;
 use errors::{is_lost_connection, is_retryable, map_pg, map_pool};
+use expiry::run_expirer;
 use notify::{Hearing, invalidations, keep_listening, notification_payloads};
 use rows::{column, row_entry, to_u64};
 use schema::migrate;
-use sql::{Sql, condition_params};
+use sql::{
+    ENTRY_COLUMNS, EXPIRED, EXPIRY_AT, EXPIRY_LEASE, EXPIRY_NEVER, LEASE_ENDED, Sql,
+    condition_params, expiry_params, lease_id, lease_param,
+};
 use watch::{Poller, run_trimmer, settled_at_open};
 
 use std::ops::Bound;
@@ -56,13 +64,13 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    Change, Condition, Entry, FailedCondition, Feed, Found, Lease, LeaseId, LeaseInfo, OpResult,
-    Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+    Change, Condition, DeleteReason, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId,
+    LeaseInfo, OpResult, Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
 
 /// The schema version this build creates and understands.
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 /// How often a batch is tried again after a concurrent write created one of
 /// its keys, or after a deadlock or serialization failure.
 const MAX_ATTEMPTS: usize = 10;
@@ -73,11 +81,29 @@ const MAX_ATTEMPTS: usize = 10;
 /// load, where some write is always committing).
 const READ_ATTEMPTS: u32 = 3;
 
+/// How one attempt at a batch ended.
+enum Attempt {
+    Done(WriteOutcome),
+    /// A concurrent write created one of its keys after the locks were
+    /// taken: it must be made again.
+    Again,
+    /// Some of its keys had expired and were not deleted yet: they are
+    /// deleted as expired (these keys one by one, those of these leases
+    /// lease by lease), and the batch made again.
+    Expired {
+        keys: Vec<Vec<u8>>,
+        leases: Vec<i64>,
+    },
+    /// It attaches keys to a lease that does not exist or has expired.
+    NoLease(LeaseId),
+}
+
 /// The PostgreSQL backend.
 pub struct PostgresStore {
     shared: Arc<Shared>,
     listener: std::sync::Mutex<Option<JoinHandle<()>>>,
-    /// The watermark poller and the history trimmer.
+    /// The watermark poller, the history trimmer, the feed's listener and
+    /// the expirer.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -170,6 +196,7 @@ impl PostgresStore {
         let tasks = vec![
             tokio::spawn(Poller::new(Arc::clone(&shared), settled).run()),
             tokio::spawn(run_trimmer(Arc::clone(&shared))),
+            tokio::spawn(run_expirer(Arc::clone(&shared))),
             tokio::spawn(keep_listening(
                 shared.config.pg_config()?,
                 shared.config.feed_channel(),
@@ -293,27 +320,41 @@ impl PostgresStore {
         key: &[u8],
         value: &[u8],
         condition: Condition,
+        expiry: Expiry,
     ) -> StoreResult<WriteOutcome> {
         let (kind, expected) = condition_params(condition);
+        let (expiry_kind, expiry_arg) = expiry_params(expiry);
         for _ in 0..MAX_ATTEMPTS {
             let client = self.shared.writer().await?;
             let statement = client
                 .prepare_typed_cached(
                     &self.shared.sql.put,
-                    &[Type::BYTEA, Type::BYTEA, Type::INT4, Type::INT8],
+                    &[
+                        Type::BYTEA,
+                        Type::BYTEA,
+                        Type::INT4,
+                        Type::INT8,
+                        Type::INT4,
+                        Type::INT8,
+                    ],
                 )
                 .await
                 .map_err(|e| map_pg(&e))?;
             let row = match client
-                .query_one(&statement, &[&key, &value, &kind, &expected])
+                .query_one(
+                    &statement,
+                    &[&key, &value, &kind, &expected, &expiry_kind, &expiry_arg],
+                )
                 .await
             {
                 Ok(row) => row,
                 Err(err) if is_retryable(&err) => continue,
                 Err(err) => return Err(map_pg(&err)),
             };
+            drop(client);
             let applied: bool = column(&row, 0)?;
             let version: Option<i64> = column(&row, 1)?;
+            let lease: Option<i64> = column(&row, 6)?;
             if applied {
                 let version = to_u64(version.unwrap_or_default())?;
                 let revision: i64 = column(&row, 2)?;
@@ -324,10 +365,20 @@ impl PostgresStore {
                         created: version == 1,
                         created_at_us: column(&row, 3)?,
                         updated_at_us: column(&row, 4)?,
-                        expires_at_us: None,
-                        lease: None,
+                        expires_at_us: column(&row, 5)?,
+                        lease: lease.map(lease_id),
                     }],
                 });
+            }
+            if self
+                .shared
+                .found_expired(column(&row, 7)?, key, lease)
+                .await?
+            {
+                continue;
+            }
+            if let (false, Expiry::Lease(id)) = (column(&row, 8)?, expiry) {
+                return Err(StoreError::LeaseNotFound(id));
             }
             // A create-only put found no row but lost the race to insert one:
             // try again, to report the version of the row that won.
@@ -348,9 +399,7 @@ impl PostgresStore {
 
     async fn delete_one(&self, key: &[u8], condition: Condition) -> StoreResult<WriteOutcome> {
         let (kind, expected) = condition_params(condition);
-        let mut attempts = 0;
-        let row = loop {
-            attempts += 1;
+        for _ in 0..MAX_ATTEMPTS {
             let client = self.shared.writer().await?;
             let statement = client
                 .prepare_typed_cached(
@@ -359,45 +408,57 @@ impl PostgresStore {
                 )
                 .await
                 .map_err(|e| map_pg(&e))?;
-            match client
+            let row = match client
                 .query_one(&statement, &[&key, &kind, &expected])
                 .await
             {
-                Ok(row) => break row,
-                Err(err) if is_retryable(&err) => {
-                    if attempts == MAX_ATTEMPTS {
-                        return Err(StoreError::Unavailable(
-                            "too much contention on one key; try again".into(),
-                        ));
-                    }
-                }
+                Ok(row) => row,
+                Err(err) if is_retryable(&err) => continue,
                 Err(err) => return Err(map_pg(&err)),
+            };
+            drop(client);
+            let ok: bool = column(&row, 0)?;
+            let current: Option<i64> = column(&row, 1)?;
+            if !ok {
+                if self
+                    .shared
+                    .found_expired(column(&row, 4)?, key, column(&row, 5)?)
+                    .await?
+                {
+                    continue;
+                }
+                return Ok(WriteOutcome::Rejected {
+                    failed: vec![FailedCondition {
+                        index: 0,
+                        current_version: current.map(to_u64).transpose()?,
+                    }],
+                });
             }
-        };
-        let ok: bool = column(&row, 0)?;
-        let current: Option<i64> = column(&row, 1)?;
-        if !ok {
-            return Ok(WriteOutcome::Rejected {
-                failed: vec![FailedCondition {
-                    index: 0,
-                    current_version: current.map(to_u64).transpose()?,
-                }],
+            let revision: i64 = column(&row, 2)?;
+            let deleted: bool = column(&row, 3)?;
+            return Ok(WriteOutcome::Applied {
+                revision: to_u64(revision)?,
+                results: vec![OpResult::Deleted { existed: deleted }],
             });
         }
-        let revision: i64 = column(&row, 2)?;
-        let deleted: bool = column(&row, 3)?;
-        Ok(WriteOutcome::Applied {
-            revision: to_u64(revision)?,
-            results: vec![OpResult::Deleted { existed: deleted }],
-        })
+        Err(StoreError::Unavailable(
+            "too much contention on one key; try again".into(),
+        ))
     }
 
     async fn write_batch(&self, ops: &[WriteOp]) -> StoreResult<WriteOutcome> {
         for _ in 0..MAX_ATTEMPTS {
             let mut client = self.shared.writer().await?;
-            match self.try_batch(&mut client, ops).await {
-                Ok(Some(outcome)) => return Ok(outcome),
-                Ok(None) => continue,
+            let attempt = self.try_batch(&mut client, ops).await;
+            drop(client);
+            match attempt {
+                Ok(Attempt::Done(outcome)) => return Ok(outcome),
+                Ok(Attempt::Again) => continue,
+                Ok(Attempt::Expired { keys, leases }) => {
+                    let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+                    self.shared.clear_expired(&keys, &leases).await?;
+                }
+                Ok(Attempt::NoLease(id)) => return Err(StoreError::LeaseNotFound(id)),
                 Err(err) if is_retryable(&err) => continue,
                 Err(err) => return Err(map_pg(&err)),
             }
@@ -407,30 +468,84 @@ impl PostgresStore {
         ))
     }
 
-    /// One attempt at a batch; `None` when a concurrent write created one of
-    /// its keys after the locks were taken, and it must be tried again.
+    /// One attempt at a batch.
     async fn try_batch(
         &self,
         client: &mut deadpool_postgres::Object,
         ops: &[WriteOp],
-    ) -> Result<Option<WriteOutcome>, tokio_postgres::Error> {
+    ) -> Result<Attempt, tokio_postgres::Error> {
         let lock = client
             .prepare_typed_cached(&self.shared.sql.lock, &[Type::BYTEA_ARRAY])
+            .await?;
+        let hold_leases = client
+            .prepare_typed_cached(&self.shared.sql.hold_leases, &[Type::INT8_ARRAY])
             .await?;
         let apply = client
             .prepare_typed_cached(
                 &self.shared.sql.apply,
-                &[Type::BYTEA_ARRAY, Type::BYTEA_ARRAY, Type::BYTEA_ARRAY],
+                &[
+                    Type::BYTEA_ARRAY,
+                    Type::BYTEA_ARRAY,
+                    Type::BYTEA_ARRAY,
+                    Type::INT4_ARRAY,
+                    Type::INT8_ARRAY,
+                ],
             )
             .await?;
         let tx = client.transaction().await?;
         let keys: Vec<&[u8]> = ops.iter().map(WriteOp::key).collect();
         let locked = tx.query(&lock, &[&keys]).await?;
+        // The live rows' versions, and their own deadlines and leases (what
+        // a `Keep` keeps).
         let mut current = std::collections::HashMap::with_capacity(locked.len());
+        let mut kept = std::collections::HashMap::with_capacity(locked.len());
+        let (mut expired, mut ended) = (Vec::new(), Vec::new());
         for row in &locked {
             let key: &[u8] = row.try_get(0)?;
-            let version: i64 = row.try_get(1)?;
-            current.insert(key, version);
+            let lease: Option<i64> = row.try_get(3)?;
+            match (row.try_get::<_, i32>(4)?, lease) {
+                (EXPIRED, _) => expired.push(key.to_vec()),
+                (LEASE_ENDED, Some(lease)) => ended.push(lease),
+                _ => {
+                    current.insert(key, row.try_get::<_, i64>(1)?);
+                    kept.insert(key, (row.try_get::<_, Option<i64>>(2)?, lease));
+                }
+            }
+        }
+        if !expired.is_empty() || !ended.is_empty() {
+            tx.rollback().await?;
+            ended.sort_unstable();
+            ended.dedup();
+            return Ok(Attempt::Expired {
+                keys: expired,
+                leases: ended,
+            });
+        }
+        // The leases the batch attaches keys to, held until it commits.
+        let mut wanted: Vec<LeaseId> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Put {
+                    expiry: Expiry::Lease(id),
+                    ..
+                } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if !wanted.is_empty() {
+            let params: Vec<i64> = wanted.iter().copied().map(lease_param).collect();
+            let held: std::collections::HashSet<i64> = tx
+                .query(&hold_leases, &[&params])
+                .await?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<Result<_, _>>()?;
+            if let Some(missing) = wanted.iter().find(|id| !held.contains(&lease_param(**id))) {
+                tx.rollback().await?;
+                return Ok(Attempt::NoLease(*missing));
+            }
         }
         let failed: Vec<FailedCondition> = ops
             .iter()
@@ -447,25 +562,41 @@ impl PostgresStore {
             .collect();
         if !failed.is_empty() {
             tx.rollback().await?;
-            return Ok(Some(WriteOutcome::Rejected { failed }));
+            return Ok(Attempt::Done(WriteOutcome::Rejected { failed }));
         }
         let deletes: Vec<&[u8]> = ops
             .iter()
             .filter(|op| matches!(op, WriteOp::Delete { .. }) && current.contains_key(op.key()))
             .map(WriteOp::key)
             .collect();
-        let (put_keys, put_values): (Vec<&[u8]>, Vec<&[u8]>) = ops
-            .iter()
-            .filter_map(|op| match op {
-                WriteOp::Put { key, value, .. } => Some((key.as_slice(), value.as_slice())),
-                WriteOp::Delete { .. } => None,
-            })
-            .unzip();
+        let (mut put_keys, mut put_values, mut put_kinds, mut put_args) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for op in ops {
+            let WriteOp::Put {
+                key, value, expiry, ..
+            } = op
+            else {
+                continue;
+            };
+            let (kind, arg) = match (expiry, kept.get(key.as_slice())) {
+                (Expiry::Keep, Some((Some(at), _))) => (EXPIRY_AT, *at),
+                (Expiry::Keep, Some((None, Some(lease)))) => (EXPIRY_LEASE, *lease),
+                (Expiry::Keep, _) => (EXPIRY_NEVER, 0),
+                (expiry, _) => expiry_params(*expiry),
+            };
+            put_keys.push(key.as_slice());
+            put_values.push(value.as_slice());
+            put_kinds.push(kind);
+            put_args.push(arg);
+        }
         let rows = tx
-            .query(&apply, &[&deletes, &put_keys, &put_values])
+            .query(
+                &apply,
+                &[&deletes, &put_keys, &put_values, &put_kinds, &put_args],
+            )
             .await?;
         let Some(first) = rows.first() else {
-            return Ok(None);
+            return Ok(Attempt::Again);
         };
         let revision: i64 = first.try_get(0)?;
         let written_at_us: i64 = first.try_get(1)?;
@@ -485,7 +616,7 @@ impl PostgresStore {
                 client
                     .execute(self.shared.sql.fill.as_str(), &[&vec![revision]])
                     .await?;
-                return Ok(None);
+                return Ok(Attempt::Again);
             }
             written.insert(
                 key.to_vec(),
@@ -494,8 +625,8 @@ impl PostgresStore {
                     created: version == 1,
                     created_at_us: row.try_get(5)?,
                     updated_at_us: row.try_get(6)?,
-                    expires_at_us: None,
-                    lease: None,
+                    expires_at_us: row.try_get(7)?,
+                    lease: row.try_get::<_, Option<i64>>(8)?.map(lease_id),
                 },
             );
         }
@@ -527,7 +658,7 @@ impl PostgresStore {
                 },
             })
             .collect();
-        Ok(Some(WriteOutcome::Applied {
+        Ok(Attempt::Done(WriteOutcome::Applied {
             revision: u64::try_from(revision).unwrap_or_default(),
             results,
         }))
@@ -545,30 +676,27 @@ impl PostgresStore {
                 (Bound::Unbounded, _) => continue,
             };
             n += 1;
-            filters.push(format!("key {op} ${n}"));
+            filters.push(format!("AND e.key {op} ${n}"));
         }
-        let filter = if filters.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", filters.join(" AND "))
-        };
+        let filter = filters.join(" ");
         let order = if request.reverse { "DESC" } else { "ASC" };
         // $1 limit (one more than the page, to know whether more follow),
         // $2 keys only, $3 the page's value bytes. The running sum lets the
         // database leave out the values of rows the page will not return.
         let rows = format!(
             "SELECT key, CASE WHEN $2 OR (running > $3 AND n > 1) THEN NULL ELSE value END,
-                    version, revision, created_at_us, updated_at_us, running, n
+                    version, revision, created_at_us, updated_at_us, expires_at_us, lease,
+                    running, n
              FROM (
-                SELECT key, value, version, revision, created_at_us, updated_at_us,
-                       (sum(octet_length(value)) OVER w)::int8 AS running,
+                SELECT e.key, {ENTRY_COLUMNS},
+                       (sum(octet_length(e.value)) OVER w)::int8 AS running,
                        row_number() OVER w AS n
-                FROM {kv} {filter}
-                WINDOW w AS (ORDER BY key {order} ROWS UNBOUNDED PRECEDING)
-                ORDER BY key {order}
+                FROM {live} {filter}
+                WINDOW w AS (ORDER BY e.key {order} ROWS UNBOUNDED PRECEDING)
+                ORDER BY e.key {order}
                 LIMIT $1
              ) page",
-            kv = self.shared.sql.kv
+            live = self.shared.sql.live_entries()
         );
         self.shared.sql.at_revision(&rows, "ORDER BY page.n")
     }
@@ -619,9 +747,9 @@ impl Store for PostgresStore {
                     key,
                     value,
                     condition,
-                    expiry: _,
+                    expiry,
                 },
-            ] => self.put_one(key, value, *condition).await,
+            ] => self.put_one(key, value, *condition, *expiry).await,
             [WriteOp::Delete { key, condition }] => self.delete_one(key, *condition).await,
             _ => self.write_batch(&ops).await,
         }?;
@@ -665,7 +793,7 @@ impl Store for PostgresStore {
                     revision,
                 });
             }
-            let running: i64 = column(row, 6)?;
+            let running: i64 = column(row, 8)?;
             if !entries.is_empty()
                 && !request.keys_only
                 && usize::try_from(running).unwrap_or(usize::MAX) > request.max_value_bytes
@@ -694,28 +822,23 @@ impl Store for PostgresStore {
         Arc::clone(&self.shared.feed)
     }
 
-    async fn grant_lease(&self, _ttl_ms: u64, _owner: Option<String>) -> StoreResult<Lease> {
-        Err(StoreError::Unavailable(
-            "leases are not built on PostgreSQL yet".into(),
-        ))
+    async fn grant_lease(&self, ttl_ms: u64, owner: Option<String>) -> StoreResult<Lease> {
+        self.shared.grant_lease(ttl_ms, owner).await
     }
 
-    async fn keep_lease_alive(&self, _id: LeaseId) -> StoreResult<Lease> {
-        Err(StoreError::Unavailable(
-            "leases are not built on PostgreSQL yet".into(),
-        ))
+    async fn keep_lease_alive(&self, id: LeaseId) -> StoreResult<Lease> {
+        self.shared.keep_lease_alive(id).await
     }
 
-    async fn lease(&self, _id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
-        Err(StoreError::Unavailable(
-            "leases are not built on PostgreSQL yet".into(),
-        ))
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+        self.shared.lease(id).await
     }
 
-    async fn revoke_lease(&self, _id: LeaseId) -> StoreResult<Revoked> {
-        Err(StoreError::Unavailable(
-            "leases are not built on PostgreSQL yet".into(),
-        ))
+    async fn revoke_lease(&self, id: LeaseId) -> StoreResult<Revoked> {
+        self.shared
+            .end_lease(lease_param(id), DeleteReason::LeaseRevoked)
+            .await?
+            .ok_or(StoreError::LeaseNotFound(id))
     }
 
     async fn ready(&self) -> StoreResult<()> {

@@ -3,12 +3,16 @@
 use tokio_postgres::Row;
 
 use super::super::Entry;
+use super::sql::lease_id;
 use crate::error::{StoreError, StoreResult};
 
 pub(super) fn to_u64(n: i64) -> StoreResult<u64> {
     u64::try_from(n).map_err(|_| StoreError::Internal(format!("negative counter {n}")))
 }
 
+/// The entry of a row whose columns from `first` on are value, version,
+/// revision, created_at_us, updated_at_us, the effective deadline and the
+/// lease.
 pub(super) fn row_entry(key: Vec<u8>, row: &Row, first: usize) -> StoreResult<Entry> {
     let get = |i: usize| -> StoreResult<i64> {
         row.try_get::<_, i64>(first + i)
@@ -24,8 +28,8 @@ pub(super) fn row_entry(key: Vec<u8>, row: &Row, first: usize) -> StoreResult<En
         revision: to_u64(get(2)?)?,
         created_at_us: get(3)?,
         updated_at_us: get(4)?,
-        expires_at_us: None,
-        lease: None,
+        expires_at_us: column(row, first + 5)?,
+        lease: column::<Option<i64>>(row, first + 6)?.map(lease_id),
     })
 }
 

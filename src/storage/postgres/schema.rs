@@ -62,9 +62,15 @@ pub(super) async fn migrate(pool: &Pool, config: &PostgresConfig) -> StoreResult
             )));
         }
         Some(SCHEMA_VERSION) => {}
-        // New, or version 1: add the change log.
-        None | Some(_) => {
-            tx.batch_execute(&change_log_ddl(&schema))
+        // New (its version-1 tables were just made), or older: add what it
+        // lacks, one version at a time.
+        older => {
+            if older.unwrap_or(1) < 2 {
+                tx.batch_execute(&change_log_ddl(&schema))
+                    .await
+                    .map_err(|e| map_pg(&e))?;
+            }
+            tx.batch_execute(&expiry_ddl(&schema))
                 .await
                 .map_err(|e| map_pg(&e))?;
             tx.batch_execute(&format!(
@@ -108,5 +114,31 @@ fn change_log_ddl(schema: &str) -> String {
              SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS v
              FROM {schema}.kv_revision
          ) seq;"
+    )
+}
+
+/// Version 3: deadlines and leases. A key's own deadline and its lease are
+/// columns of `kv` (both NULL for a key that never expires, and for every
+/// key written before the upgrade); the change log keeps a put's effective
+/// deadline and lease. Adding NULL columns rewrites nothing; the indexes are
+/// built under the upgrade's lock.
+fn expiry_ddl(schema: &str) -> String {
+    format!(
+        "ALTER TABLE {schema}.kv
+             ADD COLUMN expires_at_us int8,   -- its own deadline, µs, database clock
+             ADD COLUMN lease int8;           -- the lease it expires with
+         CREATE INDEX kv_expires_at ON {schema}.kv (expires_at_us)
+             WHERE expires_at_us IS NOT NULL;
+         CREATE INDEX kv_lease ON {schema}.kv (lease) WHERE lease IS NOT NULL;
+         CREATE TABLE {schema}.leases (
+             id int8 PRIMARY KEY,             -- the LeaseId's 64 bits
+             ttl_ms int8 NOT NULL,
+             expires_at_us int8 NOT NULL,
+             owner text
+         );
+         CREATE INDEX leases_expires_at ON {schema}.leases (expires_at_us);
+         ALTER TABLE {schema}.kv_changes
+             ADD COLUMN expires_at_us int8,   -- a put's effective deadline
+             ADD COLUMN lease int8;"
     )
 }

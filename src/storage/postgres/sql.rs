@@ -1,7 +1,7 @@
 //! The statements, with the schema's names filled in: the one place where
 //! the PostgreSQL backend keeps its rules in SQL.
 
-use super::super::{Condition, DeleteReason};
+use super::super::{Condition, DeleteReason, Expiry, LeaseId};
 use super::PostgresConfig;
 
 /// Revisions above the watermark that a read or the poller looks at, at most.
@@ -10,6 +10,66 @@ pub(super) const LOOK_AHEAD: i64 = 10_000;
 /// The database clock in microseconds since the Unix epoch: one clock for
 /// every server.
 pub(super) const NOW_US: &str = "(extract(epoch from clock_timestamp()) * 1000000)::int8";
+
+/// The database clock when the statement began: one instant for every row a
+/// read looks at, so a page judges all its keys' deadlines at once.
+const STATEMENT_NOW_US: &str = "(extract(epoch from statement_timestamp()) * 1000000)::int8";
+
+/// What a write found at a key, as the statements report it (`state`).
+const ABSENT: i32 = 0;
+/// Its own deadline passed, and the row is not deleted yet.
+pub(super) const EXPIRED: i32 = 1;
+/// Its lease ended (expired, or gone), and the row is not deleted yet.
+pub(super) const LEASE_ENDED: i32 = 2;
+const LIVE: i32 = 3;
+
+/// What a put does to the key's deadline, as the statements take it (with
+/// an argument).
+pub(super) const EXPIRY_NEVER: i32 = 0;
+/// The argument is the ttl in µs, counted from the write.
+const EXPIRY_TTL: i32 = 1;
+/// The argument is the deadline in µs (a batch's `Keep` of a locked row).
+pub(super) const EXPIRY_AT: i32 = 2;
+/// The argument is the lease.
+pub(super) const EXPIRY_LEASE: i32 = 3;
+/// A single put's `Keep`: the locked row's deadline and lease.
+const EXPIRY_KEEP: i32 = 4;
+
+/// The longest ttl kept, in ms (about 300 years), so that a deadline in µs
+/// fits in an int8.
+const MAX_TTL_MS: u64 = 10_000_000_000_000;
+
+/// A ttl as the statements take it: µs, capped.
+fn ttl_us(ttl_ms: u64) -> i64 {
+    i64::try_from(ttl_ms.min(MAX_TTL_MS) * 1000).unwrap_or(i64::MAX)
+}
+
+/// A ttl in ms as the leases table keeps it, capped as [`ttl_us`].
+pub(super) fn ttl_ms_param(ttl_ms: u64) -> i64 {
+    i64::try_from(ttl_ms.min(MAX_TTL_MS)).unwrap_or(i64::MAX)
+}
+
+/// A lease id as an int8: its 64 bits, so every id fits.
+pub(super) fn lease_param(id: LeaseId) -> i64 {
+    i64::from_ne_bytes(id.to_ne_bytes())
+}
+
+/// A lease id read from an int8.
+pub(super) fn lease_id(stored: i64) -> LeaseId {
+    u64::from_ne_bytes(stored.to_ne_bytes())
+}
+
+/// A put's expiry as the statements take it (kind, argument). `Keep` is
+/// resolved by the statement (a single put) or from the locked rows (a
+/// batch).
+pub(super) fn expiry_params(expiry: Expiry) -> (i32, i64) {
+    match expiry {
+        Expiry::Never => (EXPIRY_NEVER, 0),
+        Expiry::Ttl(ms) => (EXPIRY_TTL, ttl_us(ms)),
+        Expiry::Keep => (EXPIRY_KEEP, 0),
+        Expiry::Lease(id) => (EXPIRY_LEASE, lease_param(id)),
+    }
+}
 
 /// A quoted SQL identifier.
 pub(super) fn ident(name: &str) -> String {
@@ -38,9 +98,30 @@ pub(super) struct Sql {
     pub(super) put: String,
     pub(super) delete: String,
     pub(super) lock: String,
+    /// Locks the live leases among $1 against their end, for a batch that
+    /// attaches keys to them.
+    pub(super) hold_leases: String,
     pub(super) apply: String,
     pub(super) notify: Option<String>,
     pub(super) kv: String,
+    pub(super) leases: String,
+    /// Deletes up to $1 keys whose deadline passed, each under a revision of
+    /// its own.
+    pub(super) expire_due: String,
+    /// The same for the keys $1 (those a write found expired).
+    pub(super) expire_keys: String,
+    /// Up to $1 leases whose deadline passed.
+    pub(super) due_leases: String,
+    /// Deletes lease $1 if it is live ($2 true: a revocation) or if it has
+    /// expired ($2 false).
+    pub(super) end_lease: String,
+    /// Locks the keys of lease $1 once it is no longer live.
+    pub(super) lease_keys: String,
+    /// Deletes the locked keys $1 under one revision, for reason $2.
+    pub(super) drop_keys: String,
+    pub(super) grant_lease: String,
+    pub(super) keep_lease_alive: String,
+    pub(super) lease: String,
     /// The change log's tables (see `watch.rs`).
     pub(super) revisions: String,
     pub(super) watermark: String,
@@ -58,28 +139,69 @@ pub(super) struct Sql {
     pub(super) fill: String,
 }
 
+/// The columns of an entry read from `{kv} e LEFT JOIN {leases} l`:
+/// value, version, revision, created_at_us, updated_at_us, the effective
+/// deadline, and the lease.
+pub(super) const ENTRY_COLUMNS: &str = "e.value, e.version, e.revision, e.created_at_us, \
+     e.updated_at_us, coalesce(e.expires_at_us, l.expires_at_us) AS expires_at_us, e.lease";
+
+/// Whether the row `e` (joined with its lease `l`) is live at `now`: an
+/// expired key is absent for every read, deleted yet or not.
+fn live(now: &str) -> String {
+    format!(
+        "(e.expires_at_us IS NULL OR e.expires_at_us > {now}) \
+         AND (e.lease IS NULL OR l.expires_at_us > {now})"
+    )
+}
+
+/// What a write finds in the row `e` (joined with its lease `l`) at `now`:
+/// `EXPIRED`, `LEASE_ENDED` or `LIVE`.
+fn row_state(now: &str) -> String {
+    format!(
+        "CASE WHEN e.expires_at_us <= {now} THEN {EXPIRED}
+              WHEN e.lease IS NOT NULL AND coalesce(l.expires_at_us <= {now}, true)
+                  THEN {LEASE_ENDED}
+              ELSE {LIVE} END"
+    )
+}
+
 impl Sql {
     pub(super) fn new(config: &PostgresConfig) -> Self {
         let mut sql = Self::statements(config);
+        sql.get = format!(
+            "SELECT {ENTRY_COLUMNS} FROM {live} AND e.key = $1",
+            live = sql.live_entries()
+        );
         sql.get_many = sql.at_revision(
             &format!(
-                "SELECT key, value, version, revision, created_at_us, updated_at_us \
-                 FROM {kv} WHERE key = ANY($1)",
-                kv = sql.kv
+                "SELECT e.key, {ENTRY_COLUMNS} FROM {live} AND e.key = ANY($1)",
+                live = sql.live_entries()
             ),
             "",
         );
         sql
     }
 
+    /// The live entries, as `e` (with their leases as `l`), to select
+    /// [`ENTRY_COLUMNS`] from; more conditions follow with `AND`.
+    pub(super) fn live_entries(&self) -> String {
+        format!(
+            "{kv} e LEFT JOIN {leases} l ON l.id = e.lease WHERE {live}",
+            kv = self.kv,
+            leases = self.leases,
+            live = live(STATEMENT_NOW_US),
+        )
+    }
+
     fn statements(config: &PostgresConfig) -> Self {
         let schema = ident(&config.schema);
         let kv = format!("{schema}.kv");
+        let leases = format!("{schema}.leases");
         let revisions = format!("{schema}.kv_revisions");
         let changes = format!("{schema}.kv_changes");
         let watermark = format!("{schema}.kv_watermark");
-        // The only reason this backend deletes for, so far.
         let deleted = DeleteReason::Deleted.code();
+        let expired = DeleteReason::Expired.code();
         let seq = literal(&format!("{schema}.kv_revision"));
         let channel = literal(&config.channel());
         let feed_channel = literal(&config.feed_channel());
@@ -100,38 +222,89 @@ impl Sql {
         } else {
             String::new()
         };
-        // $1 key, $2 value, $3 condition kind, $4 expected version. The
-        // revision is taken once, after the row lock, in a materialized CTE:
-        // a `nextval` in the UPDATE's SET would be evaluated again when the
-        // row turns out to have changed since the snapshot, leaving the first
-        // value unused (a hole that watchers wait for until it is filled).
+        let expire_notify = if config.notify {
+            format!(
+                ", pg_notify({channel}, r::text || ':' || us::text || ':' || encode(key, 'hex'))"
+            )
+        } else {
+            String::new()
+        };
+        // A single write's view of its key $1: the clock, then the row,
+        // locked, with its lease; and what the write finds there. A write
+        // that finds an expired row changes nothing and says so: the row is
+        // deleted as expired first (under a revision of its own, logged
+        // before the write's), and the write is made again.
+        let locked_row = format!(
+            "now AS MATERIALIZED (SELECT {NOW_US} AS us),
+            cur AS MATERIALIZED (
+                SELECT e.version, e.expires_at_us, e.lease, l.expires_at_us AS lease_expires_at_us,
+                       {state} AS state
+                FROM {kv} e LEFT JOIN {leases} l ON l.id = e.lease
+                WHERE e.key = $1 FOR UPDATE OF e
+            ),
+            found AS MATERIALIZED (
+                SELECT coalesce((SELECT state FROM cur), {ABSENT}) AS state
+            )",
+            state = row_state("(SELECT us FROM now)"),
+        );
+        // $1 key, $2 value, $3 condition kind, $4 expected version, $5
+        // expiry kind, $6 its argument. The revision is taken once, after
+        // the row lock, in a materialized CTE: a `nextval` in the UPDATE's
+        // SET would be evaluated again when the row turns out to have changed
+        // since the snapshot, leaving the first value unused (a hole that
+        // watchers wait for until it is filled). A lease the put attaches to
+        // is locked (FOR KEY SHARE, which keepalives do not wait for) so
+        // that it cannot end before the put commits: its end then finds the
+        // key.
         let put = format!(
-            "WITH cur AS MATERIALIZED (
-                SELECT version FROM {kv} WHERE key = $1 FOR UPDATE
-            ), now AS MATERIALIZED (SELECT {NOW_US} AS us),
-            rev AS MATERIALIZED (
-                SELECT nextval({seq}) AS r FROM now
-                WHERE CASE WHEN EXISTS (SELECT 1 FROM cur)
-                    THEN $3 = 0 OR $3 = 3 OR ($3 = 1 AND (SELECT version FROM cur) = $4)
-                    ELSE $3 = 0 OR $3 = 2 END
+            "WITH {locked_row},
+            lease_ok AS MATERIALIZED (
+                SELECT id, expires_at_us FROM {leases}
+                WHERE $5 = {EXPIRY_LEASE} AND id = $6 AND expires_at_us > (SELECT us FROM now)
+                FOR KEY SHARE
+            ), go AS MATERIALIZED (
+                SELECT CASE
+                    WHEN state IN ({EXPIRED}, {LEASE_ENDED}) THEN false
+                    WHEN $5 = {EXPIRY_LEASE} AND NOT EXISTS (SELECT 1 FROM lease_ok) THEN false
+                    WHEN state = {LIVE}
+                        THEN $3 = 0 OR $3 = 3 OR ($3 = 1 AND (SELECT version FROM cur) = $4)
+                    ELSE $3 = 0 OR $3 = 2 END AS ok
+                FROM found
+            ), rev AS MATERIALIZED (
+                SELECT nextval({seq}) AS r FROM go WHERE ok
+            ), deadline AS MATERIALIZED (
+                SELECT CASE $5 WHEN {EXPIRY_TTL} THEN (SELECT us FROM now) + $6
+                               WHEN {EXPIRY_KEEP} THEN (SELECT expires_at_us FROM cur) END AS own,
+                       CASE $5 WHEN {EXPIRY_LEASE} THEN $6
+                               WHEN {EXPIRY_KEEP} THEN (SELECT lease FROM cur) END AS lease
             ), upd AS (
                 UPDATE {kv} SET value = $2, version = {kv}.version + 1,
                     revision = (SELECT r FROM rev),
-                    updated_at_us = greatest({kv}.updated_at_us, (SELECT us FROM now))
+                    updated_at_us = greatest({kv}.updated_at_us, (SELECT us FROM now)),
+                    expires_at_us = (SELECT own FROM deadline),
+                    lease = (SELECT lease FROM deadline)
                 WHERE key = $1 AND EXISTS (SELECT 1 FROM cur) AND EXISTS (SELECT 1 FROM rev)
-                RETURNING version, revision, created_at_us, updated_at_us
+                RETURNING version, revision, created_at_us, updated_at_us, expires_at_us, lease
             ), ins AS (
-                INSERT INTO {kv} (key, value, version, revision, created_at_us, updated_at_us)
-                SELECT $1, $2, 1, r, us, us FROM now, rev WHERE NOT EXISTS (SELECT 1 FROM cur)
+                INSERT INTO {kv}
+                    (key, value, version, revision, created_at_us, updated_at_us, expires_at_us, lease)
+                SELECT $1, $2, 1, r, us, us, own, lease FROM now, rev, deadline
+                WHERE NOT EXISTS (SELECT 1 FROM cur)
                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value,
                     version = {kv}.version + 1, revision = nextval({seq}),
-                    updated_at_us = greatest({kv}.updated_at_us, EXCLUDED.updated_at_us)
+                    updated_at_us = greatest({kv}.updated_at_us, EXCLUDED.updated_at_us),
+                    expires_at_us = CASE WHEN $5 = {EXPIRY_KEEP} THEN {kv}.expires_at_us
+                                         ELSE EXCLUDED.expires_at_us END,
+                    lease = CASE WHEN $5 = {EXPIRY_KEEP} THEN {kv}.lease ELSE EXCLUDED.lease END
                 WHERE $3 = 0
-                RETURNING version, revision, created_at_us, updated_at_us
+                RETURNING version, revision, created_at_us, updated_at_us, expires_at_us, lease
             ), done AS (
-                SELECT true AS applied, version, revision, created_at_us, updated_at_us FROM upd
-                UNION ALL
-                SELECT true, version, revision, created_at_us, updated_at_us FROM ins
+                SELECT true AS applied, version, revision, created_at_us, updated_at_us,
+                       coalesce(w.expires_at_us,
+                                (SELECT l.expires_at_us FROM {leases} l WHERE l.id = w.lease))
+                           AS expires_at_us,
+                       lease
+                FROM (SELECT * FROM upd UNION ALL SELECT * FROM ins) w
             ), marked AS (
                 INSERT INTO {revisions} (revision, written_at_us, gap)
                 SELECT revision, us, false FROM done, now
@@ -142,29 +315,37 @@ impl Sql {
                 SELECT r, us, true FROM rev, now
                 WHERE NOT EXISTS (SELECT 1 FROM done WHERE done.revision = rev.r)
             ), logged AS (
-                INSERT INTO {changes} (revision, key, value, version, created_at_us, updated_at_us)
-                SELECT revision, $1, $2, version, created_at_us, updated_at_us FROM done
+                INSERT INTO {changes} (revision, key, value, version, created_at_us, updated_at_us,
+                                       expires_at_us, lease)
+                SELECT revision, $1, $2, version, created_at_us, updated_at_us, expires_at_us, lease
+                FROM done
             )
-            SELECT * {put_notify} FROM (
-                SELECT applied, version, revision, created_at_us, updated_at_us FROM done
+            SELECT *, $5 <> {EXPIRY_LEASE} OR EXISTS (SELECT 1 FROM lease_ok) AS lease_found
+                   {put_notify}
+            FROM (
+                SELECT applied, version, revision, created_at_us, updated_at_us, expires_at_us,
+                       lease, (SELECT state FROM found) AS state
+                FROM done
                 UNION ALL
-                SELECT false, (SELECT version FROM cur), NULL::int8, NULL::int8, NULL::int8
+                SELECT false, (SELECT version FROM cur), NULL::int8, NULL::int8, NULL::int8,
+                       NULL::int8, (SELECT lease FROM cur), (SELECT state FROM found)
                 WHERE NOT EXISTS (SELECT 1 FROM done)
             ) result"
         );
         // $1 key, $2 condition kind, $3 expected version. The revision is
         // taken only when the delete goes ahead, after the row is locked.
         let delete = format!(
-            "WITH cur AS MATERIALIZED (
-                SELECT version FROM {kv} WHERE key = $1 FOR UPDATE
-            ), ok AS MATERIALIZED (
-                SELECT CASE $2
-                    WHEN 0 THEN true
-                    WHEN 1 THEN coalesce((SELECT version FROM cur) = $3, false)
-                    WHEN 2 THEN NOT EXISTS (SELECT 1 FROM cur)
-                    ELSE EXISTS (SELECT 1 FROM cur) END AS ok
+            "WITH {locked_row},
+            ok AS MATERIALIZED (
+                SELECT CASE WHEN state IN ({EXPIRED}, {LEASE_ENDED}) THEN false
+                    ELSE CASE $2
+                        WHEN 0 THEN true
+                        WHEN 1 THEN state = {LIVE} AND (SELECT version FROM cur) = $3
+                        WHEN 2 THEN state = {ABSENT}
+                        ELSE state = {LIVE} END END AS ok
+                FROM found
             ), rev AS MATERIALIZED (
-                SELECT nextval({seq}) AS r, {NOW_US} AS us FROM ok WHERE ok
+                SELECT nextval({seq}) AS r, us FROM ok, now WHERE ok
             ), del AS (
                 DELETE FROM {kv} WHERE key = $1 AND EXISTS (SELECT 1 FROM rev) RETURNING version
             ), marked AS (
@@ -173,55 +354,145 @@ impl Sql {
                 INSERT INTO {changes} (revision, key, version, reason)
                 SELECT rev.r, $1, del.version, {deleted} FROM rev, del
             )
-            SELECT ok, current, revision, deleted {delete_notify} FROM (
+            SELECT ok, current, revision, deleted, state, lease {delete_notify} FROM (
                 SELECT (SELECT ok FROM ok) AS ok, (SELECT version FROM cur) AS current,
-                       (SELECT r FROM rev) AS revision, (SELECT count(*) FROM del) > 0 AS deleted
+                       (SELECT r FROM rev) AS revision, (SELECT count(*) FROM del) > 0 AS deleted,
+                       (SELECT state FROM found) AS state, (SELECT lease FROM cur) AS lease
             ) result"
         );
         // A batch: lock what exists in key order, then write everything.
-        let lock =
-            format!("SELECT key, version FROM {kv} WHERE key = ANY($1) ORDER BY key FOR UPDATE");
-        // $1 keys to delete (all locked), $2 keys to put, $3 their values.
+        let lock = format!(
+            "SELECT e.key, e.version, e.expires_at_us, e.lease, {state}
+             FROM {kv} e LEFT JOIN {leases} l ON l.id = e.lease
+             WHERE e.key = ANY($1) ORDER BY e.key FOR UPDATE OF e",
+            state = row_state(NOW_US),
+        );
+        // $1 keys to delete (all locked), $2 keys to put, $3 their values,
+        // $4 their expiry kinds (never, ttl, at or lease), $5 the arguments.
         let apply = format!(
             "WITH rev AS MATERIALIZED (SELECT nextval({seq}) AS r, {NOW_US} AS us),
             del AS (DELETE FROM {kv} WHERE key = ANY($1) RETURNING key, version),
             ins AS (
-                INSERT INTO {kv} (key, value, version, revision, created_at_us, updated_at_us)
-                SELECT t.k, t.v, 1, rev.r, rev.us, rev.us
-                FROM unnest($2::bytea[], $3::bytea[]) AS t(k, v), rev ORDER BY t.k
+                INSERT INTO {kv}
+                    (key, value, version, revision, created_at_us, updated_at_us, expires_at_us, lease)
+                SELECT t.k, t.v, 1, rev.r, rev.us, rev.us,
+                       CASE t.kind WHEN {EXPIRY_TTL} THEN rev.us + t.arg
+                                   WHEN {EXPIRY_AT} THEN t.arg END,
+                       CASE t.kind WHEN {EXPIRY_LEASE} THEN t.arg END
+                FROM unnest($2::bytea[], $3::bytea[], $4::int4[], $5::int8[]) AS t(k, v, kind, arg),
+                     rev
+                ORDER BY t.k
                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value,
                     version = {kv}.version + 1, revision = EXCLUDED.revision,
-                    updated_at_us = greatest({kv}.updated_at_us, EXCLUDED.updated_at_us)
-                RETURNING key, value, version, created_at_us, updated_at_us
+                    updated_at_us = greatest({kv}.updated_at_us, EXCLUDED.updated_at_us),
+                    expires_at_us = EXCLUDED.expires_at_us, lease = EXCLUDED.lease
+                RETURNING key, value, version, created_at_us, updated_at_us, expires_at_us, lease
+            ), written AS (
+                SELECT key, value, version, created_at_us, updated_at_us, lease,
+                       coalesce(ins.expires_at_us,
+                                (SELECT l.expires_at_us FROM {leases} l WHERE l.id = ins.lease))
+                           AS effective
+                FROM ins
             ), marked AS (
                 INSERT INTO {revisions} (revision, written_at_us) SELECT r, us FROM rev
             ), logged AS (
-                INSERT INTO {changes}
-                    (revision, key, value, version, created_at_us, updated_at_us, reason)
-                SELECT rev.r, del.key, NULL, del.version, NULL, NULL, {deleted} FROM del, rev
+                INSERT INTO {changes} (revision, key, value, version, created_at_us, updated_at_us,
+                                       reason, expires_at_us, lease)
+                SELECT rev.r, del.key, NULL, del.version, NULL, NULL, {deleted}, NULL, NULL
+                FROM del, rev
                 UNION ALL
-                SELECT rev.r, ins.key, ins.value, ins.version, ins.created_at_us,
-                       ins.updated_at_us, NULL FROM ins, rev
+                SELECT rev.r, w.key, w.value, w.version, w.created_at_us, w.updated_at_us, NULL,
+                       w.effective, w.lease FROM written w, rev
             )
             SELECT (SELECT r FROM rev), (SELECT us FROM rev), (SELECT count(*) FROM del),
-                   key, version, created_at_us, updated_at_us
-            FROM (SELECT 1) one LEFT JOIN ins ON true"
+                   key, version, created_at_us, updated_at_us, effective, lease
+            FROM (SELECT 1) one LEFT JOIN written ON true"
         );
+        // Expiry deletes: each key under a revision of its own (taken in
+        // deadline order, once the row is locked), and only the version that
+        // carried the deadline: a row rewritten before its deadline no longer
+        // matches when the lock is taken, and a row another server is
+        // deleting is skipped rather than waited for.
+        let expire = |which: &str, limit: &str| {
+            format!(
+                "WITH now AS MATERIALIZED (SELECT {NOW_US} AS us),
+                due AS MATERIALIZED (
+                    SELECT key, version FROM {kv}
+                    WHERE {which} AND expires_at_us <= (SELECT us FROM now)
+                    ORDER BY expires_at_us LIMIT {limit} FOR UPDATE SKIP LOCKED
+                ), rev AS MATERIALIZED (
+                    SELECT key, version, nextval({seq}) AS r FROM due
+                ), del AS (
+                    DELETE FROM {kv} e USING rev WHERE e.key = rev.key AND e.version = rev.version
+                ), marked AS (
+                    INSERT INTO {revisions} (revision, written_at_us) SELECT r, us FROM rev, now
+                ), logged AS (
+                    INSERT INTO {changes} (revision, key, version, reason)
+                    SELECT r, key, version, {expired} FROM rev
+                )
+                SELECT r {expire_notify} FROM rev, now"
+            )
+        };
         Sql {
-            get: format!(
-                "SELECT value, version, revision, created_at_us, updated_at_us \
-                 FROM {kv} WHERE key = $1"
-            ),
-
+            get: String::new(),
             get_many: String::new(),
             put,
             delete,
             lock,
+            hold_leases: format!(
+                "SELECT id FROM {leases} WHERE id = ANY($1) AND expires_at_us > {NOW_US}
+                 ORDER BY id FOR KEY SHARE"
+            ),
             apply,
             notify: config
                 .notify
                 .then(|| format!("SELECT pg_notify({channel}, $1)")),
+            expire_due: expire("true", "$1"),
+            expire_keys: expire("key = ANY($1)", "ALL"),
+            due_leases: format!(
+                "SELECT id FROM {leases} WHERE expires_at_us <= {NOW_US}
+                 ORDER BY expires_at_us LIMIT $1"
+            ),
+            end_lease: format!(
+                "DELETE FROM {leases} WHERE id = $1 AND (expires_at_us > {NOW_US}) = $2 RETURNING id"
+            ),
+            lease_keys: format!(
+                "SELECT key FROM {kv} WHERE lease = $1 AND NOT EXISTS (
+                     SELECT 1 FROM {leases} WHERE id = $1 AND expires_at_us > {NOW_US}
+                 ) ORDER BY key FOR UPDATE"
+            ),
+            drop_keys: format!(
+                "WITH rev AS MATERIALIZED (SELECT nextval({seq}) AS r, {NOW_US} AS us),
+                del AS (DELETE FROM {kv} WHERE key = ANY($1) RETURNING key, version),
+                marked AS (
+                    INSERT INTO {revisions} (revision, written_at_us) SELECT r, us FROM rev
+                ), logged AS (
+                    INSERT INTO {changes} (revision, key, version, reason)
+                    SELECT r, key, version, $2 FROM del, rev
+                )
+                SELECT r, us FROM rev"
+            ),
+            // The id: 64 random bits from a random UUID; 0 is not an id.
+            grant_lease: format!(
+                "INSERT INTO {leases} (id, ttl_ms, expires_at_us, owner)
+                 SELECT id, $1::int8, {NOW_US} + $1::int8 * 1000, $2::text FROM (
+                     SELECT ('x' || substr(replace(gen_random_uuid()::text, '-', ''), 1, 16))
+                         ::bit(64)::int8 AS id
+                 ) random WHERE id <> 0
+                 ON CONFLICT (id) DO NOTHING RETURNING id, expires_at_us"
+            ),
+            keep_lease_alive: format!(
+                "UPDATE {leases} SET expires_at_us = {NOW_US} + ttl_ms * 1000
+                 WHERE id = $1 AND expires_at_us > {NOW_US}
+                 RETURNING ttl_ms, expires_at_us, owner"
+            ),
+            lease: format!(
+                "SELECT l.ttl_ms, l.expires_at_us, l.owner,
+                        (SELECT count(*) FROM {kv} e WHERE e.lease = l.id)
+                 FROM {leases} l WHERE l.id = $1 AND l.expires_at_us > {NOW_US}"
+            ),
             kv,
+            leases,
             changes: format!(
                 "WITH w AS MATERIALIZED (SELECT settled, trimmed FROM {watermark} LIMIT 1),
                 revs AS MATERIALIZED (
@@ -230,7 +501,7 @@ impl Sql {
                     ORDER BY revision LIMIT $2
                 )
                 SELECT w.settled, w.trimmed, revs.revision, c.key, c.value, c.version,
-                       c.created_at_us, c.updated_at_us, c.reason
+                       c.created_at_us, c.updated_at_us, c.reason, c.expires_at_us, c.lease
                 FROM w LEFT JOIN (revs LEFT JOIN {changes} c ON c.revision = revs.revision) ON true
                 ORDER BY revs.revision, c.key"
             ),

@@ -30,7 +30,7 @@ use deadpool_postgres::Pool;
 use super::Shared;
 use super::errors::{map_pg, map_pool};
 use super::rows::{column, to_u64};
-use super::sql::{LOOK_AHEAD, Sql};
+use super::sql::{LOOK_AHEAD, Sql, lease_id};
 use crate::error::{StoreError, StoreResult};
 use crate::storage::changes::{OLDEST_GAUGE, REVISIONS_GAUGE};
 use crate::storage::{Change, DeleteReason, Event};
@@ -147,8 +147,8 @@ fn row_event(row: &tokio_postgres::Row) -> StoreResult<Option<Event>> {
                 version,
                 created_at_us: stamp(6)?,
                 updated_at_us: stamp(7)?,
-                expires_at_us: None,
-                lease: None,
+                expires_at_us: column(row, 9)?,
+                lease: column::<Option<i64>>(row, 10)?.map(lease_id),
             }
         }
         None => {

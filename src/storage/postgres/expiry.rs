@@ -1,0 +1,298 @@
+//! Deadlines and leases on PostgreSQL: the expirer that deletes what is due,
+//! the ends of leases, and the lease operations.
+//!
+//! Deadlines are kept and judged by the database clock, so servers whose
+//! clocks differ agree on them. Reads leave out an expired key at once; the
+//! delete follows within a second, as a write like any other: a revision,
+//! change-log rows (reason `Expired`), the watermark, notifications.
+//!
+//! Every server runs the expirer. A due key is locked with `FOR UPDATE SKIP
+//! LOCKED` and deleted under that lock only if it is still the version that
+//! carried the deadline, so two expirers never delete one key twice and a key
+//! rewritten before its deadline is left alone. A lease is ended by deleting
+//! its row first, so that whoever deletes it deletes its keys, once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::types::{ToSql, Type};
+
+use super::errors::{is_retryable, map_pg};
+use super::notify::notification_payloads;
+use super::rows::{column, to_u64};
+use super::sql::{EXPIRED, LEASE_ENDED, lease_id, lease_param, ttl_ms_param};
+use super::{MAX_ATTEMPTS, Shared};
+use crate::error::{StoreError, StoreResult};
+use crate::storage::{DeleteReason, Lease, LeaseId, LeaseInfo, Revoked};
+
+/// How often the expirer looks for due keys and leases: well within the
+/// second allowed between a deadline and its delete.
+const EXPIRE_EVERY: Duration = Duration::from_millis(200);
+/// Keys deleted per statement (one transaction): a million keys due at once
+/// are deleted a thousand at a time, and other writes go on between.
+const EXPIRE_BATCH: i64 = 1000;
+/// Due leases looked up at a time; each is ended in a transaction of its own.
+const LEASE_BATCH: i64 = 100;
+
+/// Deletes due keys and ends due leases every [`EXPIRE_EVERY`] until the
+/// task is aborted (the store closed or dropped).
+pub(super) async fn run_expirer(shared: Arc<Shared>) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(EXPIRE_EVERY).await;
+        match expire_round(&shared).await {
+            Ok(()) => failing = false,
+            // The poller says so already (and a closed store refuses writes).
+            Err(StoreError::Unavailable(_)) => {}
+            Err(err) => {
+                if !failing {
+                    tracing::warn!(error = %err, "deleting expired keys failed; retrying");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// Deletes everything due now.
+async fn expire_round(shared: &Shared) -> StoreResult<()> {
+    let full = usize::try_from(EXPIRE_BATCH).unwrap_or(usize::MAX);
+    while shared
+        .expire(&shared.sql.expire_due, Type::INT8, &EXPIRE_BATCH)
+        .await?
+        == full
+    {}
+    let full = usize::try_from(LEASE_BATCH).unwrap_or(usize::MAX);
+    loop {
+        let due = shared.due_leases().await?;
+        for id in &due {
+            shared.end_lease(*id, DeleteReason::Expired).await?;
+        }
+        if due.len() < full {
+            return Ok(());
+        }
+    }
+}
+
+impl Shared {
+    /// Runs an expiry delete (`Sql::expire_due` or `Sql::expire_keys`) with
+    /// its one parameter; gives how many keys it deleted.
+    async fn expire(
+        &self,
+        sql: &str,
+        param_type: Type,
+        param: &(dyn ToSql + Sync),
+    ) -> StoreResult<usize> {
+        for _ in 0..MAX_ATTEMPTS {
+            let client = self.writer().await?;
+            let statement = client
+                .prepare_typed_cached(sql, std::slice::from_ref(&param_type))
+                .await
+                .map_err(|e| map_pg(&e))?;
+            match client.query(&statement, &[param]).await {
+                Ok(rows) => {
+                    if !rows.is_empty() {
+                        self.kick.notify_one();
+                    }
+                    return Ok(rows.len());
+                }
+                Err(err) if is_retryable(&err) => continue,
+                Err(err) => return Err(map_pg(&err)),
+            }
+        }
+        Err(StoreError::Unavailable(
+            "too much contention deleting expired keys; try again".into(),
+        ))
+    }
+
+    /// Deletes what a write found expired at its keys, so that the write,
+    /// made again, finds them absent and its events follow their deletes:
+    /// keys past their own deadline each under a revision of its own, and
+    /// the keys of ended leases lease by lease.
+    pub(super) async fn clear_expired(&self, keys: &[&[u8]], leases: &[i64]) -> StoreResult<()> {
+        if !keys.is_empty() {
+            self.expire(&self.sql.expire_keys, Type::BYTEA_ARRAY, &keys)
+                .await?;
+        }
+        for lease in leases {
+            self.end_lease(*lease, DeleteReason::Expired).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a single write found its key expired (`state` as its
+    /// statement reports it, with the row's lease); if so, deletes the key
+    /// (or ends its lease), and the write is to be made again.
+    pub(super) async fn found_expired(
+        &self,
+        state: i32,
+        key: &[u8],
+        lease: Option<i64>,
+    ) -> StoreResult<bool> {
+        match (state, lease) {
+            (EXPIRED, _) => self.clear_expired(&[key], &[]).await?,
+            (LEASE_ENDED, Some(lease)) => self.clear_expired(&[], &[lease]).await?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Up to [`LEASE_BATCH`] leases whose deadline passed.
+    async fn due_leases(&self) -> StoreResult<Vec<i64>> {
+        let client = self.writer().await?;
+        let rows = client
+            .query(self.sql.due_leases.as_str(), &[&LEASE_BATCH])
+            .await
+            .map_err(|e| map_pg(&e))?;
+        rows.iter().map(|row| column(row, 0)).collect()
+    }
+
+    /// Ends lease `id` and deletes its keys under one revision, for
+    /// `reason`: a revocation (`LeaseRevoked`) of a live lease, or the
+    /// expiry (`Expired`) of one that is no longer live. `None` when a
+    /// revocation found no live lease.
+    pub(super) async fn end_lease(
+        &self,
+        id: i64,
+        reason: DeleteReason,
+    ) -> StoreResult<Option<Revoked>> {
+        for _ in 0..MAX_ATTEMPTS {
+            let mut client = self.writer().await?;
+            match self.try_end_lease(&mut client, id, reason).await {
+                Ok(ended) => {
+                    self.kick.notify_one();
+                    return Ok(ended);
+                }
+                Err(err) if is_retryable(&err) => continue,
+                Err(err) => return Err(map_pg(&err)),
+            }
+        }
+        Err(StoreError::Unavailable(
+            "too much contention on the lease's keys; try again".into(),
+        ))
+    }
+
+    /// One attempt at [`Shared::end_lease`]. The lease's row is deleted
+    /// first: a put attaching a key to it holds it (FOR KEY SHARE) until it
+    /// commits, so the keys locked next are all the keys the lease will
+    /// ever have. Whoever deletes it second finds no keys left.
+    async fn try_end_lease(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        id: i64,
+        reason: DeleteReason,
+    ) -> Result<Option<Revoked>, tokio_postgres::Error> {
+        let revoke = reason == DeleteReason::LeaseRevoked;
+        let end = client
+            .prepare_typed_cached(&self.sql.end_lease, &[Type::INT8, Type::BOOL])
+            .await?;
+        let lock = client
+            .prepare_typed_cached(&self.sql.lease_keys, &[Type::INT8])
+            .await?;
+        let drop_keys = client
+            .prepare_typed_cached(&self.sql.drop_keys, &[Type::BYTEA_ARRAY, Type::INT2])
+            .await?;
+        let tx = client.transaction().await?;
+        let ended = tx.query_opt(&end, &[&id, &revoke]).await?.is_some();
+        if revoke && !ended {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let keys = tx
+            .query(&lock, &[&id])
+            .await?
+            .iter()
+            .map(|row| row.try_get::<_, Vec<u8>>(0))
+            .collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() {
+            let settled: i64 = tx
+                .query_one(self.sql.watermark_row.as_str(), &[])
+                .await?
+                .try_get(0)?;
+            tx.commit().await?;
+            return Ok(Some(Revoked {
+                revision: u64::try_from(settled).unwrap_or_default(),
+                keys,
+            }));
+        }
+        let code = i16::from(reason.code());
+        let row = tx.query_one(&drop_keys, &[&keys, &code]).await?;
+        let revision: i64 = row.try_get(0)?;
+        let written_at_us: i64 = row.try_get(1)?;
+        if let Some(notify) = &self.sql.notify {
+            let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            for payload in notification_payloads(revision, written_at_us, &refs) {
+                tx.execute(notify.as_str(), &[&payload]).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(Some(Revoked {
+            revision: u64::try_from(revision).unwrap_or_default(),
+            keys,
+        }))
+    }
+
+    pub(super) async fn grant_lease(
+        &self,
+        ttl_ms: u64,
+        owner: Option<String>,
+    ) -> StoreResult<Lease> {
+        let ttl = ttl_ms_param(ttl_ms);
+        // A new random id collides with a live one about never; each try
+        // draws another.
+        for _ in 0..MAX_ATTEMPTS {
+            let client = self.writer().await?;
+            let row = client
+                .query_opt(self.sql.grant_lease.as_str(), &[&ttl, &owner])
+                .await
+                .map_err(|e| map_pg(&e))?;
+            if let Some(row) = row {
+                return Ok(Lease {
+                    id: lease_id(column(&row, 0)?),
+                    ttl_ms: to_u64(ttl)?,
+                    expires_at_us: column(&row, 1)?,
+                    owner,
+                });
+            }
+        }
+        Err(StoreError::Internal(
+            "no free lease id after several random draws".into(),
+        ))
+    }
+
+    /// Renews a live lease: a committed UPDATE, so the renewal survives a
+    /// crash of PostgreSQL once answered.
+    pub(super) async fn keep_lease_alive(&self, id: LeaseId) -> StoreResult<Lease> {
+        let client = self.writer().await?;
+        let row = client
+            .query_opt(self.sql.keep_lease_alive.as_str(), &[&lease_param(id)])
+            .await
+            .map_err(|e| map_pg(&e))?
+            .ok_or(StoreError::LeaseNotFound(id))?;
+        Ok(Lease {
+            id,
+            ttl_ms: to_u64(column(&row, 0)?)?,
+            expires_at_us: column(&row, 1)?,
+            owner: column(&row, 2)?,
+        })
+    }
+
+    pub(super) async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+        let (sql, param) = (self.sql.lease.as_str(), lease_param(id));
+        let row = self
+            .read(|client| async move { client.query_opt(sql, &[&param]).await })
+            .await?;
+        row.map(|row| {
+            Ok(LeaseInfo {
+                lease: Lease {
+                    id,
+                    ttl_ms: to_u64(column(&row, 0)?)?,
+                    expires_at_us: column(&row, 1)?,
+                    owner: column(&row, 2)?,
+                },
+                keys: to_u64(column(&row, 3)?)?,
+            })
+        })
+        .transpose()
+    }
+}
