@@ -156,7 +156,7 @@ async fn a_lease_holds_keys_until_it_is_revoked_in_one_revision() {
     let before = probe_revision(c).await;
     let revoked = delete(c, &lease_path(&lease, ""), &[]).await;
     assert_eq!(revoked.status, StatusCode::NO_CONTENT);
-    let page = expect_json(&get(c, &format!("/v1/changes?prefix=svc/&after={before}")).await, StatusCode::OK);
+    let page = expect_json(&get(c, &format!("/v1/changes?prefix=svc/&after={before}&wait_ms=5000")).await, StatusCode::OK);
     let changes = page["changes"].as_array().cloned().unwrap_or_default();
     assert_eq!(changes.len(), 1, "{page}");
     let mut events = changes[0]["events"].as_array().cloned().unwrap_or_default();
