@@ -20,13 +20,6 @@ PORT=7087
 DATA=$(mktemp -d)
 export KVSTORE_URL=http://127.0.0.1:$PORT
 
-# A wrk run on one line; answers other than 2xx and 3xx are counted in it, so
-# that a run measuring refusals cannot pass for one measuring the server.
-wrk_row() {
-  wrk --latency "$@" | awk '/ 50%/{p50=$2} / 99%/{p99=$2} /Requests\/sec/{rps=$2}
-    /Non-2xx or 3xx responses/{bad=$NF}
-    END{printf "%s req/s, p50 %s, p99 %s%s\n", rps, p50, p99, bad ? ", " bad " non-2xx answers" : ""}'
-}
 bench_row() {
   local name=$1; shift
   printf '%s: ' "$name"
@@ -71,13 +64,7 @@ echo "GET under wrk, 16 connections: $(wrk_row -t2 -c16 -d"$D" "$KVSTORE_URL/v1/
 # same client: what the server adds to the floors, without the bench client's
 # own encoding and decoding.
 PUT_SCRIPT="$DATA.put.lua"
-cat >"$PUT_SCRIPT" <<LUA
-local body = '{"value":"$VALUE"}'
-local headers = { ["Content-Type"] = "application/json" }
-request = function()
-  return wrk.format("PUT", string.format("/v1/kv/wrk/k%06d", math.random(0, 99999)), headers, body)
-end
-LUA
+put_script "$PUT_SCRIPT"
 echo "durable PUT under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
 echo "durable PUT under wrk, 16 connections: $(wrk_row -t2 -c16 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
 rm -f "$PUT_SCRIPT"
