@@ -228,6 +228,13 @@ impl Default for History {
     }
 }
 
+/// Counts keys deleted by expiry or by a lease's revocation (both backends,
+/// once their delete is committed), by reason.
+pub(crate) fn count_expired(reason: DeleteReason, keys: usize) {
+    metrics::counter!("kvstore_keys_expired_total", "reason" => reason.name())
+        .increment(keys as u64);
+}
+
 /// Metric names of the history a backend keeps.
 pub(crate) const OLDEST_GAUGE: &str = "kvstore_watch_history_oldest_revision";
 pub(crate) const REVISIONS_GAUGE: &str = "kvstore_watch_history_revisions";

@@ -198,6 +198,7 @@ pub(super) fn lease_keys(engine: &Engine, lease: LeaseId) -> StoreResult<Vec<Vec
 /// Deletes due keys and expired leases until told to stop.
 pub(super) fn run_expirer(shared: &Shared, stop: &Receiver<()>) {
     let mut wait = Duration::ZERO;
+    let mut failing = false;
     loop {
         match stop.recv_timeout(wait) {
             Err(RecvTimeoutError::Timeout) => {}
@@ -206,10 +207,21 @@ pub(super) fn run_expirer(shared: &Shared, stop: &Receiver<()>) {
         // A full round leaves more due: go again at once, after the writes
         // that queued meanwhile (the writer lock is released in between).
         wait = match shared.lock_writer().expire_round(shared) {
-            Ok(true) => Duration::from_millis(1),
-            Ok(false) => EXPIRE_EVERY,
+            Ok(more) => {
+                failing = false;
+                if more {
+                    Duration::from_millis(1)
+                } else {
+                    EXPIRE_EVERY
+                }
+            }
+            // Once per spell of failures (a full disk refuses every round
+            // until space is freed; it is logged where writes are refused).
             Err(err) => {
-                tracing::warn!(error = %err, "expiring keys failed; retrying");
+                if !failing && !matches!(err, StoreError::InsufficientStorage(_)) {
+                    tracing::warn!(error = %err, "deleting expired keys failed; retrying");
+                }
+                failing = true;
                 EXPIRE_EVERY
             }
         };

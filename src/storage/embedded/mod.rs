@@ -397,6 +397,7 @@ impl EmbeddedStore {
                 },
                 revision,
                 directory: KeyDirectory::new(config.key_directory_bytes),
+                expire_from: Vec::new(),
             }),
             waiting: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),

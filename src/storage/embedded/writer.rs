@@ -26,7 +26,7 @@ use super::{
     Reply, Shared, WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
-use crate::storage::changes::{DeleteReason, RecordBuilder, Stamp, record_key};
+use crate::storage::changes::{DeleteReason, RecordBuilder, Stamp, count_expired, record_key};
 use crate::storage::{Expiry, Lease, LeaseId, Revoked, deadline_after};
 
 /// The state of the engine's one writer.
@@ -35,6 +35,13 @@ pub(super) struct Writer {
     /// The last revision assigned.
     pub(super) revision: u64,
     pub(super) directory: KeyDirectory,
+    /// Where the expirer's next round starts in the `deadlines` index: no
+    /// entry below it is due, but a deleted entry stays in the LSM-tree as a
+    /// tombstone until compaction, and a round that began at the start of
+    /// the index would step over every one (a million keys expiring at
+    /// once made each round slower than the last). A write that indexes a
+    /// deadline below it moves it back.
+    pub(super) expire_from: Vec<u8>,
 }
 
 /// A write of the current group that passed its conditions, waiting for the commit.
@@ -63,6 +70,8 @@ struct Group {
     leases: Vec<(LeaseId, Option<Lease>)>,
     /// The group's change record, committed with its data.
     record: RecordBuilder,
+    /// Keys the group deletes for expiry or a revocation, by reason.
+    expired: Vec<(DeleteReason, usize)>,
 }
 
 impl Group {
@@ -73,6 +82,7 @@ impl Group {
             index: HashMap::new(),
             leases: Vec::new(),
             record: RecordBuilder::new(),
+            expired: Vec::new(),
         }
     }
 
@@ -138,6 +148,7 @@ impl Writer {
         group.record.revision(self.revision, 1);
         group.record.delete(key, meta.version, reason);
         group.set(key.to_vec(), Some(meta), None);
+        group.expired.push((reason, 1));
     }
 
     /// The engine, unless writes are refused (then why, see [`refusal`]).
@@ -211,6 +222,7 @@ impl Writer {
             index,
             leases,
             record,
+            expired,
         } = group;
         let keys_written = pending.len();
         let record = record.finish(self.revision, shared.now_us());
@@ -235,6 +247,9 @@ impl Writer {
                 Index::Deadlines => &engine.deadlines,
                 Index::LeaseKeys => &engine.lease_keys,
             };
+            if *space == Index::Deadlines && value.is_some() && *key < self.expire_from {
+                self.expire_from.clone_from(key);
+            }
             bytes_written += key.len();
             match value {
                 Some(value) => batch.insert(keyspace, key.as_slice(), value.as_slice()),
@@ -272,6 +287,9 @@ impl Writer {
             return Err(shared.engine_failed(what, &err));
         }
         shared.space.committed(bytes_written as u64);
+        for (reason, keys) in expired {
+            count_expired(reason, keys);
+        }
         for (key, write) in pending {
             self.directory.set(key, write.map(|(meta, _)| meta));
         }
@@ -323,10 +341,25 @@ impl Writer {
             current.push(self.current(engine, group, op.key())?);
         }
         for (op, meta) in ops.iter().zip(current.iter_mut()) {
-            if let Some(expired) = meta.filter(|m| !shared.alive(m, now)) {
-                self.delete_alone(group, op.key(), expired, DeleteReason::Expired);
-                *meta = None;
+            match meta.filter(|m| !shared.alive(m, now)) {
+                None => continue,
+                // A key on a lapsed lease: the lease ends here, all its keys
+                // in one revision, as the expirer would have ended it.
+                Some(RecordMeta {
+                    expires_at_us: None,
+                    lease: Some(id),
+                    ..
+                }) if !group.leases.iter().any(|(ended, _)| *ended == id) => {
+                    self.end_lease_in(engine, group, id, DeleteReason::Expired)?;
+                }
+                Some(RecordMeta {
+                    expires_at_us: None,
+                    lease: Some(_),
+                    ..
+                }) => {}
+                Some(expired) => self.delete_alone(group, op.key(), expired, DeleteReason::Expired),
             }
+            *meta = None;
         }
         let failed: Vec<FailedCondition> = ops
             .iter()
@@ -442,9 +475,32 @@ impl Writer {
         let loaded = shared.engine.load();
         let engine = Self::engine_for(shared, loaded.as_deref())?;
         let mut group = Group::new(self.revision);
+        let keys = self.end_lease_in(engine, &mut group, id, reason)?;
+        let first = group.first_revision;
+        let (_, record) = self
+            .commit(shared, engine, group, 0)
+            .map_err(|failure| failure.error())?;
+        if self.revision > first {
+            shared.feed.publish_record(record, self.revision);
+        }
+        Ok(Some(Revoked {
+            revision: self.revision,
+            keys,
+        }))
+    }
+
+    /// Adds the end of a lease to `group`: its keys deleted under one
+    /// revision (none when it has no keys), and the lease. Gives the keys.
+    fn end_lease_in(
+        &mut self,
+        engine: &Engine,
+        group: &mut Group,
+        id: LeaseId,
+        reason: DeleteReason,
+    ) -> StoreResult<Vec<Vec<u8>>> {
         let mut deleted = Vec::new();
         for key in lease_keys(engine, id)? {
-            match self.directory.current(engine, &key)? {
+            match self.current(engine, group, &key)? {
                 Some(meta) if meta.lease == Some(id) => deleted.push((key, meta)),
                 // An index entry the key has moved on from.
                 _ => {
@@ -458,6 +514,7 @@ impl Writer {
             self.revision += 1;
             group.record.revision(self.revision, deleted.len());
         }
+        group.expired.push((reason, deleted.len()));
         let mut keys = Vec::with_capacity(deleted.len());
         for (key, meta) in deleted {
             group.record.delete(&key, meta.version, reason);
@@ -465,17 +522,7 @@ impl Writer {
             group.set(key, Some(meta), None);
         }
         group.leases.push((id, None));
-        let first = group.first_revision;
-        let (_, record) = self
-            .commit(shared, engine, group, 0)
-            .map_err(|failure| failure.error())?;
-        if self.revision > first {
-            shared.feed.publish_record(record, self.revision);
-        }
-        Ok(Some(Revoked {
-            revision: self.revision,
-            keys,
-        }))
+        Ok(keys)
     }
 
     /// One round of the expirer: deletes up to [`ROUND_KEYS`] keys past their
@@ -491,13 +538,19 @@ impl Writer {
         let mut group = Group::new(self.revision);
         let mut more = false;
         let snapshot = engine.db.snapshot();
-        let due = fjall::Readable::range(&snapshot, &engine.deadlines, ..due_end(now));
+        let due = fjall::Readable::range(
+            &snapshot,
+            &engine.deadlines,
+            self.expire_from.clone()..due_end(now).to_vec(),
+        );
+        let mut last = None;
         for (taken, item) in due.enumerate() {
             if taken == ROUND_KEYS {
                 more = true;
                 break;
             }
             let (raw, version) = item.into_inner()?;
+            last = Some(raw.to_vec());
             let (deadline, key) = split_deadline_key(&raw)?;
             match self.current(engine, &group, key)? {
                 Some(meta)
@@ -521,6 +574,12 @@ impl Writer {
             .map_err(|failure| failure.error())?;
         if self.revision > first {
             shared.feed.publish_record(record, self.revision);
+        }
+        // Everything up to `last` is handled: the next round starts after it
+        // (the smallest key above it is it with a zero byte added).
+        if let Some(mut after) = last {
+            after.push(0);
+            self.expire_from = after;
         }
         Ok(more)
     }

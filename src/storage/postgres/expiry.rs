@@ -23,7 +23,8 @@ use super::rows::{column, to_u64};
 use super::sql::{EXPIRED, LEASE_ENDED, lease_id, lease_param, ttl_ms_param};
 use super::{MAX_ATTEMPTS, Shared};
 use crate::error::{StoreError, StoreResult};
-use crate::storage::{DeleteReason, Lease, LeaseId, LeaseInfo, Revoked};
+use crate::storage::changes::count_expired;
+use crate::storage::{DeleteReason, Lease, LeaseId, LeaseInfo, Revoked, new_lease_id};
 
 /// How often the expirer looks for due keys and leases: well within the
 /// second allowed between a deadline and its delete.
@@ -93,6 +94,7 @@ impl Shared {
                 Ok(rows) => {
                     if !rows.is_empty() {
                         self.kick.notify_one();
+                        count_expired(DeleteReason::Expired, rows.len());
                     }
                     return Ok(rows.len());
                 }
@@ -226,6 +228,7 @@ impl Shared {
             }
         }
         tx.commit().await?;
+        count_expired(reason, keys.len());
         Ok(Some(Revoked {
             revision: u64::try_from(revision).unwrap_or_default(),
             keys,
@@ -242,8 +245,9 @@ impl Shared {
         // draws another.
         for _ in 0..MAX_ATTEMPTS {
             let client = self.writer().await?;
+            let id = lease_param(new_lease_id()?);
             let row = client
-                .query_opt(self.sql.grant_lease.as_str(), &[&ttl, &owner])
+                .query_opt(self.sql.grant_lease.as_str(), &[&ttl, &owner, &id])
                 .await
                 .map_err(|e| map_pg(&e))?;
             if let Some(row) = row {

@@ -472,13 +472,11 @@ impl Sql {
                 )
                 SELECT r, us FROM rev"
             ),
-            // The id: 64 random bits from a random UUID; 0 is not an id.
+            // The id is drawn by the server (`new_lease_id`), as on the
+            // embedded engine; a collision gives no row, and another draw.
             grant_lease: format!(
                 "INSERT INTO {leases} (id, ttl_ms, expires_at_us, owner)
-                 SELECT id, $1::int8, {NOW_US} + $1::int8 * 1000, $2::text FROM (
-                     SELECT ('x' || substr(replace(gen_random_uuid()::text, '-', ''), 1, 16))
-                         ::bit(64)::int8 AS id
-                 ) random WHERE id <> 0
+                 VALUES ($3::int8, $1::int8, {NOW_US} + $1::int8 * 1000, $2::text)
                  ON CONFLICT (id) DO NOTHING RETURNING id, expires_at_us"
             ),
             keep_lease_alive: format!(
