@@ -25,22 +25,9 @@ PORT=7088
 export KVSTORE_URL=http://127.0.0.1:$PORT
 DATA=$(mktemp -d)
 PUT_SCRIPT="$DATA.put.lua"
-VALUE=$(printf 'x%.0s' $(seq 1 100))
-cat >"$PUT_SCRIPT" <<LUA
-local body = '{"value":"$VALUE"}'
-local headers = { ["Content-Type"] = "application/json" }
-request = function()
-  return wrk.format("PUT", string.format("/v1/kv/wrk/k%06d", math.random(0, 99999)), headers, body)
-end
-LUA
+put_script "$PUT_SCRIPT"
 WATCHERS=()
 trap 'kill ${SERVER:-} "${WATCHERS[@]}" 2>/dev/null || true; rm -rf "$DATA" "$PUT_SCRIPT"' EXIT
-
-wrk_row() {
-  wrk --latency "$@" | awk '/ 50%/{p50=$2} / 99%/{p99=$2} /Requests\/sec/{rps=$2}
-    /Non-2xx or 3xx responses/{bad=$NF}
-    END{printf "%s req/s, p50 %s, p99 %s%s\n", rps, p50, p99, bad ? ", " bad " non-2xx answers" : ""}'
-}
 
 # serve BINARY: a server on a fresh data directory.
 serve() {

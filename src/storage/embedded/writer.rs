@@ -450,6 +450,24 @@ impl Writer {
         Ok(WriteOutcome::Applied { revision, results })
     }
 
+    /// Commits a group that answers no write (the expirer's, a lease's end)
+    /// and hands its revisions, if it took any, to the feed.
+    fn commit_and_publish(
+        &mut self,
+        shared: &Shared,
+        engine: &Engine,
+        group: Group,
+    ) -> StoreResult<()> {
+        let first = group.first_revision;
+        let (_, record) = self
+            .commit(shared, engine, group, 0)
+            .map_err(|failure| failure.error())?;
+        if self.revision > first {
+            shared.feed.publish_record(record, self.revision);
+        }
+        Ok(())
+    }
+
     /// Stores a new or renewed lease (no revision: a lease is not a key).
     pub(super) fn store_lease(&mut self, shared: &Shared, lease: Lease) -> StoreResult<Lease> {
         let loaded = shared.engine.load();
@@ -476,13 +494,7 @@ impl Writer {
         let engine = Self::engine_for(shared, loaded.as_deref())?;
         let mut group = Group::new(self.revision);
         let keys = self.end_lease_in(engine, &mut group, id, reason)?;
-        let first = group.first_revision;
-        let (_, record) = self
-            .commit(shared, engine, group, 0)
-            .map_err(|failure| failure.error())?;
-        if self.revision > first {
-            shared.feed.publish_record(record, self.revision);
-        }
+        self.commit_and_publish(shared, engine, group)?;
         Ok(Some(Revoked {
             revision: self.revision,
             keys,
@@ -568,13 +580,7 @@ impl Writer {
         if group.index.is_empty() && group.pending.is_empty() {
             return Ok(more);
         }
-        let first = group.first_revision;
-        let (_, record) = self
-            .commit(shared, engine, group, 0)
-            .map_err(|failure| failure.error())?;
-        if self.revision > first {
-            shared.feed.publish_record(record, self.revision);
-        }
+        self.commit_and_publish(shared, engine, group)?;
         // Everything up to `last` is handled: the next round starts after it
         // (the smallest key above it is it with a zero byte added).
         if let Some(mut after) = last {
