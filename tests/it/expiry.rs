@@ -68,10 +68,10 @@ for_each_backend! {
 async fn a_key_with_a_ttl_shows_its_deadline_then_vanishes_and_is_deleted_with_an_event() {
     let server = TestServer::start().await;
     let c = &server.client;
-    let written = put_with(c, "session", json!({"value": "s", "ttl_ms": 400})).await;
+    let written = put_with(c, "session", json!({"value": "s", "ttl_ms": 1500})).await;
     let stored = entry(c, "session").await;
     let lifetime = micros(&stored["expires_at"]) - micros(&stored["updated_at"]);
-    assert!((400_000..1_400_000).contains(&lifetime), "{stored}");
+    assert!((1_500_000..2_500_000).contains(&lifetime), "{stored}");
     assert!(stored.get("lease").is_none(), "{stored}");
     let change = deletion_of(c, "session", revision_of(&written)).await;
     assert_eq!(
@@ -181,7 +181,8 @@ async fn a_lease_holds_keys_until_it_is_revoked_in_one_revision() {
 async fn an_expired_lease_deletes_its_keys_in_one_revision() {
     let server = TestServer::start().await;
     let c = &server.client;
-    let lease = grant(c, 400).await;
+    // Long enough for the three puts on a loaded machine.
+    let lease = grant(c, 1500).await;
     let mut last = 0;
     for key in ["l/1", "l/2", "l/3"] {
         last = revision_of(&put_with(c, key, json!({"value": "v", "lease": lease["lease"]})).await);
@@ -243,24 +244,27 @@ async fn bad_expiry_is_refused_and_changes_nothing() {
 
 /// A read that runs while the expirer is still deleting sees the keys it
 /// has not reached yet as absent already: the snapshot of `batch/get` is
-/// below the revision that deletes the key, and the key is missing.
+/// below the revision that deletes the key, and the key is missing. The
+/// server runs on a clock the test moves, so that 30,000 keys get one
+/// deadline and pass it at one instant: the expirer then has 30 rounds to go
+/// when the read runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_keys_are_invisible_before_they_are_deleted() {
-    let server = TestServer::start_with(ServerConfig::default(), |_| {}).await;
+    let now = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1_800_000_000_000_000));
+    let clock = std::sync::Arc::clone(&now);
+    let server = TestServer::start_with(ServerConfig::default(), move |engine| {
+        engine.clock = Some(std::sync::Arc::new(move || {
+            clock.load(std::sync::atomic::Ordering::SeqCst)
+        }));
+    })
+    .await;
     let c = &server.client;
     const KEYS: usize = 30_000;
-    // Every key gets the same deadline, so that the expirer has 30 rounds to
-    // go when the read below runs.
-    let deadline = std::time::SystemTime::now() + Duration::from_secs(4);
     let mut written = 0;
     for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1000) {
-        let ttl_ms = deadline
-            .duration_since(std::time::SystemTime::now())
-            .expect("the writes took less than 4 s")
-            .as_millis();
         let ops: Vec<Value> = chunk
             .iter()
-            .map(|i| json!({"op": "put", "key": format!("m/{i:05}"), "value": "v", "ttl_ms": ttl_ms}))
+            .map(|i| json!({"op": "put", "key": format!("m/{i:05}"), "value": "v", "ttl_ms": 1000}))
             .collect();
         let answer = expect_json(
             &post_json(c, "/v1/batch", &json!({ "ops": ops })).await,
@@ -269,10 +273,7 @@ async fn expired_keys_are_invisible_before_they_are_deleted() {
         written = revision_of(&answer);
     }
     let last = format!("m/{:05}", KEYS - 1);
-    let wait = deadline
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
-    tokio::time::sleep(wait + Duration::from_millis(20)).await;
+    now.fetch_add(2_000_000, std::sync::atomic::Ordering::SeqCst);
     let read = expect_json(
         &post_json(c, "/v1/batch/get", &json!({"keys": [last]})).await,
         StatusCode::OK,
@@ -296,14 +297,14 @@ async fn keys_that_expire_while_the_server_is_down_are_gone_at_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut server = Binary::start(dir.path(), &[]);
     let c = &server.client;
-    put_with(c, "short", json!({"value": "s", "ttl_ms": 1000})).await;
+    put_with(c, "short", json!({"value": "s", "ttl_ms": 2000})).await;
     put_with(c, "long", json!({"value": "l", "ttl_ms": 600_000})).await;
-    let lease = grant(c, 1000).await;
+    let lease = grant(c, 2000).await;
     let written =
         revision_of(&put_with(c, "leased", json!({"value": "x", "lease": lease["lease"]})).await);
     server.child.kill().expect("SIGKILL");
     server.wait();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
     let server = Binary::start(dir.path(), &[]);
     let c = &server.client;
     let read = expect_json(
