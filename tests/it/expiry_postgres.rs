@@ -147,12 +147,12 @@ async fn rows_in_table(schema: &PgSchema) -> i64 {
 async fn keys_vanish_at_their_deadline_and_are_deleted_once_with_an_event() {
     let schema = PgSchema::new();
     let store = schema.open().await;
-    let (_, single) = write(&store, vec![put("one", "1", Expiry::Ttl(300))]).await;
+    let (_, single) = write(&store, vec![put("one", "1", Expiry::Ttl(1500))]).await;
     let (_, batch) = write(
         &store,
         vec![
-            put("two", "2", Expiry::Ttl(300)),
-            put("three", "3", Expiry::Ttl(300)),
+            put("two", "2", Expiry::Ttl(1500)),
+            put("three", "3", Expiry::Ttl(1500)),
             put("stays", "s", Expiry::Never),
         ],
     )
@@ -195,7 +195,7 @@ async fn keys_vanish_at_their_deadline_and_are_deleted_once_with_an_event() {
     assert_eq!(visible(&store).await, ["marker", "stays"]);
     // A running store deletes them, each once, under a revision of its own.
     let running = schema.open().await;
-    let gone = deletes_within(&running, 2, 3).await;
+    let gone = deletes_within(&running, 10, 3).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let gone_later = deletes(&running).await;
     assert_eq!(gone, gone_later, "deleted more than once");
@@ -216,7 +216,7 @@ async fn rewrites_keep_or_drop_the_deadline_and_conditions_see_expired_keys_abse
     let schema = PgSchema::new();
     let store = schema.open().await;
     // Rewritten without a ttl just before its deadline: it stays.
-    let (_, first) = write(&store, vec![put("rewritten", "1", Expiry::Ttl(400))]).await;
+    let (_, first) = write(&store, vec![put("rewritten", "1", Expiry::Ttl(2000))]).await;
     tokio::time::sleep(Duration::from_millis(250)).await;
     write(&store, vec![put("rewritten", "2", Expiry::Never)]).await;
     // Keep keeps the deadline, also under a version condition; a Ttl put
@@ -242,7 +242,7 @@ async fn rewrites_keep_or_drop_the_deadline_and_conditions_see_expired_keys_abse
         key: b"fresh".to_vec(),
         value: b"2".to_vec(),
         condition: Condition::Version(1),
-        expiry: Expiry::Ttl(300),
+        expiry: Expiry::Ttl(1500),
     };
     let (_, timed) = write(&store, vec![conditional]).await;
     sleep_past(deadline(&first[0]).max(deadline(&timed[0]))).await;
@@ -460,7 +460,7 @@ async fn leases_hold_keys_until_revoked_in_one_revision() {
 async fn an_expired_lease_takes_its_keys_in_one_revision() {
     let schema = PgSchema::new();
     let store = schema.open().await;
-    let lease = store.grant_lease(300, None).await.expect("grant");
+    let lease = store.grant_lease(1500, None).await.expect("grant");
     let keys = ["k1", "k2", "k3"];
     let ops = keys
         .iter()
@@ -477,7 +477,7 @@ async fn an_expired_lease_takes_its_keys_in_one_revision() {
         store.keep_lease_alive(lease.id).await,
         Err(StoreError::LeaseNotFound(_))
     ));
-    let gone = deletes_within(&store, 2, 3).await;
+    let gone = deletes_within(&store, 10, 3).await;
     assert!(
         gone.iter()
             .all(|(r, _, reason)| *r == gone[0].0 && *reason == DeleteReason::Expired),
@@ -494,10 +494,10 @@ async fn an_expired_lease_takes_its_keys_in_one_revision() {
 async fn two_servers_expire_the_same_keys_once_each() {
     let schema = PgSchema::new();
     let stores = [schema.open().await, schema.open().await];
-    let lease = stores[0].grant_lease(400, None).await.expect("grant");
+    let lease = stores[0].grant_lease(2000, None).await.expect("grant");
     for chunk in 0..10 {
         let ops = (0..20)
-            .map(|i| put(&format!("k{:03}", chunk * 20 + i), "v", Expiry::Ttl(400)))
+            .map(|i| put(&format!("k{:03}", chunk * 20 + i), "v", Expiry::Ttl(2000)))
             .collect();
         write(&stores[chunk % 2], ops).await;
     }
@@ -505,7 +505,7 @@ async fn two_servers_expire_the_same_keys_once_each() {
         .map(|i| put(&format!("l{i:02}"), "v", Expiry::Lease(lease.id)))
         .collect();
     write(&stores[1], leased).await;
-    let gone = deletes_within(&stores[0], 3, 220).await;
+    let gone = deletes_within(&stores[0], 15, 220).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     for store in &stores {
         let seen = deletes(store).await;
@@ -548,11 +548,11 @@ async fn two_servers_expire_the_same_keys_once_each() {
 async fn what_expired_while_no_server_ran_is_gone_at_start_and_deleted_soon() {
     let schema = PgSchema::new();
     let store = schema.open().await;
-    let lease = store.grant_lease(300, None).await.expect("grant");
+    let lease = store.grant_lease(1500, None).await.expect("grant");
     let (_, results) = write(
         &store,
         vec![
-            put("timed", "v", Expiry::Ttl(300)),
+            put("timed", "v", Expiry::Ttl(1500)),
             put("leased", "v", Expiry::Lease(lease.id)),
             put("forever", "v", Expiry::Never),
         ],
@@ -564,7 +564,7 @@ async fn what_expired_while_no_server_ran_is_gone_at_start_and_deleted_soon() {
     assert_eq!(rows_in_table(&schema).await, 3);
     let store = schema.open().await;
     assert_eq!(visible(&store).await, ["forever"]);
-    let gone = deletes_within(&store, 2, 2).await;
+    let gone = deletes_within(&store, 10, 2).await;
     assert!(gone.iter().all(|(_, _, r)| *r == DeleteReason::Expired));
     assert_eq!(rows_in_table(&schema).await, 1);
 }
