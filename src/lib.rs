@@ -15,6 +15,7 @@
 //!   (storage timeout and latency).
 //! - [`stack`]: the store that `kvstore serve` serves, built in one place:
 //!   the engine, the guard and the cache, for the server and the tests alike.
+//! - [`resp`]: the Redis protocol (RESP2 and RESP3) on the same store.
 //! - [`server`]: the process lifecycle: accept loop, connection cap, graceful
 //!   shutdown.
 //! - [`telemetry`]: the Prometheus recorder behind `GET /metrics`;
@@ -77,6 +78,7 @@ pub mod api;
 pub mod client;
 pub mod error;
 pub mod files;
+pub mod resp;
 pub mod server;
 pub mod stack;
 pub mod storage;

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::api::auth::Auth;
 use crate::api::{self, AppState, CursorKey, Limits, Observe};
+use crate::resp::RespConfig;
 use crate::storage::Store;
 use crate::telemetry::Metrics;
 
@@ -90,6 +91,23 @@ pub async fn run_secured(
     security: Security,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    run_all(listener, None, store, config, security, shutdown).await
+}
+
+/// [`run_secured`], and the Redis protocol on `resp`'s listener too, on the
+/// same store: its connections are drained with the HTTP ones before the
+/// store is closed.
+///
+/// # Errors
+/// When closing the store fails: the last writes may not be durable.
+pub async fn run_all(
+    listener: TcpListener,
+    resp: Option<(TcpListener, RespConfig)>,
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    security: Security,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
     log_exposure(&listener, &security);
     let cursor_key = match security.cursor_key {
         Some(key) => key,
@@ -101,6 +119,17 @@ pub async fn run_secured(
         None
     };
     let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
+    let resp = resp.map(|(resp_listener, resp_config)| {
+        tokio::spawn(crate::resp::serve(
+            resp_listener,
+            Arc::clone(&store),
+            config.limits,
+            security.auth.clone(),
+            resp_config,
+            shutdown_seen.clone(),
+            config.shutdown_timeout,
+        ))
+    });
     let service = api::service(AppState {
         store: Arc::clone(&store),
         limits: config.limits,
@@ -200,6 +229,9 @@ pub async fn run_secured(
             timeout = ?config.shutdown_timeout,
             "in-flight requests did not finish in time; closing anyway"
         );
+    }
+    if let Some(resp) = resp {
+        let _ = resp.await;
     }
     store
         .close()

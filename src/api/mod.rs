@@ -11,7 +11,7 @@ mod handlers;
 pub mod leases;
 mod observe;
 mod render;
-mod request;
+pub(crate) mod request;
 pub mod types;
 mod watch;
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kvstore::api::Limits;
+use kvstore::resp::RespConfig;
 use kvstore::server::{self, ServerConfig};
 use kvstore::stack::{self, Stack, StackConfig};
 use kvstore::storage::History;
@@ -37,6 +38,10 @@ pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KVSTORE_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Also serve the Redis protocol (RESP2 and RESP3) on this address, on
+    /// the same store (off unless given; for example 127.0.0.1:6380).
+    #[arg(long, env = "KVSTORE_RESP_LISTEN", value_name = "ADDR")]
+    resp_listen: Option<SocketAddr>,
     /// Storage backend.
     #[arg(long, env = "KVSTORE_BACKEND", value_enum, default_value_t = Backend::Embedded)]
     backend: Backend,
@@ -274,7 +279,32 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         metrics: args.metrics,
         header_read_timeout: args.security.header_read_timeout(),
     };
-    server::run_secured(listener, store, config, security, super::stop_signal())
-        .await
-        .map_err(|e| format!("shutdown: {e}"))
+    let resp = match args.resp_listen {
+        None => None,
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| format!("cannot listen on {address} for RESP: {e}"))?;
+            let address = listener.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!(%address, "kvstore RESP listening");
+            let resp_config = RespConfig {
+                max_connections: config.max_connections,
+                // PostgreSQL's commits are durable before they are answered.
+                fsync_every_write: args.backend == Backend::Postgres
+                    || args.durability == Durability::Fsync,
+                ..RespConfig::default()
+            };
+            Some((listener, resp_config))
+        }
+    };
+    server::run_all(
+        listener,
+        resp,
+        store,
+        config,
+        security,
+        super::stop_signal(),
+    )
+    .await
+    .map_err(|e| format!("shutdown: {e}"))
 }

@@ -40,6 +40,7 @@ mod model;
 mod multi_server;
 mod ops;
 mod postgres;
+mod resp;
 mod robustness;
 mod tls;
 mod watch;

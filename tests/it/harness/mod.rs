@@ -332,6 +332,8 @@ pub struct TestServer {
     task: Option<JoinHandle<std::io::Result<()>>>,
     /// Dropped after the server stops.
     schema: Option<PgSchema>,
+    /// Where it speaks RESP, if it does.
+    pub resp_addr: Option<SocketAddr>,
 }
 
 impl TestServer {
@@ -357,7 +359,8 @@ impl TestServer {
                 let schema = PgSchema::new();
                 let backend = stack::Backend::Postgres(schema.config());
                 let options = ClientOptions::default();
-                let mut server = Self::serve(backend, config, Security::default(), &options).await;
+                let mut server =
+                    Self::serve(backend, config, Security::default(), &options, false).await;
                 server.schema = Some(schema);
                 server
             }
@@ -398,7 +401,7 @@ impl TestServer {
         let mut engine_config = EmbeddedConfig::new(&path);
         engine(&mut engine_config);
         let backend = stack::Backend::Embedded(engine_config);
-        let mut server = Self::serve(backend, config, security, options).await;
+        let mut server = Self::serve(backend, config, security, options, false).await;
         server.dir = dir;
         server.path = path;
         server
@@ -411,6 +414,7 @@ impl TestServer {
         config: ServerConfig,
         security: Security,
         options: &ClientOptions,
+        resp: bool,
     ) -> Self {
         let mut stack_config = StackConfig::new(backend);
         stack_config.layers.request_timeout = config.request_timeout;
@@ -426,8 +430,20 @@ impl TestServer {
         } else {
             "http"
         };
-        let task = tokio::spawn(server::run_secured(
+        let resp = if resp {
+            let resp = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind RESP");
+            Some((resp, kvstore::resp::RespConfig::default()))
+        } else {
+            None
+        };
+        let resp_addr = resp
+            .as_ref()
+            .map(|(listener, _)| listener.local_addr().expect("RESP address"));
+        let task = tokio::spawn(server::run_all(
             listener,
+            resp,
             stack.store,
             config,
             security,
@@ -447,6 +463,33 @@ impl TestServer {
             shutdown: Some(tx),
             task: Some(task),
             schema: None,
+            resp_addr,
+        }
+    }
+
+    /// A server on the test's backend that also speaks RESP, on `resp_addr`,
+    /// with `security` (tokens) on both.
+    pub async fn start_with_resp(security: Security) -> Self {
+        let options = ClientOptions::default();
+        match Backend::current() {
+            Backend::Embedded => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let path = dir.path().to_path_buf();
+                let backend = stack::Backend::Embedded(EmbeddedConfig::new(&path));
+                let mut server =
+                    Self::serve(backend, ServerConfig::default(), security, &options, true).await;
+                server.dir = Some(dir);
+                server.path = path;
+                server
+            }
+            Backend::Postgres => {
+                let schema = PgSchema::new();
+                let backend = stack::Backend::Postgres(schema.config());
+                let mut server =
+                    Self::serve(backend, ServerConfig::default(), security, &options, true).await;
+                server.schema = Some(schema);
+                server
+            }
         }
     }
 

@@ -1,0 +1,1017 @@
+//! The commands of the RESP front door, each mapped onto [`Store`] calls.
+//!
+//! Writes are the store's writes: a SET is one durable write with a new
+//! version and revision, a DEL of several keys or an MSET one atomic batch.
+//! Commands that read and then write (INCR, APPEND, GETDEL, SET ... GET,
+//! EXPIRE, ...) write conditionally on the version they read and try again
+//! if another write came between, so they are atomic without a lock. A
+//! change of deadline (EXPIRE, PERSIST) rewrites the key with its value, so
+//! it takes a new version and revision and watchers see it: in kvstore a
+//! deadline is part of the entry.
+//!
+//! Errors are worded as Redis words them, so that clients recognize them.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::frame::Reply;
+use super::{Access, Context, Session};
+use crate::error::StoreError;
+use crate::storage::{Condition, Entry, Expiry, ScanRequest, WriteOp, WriteOutcome, system_now_us};
+
+/// A command's answer: its reply, or the error reply that ends it early.
+type Outcome = Result<Reply, Reply>;
+
+/// How many times a read-modify-write command retries when another write
+/// changed its key between its read and its write.
+const MAX_ATTEMPTS: usize = 64;
+
+/// The version of Redis whose commands these answer as; clients read it
+/// (`redis_version`) to choose what to send.
+const REDIS_VERSION: &str = "7.2.0";
+
+/// The commands this front door knows, as their metrics label.
+const COMMANDS: &[&str] = &[
+    "append",
+    "auth",
+    "client",
+    "command",
+    "config",
+    "dbsize",
+    "decr",
+    "decrby",
+    "del",
+    "echo",
+    "exists",
+    "expire",
+    "expireat",
+    "expiretime",
+    "get",
+    "getdel",
+    "getex",
+    "getset",
+    "hello",
+    "incr",
+    "incrby",
+    "incrbyfloat",
+    "info",
+    "mget",
+    "mset",
+    "msetnx",
+    "persist",
+    "pexpire",
+    "pexpireat",
+    "pexpiretime",
+    "ping",
+    "psetex",
+    "pttl",
+    "quit",
+    "reset",
+    "select",
+    "set",
+    "setex",
+    "setnx",
+    "strlen",
+    "time",
+    "ttl",
+    "type",
+    "unlink",
+];
+
+/// Runs one command and gives its reply.
+pub(crate) async fn execute(context: &Context, session: &mut Session, args: Vec<Bytes>) -> Reply {
+    let Some((name, args)) = args.split_first() else {
+        return Reply::Error("ERR empty command".into());
+    };
+    let lower = String::from_utf8_lossy(name).to_ascii_lowercase();
+    let label = COMMANDS
+        .iter()
+        .find(|known| **known == lower)
+        .copied()
+        .unwrap_or("unknown");
+    // With auth on, only these may come before AUTH (as in Redis).
+    if session.rights.is_none() && !matches!(label, "auth" | "hello" | "quit" | "reset") {
+        return Reply::Error("NOAUTH Authentication required.".into());
+    }
+    let started = Instant::now();
+    let reply = match run(context, session, label, &lower, args).await {
+        Ok(reply) => reply,
+        // Redis names an unknown command as the client spelled it.
+        Err(_) if label == "unknown" => unknown_command(&String::from_utf8_lossy(name), args),
+        Err(error) => error,
+    };
+    metrics::counter!("kvstore_resp_commands_total", "command" => label).increment(1);
+    metrics::histogram!("kvstore_resp_command_duration_seconds", "command" => label)
+        .record(started.elapsed().as_secs_f64());
+    reply
+}
+
+async fn run(
+    context: &Context,
+    session: &mut Session,
+    label: &str,
+    name: &str,
+    args: &[Bytes],
+) -> Outcome {
+    match label {
+        "ping" => match args {
+            [] => Ok(Reply::Simple("PONG")),
+            [message] => Ok(Reply::Bulk(message.clone())),
+            _ => Err(wrong_arity(name)),
+        },
+        "echo" => match args {
+            [message] => Ok(Reply::Bulk(message.clone())),
+            _ => Err(wrong_arity(name)),
+        },
+        "quit" => {
+            session.quit = true;
+            Ok(Reply::Simple("OK"))
+        }
+        "reset" => {
+            session.protocol = 2;
+            session.name = None;
+            session.rights = context.auth.is_none().then_some(Access::Open);
+            Ok(Reply::Simple("RESET"))
+        }
+        "select" => match args {
+            [index] if index.as_ref() == b"0" => Ok(Reply::Simple("OK")),
+            [index] if integer(index).is_ok() => Err(Reply::Error(
+                "ERR DB index is out of range (kvstore has one keyspace, database 0)".into(),
+            )),
+            [_] => Err(not_an_integer()),
+            _ => Err(wrong_arity(name)),
+        },
+        "auth" => auth(context, session, name, args),
+        "hello" => hello(context, session, args),
+        "client" => client(session, args),
+        "info" => Ok(info(context)),
+        "config" => config(context, args),
+        "command" => command(args),
+        "time" => {
+            let now = system_now_us();
+            Ok(Reply::Array(vec![
+                Reply::Bulk(Bytes::from((now / 1_000_000).to_string())),
+                Reply::Bulk(Bytes::from((now % 1_000_000).to_string())),
+            ]))
+        }
+        "dbsize" => dbsize(context, session, args).await,
+        "get" => match args {
+            [key] => {
+                let key = checked_key(context, session, key, Right::Read)?;
+                Ok(read(context, &key)
+                    .await?
+                    .map_or(Reply::Null, |entry| Reply::Bulk(entry.value.into())))
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "set" => set(context, session, name, args).await,
+        "setnx" => match args {
+            [key, value] => {
+                let key = checked_key(context, session, key, Right::Write)?;
+                let put = put(key, value, Condition::Absent, Expiry::Never);
+                Ok(Reply::Integer(i64::from(
+                    applied(context, vec![put]).await?,
+                )))
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "setex" | "psetex" => match args {
+            [key, time, value] => {
+                let key = checked_key(context, session, key, Right::Write)?;
+                let time = integer(time)?;
+                if time <= 0 {
+                    return Err(Reply::Error(format!(
+                        "ERR invalid expire time in '{name}' command"
+                    )));
+                }
+                let ms = if label == "setex" {
+                    time.saturating_mul(1000)
+                } else {
+                    time
+                };
+                let put = put(key, value, Condition::Any, Expiry::Ttl(ms.unsigned_abs()));
+                applied(context, vec![put]).await?;
+                Ok(Reply::Simple("OK"))
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "getset" => match args {
+            [key, value] => {
+                let key = checked_key(context, session, key, Right::Write)?;
+                let value = value.to_vec();
+                update(context, &key, |old| {
+                    Ok(Step::Put {
+                        value: value.clone(),
+                        expiry: Expiry::Never,
+                        reply: old_value(old),
+                    })
+                })
+                .await
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "getdel" => match args {
+            [key] => {
+                let key = checked_key(context, session, key, Right::Write)?;
+                update(context, &key, |old| match old {
+                    None => Ok(Step::Answer(Reply::Null)),
+                    Some(entry) => Ok(Step::Delete(Reply::Bulk(entry.value.clone().into()))),
+                })
+                .await
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "getex" => getex(context, session, name, args).await,
+        "mget" => {
+            if args.is_empty() {
+                return Err(wrong_arity(name));
+            }
+            let keys = args
+                .iter()
+                .map(|key| checked_key(context, session, key, Right::Read))
+                .collect::<Result<Vec<_>, _>>()?;
+            let found = context.store.get_many(keys).await.map_err(store_error)?;
+            Ok(Reply::Array(
+                found
+                    .entries
+                    .into_iter()
+                    .map(|entry| entry.map_or(Reply::Null, |e| Reply::Bulk(e.value.into())))
+                    .collect(),
+            ))
+        }
+        "mset" | "msetnx" => {
+            if args.is_empty() || !args.len().is_multiple_of(2) {
+                return Err(wrong_arity(name));
+            }
+            let condition = if label == "msetnx" {
+                Condition::Absent
+            } else {
+                Condition::Any
+            };
+            // A batch names a key once: the last value given for it wins,
+            // as it would in Redis.
+            let mut seen = HashSet::new();
+            let mut ops = Vec::with_capacity(args.len() / 2);
+            for pair in args.chunks_exact(2).rev() {
+                let key = checked_key(context, session, &pair[0], Right::Write)?;
+                if seen.insert(key.clone()) {
+                    ops.push(put(key, &pair[1], condition, Expiry::Never));
+                }
+            }
+            let written = applied(context, ops).await?;
+            Ok(if label == "msetnx" {
+                Reply::Integer(i64::from(written))
+            } else {
+                Reply::Simple("OK")
+            })
+        }
+        "incr" | "decr" | "incrby" | "decrby" => {
+            let (key, by) = match (label, args) {
+                ("incr", [key]) => (key, 1),
+                ("decr", [key]) => (key, -1),
+                ("incrby", [key, by]) => (key, integer(by)?),
+                ("decrby", [key, by]) => (key, integer(by)?.checked_neg().ok_or_else(overflow)?),
+                _ => return Err(wrong_arity(name)),
+            };
+            let key = checked_key(context, session, key, Right::Write)?;
+            update(context, &key, |old| {
+                let current = match old {
+                    None => 0,
+                    Some(entry) => integer(&entry.value)?,
+                };
+                let next = current.checked_add(by).ok_or_else(overflow)?;
+                Ok(Step::Put {
+                    value: next.to_string().into_bytes(),
+                    expiry: Expiry::Keep,
+                    reply: Reply::Integer(next),
+                })
+            })
+            .await
+        }
+        "incrbyfloat" => match args {
+            [key, by] => {
+                let key = checked_key(context, session, key, Right::Write)?;
+                let by = float(by)?;
+                update(context, &key, |old| {
+                    let current = match old {
+                        None => 0.0,
+                        Some(entry) => float(&entry.value)?,
+                    };
+                    let next = current + by;
+                    if !next.is_finite() {
+                        return Err(Reply::Error(
+                            "ERR increment would produce NaN or Infinity".into(),
+                        ));
+                    }
+                    let text = next.to_string();
+                    Ok(Step::Put {
+                        value: text.clone().into_bytes(),
+                        expiry: Expiry::Keep,
+                        reply: Reply::Bulk(text.into()),
+                    })
+                })
+                .await
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "append" => match args {
+            [key, suffix] => {
+                let key = checked_key(context, session, key, Right::Write)?;
+                let max = context.limits.max_value_bytes;
+                update(context, &key, |old| {
+                    let mut value = old.map(|e| e.value.clone()).unwrap_or_default();
+                    value.extend_from_slice(suffix);
+                    if value.len() > max {
+                        return Err(Reply::Error(format!(
+                            "ERR string exceeds maximum allowed size ({max} bytes, --max-value-bytes)"
+                        )));
+                    }
+                    let len = i64::try_from(value.len()).unwrap_or(i64::MAX);
+                    Ok(Step::Put {
+                        value,
+                        expiry: Expiry::Keep,
+                        reply: Reply::Integer(len),
+                    })
+                })
+                .await
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "strlen" => match args {
+            [key] => {
+                let key = checked_key(context, session, key, Right::Read)?;
+                let len = read(context, &key).await?.map_or(0, |e| e.value.len());
+                Ok(Reply::Integer(i64::try_from(len).unwrap_or(i64::MAX)))
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "del" | "unlink" => {
+            if args.is_empty() {
+                return Err(wrong_arity(name));
+            }
+            let mut seen = HashSet::new();
+            let mut ops = Vec::with_capacity(args.len());
+            for key in args {
+                let key = checked_key(context, session, key, Right::Write)?;
+                if seen.insert(key.clone()) {
+                    ops.push(WriteOp::Delete {
+                        key,
+                        condition: Condition::Any,
+                    });
+                }
+            }
+            match context.store.write(ops).await.map_err(store_error)? {
+                WriteOutcome::Applied { results, .. } => Ok(Reply::Integer(
+                    results
+                        .iter()
+                        .filter(|r| {
+                            matches!(r, crate::storage::OpResult::Deleted { existed: true })
+                        })
+                        .count() as i64,
+                )),
+                WriteOutcome::Rejected { .. } => Ok(Reply::Integer(0)),
+            }
+        }
+        "exists" => {
+            if args.is_empty() {
+                return Err(wrong_arity(name));
+            }
+            let keys = args
+                .iter()
+                .map(|key| checked_key(context, session, key, Right::Read))
+                .collect::<Result<Vec<_>, _>>()?;
+            let found = context.store.get_many(keys).await.map_err(store_error)?;
+            Ok(Reply::Integer(
+                found.entries.iter().filter(|e| e.is_some()).count() as i64,
+            ))
+        }
+        "type" => match args {
+            [key] => {
+                let key = checked_key(context, session, key, Right::Read)?;
+                Ok(Reply::Status(
+                    if read(context, &key).await?.is_some() {
+                        "string"
+                    } else {
+                        "none"
+                    }
+                    .into(),
+                ))
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "expire" | "pexpire" | "expireat" | "pexpireat" => {
+            expire(context, session, label, name, args).await
+        }
+        "ttl" | "pttl" | "expiretime" | "pexpiretime" => match args {
+            [key] => {
+                let key = checked_key(context, session, key, Right::Read)?;
+                let Some(entry) = read(context, &key).await? else {
+                    return Ok(Reply::Integer(-2));
+                };
+                let Some(deadline) = entry.expires_at_us else {
+                    return Ok(Reply::Integer(-1));
+                };
+                let left_ms = (deadline - system_now_us()).max(0) / 1000;
+                Ok(Reply::Integer(match label {
+                    // Rounded, as Redis rounds it.
+                    "ttl" => (left_ms + 500) / 1000,
+                    "pttl" => left_ms,
+                    "expiretime" => deadline / 1_000_000,
+                    _ => deadline / 1000,
+                }))
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "persist" => match args {
+            [key] => {
+                let key = checked_key(context, session, key, Right::Write)?;
+                update(context, &key, |old| match old {
+                    Some(entry) if entry.expires_at_us.is_some() => Ok(Step::Put {
+                        value: entry.value.clone(),
+                        expiry: Expiry::Never,
+                        reply: Reply::Integer(1),
+                    }),
+                    _ => Ok(Step::Answer(Reply::Integer(0))),
+                })
+                .await
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        _ => Err(Reply::Error(String::new())),
+    }
+}
+
+/// What a read-modify-write command does with what it read.
+enum Step {
+    /// No write: answer this.
+    Answer(Reply),
+    /// Write this value with this expiry, then answer.
+    Put {
+        value: Vec<u8>,
+        expiry: Expiry,
+        reply: Reply,
+    },
+    /// Delete the key, then answer.
+    Delete(Reply),
+}
+
+/// Reads `key`, decides with `decide`, and writes conditionally on the
+/// version read; when another write came between, reads and decides again.
+async fn update(
+    context: &Context,
+    key: &[u8],
+    mut decide: impl FnMut(Option<&Entry>) -> Result<Step, Reply>,
+) -> Outcome {
+    for _ in 0..MAX_ATTEMPTS {
+        let old = read(context, key).await?;
+        let condition = old
+            .as_ref()
+            .map_or(Condition::Absent, |e| Condition::Version(e.version));
+        let (op, reply) = match decide(old.as_ref())? {
+            Step::Answer(reply) => return Ok(reply),
+            Step::Put {
+                value,
+                expiry,
+                reply,
+            } => (
+                WriteOp::Put {
+                    key: key.to_vec(),
+                    value,
+                    condition,
+                    expiry,
+                },
+                reply,
+            ),
+            Step::Delete(reply) => (
+                WriteOp::Delete {
+                    key: key.to_vec(),
+                    condition,
+                },
+                reply,
+            ),
+        };
+        if applied(context, vec![op]).await? {
+            return Ok(reply);
+        }
+    }
+    Err(Reply::Error(
+        "ERR the key kept changing under this command; try again".into(),
+    ))
+}
+
+async fn read(context: &Context, key: &[u8]) -> Result<Option<Entry>, Reply> {
+    context.store.get(key).await.map_err(store_error)
+}
+
+/// Writes `ops` as one atomic write; whether every condition held.
+async fn applied(context: &Context, ops: Vec<WriteOp>) -> Result<bool, Reply> {
+    match context.store.write(ops).await.map_err(store_error)? {
+        WriteOutcome::Applied { .. } => Ok(true),
+        WriteOutcome::Rejected { .. } => Ok(false),
+    }
+}
+
+fn put(key: Vec<u8>, value: &Bytes, condition: Condition, expiry: Expiry) -> WriteOp {
+    WriteOp::Put {
+        key,
+        value: value.to_vec(),
+        condition,
+        expiry,
+    }
+}
+
+fn old_value(old: Option<&Entry>) -> Reply {
+    old.map_or(Reply::Null, |e| Reply::Bulk(e.value.clone().into()))
+}
+
+/// `SET key value [NX | XX] [GET] [EX s | PX ms | EXAT s | PXAT ms | KEEPTTL]`.
+async fn set(context: &Context, session: &Session, name: &str, args: &[Bytes]) -> Outcome {
+    let [key, value, options @ ..] = args else {
+        return Err(wrong_arity(name));
+    };
+    let key = checked_key(context, session, key, Right::Write)?;
+    let (mut condition, mut get, mut expiry) = (None, false, None);
+    let mut rest = options.iter();
+    while let Some(option) = rest.next() {
+        let option = String::from_utf8_lossy(option).to_ascii_uppercase();
+        match option.as_str() {
+            "NX" | "XX" if condition.is_none() => {
+                condition = Some(if option == "NX" {
+                    Condition::Absent
+                } else {
+                    Condition::Exists
+                });
+            }
+            "GET" if !get => get = true,
+            "KEEPTTL" if expiry.is_none() => expiry = Some(Expiry::Keep),
+            "EX" | "PX" | "EXAT" | "PXAT" if expiry.is_none() => {
+                let time = rest.next().ok_or_else(syntax_error)?;
+                expiry = Some(expiry_of(&option, integer(time)?, "set")?);
+            }
+            _ => return Err(syntax_error()),
+        }
+    }
+    let expiry = expiry.unwrap_or(Expiry::Never);
+    if !get {
+        let op = put(key, value, condition.unwrap_or(Condition::Any), expiry);
+        return Ok(if applied(context, vec![op]).await? {
+            Reply::Simple("OK")
+        } else {
+            Reply::Null
+        });
+    }
+    let value = value.to_vec();
+    update(context, &key, |old| {
+        let allowed = condition.is_none_or(|c| c.holds(old.map(|e| e.version)));
+        if !allowed {
+            return Ok(Step::Answer(old_value(old)));
+        }
+        Ok(Step::Put {
+            value: value.clone(),
+            expiry,
+            reply: old_value(old),
+        })
+    })
+    .await
+}
+
+/// `GETEX key [EX s | PX ms | EXAT s | PXAT ms | PERSIST]`.
+async fn getex(context: &Context, session: &Session, name: &str, args: &[Bytes]) -> Outcome {
+    let [key, options @ ..] = args else {
+        return Err(wrong_arity(name));
+    };
+    let expiry = match options {
+        [] => None,
+        [persist] if persist.eq_ignore_ascii_case(b"PERSIST") => Some(Expiry::Never),
+        [unit, time] => {
+            let unit = String::from_utf8_lossy(unit).to_ascii_uppercase();
+            if !matches!(unit.as_str(), "EX" | "PX" | "EXAT" | "PXAT") {
+                return Err(syntax_error());
+            }
+            Some(expiry_of(&unit, integer(time)?, "getex")?)
+        }
+        _ => return Err(syntax_error()),
+    };
+    let right = if expiry.is_some() {
+        Right::Write
+    } else {
+        Right::Read
+    };
+    let key = checked_key(context, session, key, right)?;
+    let Some(expiry) = expiry else {
+        return Ok(old_value(read(context, &key).await?.as_ref()));
+    };
+    update(context, &key, |old| match old {
+        None => Ok(Step::Answer(Reply::Null)),
+        Some(entry) => Ok(Step::Put {
+            value: entry.value.clone(),
+            expiry,
+            reply: Reply::Bulk(entry.value.clone().into()),
+        }),
+    })
+    .await
+}
+
+/// The expiry of `EX` / `PX` / `EXAT` / `PXAT` with `time`. A deadline
+/// already past leaves the key for a millisecond (Redis deletes it at once:
+/// either way no read after the reply sees it, give or take that).
+fn expiry_of(unit: &str, time: i64, command: &str) -> Result<Expiry, Reply> {
+    let invalid = || Reply::Error(format!("ERR invalid expire time in '{command}' command"));
+    if time <= 0 {
+        return Err(invalid());
+    }
+    let now_ms = system_now_us() / 1000;
+    let ttl_ms = match unit {
+        "EX" => time.checked_mul(1000).ok_or_else(invalid)?,
+        "PX" => time,
+        "EXAT" => time.checked_mul(1000).ok_or_else(invalid)? - now_ms,
+        _ => time - now_ms,
+    };
+    Ok(Expiry::Ttl(ttl_ms.max(1).unsigned_abs()))
+}
+
+/// `EXPIRE key seconds [NX | XX | GT | LT]` and its three siblings.
+async fn expire(
+    context: &Context,
+    session: &Session,
+    label: &str,
+    name: &str,
+    args: &[Bytes],
+) -> Outcome {
+    let [key, time, options @ ..] = args else {
+        return Err(wrong_arity(name));
+    };
+    let key = checked_key(context, session, key, Right::Write)?;
+    let time = integer(time)?;
+    let flag = match options {
+        [] => None,
+        [flag] => Some(String::from_utf8_lossy(flag).to_ascii_uppercase()),
+        _ => return Err(syntax_error()),
+    };
+    if flag
+        .as_deref()
+        .is_some_and(|f| !matches!(f, "NX" | "XX" | "GT" | "LT"))
+    {
+        return Err(Reply::Error(format!(
+            "ERR Unsupported option {}",
+            flag.unwrap_or_default()
+        )));
+    }
+    let now_us = system_now_us();
+    let deadline_us = match label {
+        "expire" => time.saturating_mul(1_000_000).saturating_add(now_us),
+        "pexpire" => time.saturating_mul(1000).saturating_add(now_us),
+        "expireat" => time.saturating_mul(1_000_000),
+        _ => time.saturating_mul(1000),
+    };
+    update(context, &key, |old| {
+        let Some(entry) = old else {
+            return Ok(Step::Answer(Reply::Integer(0)));
+        };
+        // No deadline counts as an infinite one, as in Redis.
+        let current = entry.expires_at_us;
+        let allowed = match flag.as_deref() {
+            Some("NX") => current.is_none(),
+            Some("XX") => current.is_some(),
+            Some("GT") => current.is_some_and(|c| deadline_us > c),
+            Some("LT") => current.is_none_or(|c| deadline_us < c),
+            _ => true,
+        };
+        if !allowed {
+            return Ok(Step::Answer(Reply::Integer(0)));
+        }
+        if deadline_us <= now_us {
+            return Ok(Step::Delete(Reply::Integer(1)));
+        }
+        Ok(Step::Put {
+            value: entry.value.clone(),
+            expiry: Expiry::Ttl(((deadline_us - now_us) / 1000).max(1).unsigned_abs()),
+            reply: Reply::Integer(1),
+        })
+    })
+    .await
+}
+
+/// `DBSIZE`: the keys in the store, counted a page at a time. With auth on,
+/// only a token that may read every key may ask.
+async fn dbsize(context: &Context, session: &Session, args: &[Bytes]) -> Outcome {
+    if !args.is_empty() {
+        return Err(wrong_arity("dbsize"));
+    }
+    if let Some(Access::Token(rights)) = &session.rights
+        && !rights.can_read(b"")
+    {
+        return Err(Reply::Error(format!(
+            "NOPERM token '{}' may not read every key, which DBSIZE counts",
+            rights.name
+        )));
+    }
+    let mut count = 0i64;
+    let mut lower = std::ops::Bound::Unbounded;
+    loop {
+        let page = context
+            .store
+            .scan(ScanRequest {
+                lower: lower.clone(),
+                upper: std::ops::Bound::Unbounded,
+                reverse: false,
+                limit: 1000,
+                keys_only: true,
+                max_value_bytes: usize::MAX,
+            })
+            .await
+            .map_err(store_error)?;
+        count += page.entries.len() as i64;
+        match page.entries.last() {
+            Some(last) if page.more => lower = std::ops::Bound::Excluded(last.key.clone()),
+            _ => return Ok(Reply::Integer(count)),
+        }
+    }
+}
+
+/// `AUTH token` or `AUTH name token`: the name, when given, must be the
+/// token's name in the token file.
+fn auth(context: &Context, session: &mut Session, name: &str, args: &[Bytes]) -> Outcome {
+    let (user, token) = match args {
+        [token] => (None, token),
+        [user, token] => (Some(user), token),
+        _ => return Err(wrong_arity(name)),
+    };
+    let Some(rules) = &context.auth else {
+        return Err(Reply::Error(
+            "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?".into(),
+        ));
+    };
+    let rights = String::from_utf8(token.to_vec())
+        .ok()
+        .and_then(|token| rules.resolve(&token))
+        .filter(|rights| user.is_none_or(|u| u.as_ref() == rights.name.as_bytes()))
+        .ok_or_else(|| {
+            Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into())
+        })?;
+    session.rights = Some(Access::Token(rights));
+    Ok(Reply::Simple("OK"))
+}
+
+/// `HELLO [protover [AUTH name token] [SETNAME name]]`.
+fn hello(context: &Context, session: &mut Session, args: &[Bytes]) -> Outcome {
+    let mut protocol = session.protocol;
+    let mut rest = args.iter();
+    if let Some(version) = rest.next() {
+        protocol = match integer(version) {
+            Ok(2) => 2,
+            Ok(3) => 3,
+            Ok(_) => {
+                return Err(Reply::Error("NOPROTO unsupported protocol version".into()));
+            }
+            Err(_) => {
+                return Err(Reply::Error(
+                    "ERR Protocol version is not an integer or out of range".into(),
+                ));
+            }
+        };
+    }
+    let mut name = None;
+    while let Some(option) = rest.next() {
+        if option.eq_ignore_ascii_case(b"AUTH") {
+            let (Some(user), Some(token)) = (rest.next(), rest.next()) else {
+                return Err(syntax_error());
+            };
+            auth(context, session, "hello", &[user.clone(), token.clone()])?;
+        } else if option.eq_ignore_ascii_case(b"SETNAME") {
+            let value = rest.next().ok_or_else(syntax_error)?;
+            name = Some(String::from_utf8_lossy(value).into_owned());
+        } else {
+            return Err(syntax_error());
+        }
+    }
+    if session.rights.is_none() {
+        return Err(Reply::Error(
+            "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time".into(),
+        ));
+    }
+    session.protocol = protocol;
+    if name.is_some() {
+        session.name = name;
+    }
+    let text = |s: &str| Reply::Bulk(Bytes::from(s.to_owned()));
+    Ok(Reply::Map(vec![
+        (text("server"), text("redis")),
+        (text("version"), text(REDIS_VERSION)),
+        (text("proto"), Reply::Integer(i64::from(protocol))),
+        (
+            text("id"),
+            Reply::Integer(i64::try_from(session.id).unwrap_or(i64::MAX)),
+        ),
+        (text("mode"), text("standalone")),
+        (text("role"), text("master")),
+        (text("modules"), Reply::Array(Vec::new())),
+    ]))
+}
+
+/// `CLIENT SETNAME | GETNAME | ID | SETINFO | INFO | LIST`.
+fn client(session: &mut Session, args: &[Bytes]) -> Outcome {
+    let Some((sub, rest)) = args.split_first() else {
+        return Err(wrong_arity("client"));
+    };
+    let sub = String::from_utf8_lossy(sub).to_ascii_uppercase();
+    match (sub.as_str(), rest) {
+        ("SETNAME", [name]) => {
+            if name.iter().any(|b| *b <= b' ') {
+                return Err(Reply::Error(
+                    "ERR Client names cannot contain spaces, newlines or special characters."
+                        .into(),
+                ));
+            }
+            session.name = Some(String::from_utf8_lossy(name).into_owned());
+            Ok(Reply::Simple("OK"))
+        }
+        ("GETNAME", []) => Ok(session
+            .name
+            .as_ref()
+            .map_or(Reply::Null, |n| Reply::Bulk(Bytes::from(n.clone())))),
+        ("ID", []) => Ok(Reply::Integer(
+            i64::try_from(session.id).unwrap_or(i64::MAX),
+        )),
+        // Library name and version: accepted, as Redis does, and not kept.
+        ("SETINFO", [_, _]) => Ok(Reply::Simple("OK")),
+        ("INFO" | "LIST", []) => Ok(Reply::Verbatim(format!(
+            "id={} addr={} name={} db=0 resp={}\n",
+            session.id,
+            session.addr.map(|a| a.to_string()).unwrap_or_default(),
+            session.name.as_deref().unwrap_or_default(),
+            session.protocol
+        ))),
+        _ => Err(Reply::Error(format!(
+            "ERR unknown subcommand or wrong number of arguments for 'CLIENT|{sub}'"
+        ))),
+    }
+}
+
+/// `INFO`: the fields clients read (`redis_version`, `loading`, ...) and
+/// kvstore's own.
+fn info(context: &Context) -> Reply {
+    let uptime = context.started.elapsed().as_secs();
+    let fsync = if context.config.fsync_every_write {
+        "always"
+    } else {
+        "everysec"
+    };
+    Reply::Verbatim(format!(
+        "# Server\r\nredis_version:{REDIS_VERSION}\r\nkvstore_version:{}\r\nredis_mode:standalone\r\n\
+         arch_bits:64\r\nprocess_id:{}\r\nuptime_in_seconds:{uptime}\r\n\r\n\
+         # Clients\r\nconnected_clients:{}\r\n\r\n\
+         # Persistence\r\nloading:0\r\naof_enabled:1\r\naof_fsync:{fsync}\r\nstorage:{}\r\n\r\n\
+         # Cluster\r\ncluster_enabled:0\r\n\r\n# Keyspace\r\n",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        context
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        context.store.describe(),
+    ))
+}
+
+/// `CONFIG GET pattern...`: kvstore's durability, in Redis's terms, for the
+/// parameters clients and tools ask about; nothing else, and no `SET`.
+fn config(context: &Context, args: &[Bytes]) -> Outcome {
+    let Some((sub, patterns)) = args.split_first() else {
+        return Err(wrong_arity("config"));
+    };
+    if !sub.eq_ignore_ascii_case(b"GET") || patterns.is_empty() {
+        return Err(Reply::Error(
+            "ERR kvstore takes CONFIG GET only; its settings are the server's flags".into(),
+        ));
+    }
+    let fsync = if context.config.fsync_every_write {
+        "always"
+    } else {
+        "everysec"
+    };
+    let known = [
+        ("appendonly", "yes"),
+        ("appendfsync", fsync),
+        ("save", ""),
+        ("databases", "1"),
+    ];
+    let mut pairs = Vec::new();
+    for pattern in patterns {
+        let pattern = String::from_utf8_lossy(pattern).to_ascii_lowercase();
+        for (name, value) in known {
+            if (pattern == "*" || pattern == name) && !pairs.iter().any(|(n, _)| *n == name) {
+                pairs.push((name, value));
+            }
+        }
+    }
+    let text = |s: &str| Reply::Bulk(Bytes::from(s.to_owned()));
+    Ok(Reply::Map(
+        pairs
+            .into_iter()
+            .map(|(name, value)| (text(name), text(value)))
+            .collect(),
+    ))
+}
+
+/// `COMMAND [COUNT | DOCS | INFO]`: enough for redis-cli, which asks at
+/// start; no command descriptions.
+fn command(args: &[Bytes]) -> Outcome {
+    match args
+        .first()
+        .map(|s| String::from_utf8_lossy(s).to_ascii_uppercase())
+    {
+        None => Ok(Reply::Array(Vec::new())),
+        Some(sub) if sub == "COUNT" => Ok(Reply::Integer(COMMANDS.len() as i64)),
+        Some(sub) if sub == "DOCS" => Ok(Reply::Map(Vec::new())),
+        Some(sub) if sub == "INFO" => Ok(Reply::Array(
+            args.iter().skip(1).map(|_| Reply::NullArray).collect(),
+        )),
+        Some(sub) => Err(Reply::Error(format!(
+            "ERR unknown subcommand '{sub}'. Try COMMAND HELP."
+        ))),
+    }
+}
+
+/// Which right a command needs on a key.
+#[derive(Clone, Copy)]
+enum Right {
+    Read,
+    Write,
+}
+
+/// A key as the API takes it (UTF-8, no NUL, not too long), that the
+/// client may read or write.
+fn checked_key(
+    context: &Context,
+    session: &Session,
+    raw: &Bytes,
+    right: Right,
+) -> Result<Vec<u8>, Reply> {
+    let text = std::str::from_utf8(raw)
+        .map_err(|_| Reply::Error("ERR invalid key: kvstore keys are UTF-8 text".into()))?;
+    crate::api::request::check_key(text, &context.limits)
+        .map_err(|err| Reply::Error(format!("ERR invalid key: {}", err.message)))?;
+    if let Some(Access::Token(rights)) = &session.rights {
+        let (allowed, verb) = match right {
+            Right::Read => (rights.can_read(raw), "read"),
+            Right::Write => (rights.can_write(raw), "write"),
+        };
+        if !allowed {
+            return Err(Reply::Error(format!(
+                "NOPERM token '{}' may not {verb} key '{text}'",
+                rights.name
+            )));
+        }
+    }
+    Ok(raw.to_vec())
+}
+
+fn store_error(err: StoreError) -> Reply {
+    Reply::Error(format!("ERR {err}"))
+}
+
+fn integer(raw: &[u8]) -> Result<i64, Reply> {
+    std::str::from_utf8(raw)
+        .ok()
+        .filter(|text| !text.starts_with('+'))
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(not_an_integer)
+}
+
+fn float(raw: &[u8]) -> Result<f64, Reply> {
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(|text| text.parse::<f64>().ok())
+        .filter(|f| f.is_finite())
+        .ok_or_else(|| Reply::Error("ERR value is not a valid float".into()))
+}
+
+fn not_an_integer() -> Reply {
+    Reply::Error("ERR value is not an integer or out of range".into())
+}
+
+fn overflow() -> Reply {
+    Reply::Error("ERR increment or decrement would overflow".into())
+}
+
+fn syntax_error() -> Reply {
+    Reply::Error("ERR syntax error".into())
+}
+
+fn wrong_arity(name: &str) -> Reply {
+    Reply::Error(format!(
+        "ERR wrong number of arguments for '{name}' command"
+    ))
+}
+
+fn unknown_command(name: &str, args: &[Bytes]) -> Reply {
+    let shown: String = args
+        .iter()
+        .take(3)
+        .map(|a| format!("'{}' ", String::from_utf8_lossy(a)))
+        .collect();
+    Reply::Error(format!(
+        "ERR unknown command '{name}', with args beginning with: {shown}"
+    ))
+}

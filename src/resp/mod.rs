@@ -1,0 +1,241 @@
+//! The Redis protocol (RESP2 and RESP3) on the same store as the HTTP API:
+//! redis-cli, redis-benchmark and Redis client libraries work against
+//! kvstore, with every acknowledged write synced, per-key versions and the
+//! change history.
+//!
+//! - [`frame`]: the frame parser (arrays of bulk strings and inline
+//!   commands) and the reply encoder for both protocol versions.
+//! - [`commands`]: the commands, each mapped onto [`Store`] calls; the keys
+//!   are the API's (UTF-8, no NUL, at most `--max-key-bytes`), so a key
+//!   written with SET is the one `GET /v1/kv/{key}` reads, with its version,
+//!   revision and deadline.
+//!
+//! A connection reads what the client has sent, runs every complete command
+//! in it in order, and sends all their replies in one write: pipelining
+//! costs one write per read, and a read later in a pipeline sees the
+//! writes before it. A reply to a write is sent only after the store has
+//! made it durable, as on HTTP.
+
+pub mod commands;
+pub mod frame;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+use crate::api::Limits;
+use crate::api::auth::{Auth, Rights};
+use crate::storage::Store;
+use frame::{FrameLimits, ProtocolError, Reply, parse_command};
+
+/// How the RESP front door behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct RespConfig {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most arguments of one command.
+    pub max_args: usize,
+    /// Most bytes a connection may have buffered without a complete command.
+    pub max_buffered: usize,
+    /// Whether every write is synced before its reply (what `CONFIG GET
+    /// appendfsync` and `INFO` report: `always`, else `everysec`).
+    pub fsync_every_write: bool,
+}
+
+impl Default for RespConfig {
+    /// 10,000 connections, 5 minutes idle, 1,048,576 arguments (Redis's
+    /// limit is far higher; MSET of a million keys is already a lot),
+    /// 64 MiB buffered, every write synced.
+    fn default() -> Self {
+        RespConfig {
+            max_connections: 10_000,
+            idle_timeout: Duration::from_secs(300),
+            max_args: 1 << 20,
+            max_buffered: 64 << 20,
+            fsync_every_write: true,
+        }
+    }
+}
+
+/// What every connection shares.
+pub(crate) struct Context {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) limits: Limits,
+    pub(crate) auth: Option<Arc<Auth>>,
+    pub(crate) config: RespConfig,
+    pub(crate) started: Instant,
+    pub(crate) connections: AtomicU64,
+    next_id: AtomicU64,
+}
+
+/// One client's state.
+pub(crate) struct Session {
+    pub(crate) id: u64,
+    /// 2 or 3, as HELLO chose.
+    pub(crate) protocol: u8,
+    /// What the client may do: everything with auth off; nothing before
+    /// AUTH with auth on.
+    pub(crate) rights: Option<Access>,
+    pub(crate) name: Option<String>,
+    pub(crate) addr: Option<SocketAddr>,
+    /// QUIT was sent: reply, then close.
+    pub(crate) quit: bool,
+}
+
+/// The rights of an authenticated (or unauthenticated, with auth off) client.
+#[derive(Debug, Clone)]
+pub(crate) enum Access {
+    Open,
+    Token(Arc<Rights>),
+}
+
+/// Serves RESP on `listener` until `shutdown` turns true; then stops
+/// accepting, lets each connection finish the commands it has read, and
+/// returns once every connection has closed (or after `drain`).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    limits: Limits,
+    auth: Option<Arc<Auth>>,
+    config: RespConfig,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let context = Arc::new(Context {
+        store,
+        limits,
+        auth,
+        config,
+        started: Instant::now(),
+        connections: AtomicU64::new(0),
+        next_id: AtomicU64::new(1),
+    });
+    let cap = config.max_connections.max(1);
+    let slots = Arc::new(Semaphore::new(cap));
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = stopped(&mut shutdown) => break,
+        };
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "RESP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let context = Arc::clone(&context);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            context.connections.fetch_add(1, Ordering::Relaxed);
+            if let Err(err) = connection(stream, addr, &context, shutdown).await {
+                tracing::debug!(error = %err, "RESP connection ended with an error");
+            }
+            context.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Every slot back means every connection has closed.
+    let all = u32::try_from(cap).unwrap_or(u32::MAX);
+    if tokio::time::timeout(drain, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?drain, "RESP connections did not finish in time; closing anyway");
+    }
+}
+
+/// Once the server is shutting down (or its signal is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` gives is not `Send`: dropped here, not held in a
+    // `select!` across an await.
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    context: &Context,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let mut session = Session {
+        id: context.next_id.fetch_add(1, Ordering::Relaxed),
+        protocol: 2,
+        rights: context.auth.is_none().then_some(Access::Open),
+        name: None,
+        addr: Some(addr),
+        quit: false,
+    };
+    let limits = FrameLimits {
+        // A key or a value: the larger of the two limits.
+        max_bulk: context
+            .limits
+            .max_value_bytes
+            .max(context.limits.max_key_bytes),
+        max_args: context.config.max_args,
+        max_inline: 64 << 10,
+    };
+    let mut input = BytesMut::with_capacity(16 << 10);
+    let mut output = BytesMut::with_capacity(16 << 10);
+    loop {
+        // Every complete command buffered, in order; their replies go out
+        // together.
+        let failure = loop {
+            match parse_command(&mut input, &limits) {
+                Ok(Some(args)) => {
+                    let reply = commands::execute(context, &mut session, args).await;
+                    reply.encode(session.protocol, &mut output);
+                    if session.quit {
+                        break None;
+                    }
+                }
+                Ok(None) => break None,
+                Err(ProtocolError(why)) => break Some(why),
+            }
+        };
+        if let Some(why) = &failure {
+            Reply::Error(format!("ERR Protocol error: {why}"))
+                .encode(session.protocol, &mut output);
+        }
+        if !output.is_empty() {
+            stream.write_all(&output).await?;
+            output.clear();
+        }
+        if failure.is_some() || session.quit {
+            return Ok(());
+        }
+        if input.len() > context.config.max_buffered {
+            Reply::Error("ERR Protocol error: too much data without a complete command".into())
+                .encode(session.protocol, &mut output);
+            stream.write_all(&output).await?;
+            return Ok(());
+        }
+        let read = tokio::select! {
+            read = tokio::time::timeout(context.config.idle_timeout, stream.read_buf(&mut input)) => read,
+            () = stopped(&mut shutdown) => return Ok(()),
+        };
+        match read {
+            Ok(Ok(0)) | Err(_) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => return Err(err),
+        }
+    }
+}

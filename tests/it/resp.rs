@@ -1,0 +1,414 @@
+//! The Redis protocol front door (`--resp-listen`), with the Rust `redis`
+//! client and with raw bytes where the exact frames matter: one keyspace
+//! with the HTTP API, expiry, pipelining, RESP3, errors worded as Redis
+//! words them, and auth.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::AsyncCommands as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::harness::{TestServer, within};
+use kvstore::api::auth::{Auth, TokenRules};
+use kvstore::server::Security;
+
+async fn connection(server: &TestServer, resp3: bool) -> redis::aio::MultiplexedConnection {
+    let addr = server.resp_addr.expect("a RESP address");
+    let protocol = if resp3 { "?protocol=resp3" } else { "" };
+    let client = redis::Client::open(format!("redis://{addr}/{protocol}")).expect("client");
+    within(
+        10,
+        "a RESP connection",
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .expect("connect")
+}
+
+/// Sends `request` as it is and reads until `expect` bytes came, or the
+/// server closed the connection (`usize::MAX`: until then, after a QUIT or
+/// an error); gives what came.
+async fn raw(server: &TestServer, request: &[u8], expect: usize) -> Vec<u8> {
+    let addr = server.resp_addr.expect("a RESP address");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut got = Vec::new();
+    within(10, "the replies", async {
+        let mut buf = [0u8; 4096];
+        while got.len() < expect {
+            let n = stream.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    got
+}
+
+for_each_backend! {
+
+async fn strings_are_the_http_api_keys_with_their_versions() {
+    let server = TestServer::start_with_resp(Security::default()).await;
+    let mut redis = connection(&server, false).await;
+    let c = &server.client;
+    let _: () = redis.set("greeting", "hello").await.unwrap();
+    let entry = c.get("greeting").await.unwrap().expect("written over RESP");
+    assert_eq!((entry.value.as_deref(), entry.version), (Some("hello"), 1));
+    c.put("from-http", "v", kvstore::storage::Condition::Any).await.unwrap();
+    let got: Option<String> = redis.get("from-http").await.unwrap();
+    assert_eq!(got.as_deref(), Some("v"));
+    let _: () = redis.set("greeting", "again").await.unwrap();
+    assert_eq!(c.get("greeting").await.unwrap().expect("kept").version, 2);
+
+    let _: () = redis.mset(&[("a", "1"), ("b", "2")]).await.unwrap();
+    let both: Vec<Option<String>> = redis.mget(&["a", "b", "missing"]).await.unwrap();
+    assert_eq!(both, vec![Some("1".into()), Some("2".into()), None]);
+    let n: i64 = redis.incr("a", 41).await.unwrap();
+    assert_eq!(n, 42);
+    let n: i64 = redis.decr("counter", 2).await.unwrap();
+    assert_eq!(n, -2);
+    let len: i64 = redis.append("b", "34").await.unwrap();
+    assert_eq!(len, 3);
+    let len: i64 = redis.strlen("b").await.unwrap();
+    assert_eq!(len, 3);
+    let set: bool = redis.set_nx("a", "x").await.unwrap();
+    assert!(!set);
+    let old: Option<String> = redis::cmd("GETSET").arg("b").arg("new").query_async(&mut redis).await.unwrap();
+    assert_eq!(old.as_deref(), Some("234"));
+    let old: Option<String> = redis::cmd("GETDEL").arg("b").query_async(&mut redis).await.unwrap();
+    assert_eq!(old.as_deref(), Some("new"));
+    assert!(c.get("b").await.unwrap().is_none());
+    let kind: String = redis::cmd("TYPE").arg("a").query_async(&mut redis).await.unwrap();
+    assert_eq!(kind, "string");
+    let exists: i64 = redis.exists(&["a", "a", "b"]).await.unwrap();
+    assert_eq!(exists, 2);
+    let deleted: i64 = redis.del(&["a", "a", "b", "greeting"]).await.unwrap();
+    assert_eq!(deleted, 2);
+    let old: Option<String> = redis::cmd("SET").arg("x").arg("1").arg("GET").query_async(&mut redis).await.unwrap();
+    assert_eq!(old, None);
+    let old: Option<String> = redis::cmd("SET").arg("x").arg("2").arg("NX").arg("GET").query_async(&mut redis).await.unwrap();
+    assert_eq!(old.as_deref(), Some("1"), "NX with GET: the old value, nothing set");
+    let x: String = redis.get("x").await.unwrap();
+    assert_eq!(x, "1");
+    let size: i64 = redis::cmd("DBSIZE").query_async(&mut redis).await.unwrap();
+    assert_eq!(size, 3, "from-http, counter, x");
+}
+
+async fn deadlines_are_the_entries_deadlines() {
+    let server = TestServer::start_with_resp(Security::default()).await;
+    let mut redis = connection(&server, false).await;
+    let c = &server.client;
+    let _: () = redis.set_ex("session", "s", 100).await.unwrap();
+    let ttl: i64 = redis.ttl("session").await.unwrap();
+    assert!((99..=100).contains(&ttl), "{ttl}");
+    assert!(c.get("session").await.unwrap().expect("there").expires_at.is_some());
+    let _: () = redis::cmd("SET").arg("session").arg("t").arg("KEEPTTL").query_async(&mut redis).await.unwrap();
+    let pttl: i64 = redis.pttl("session").await.unwrap();
+    assert!(pttl > 90_000, "{pttl}");
+    // GT: no deadline counts as infinite; LT sets a shorter one.
+    let set: i64 = redis::cmd("EXPIRE").arg("session").arg(500).arg("GT").query_async(&mut redis).await.unwrap();
+    assert_eq!(set, 1);
+    let set: i64 = redis::cmd("EXPIRE").arg("session").arg(1000).arg("LT").query_async(&mut redis).await.unwrap();
+    assert_eq!(set, 0);
+    let persisted: bool = redis.persist("session").await.unwrap();
+    assert!(persisted);
+    let ttl: i64 = redis.ttl("session").await.unwrap();
+    assert_eq!(ttl, -1);
+    let set: i64 = redis::cmd("EXPIRE").arg("session").arg(10).arg("XX").query_async(&mut redis).await.unwrap();
+    assert_eq!(set, 0, "XX on a key without a deadline");
+    let ttl: i64 = redis.ttl("nothing").await.unwrap();
+    assert_eq!(ttl, -2);
+    // A deadline in the past deletes the key.
+    let set: i64 = redis::cmd("EXPIREAT").arg("session").arg(1).query_async(&mut redis).await.unwrap();
+    assert_eq!(set, 1);
+    assert!(c.get("session").await.unwrap().is_none());
+    let _: () = redis::cmd("SET").arg("brief").arg("b").arg("PX").arg(200).query_async(&mut redis).await.unwrap();
+    within(10, "the key to expire", async {
+        loop {
+            let gone: Option<String> = redis.get("brief").await.unwrap();
+            if gone.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+async fn errors_are_worded_as_redis_words_them() {
+    let server = TestServer::start_with_resp(Security::default()).await;
+    let mut redis = connection(&server, false).await;
+    let error = |result: redis::RedisResult<redis::Value>| result.expect_err("an error").to_string();
+    let unknown = error(redis::cmd("NOSUCH").arg("a").query_async(&mut redis).await);
+    assert!(unknown.contains("unknown command 'NOSUCH', with args beginning with: 'a'"), "{unknown}");
+    let arity = error(redis::cmd("GET").query_async(&mut redis).await);
+    assert!(arity.contains("wrong number of arguments for 'get' command"), "{arity}");
+    let _: () = redis.set("text", "abc").await.unwrap();
+    let not_int = error(redis::cmd("INCR").arg("text").query_async(&mut redis).await);
+    assert!(not_int.contains("value is not an integer or out of range"), "{not_int}");
+    let db = error(redis::cmd("SELECT").arg(1).query_async(&mut redis).await);
+    assert!(db.contains("DB index is out of range"), "{db}");
+    let key = error(redis::cmd("SET").arg(b"a\0b".as_slice()).arg("v").query_async(&mut redis).await);
+    assert!(key.contains("invalid key"), "{key}");
+    let syntax = error(redis::cmd("SET").arg("k").arg("v").arg("EX").query_async(&mut redis).await);
+    assert!(syntax.contains("syntax error"), "{syntax}");
+    let expire = error(redis::cmd("SET").arg("k").arg("v").arg("EX").arg(0).query_async(&mut redis).await);
+    assert!(expire.contains("invalid expire time in 'set' command"), "{expire}");
+    // Nothing of the above wrote anything.
+    let size: i64 = redis::cmd("DBSIZE").query_async(&mut redis).await.unwrap();
+    assert_eq!(size, 1);
+}
+
+async fn a_pipeline_is_answered_in_order_and_sees_its_own_writes() {
+    let server = TestServer::start_with_resp(Security::default()).await;
+    let request = b"*3\r\n$3\r\nSET\r\n$1\r\np\r\n$1\r\n1\r\n*2\r\n$4\r\nINCR\r\n$1\r\np\r\n*2\r\n$3\r\nGET\r\n$1\r\np\r\nPING\r\n";
+    let expected = b"+OK\r\n:2\r\n$1\r\n2\r\n+PONG\r\n";
+    let got = raw(&server, request, expected.len()).await;
+    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(expected));
+}
+
+async fn hello_3_speaks_resp3_and_inline_commands_work() {
+    let server = TestServer::start_with_resp(Security::default()).await;
+    let got = raw(&server, b"HELLO 3\r\nGET nothing\r\nQUIT\r\n", usize::MAX).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("%7\r\n$6\r\nserver\r\n"), "{text}");
+    assert!(text.contains("$5\r\nproto\r\n:3\r\n"), "{text}");
+    assert!(text.ends_with("_\r\n+OK\r\n"), "a RESP3 null, then QUIT's OK: {text}");
+    let mut redis = connection(&server, true).await;
+    let _: () = redis.set("k", "v").await.unwrap();
+    let v: String = redis.get("k").await.unwrap();
+    assert_eq!(v, "v");
+}
+
+async fn a_malformed_frame_gets_a_protocol_error_and_the_connection_closes() {
+    let server = TestServer::start_with_resp(Security::default()).await;
+    // Read until the server closes: the reply, then end of stream.
+    let got = raw(&server, b"*1\r\n$x\r\nPING\r\n", usize::MAX).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("-ERR Protocol error: "), "{text}");
+}
+
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_on_commands_need_a_token_and_its_rights() {
+    let rules = TokenRules::parse(
+        r#"
+[[token]]
+name = "app"
+token = "app-token"
+read = ["users/"]
+write = ["users/"]
+"#,
+        false,
+    )
+    .expect("rules");
+    let security = Security {
+        auth: Some(Arc::new(Auth::from_rules(rules, false))),
+        ..Security::default()
+    };
+    let server = TestServer::start_with_resp(security).await;
+    let request = b"GET users/1\r\nAUTH wrong\r\nAUTH app app-token\r\nSET users/1 v\r\nSET other v\r\nGET users/1\r\nQUIT\r\n";
+    let got = raw(&server, request, usize::MAX).await;
+    let text = String::from_utf8_lossy(&got);
+    let lines: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 8, "{text}");
+    assert!(lines[0].starts_with("-NOAUTH"), "{text}");
+    assert!(lines[1].starts_with("-WRONGPASS"), "{text}");
+    assert_eq!(&lines[2..4], ["+OK", "+OK"], "{text}");
+    assert!(
+        lines[4].starts_with("-NOPERM token 'app' may not write key 'other'"),
+        "{text}"
+    );
+    assert_eq!(&lines[5..], ["$1", "v", "+OK"], "{text}");
+}
+
+/// The path of a command-line tool, or `None` with the reason printed: the
+/// test is then skipped, except under `CI=true`, where a missing tool fails
+/// it (CI must not pass by skipping).
+fn tool(name: &str, install: &str) -> Option<()> {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if found {
+        return Some(());
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{name} is missing under CI: {install}"
+    );
+    eprintln!("skipped: {name} is missing ({install})");
+    None
+}
+
+/// Runs a command (at most 120 s); gives its stdout, failing the test on a
+/// non-zero exit.
+fn run_tool(program: &str, args: &[String]) -> String {
+    let output = crate::harness::output_within(
+        std::process::Command::new(program).args(args),
+        b"",
+        Duration::from_secs(120),
+    );
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}\n{out}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_and_redis_benchmark_work() {
+    let Some(()) = tool("redis-cli", "apt-get install -y redis-tools") else {
+        return;
+    };
+    let server = TestServer::start_with_resp(Security::default()).await;
+    let port = server.resp_addr.expect("RESP").port().to_string();
+    let (set, get, incr, report) = tokio::task::spawn_blocking(move || {
+        let cli = |args: &[&str]| {
+            let mut all = vec!["-p".to_owned(), port.clone()];
+            all.extend(args.iter().map(|a| (*a).to_owned()));
+            run_tool("redis-cli", &all).trim().to_owned()
+        };
+        let bench: Vec<String> = [
+            "-p",
+            &port,
+            "-t",
+            "set,get,ping",
+            "-n",
+            "2000",
+            "-c",
+            "8",
+            "-q",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        (
+            cli(&["SET", "tool", "ok"]),
+            cli(&["GET", "tool"]),
+            cli(&["INCR", "hits"]),
+            run_tool("redis-benchmark", &bench),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (set.as_str(), get.as_str(), incr.as_str()),
+        ("OK", "ok", "1")
+    );
+    for test in ["SET", "GET", "PING_INLINE", "PING_MBULK"] {
+        assert!(
+            report.contains(&format!("{test}: ")) && report.contains("requests per second"),
+            "{test}: {report}"
+        );
+    }
+    // redis-benchmark's SETs are real writes, which the HTTP API reads.
+    let written = server.client.get("key:__rand_int__").await.unwrap();
+    assert_eq!(written.expect("written").value.map(|v| v.len()), Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_works_over_resp2_and_resp3() {
+    let Some(()) = tool("python3", "apt-get install -y python3 python3-venv") else {
+        return;
+    };
+    let server = TestServer::start_with_resp(Security::default()).await;
+    let port = server.resp_addr.expect("RESP").port().to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/redis-py/run");
+    let out = tokio::task::spawn_blocking(move || run_tool(script, &[port]))
+        .await
+        .unwrap();
+    assert!(out.contains("RESP2 and RESP3 ok"), "{out}");
+}
+
+/// SIGKILL of the real binary while RESP clients pipeline writes: after a
+/// restart, every write that was acknowledged is there, with its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_resp_writes_survive_sigkill() {
+    use crate::harness::Binary;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A free port for RESP (the harness reads the HTTP address from the log).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let resp = format!("127.0.0.1:{port}");
+    let mut server = Binary::start(dir.path(), &["--resp-listen", &resp]);
+    let client = redis::Client::open(format!("redis://{resp}/")).expect("client");
+    let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let mut writers = Vec::new();
+    for writer in 0..4 {
+        let mut connection = within(
+            10,
+            "a RESP connection",
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .expect("connect");
+        let acked = Arc::clone(&acked);
+        writers.push(tokio::spawn(async move {
+            for n in 0u64.. {
+                // Eight at a time on one connection: a pipeline.
+                let mut pipe = redis::pipe();
+                let batch: Vec<(String, String)> = (0..8)
+                    .map(|i| {
+                        (
+                            format!("w{writer}/k{}", (n * 8 + i) % 200),
+                            format!("n{n}-{i}"),
+                        )
+                    })
+                    .collect();
+                for (key, value) in &batch {
+                    pipe.set(key, value).ignore();
+                }
+                if pipe.query_async::<()>(&mut connection).await.is_err() {
+                    return;
+                }
+                acked.lock().unwrap().extend(batch);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.child.kill().expect("SIGKILL");
+    server.wait();
+    for writer in writers {
+        within(30, "the writers to stop", writer)
+            .await
+            .expect("writer");
+    }
+    let server = Binary::start(dir.path(), &[]);
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 100,
+        "too few writes acknowledged: {}",
+        acked.len()
+    );
+    for (key, value) in acked {
+        let entry = server
+            .client
+            .get(&key)
+            .await
+            .expect("get")
+            .expect("acknowledged");
+        // A later write of the key may have landed without its answer.
+        let got = entry.value.unwrap_or_default();
+        let (written, got_n) = (
+            value.split('-').next().unwrap_or_default().to_owned(),
+            got.split('-').next().unwrap_or_default().to_owned(),
+        );
+        let order = |v: &str| v.trim_start_matches('n').parse::<u64>().unwrap_or(0);
+        assert!(
+            order(&got_n) >= order(&written),
+            "{key}: acknowledged {value}, found {got}"
+        );
+    }
+}
