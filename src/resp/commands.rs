@@ -19,7 +19,9 @@ use bytes::Bytes;
 use super::frame::Reply;
 use super::{Access, Context, Session};
 use crate::error::StoreError;
-use crate::storage::{Condition, Entry, Expiry, ScanRequest, WriteOp, WriteOutcome, system_now_us};
+use crate::storage::{
+    Condition, Entry, Expiry, OpResult, ScanRequest, WriteOp, WriteOutcome, system_now_us,
+};
 
 /// A command's answer: its reply, or the error reply that ends it early.
 type Outcome = Result<Reply, Reply>;
@@ -80,17 +82,87 @@ const COMMANDS: &[&str] = &[
     "unlink",
 ];
 
-/// Runs one command and gives its reply.
-pub(crate) async fn execute(context: &Context, session: &mut Session, args: Vec<Bytes>) -> Reply {
-    let Some((name, args)) = args.split_first() else {
-        return Reply::Error("ERR empty command".into());
-    };
+/// A command's name, lowercased, and its metrics label (`unknown` for a
+/// command this front door does not know).
+fn label_of(name: &[u8]) -> (String, &'static str) {
     let lower = String::from_utf8_lossy(name).to_ascii_lowercase();
     let label = COMMANDS
         .iter()
         .find(|known| **known == lower)
         .copied()
         .unwrap_or("unknown");
+    (lower, label)
+}
+
+fn count(label: &'static str, took: std::time::Duration) {
+    metrics::counter!("kvstore_resp_commands_total", "command" => label).increment(1);
+    metrics::histogram!("kvstore_resp_command_duration_seconds", "command" => label)
+        .record(took.as_secs_f64());
+}
+
+/// A write that needs nothing read first, so that it can join the other
+/// writes of a pipeline in one call to the store ([`Store::write_many`]):
+/// its ops, and how its reply follows from their outcome.
+pub(crate) struct BlindWrite {
+    pub(crate) ops: Vec<WriteOp>,
+    pub(crate) answer: Answer,
+    pub(crate) label: &'static str,
+}
+
+/// How a blind write's reply follows from its outcome.
+#[derive(Clone, Copy)]
+pub(crate) enum Answer {
+    /// `+OK`, or a null when a condition (NX, XX) failed.
+    OkOrNull,
+    /// 1, or 0 when a condition failed.
+    Flag,
+    /// How many keys the deletes found.
+    Deleted,
+}
+
+impl Answer {
+    pub(crate) fn reply(self, outcome: Result<WriteOutcome, StoreError>) -> Reply {
+        match (self, outcome) {
+            (_, Err(err)) => store_error(err),
+            (Answer::OkOrNull, Ok(WriteOutcome::Applied { .. })) => Reply::Simple("OK"),
+            (Answer::OkOrNull, Ok(WriteOutcome::Rejected { .. })) => Reply::Null,
+            (Answer::Flag, Ok(outcome)) => {
+                Reply::Integer(i64::from(matches!(outcome, WriteOutcome::Applied { .. })))
+            }
+            (Answer::Deleted, Ok(WriteOutcome::Applied { results, .. })) => Reply::Integer(
+                results
+                    .iter()
+                    .filter(|r| matches!(r, OpResult::Deleted { existed: true }))
+                    .count() as i64,
+            ),
+            (Answer::Deleted, Ok(WriteOutcome::Rejected { .. })) => Reply::Integer(0),
+        }
+    }
+}
+
+/// The command as a [`BlindWrite`], when it is one and the client may run
+/// it; `None` for any other command (run it with [`execute`]), or a
+/// blind write refused before the store (a bad argument, a key outside the
+/// token's rights): then `execute` gives that error in its turn.
+pub(crate) fn blind_write(
+    context: &Context,
+    session: &Session,
+    args: &[Bytes],
+) -> Option<BlindWrite> {
+    let (name, args) = args.split_first()?;
+    let (lower, label) = label_of(name);
+    session.rights.as_ref()?;
+    prepare_write(context, session, label, &lower, args)
+        .ok()
+        .flatten()
+}
+
+/// Runs one command and gives its reply.
+pub(crate) async fn execute(context: &Context, session: &mut Session, args: Vec<Bytes>) -> Reply {
+    let Some((name, args)) = args.split_first() else {
+        return Reply::Error("ERR empty command".into());
+    };
+    let (lower, label) = label_of(name);
     // With auth on, only these may come before AUTH (as in Redis).
     if session.rights.is_none() && !matches!(label, "auth" | "hello" | "quit" | "reset") {
         return Reply::Error("NOAUTH Authentication required.".into());
@@ -102,19 +174,131 @@ pub(crate) async fn execute(context: &Context, session: &mut Session, args: Vec<
         Err(_) if label == "unknown" => unknown_command(&String::from_utf8_lossy(name), args),
         Err(error) => error,
     };
-    metrics::counter!("kvstore_resp_commands_total", "command" => label).increment(1);
-    metrics::histogram!("kvstore_resp_command_duration_seconds", "command" => label)
-        .record(started.elapsed().as_secs_f64());
+    count(label, started.elapsed());
     reply
+}
+
+/// Counts the commands of a pipeline's blind writes, which ran together.
+pub(crate) fn count_blind(labels: &[&'static str], took: std::time::Duration) {
+    for label in labels {
+        count(label, took);
+    }
+}
+
+/// The blind writes: SET without GET, SETNX, SETEX, PSETEX, MSET, MSETNX,
+/// DEL, UNLINK. `Ok(None)` for any other command.
+fn prepare_write(
+    context: &Context,
+    session: &Session,
+    label: &'static str,
+    name: &str,
+    args: &[Bytes],
+) -> Result<Option<BlindWrite>, Reply> {
+    let write = |ops, answer| Ok(Some(BlindWrite { ops, answer, label }));
+    match label {
+        "set" => {
+            let [key, value, options @ ..] = args else {
+                return Err(wrong_arity(name));
+            };
+            let options = set_options(options)?;
+            if options.get {
+                return Ok(None);
+            }
+            let key = checked_key(context, session, key, Right::Write)?;
+            let condition = options.condition.unwrap_or(Condition::Any);
+            write(
+                vec![put(key, value, condition, options.expiry)],
+                Answer::OkOrNull,
+            )
+        }
+        "setnx" => match args {
+            [key, value] => {
+                let key = checked_key(context, session, key, Right::Write)?;
+                write(
+                    vec![put(key, value, Condition::Absent, Expiry::Never)],
+                    Answer::Flag,
+                )
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "setex" | "psetex" => match args {
+            [key, time, value] => {
+                let key = checked_key(context, session, key, Right::Write)?;
+                let time = integer(time)?;
+                if time <= 0 {
+                    return Err(Reply::Error(format!(
+                        "ERR invalid expire time in '{name}' command"
+                    )));
+                }
+                let ms = if label == "setex" {
+                    time.saturating_mul(1000)
+                } else {
+                    time
+                };
+                let op = put(key, value, Condition::Any, Expiry::Ttl(ms.unsigned_abs()));
+                write(vec![op], Answer::OkOrNull)
+            }
+            _ => Err(wrong_arity(name)),
+        },
+        "mset" | "msetnx" => {
+            if args.is_empty() || !args.len().is_multiple_of(2) {
+                return Err(wrong_arity(name));
+            }
+            let condition = if label == "msetnx" {
+                Condition::Absent
+            } else {
+                Condition::Any
+            };
+            // A batch names a key once: the last value given for it wins,
+            // as it would in Redis.
+            let mut seen = HashSet::new();
+            let mut ops = Vec::with_capacity(args.len() / 2);
+            for pair in args.chunks_exact(2).rev() {
+                let key = checked_key(context, session, &pair[0], Right::Write)?;
+                if seen.insert(key.clone()) {
+                    ops.push(put(key, &pair[1], condition, Expiry::Never));
+                }
+            }
+            let answer = if label == "msetnx" {
+                Answer::Flag
+            } else {
+                Answer::OkOrNull
+            };
+            write(ops, answer)
+        }
+        "del" | "unlink" => {
+            if args.is_empty() {
+                return Err(wrong_arity(name));
+            }
+            let mut seen = HashSet::new();
+            let mut ops = Vec::with_capacity(args.len());
+            for key in args {
+                let key = checked_key(context, session, key, Right::Write)?;
+                if seen.insert(key.clone()) {
+                    ops.push(WriteOp::Delete {
+                        key,
+                        condition: Condition::Any,
+                    });
+                }
+            }
+            write(ops, Answer::Deleted)
+        }
+        _ => Ok(None),
+    }
 }
 
 async fn run(
     context: &Context,
     session: &mut Session,
-    label: &str,
+    label: &'static str,
     name: &str,
     args: &[Bytes],
 ) -> Outcome {
+    if let Some(BlindWrite { ops, answer, .. }) =
+        prepare_write(context, session, label, name, args)?
+    {
+        return Ok(answer.reply(context.store.write(ops).await));
+    }
     match label {
         "ping" => match args {
             [] => Ok(Reply::Simple("PONG")),
@@ -166,37 +350,7 @@ async fn run(
             }
             _ => Err(wrong_arity(name)),
         },
-        "set" => set(context, session, name, args).await,
-        "setnx" => match args {
-            [key, value] => {
-                let key = checked_key(context, session, key, Right::Write)?;
-                let put = put(key, value, Condition::Absent, Expiry::Never);
-                Ok(Reply::Integer(i64::from(
-                    applied(context, vec![put]).await?,
-                )))
-            }
-            _ => Err(wrong_arity(name)),
-        },
-        "setex" | "psetex" => match args {
-            [key, time, value] => {
-                let key = checked_key(context, session, key, Right::Write)?;
-                let time = integer(time)?;
-                if time <= 0 {
-                    return Err(Reply::Error(format!(
-                        "ERR invalid expire time in '{name}' command"
-                    )));
-                }
-                let ms = if label == "setex" {
-                    time.saturating_mul(1000)
-                } else {
-                    time
-                };
-                let put = put(key, value, Condition::Any, Expiry::Ttl(ms.unsigned_abs()));
-                applied(context, vec![put]).await?;
-                Ok(Reply::Simple("OK"))
-            }
-            _ => Err(wrong_arity(name)),
-        },
+        "set" => set_get(context, session, name, args).await,
         "getset" => match args {
             [key, value] => {
                 let key = checked_key(context, session, key, Right::Write)?;
@@ -240,32 +394,6 @@ async fn run(
                     .map(|entry| entry.map_or(Reply::Null, |e| Reply::Bulk(e.value.into())))
                     .collect(),
             ))
-        }
-        "mset" | "msetnx" => {
-            if args.is_empty() || !args.len().is_multiple_of(2) {
-                return Err(wrong_arity(name));
-            }
-            let condition = if label == "msetnx" {
-                Condition::Absent
-            } else {
-                Condition::Any
-            };
-            // A batch names a key once: the last value given for it wins,
-            // as it would in Redis.
-            let mut seen = HashSet::new();
-            let mut ops = Vec::with_capacity(args.len() / 2);
-            for pair in args.chunks_exact(2).rev() {
-                let key = checked_key(context, session, &pair[0], Right::Write)?;
-                if seen.insert(key.clone()) {
-                    ops.push(put(key, &pair[1], condition, Expiry::Never));
-                }
-            }
-            let written = applied(context, ops).await?;
-            Ok(if label == "msetnx" {
-                Reply::Integer(i64::from(written))
-            } else {
-                Reply::Simple("OK")
-            })
         }
         "incr" | "decr" | "incrby" | "decrby" => {
             let (key, by) = match (label, args) {
@@ -347,33 +475,6 @@ async fn run(
             }
             _ => Err(wrong_arity(name)),
         },
-        "del" | "unlink" => {
-            if args.is_empty() {
-                return Err(wrong_arity(name));
-            }
-            let mut seen = HashSet::new();
-            let mut ops = Vec::with_capacity(args.len());
-            for key in args {
-                let key = checked_key(context, session, key, Right::Write)?;
-                if seen.insert(key.clone()) {
-                    ops.push(WriteOp::Delete {
-                        key,
-                        condition: Condition::Any,
-                    });
-                }
-            }
-            match context.store.write(ops).await.map_err(store_error)? {
-                WriteOutcome::Applied { results, .. } => Ok(Reply::Integer(
-                    results
-                        .iter()
-                        .filter(|r| {
-                            matches!(r, crate::storage::OpResult::Deleted { existed: true })
-                        })
-                        .count() as i64,
-                )),
-                WriteOutcome::Rejected { .. } => Ok(Reply::Integer(0)),
-            }
-        }
         "exists" => {
             if args.is_empty() {
                 return Err(wrong_arity(name));
@@ -526,12 +627,15 @@ fn old_value(old: Option<&Entry>) -> Reply {
     old.map_or(Reply::Null, |e| Reply::Bulk(e.value.clone().into()))
 }
 
-/// `SET key value [NX | XX] [GET] [EX s | PX ms | EXAT s | PXAT ms | KEEPTTL]`.
-async fn set(context: &Context, session: &Session, name: &str, args: &[Bytes]) -> Outcome {
-    let [key, value, options @ ..] = args else {
-        return Err(wrong_arity(name));
-    };
-    let key = checked_key(context, session, key, Right::Write)?;
+/// The options of `SET key value [NX | XX] [GET] [EX s | PX ms | EXAT s |
+/// PXAT ms | KEEPTTL]`.
+struct SetOptions {
+    condition: Option<Condition>,
+    get: bool,
+    expiry: Expiry,
+}
+
+fn set_options(options: &[Bytes]) -> Result<SetOptions, Reply> {
     let (mut condition, mut get, mut expiry) = (None, false, None);
     let mut rest = options.iter();
     while let Some(option) = rest.next() {
@@ -553,15 +657,23 @@ async fn set(context: &Context, session: &Session, name: &str, args: &[Bytes]) -
             _ => return Err(syntax_error()),
         }
     }
-    let expiry = expiry.unwrap_or(Expiry::Never);
-    if !get {
-        let op = put(key, value, condition.unwrap_or(Condition::Any), expiry);
-        return Ok(if applied(context, vec![op]).await? {
-            Reply::Simple("OK")
-        } else {
-            Reply::Null
-        });
-    }
+    Ok(SetOptions {
+        condition,
+        get,
+        expiry: expiry.unwrap_or(Expiry::Never),
+    })
+}
+
+/// `SET ... GET`: the write and the old value, atomically. (SET without GET
+/// is a blind write, see [`prepare_write`].)
+async fn set_get(context: &Context, session: &Session, name: &str, args: &[Bytes]) -> Outcome {
+    let [key, value, options @ ..] = args else {
+        return Err(wrong_arity(name));
+    };
+    let SetOptions {
+        condition, expiry, ..
+    } = set_options(options)?;
+    let key = checked_key(context, session, key, Right::Write)?;
     let value = value.to_vec();
     update(context, &key, |old| {
         let allowed = condition.is_none_or(|c| c.holds(old.map(|e| e.version)));

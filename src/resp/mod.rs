@@ -35,6 +35,9 @@ use crate::api::auth::{Auth, Rights};
 use crate::storage::Store;
 use frame::{FrameLimits, ProtocolError, Reply, parse_command};
 
+/// Writes of one pipeline handed to the store in one call, at most.
+const MAX_PIPELINED_WRITES: usize = 1024;
+
 /// How the RESP front door behaves.
 #[derive(Debug, Clone, Copy)]
 pub struct RespConfig {
@@ -163,6 +166,30 @@ pub(crate) async fn serve(
     }
 }
 
+/// Runs the writes a pipeline has gathered, in one call to the store, and
+/// appends their replies in order.
+async fn flush(
+    context: &Context,
+    writes: &mut Vec<commands::BlindWrite>,
+    protocol: u8,
+    output: &mut BytesMut,
+) {
+    if writes.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let (ops, answers): (Vec<_>, Vec<_>) = writes
+        .drain(..)
+        .map(|write| (write.ops, (write.answer, write.label)))
+        .unzip();
+    let outcomes = context.store.write_many(ops).await;
+    let labels: Vec<&'static str> = answers.iter().map(|(_, label)| *label).collect();
+    commands::count_blind(&labels, started.elapsed());
+    for ((answer, _), outcome) in answers.into_iter().zip(outcomes) {
+        answer.reply(outcome).encode(protocol, output);
+    }
+}
+
 /// Once the server is shutting down (or its signal is gone).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // The guard `wait_for` gives is not `Send`: dropped here, not held in a
@@ -195,12 +222,22 @@ async fn connection(
     };
     let mut input = BytesMut::with_capacity(16 << 10);
     let mut output = BytesMut::with_capacity(16 << 10);
+    let mut writes = Vec::new();
     loop {
         // Every complete command buffered, in order; their replies go out
-        // together.
+        // together. A run of writes that need nothing read first goes to
+        // the store in one call, to be committed under one sync.
         let failure = loop {
             match parse_command(&mut input, &limits) {
                 Ok(Some(args)) => {
+                    if let Some(write) = commands::blind_write(context, &session, &args) {
+                        writes.push(write);
+                        if writes.len() == MAX_PIPELINED_WRITES {
+                            flush(context, &mut writes, session.protocol, &mut output).await;
+                        }
+                        continue;
+                    }
+                    flush(context, &mut writes, session.protocol, &mut output).await;
                     let reply = commands::execute(context, &mut session, args).await;
                     reply.encode(session.protocol, &mut output);
                     if session.quit {
@@ -211,6 +248,7 @@ async fn connection(
                 Err(ProtocolError(why)) => break Some(why),
             }
         };
+        flush(context, &mut writes, session.protocol, &mut output).await;
         if let Some(why) = &failure {
             Reply::Error(format!("ERR Protocol error: {why}"))
                 .encode(session.protocol, &mut output);

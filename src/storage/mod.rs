@@ -280,6 +280,18 @@ pub trait Store: Send + Sync {
     /// write is durable under the store's durability mode.
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome>;
 
+    /// Applies several writes, each as [`Store::write`] would (its own
+    /// revision; its conditions checked after the writes before it), in the
+    /// order given; gives their outcomes in that order. A backend may commit
+    /// them together, under one sync: a RESP client's pipeline of writes.
+    async fn write_many(&self, writes: Vec<Vec<WriteOp>>) -> Vec<StoreResult<WriteOutcome>> {
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for ops in writes {
+            outcomes.push(self.write(ops).await);
+        }
+        outcomes
+    }
+
     /// One page of entries in key order, read from one snapshot.
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage>;
 

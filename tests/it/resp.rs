@@ -51,7 +51,7 @@ async fn raw(server: &TestServer, request: &[u8], expect: usize) -> Vec<u8> {
 for_each_backend! {
 
 async fn strings_are_the_http_api_keys_with_their_versions() {
-    let server = TestServer::start_with_resp(Security::default()).await;
+    let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
     let mut redis = connection(&server, false).await;
     let c = &server.client;
     let _: () = redis.set("greeting", "hello").await.unwrap();
@@ -98,7 +98,7 @@ async fn strings_are_the_http_api_keys_with_their_versions() {
 }
 
 async fn deadlines_are_the_entries_deadlines() {
-    let server = TestServer::start_with_resp(Security::default()).await;
+    let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
     let mut redis = connection(&server, false).await;
     let c = &server.client;
     let _: () = redis.set_ex("session", "s", 100).await.unwrap();
@@ -139,7 +139,7 @@ async fn deadlines_are_the_entries_deadlines() {
 }
 
 async fn errors_are_worded_as_redis_words_them() {
-    let server = TestServer::start_with_resp(Security::default()).await;
+    let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
     let mut redis = connection(&server, false).await;
     let error = |result: redis::RedisResult<redis::Value>| result.expect_err("an error").to_string();
     let unknown = error(redis::cmd("NOSUCH").arg("a").query_async(&mut redis).await);
@@ -163,7 +163,7 @@ async fn errors_are_worded_as_redis_words_them() {
 }
 
 async fn a_pipeline_is_answered_in_order_and_sees_its_own_writes() {
-    let server = TestServer::start_with_resp(Security::default()).await;
+    let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
     let request = b"*3\r\n$3\r\nSET\r\n$1\r\np\r\n$1\r\n1\r\n*2\r\n$4\r\nINCR\r\n$1\r\np\r\n*2\r\n$3\r\nGET\r\n$1\r\np\r\nPING\r\n";
     let expected = b"+OK\r\n:2\r\n$1\r\n2\r\n+PONG\r\n";
     let got = raw(&server, request, expected.len()).await;
@@ -171,7 +171,7 @@ async fn a_pipeline_is_answered_in_order_and_sees_its_own_writes() {
 }
 
 async fn hello_3_speaks_resp3_and_inline_commands_work() {
-    let server = TestServer::start_with_resp(Security::default()).await;
+    let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
     let got = raw(&server, b"HELLO 3\r\nGET nothing\r\nQUIT\r\n", usize::MAX).await;
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("%7\r\n$6\r\nserver\r\n"), "{text}");
@@ -184,7 +184,7 @@ async fn hello_3_speaks_resp3_and_inline_commands_work() {
 }
 
 async fn a_malformed_frame_gets_a_protocol_error_and_the_connection_closes() {
-    let server = TestServer::start_with_resp(Security::default()).await;
+    let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
     // Read until the server closes: the reply, then end of stream.
     let got = raw(&server, b"*1\r\n$x\r\nPING\r\n", usize::MAX).await;
     let text = String::from_utf8_lossy(&got);
@@ -210,7 +210,7 @@ write = ["users/"]
         auth: Some(Arc::new(Auth::from_rules(rules, false))),
         ..Security::default()
     };
-    let server = TestServer::start_with_resp(security).await;
+    let server = TestServer::start_with_resp(security, |_| {}).await;
     let request = b"GET users/1\r\nAUTH wrong\r\nAUTH app app-token\r\nSET users/1 v\r\nSET other v\r\nGET users/1\r\nQUIT\r\n";
     let got = raw(&server, request, usize::MAX).await;
     let text = String::from_utf8_lossy(&got);
@@ -268,7 +268,7 @@ async fn redis_cli_and_redis_benchmark_work() {
     let Some(()) = tool("redis-cli", "apt-get install -y redis-tools") else {
         return;
     };
-    let server = TestServer::start_with_resp(Security::default()).await;
+    let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
     let port = server.resp_addr.expect("RESP").port().to_string();
     let (set, get, incr, report) = tokio::task::spawn_blocking(move || {
         let cli = |args: &[&str]| {
@@ -319,7 +319,7 @@ async fn redis_py_works_over_resp2_and_resp3() {
     let Some(()) = tool("python3", "apt-get install -y python3 python3-venv") else {
         return;
     };
-    let server = TestServer::start_with_resp(Security::default()).await;
+    let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
     let port = server.resp_addr.expect("RESP").port().to_string();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/redis-py/run");
     let out = tokio::task::spawn_blocking(move || run_tool(script, &[port]))
@@ -411,4 +411,40 @@ async fn acknowledged_resp_writes_survive_sigkill() {
             "{key}: acknowledged {value}, found {got}"
         );
     }
+}
+
+/// A pipeline of writes reaches the store in one call and is committed in
+/// one group, under one sync: the commit hook counts the synced commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_of_writes_shares_one_sync() {
+    use kvstore::storage::embedded::CommitEvent;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let commits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&commits);
+    let server = TestServer::start_with_resp(Security::default(), move |engine| {
+        engine.commit_hook = Some(Arc::new(move |event: &CommitEvent| {
+            if matches!(event, CommitEvent::Committed { synced: true, .. }) {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    })
+    .await;
+    let mut request = Vec::new();
+    for i in 0..50 {
+        request.extend_from_slice(
+            format!("*3\r\n$3\r\nSET\r\n$4\r\np{i:03}\r\n$1\r\nv\r\n").as_bytes(),
+        );
+    }
+    request.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$4\r\np049\r\n");
+    let expected = "+OK\r\n".repeat(50) + "$1\r\nv\r\n";
+    let before = commits.load(Ordering::SeqCst);
+    let got = raw(&server, &request, expected.len()).await;
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+    let used = commits.load(Ordering::SeqCst) - before;
+    // One read of the 50 commands gives one group; a read split by TCP may
+    // give a few. One per write would be 50.
+    assert!(
+        (1..=3).contains(&used),
+        "{used} synced commits for a pipeline of 50 writes"
+    );
 }

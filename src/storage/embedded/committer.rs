@@ -45,17 +45,25 @@ impl Committer {
                         close = Some(reply);
                         break;
                     }
-                    Job::Write { ops: w, reply } => {
-                        let weight: usize = w.iter().map(WriteOp::weight).sum();
+                    Job::Writes(batch) => {
+                        let count: usize = batch.iter().map(|(w, _)| w.len()).sum();
+                        let weight: usize = batch
+                            .iter()
+                            .flat_map(|(w, _)| w.iter())
+                            .map(WriteOp::weight)
+                            .sum();
+                        // A job's writes stay in one group (a client's
+                        // pipeline shares one sync), so only whole jobs are
+                        // carried to the next group.
                         if !writes.is_empty()
-                            && (ops + w.len() > MAX_GROUP_KEYS || bytes + weight > MAX_GROUP_BYTES)
+                            && (ops + count > MAX_GROUP_KEYS || bytes + weight > MAX_GROUP_BYTES)
                         {
-                            carried = Some(Job::Write { ops: w, reply });
+                            carried = Some(Job::Writes(batch));
                             break;
                         }
-                        ops += w.len();
+                        ops += count;
                         bytes += weight;
-                        writes.push((w, reply));
+                        writes.extend(batch);
                         shared.waiting.fetch_sub(1, Ordering::AcqRel);
                     }
                 }
@@ -70,11 +78,13 @@ impl Committer {
                 queue.close();
                 // Writes that were already queued behind the close are refused.
                 while let Ok(job) = queue.try_recv() {
-                    if let Job::Write { reply, .. } = job {
-                        let _ = reply.send((
-                            Err(StoreError::Unavailable("the store is closed".into())),
-                            Duration::ZERO,
-                        ));
+                    if let Job::Writes(batch) = job {
+                        for (_, reply) in batch {
+                            let _ = reply.send((
+                                Err(StoreError::Unavailable("the store is closed".into())),
+                                Duration::ZERO,
+                            ));
+                        }
                     }
                 }
                 break;

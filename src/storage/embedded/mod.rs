@@ -194,10 +194,9 @@ const SYNC_SECONDS: &str = "kvstore_background_sync_duration_seconds";
 const QUEUE_DEPTH_GAUGE: &str = "kvstore_commit_queue_depth";
 
 enum Job {
-    Write {
-        ops: Vec<WriteOp>,
-        reply: Reply,
-    },
+    /// Writes to apply in this order, in one group: one client's write, or
+    /// the writes of its pipeline.
+    Writes(Vec<(Vec<WriteOp>, Reply)>),
     Close {
         reply: oneshot::Sender<StoreResult<()>>,
     },
@@ -576,7 +575,7 @@ impl Store for EmbeddedStore {
             // write is dropped while waiting for room in the queue.
             let (_, waiting) = Counted::new(&self.shared.waiting);
             self.jobs
-                .send(Job::Write { ops, reply })
+                .send(Job::Writes(vec![(ops, reply)]))
                 .await
                 .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
             waiting.handed_over();
@@ -589,6 +588,38 @@ impl Store for EmbeddedStore {
             t.queued += start.elapsed().saturating_sub(commit);
         });
         outcome
+    }
+
+    /// One job for the committer: the writes are applied in this order in
+    /// one group, under one sync.
+    async fn write_many(&self, writes: Vec<Vec<WriteOp>>) -> Vec<StoreResult<WriteOutcome>> {
+        if self.shared.space.is_low() {
+            return writes
+                .iter()
+                .map(|_| Err(StoreError::InsufficientStorage(self.shared.space.refusal())))
+                .collect();
+        }
+        let (_, _in_flight) = self.shared.write_started();
+        let mut job = Vec::with_capacity(writes.len());
+        let mut answers = Vec::with_capacity(writes.len());
+        for ops in writes {
+            let (reply, answer) = oneshot::channel();
+            job.push((ops, reply));
+            answers.push(answer);
+        }
+        let (_, waiting) = Counted::new(&self.shared.waiting);
+        let sent = self.jobs.send(Job::Writes(job)).await.is_ok();
+        if sent {
+            waiting.handed_over();
+        }
+        let mut outcomes = Vec::with_capacity(answers.len());
+        for answer in answers {
+            outcomes.push(match answer.await {
+                Ok((outcome, _)) => outcome,
+                Err(_) => Err(StoreError::Unavailable("the store is closed".into())),
+            });
+        }
+        outcomes
     }
 
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {

@@ -46,6 +46,9 @@ use crate::storage::{
     ScanRequest, Store, WriteOp, WriteOutcome,
 };
 
+/// A write's keys, each with its value when it may be cached.
+type Plan = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 /// Lock stripes; enough that unrelated keys rarely share one.
 const STRIPES: usize = 4096;
 /// Bytes counted per entry on top of its key and value (the slot, the `Arc`,
@@ -345,58 +348,22 @@ impl CachedStore {
         stripe.max_revision = stripe.max_revision.max(revision);
     }
 
-    /// After a write whose outcome is unknown: forget the keys, and keep reads
-    /// that began before it from filling them.
-    fn forget(&self, key: &[u8]) {
-        let mut stripe = self.stripe(key);
-        stripe.epoch += 1;
-        self.cache.remove(key);
-    }
-}
-
-#[async_trait]
-impl Store for CachedStore {
-    async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
-        if self.bypass.load(Ordering::Acquire) {
-            return self.inner.get(key).await;
-        }
-        // An entry past its deadline is a miss: the store answers for it
-        // (absent), whether or not the key's expiry delete has run yet.
-        if let Some(slot) = self.cache.get(key)
-            && slot.is_fresh(self.now())
-            && !matches!(&slot, Slot::Present(entry, _) if entry.expired(self.inner.now_us()))
-        {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(match slot {
-                Slot::Present(entry, _) => Some(Entry::clone(&entry)),
-                Slot::Absent(..) => None,
-            });
-        }
-        self.misses.fetch_add(1, Ordering::Relaxed);
-        let epoch = self.stripe(key).epoch;
-        let found = self.inner.get(key).await?;
-        self.fill(key, epoch, found.as_ref());
-        Ok(found)
-    }
-
-    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
-        self.inner.get_many(keys).await
-    }
-
-    async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
-        // Copy what the cache needs before the ops move into the store; values
-        // too large to cache are not copied.
-        let plan: Vec<(Vec<u8>, Option<Vec<u8>>)> = ops
-            .iter()
+    /// What the cache needs of a write, copied before the ops move into the
+    /// store: each key, with its value when it may be cached.
+    fn plan(&self, ops: &[WriteOp]) -> Plan {
+        ops.iter()
             .map(|op| match op {
                 WriteOp::Put { key, value, .. } if self.cacheable(value.len(), None) => {
                     (key.clone(), Some(value.clone()))
                 }
                 _ => (op.key().to_vec(), None),
             })
-            .collect();
-        let outcome = self.inner.write(ops).await;
-        match &outcome {
+            .collect()
+    }
+
+    /// Applies a write's outcome to the cache.
+    fn settle(&self, plan: Plan, outcome: &StoreResult<WriteOutcome>) {
+        match outcome {
             Ok(WriteOutcome::Applied { revision, results }) => {
                 for ((key, value), result) in plan.into_iter().zip(results) {
                     // A put on a lease (given, or kept by keep_ttl) is not cached.
@@ -449,7 +416,60 @@ impl Store for CachedStore {
                 }
             }
         }
+    }
+
+    /// After a write whose outcome is unknown: forget the keys, and keep reads
+    /// that began before it from filling them.
+    fn forget(&self, key: &[u8]) {
+        let mut stripe = self.stripe(key);
+        stripe.epoch += 1;
+        self.cache.remove(key);
+    }
+}
+
+#[async_trait]
+impl Store for CachedStore {
+    async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
+        if self.bypass.load(Ordering::Acquire) {
+            return self.inner.get(key).await;
+        }
+        // An entry past its deadline is a miss: the store answers for it
+        // (absent), whether or not the key's expiry delete has run yet.
+        if let Some(slot) = self.cache.get(key)
+            && slot.is_fresh(self.now())
+            && !matches!(&slot, Slot::Present(entry, _) if entry.expired(self.inner.now_us()))
+        {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(match slot {
+                Slot::Present(entry, _) => Some(Entry::clone(&entry)),
+                Slot::Absent(..) => None,
+            });
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let epoch = self.stripe(key).epoch;
+        let found = self.inner.get(key).await?;
+        self.fill(key, epoch, found.as_ref());
+        Ok(found)
+    }
+
+    async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
+        self.inner.get_many(keys).await
+    }
+
+    async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
+        let plan = self.plan(&ops);
+        let outcome = self.inner.write(ops).await;
+        self.settle(plan, &outcome);
         outcome
+    }
+
+    async fn write_many(&self, writes: Vec<Vec<WriteOp>>) -> Vec<StoreResult<WriteOutcome>> {
+        let plans: Vec<Plan> = writes.iter().map(|ops| self.plan(ops)).collect();
+        let outcomes = self.inner.write_many(writes).await;
+        for (plan, outcome) in plans.into_iter().zip(&outcomes) {
+            self.settle(plan, outcome);
+        }
+        outcomes
     }
 
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {

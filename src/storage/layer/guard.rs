@@ -72,6 +72,20 @@ impl Store for GuardedStore {
         self.call("write", self.inner.write(ops)).await
     }
 
+    async fn write_many(&self, writes: Vec<Vec<WriteOp>>) -> Vec<StoreResult<WriteOutcome>> {
+        let count = writes.len();
+        let all = async { Ok(self.inner.write_many(writes).await) };
+        match self.call("write_many", all).await {
+            Ok(outcomes) => outcomes,
+            Err(err) => {
+                let why = err.to_string();
+                (0..count)
+                    .map(|_| Err(StoreError::Unavailable(why.clone())))
+                    .collect()
+            }
+        }
+    }
+
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
         self.call("scan", self.inner.scan(request)).await
     }

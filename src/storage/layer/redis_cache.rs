@@ -159,6 +159,10 @@ fn decode(key: &[u8], record: &[u8]) -> Option<Cached> {
     }))
 }
 
+fn keys_of(ops: &[WriteOp]) -> Vec<Vec<u8>> {
+    ops.iter().map(|op| op.key().to_vec()).collect()
+}
+
 /// A [`Store`] with the shared Redis cache in front.
 pub struct RedisCachedStore {
     inner: Arc<dyn Store>,
@@ -376,6 +380,21 @@ impl RedisCachedStore {
         }
     }
 
+    /// Drops the keys of the writes that may have written something: not
+    /// after a rejection (nothing was written); after an error the outcome is
+    /// unknown, so the keys are dropped as after a write.
+    async fn forget_written(&self, keys: &[Vec<Vec<u8>>], outcomes: &[StoreResult<WriteOutcome>]) {
+        let written: Vec<&[u8]> = keys
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, outcome)| !matches!(outcome, Ok(WriteOutcome::Rejected { .. })))
+            .flat_map(|(keys, _)| keys.iter().map(Vec::as_slice))
+            .collect();
+        if !written.is_empty() {
+            self.invalidate(&written).await;
+        }
+    }
+
     /// The number of Redis hits and misses since start.
     pub fn counts(&self) -> (u64, u64) {
         (
@@ -466,15 +485,18 @@ impl Store for RedisCachedStore {
     }
 
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
-        let keys: Vec<Vec<u8>> = ops.iter().map(|op| op.key().to_vec()).collect();
+        let keys = vec![keys_of(&ops)];
         let outcome = self.inner.write(ops).await;
-        // Nothing was written after a rejection; after an error the outcome
-        // is unknown, so the keys are forgotten as after a write.
-        if !matches!(outcome, Ok(WriteOutcome::Rejected { .. })) {
-            let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-            self.invalidate(&keys).await;
-        }
+        self.forget_written(&keys, std::slice::from_ref(&outcome))
+            .await;
         outcome
+    }
+
+    async fn write_many(&self, writes: Vec<Vec<WriteOp>>) -> Vec<StoreResult<WriteOutcome>> {
+        let keys: Vec<Vec<Vec<u8>>> = writes.iter().map(|ops| keys_of(ops)).collect();
+        let outcomes = self.inner.write_many(writes).await;
+        self.forget_written(&keys, &outcomes).await;
+        outcomes
     }
 
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {

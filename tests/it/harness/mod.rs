@@ -468,14 +468,20 @@ impl TestServer {
     }
 
     /// A server on the test's backend that also speaks RESP, on `resp_addr`,
-    /// with `security` (tokens) on both.
-    pub async fn start_with_resp(security: Security) -> Self {
+    /// with `security` (tokens) on both, and its embedded engine adjusted by
+    /// `engine` (not called on PostgreSQL).
+    pub async fn start_with_resp(
+        security: Security,
+        engine: impl FnOnce(&mut EmbeddedConfig),
+    ) -> Self {
         let options = ClientOptions::default();
         match Backend::current() {
             Backend::Embedded => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let path = dir.path().to_path_buf();
-                let backend = stack::Backend::Embedded(EmbeddedConfig::new(&path));
+                let mut engine_config = EmbeddedConfig::new(&path);
+                engine(&mut engine_config);
+                let backend = stack::Backend::Embedded(engine_config);
                 let mut server =
                     Self::serve(backend, ServerConfig::default(), security, &options, true).await;
                 server.dir = Some(dir);
