@@ -42,6 +42,10 @@ pub(crate) struct ServeArgs {
     /// the same store (off unless given; for example 127.0.0.1:6380).
     #[arg(long, env = "KVSTORE_RESP_LISTEN", value_name = "ADDR")]
     resp_listen: Option<SocketAddr>,
+    /// Let RESP's FLUSHDB and FLUSHALL delete every key (refused without
+    /// it: one mistyped command would empty the store).
+    #[arg(long, env = "KVSTORE_RESP_ALLOW_FLUSH")]
+    resp_allow_flush: bool,
     /// Storage backend.
     #[arg(long, env = "KVSTORE_BACKEND", value_enum, default_value_t = Backend::Embedded)]
     backend: Backend,
@@ -292,6 +296,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
                 // PostgreSQL's commits are durable before they are answered.
                 fsync_every_write: args.backend == Backend::Postgres
                     || args.durability == Durability::Fsync,
+                allow_flush: args.resp_allow_flush,
                 ..RespConfig::default()
             };
             Some((listener, resp_config))
