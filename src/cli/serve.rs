@@ -255,25 +255,6 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
-    match args.backend {
-        Backend::Embedded => tracing::info!(
-            %address,
-            engine = "embedded (fjall)",
-            data_dir = %args.data_dir.display(),
-            durability = %args.durability,
-            min_free = %args.min_free_bytes.unwrap_or_default(),
-            cache = %cache_mode,
-            tls = security.tls.is_some(),
-            "kvstore listening"
-        ),
-        Backend::Postgres => tracing::info!(
-            %address,
-            engine = %store.describe(),
-            cache = %cache_mode,
-            tls = security.tls.is_some(),
-            "kvstore listening"
-        ),
-    }
     let config = ServerConfig {
         limits,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
@@ -302,6 +283,27 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             Some((listener, resp_config))
         }
     };
+    // Logged once every listener is bound (the RESP one too): scripts and
+    // tests wait for this line before they connect.
+    match args.backend {
+        Backend::Embedded => tracing::info!(
+            %address,
+            engine = "embedded (fjall)",
+            data_dir = %args.data_dir.display(),
+            durability = %args.durability,
+            min_free = %args.min_free_bytes.unwrap_or_default(),
+            cache = %cache_mode,
+            tls = security.tls.is_some(),
+            "kvstore listening"
+        ),
+        Backend::Postgres => tracing::info!(
+            %address,
+            engine = %store.describe(),
+            cache = %cache_mode,
+            tls = security.tls.is_some(),
+            "kvstore listening"
+        ),
+    }
     server::run_all(
         listener,
         resp,

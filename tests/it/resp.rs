@@ -756,21 +756,17 @@ write = ["users/"]
                 &tokens,
             ],
         );
-        // The server logs its HTTP address, which the harness waits for,
-        // just before it binds the RESP one: try until that is done.
         let connect = |token: &'static str| {
             let url = format!("redis://{token}:{token}-token@{resp}/");
             async move {
                 let client = redis::Client::open(url).expect("client");
-                within(10, "a RESP connection", async {
-                    loop {
-                        match client.get_multiplexed_async_connection().await {
-                            Ok(connection) => return connection,
-                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                        }
-                    }
-                })
+                within(
+                    10,
+                    "a RESP connection",
+                    client.get_multiplexed_async_connection(),
+                )
                 .await
+                .expect("connect")
             }
         };
         let mut admin = connect("admin").await;
