@@ -42,6 +42,10 @@ pub(crate) struct ServeArgs {
     /// the same store (off unless given; for example 127.0.0.1:6380).
     #[arg(long, env = "KVSTORE_RESP_LISTEN", value_name = "ADDR")]
     resp_listen: Option<SocketAddr>,
+    /// Let RESP's FLUSHDB and FLUSHALL delete every key (refused without
+    /// it: one mistyped command would empty the store).
+    #[arg(long, env = "KVSTORE_RESP_ALLOW_FLUSH")]
+    resp_allow_flush: bool,
     /// Storage backend.
     #[arg(long, env = "KVSTORE_BACKEND", value_enum, default_value_t = Backend::Embedded)]
     backend: Backend,
@@ -251,25 +255,6 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
-    match args.backend {
-        Backend::Embedded => tracing::info!(
-            %address,
-            engine = "embedded (fjall)",
-            data_dir = %args.data_dir.display(),
-            durability = %args.durability,
-            min_free = %args.min_free_bytes.unwrap_or_default(),
-            cache = %cache_mode,
-            tls = security.tls.is_some(),
-            "kvstore listening"
-        ),
-        Backend::Postgres => tracing::info!(
-            %address,
-            engine = %store.describe(),
-            cache = %cache_mode,
-            tls = security.tls.is_some(),
-            "kvstore listening"
-        ),
-    }
     let config = ServerConfig {
         limits,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
@@ -292,11 +277,33 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
                 // PostgreSQL's commits are durable before they are answered.
                 fsync_every_write: args.backend == Backend::Postgres
                     || args.durability == Durability::Fsync,
+                allow_flush: args.resp_allow_flush,
                 ..RespConfig::default()
             };
             Some((listener, resp_config))
         }
     };
+    // Logged once every listener is bound (the RESP one too): scripts and
+    // tests wait for this line before they connect.
+    match args.backend {
+        Backend::Embedded => tracing::info!(
+            %address,
+            engine = "embedded (fjall)",
+            data_dir = %args.data_dir.display(),
+            durability = %args.durability,
+            min_free = %args.min_free_bytes.unwrap_or_default(),
+            cache = %cache_mode,
+            tls = security.tls.is_some(),
+            "kvstore listening"
+        ),
+        Backend::Postgres => tracing::info!(
+            %address,
+            engine = %store.describe(),
+            cache = %cache_mode,
+            tls = security.tls.is_some(),
+            "kvstore listening"
+        ),
+    }
     server::run_all(
         listener,
         resp,

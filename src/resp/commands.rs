@@ -24,11 +24,11 @@ use crate::storage::{
 };
 
 /// A command's answer: its reply, or the error reply that ends it early.
-type Outcome = Result<Reply, Reply>;
+pub(super) type Outcome = Result<Reply, Reply>;
 
 /// How many times a read-modify-write command retries when another write
 /// changed its key between its read and its write.
-const MAX_ATTEMPTS: usize = 64;
+pub(super) const MAX_ATTEMPTS: usize = 64;
 
 /// The version of Redis whose commands these answer as; clients read it
 /// (`redis_version`) to choose what to send.
@@ -41,6 +41,7 @@ const COMMANDS: &[&str] = &[
     "client",
     "command",
     "config",
+    "copy",
     "dbsize",
     "decr",
     "decrby",
@@ -50,15 +51,19 @@ const COMMANDS: &[&str] = &[
     "expire",
     "expireat",
     "expiretime",
+    "flushall",
+    "flushdb",
     "get",
     "getdel",
     "getex",
+    "getrange",
     "getset",
     "hello",
     "incr",
     "incrby",
     "incrbyfloat",
     "info",
+    "keys",
     "mget",
     "mset",
     "msetnx",
@@ -70,11 +75,16 @@ const COMMANDS: &[&str] = &[
     "psetex",
     "pttl",
     "quit",
+    "randomkey",
+    "rename",
+    "renamenx",
     "reset",
+    "scan",
     "select",
     "set",
     "setex",
     "setnx",
+    "setrange",
     "strlen",
     "time",
     "ttl",
@@ -321,9 +331,7 @@ async fn run(
         }
         "select" => match args {
             [index] if index.as_ref() == b"0" => Ok(Reply::Simple("OK")),
-            [index] if integer(index).is_ok() => Err(Reply::Error(
-                "ERR DB index is out of range (kvstore has one keyspace, database 0)".into(),
-            )),
+            [index] if integer(index).is_ok() => Err(db_out_of_range()),
             [_] => Err(not_an_integer()),
             _ => Err(wrong_arity(name)),
         },
@@ -452,9 +460,7 @@ async fn run(
                     let mut value = old.map(|e| e.value.clone()).unwrap_or_default();
                     value.extend_from_slice(suffix);
                     if value.len() > max {
-                        return Err(Reply::Error(format!(
-                            "ERR string exceeds maximum allowed size ({max} bytes, --max-value-bytes)"
-                        )));
+                        return Err(too_long(max));
                     }
                     let len = i64::try_from(value.len()).unwrap_or(i64::MAX);
                     Ok(Step::Put {
@@ -540,12 +546,16 @@ async fn run(
             }
             _ => Err(wrong_arity(name)),
         },
+        "scan" | "keys" | "randomkey" | "rename" | "renamenx" | "copy" | "getrange"
+        | "setrange" | "flushdb" | "flushall" => {
+            super::keyspace::run(context, session, label, name, args).await
+        }
         _ => Err(Reply::Error(String::new())),
     }
 }
 
 /// What a read-modify-write command does with what it read.
-enum Step {
+pub(super) enum Step {
     /// No write: answer this.
     Answer(Reply),
     /// Write this value with this expiry, then answer.
@@ -560,7 +570,7 @@ enum Step {
 
 /// Reads `key`, decides with `decide`, and writes conditionally on the
 /// version read; when another write came between, reads and decides again.
-async fn update(
+pub(super) async fn update(
     context: &Context,
     key: &[u8],
     mut decide: impl FnMut(Option<&Entry>) -> Result<Step, Reply>,
@@ -597,17 +607,20 @@ async fn update(
             return Ok(reply);
         }
     }
-    Err(Reply::Error(
-        "ERR the key kept changing under this command; try again".into(),
-    ))
+    Err(kept_changing())
 }
 
-async fn read(context: &Context, key: &[u8]) -> Result<Option<Entry>, Reply> {
+/// The answer of a command whose keys changed under it every time it tried.
+pub(super) fn kept_changing() -> Reply {
+    Reply::Error("ERR the key kept changing under this command; try again".into())
+}
+
+pub(super) async fn read(context: &Context, key: &[u8]) -> Result<Option<Entry>, Reply> {
     context.store.get(key).await.map_err(store_error)
 }
 
 /// Writes `ops` as one atomic write; whether every condition held.
-async fn applied(context: &Context, ops: Vec<WriteOp>) -> Result<bool, Reply> {
+pub(super) async fn applied(context: &Context, ops: Vec<WriteOp>) -> Result<bool, Reply> {
     match context.store.write(ops).await.map_err(store_error)? {
         WriteOutcome::Applied { .. } => Ok(true),
         WriteOutcome::Rejected { .. } => Ok(false),
@@ -1047,14 +1060,14 @@ fn command(args: &[Bytes]) -> Outcome {
 
 /// Which right a command needs on a key.
 #[derive(Clone, Copy)]
-enum Right {
+pub(super) enum Right {
     Read,
     Write,
 }
 
 /// A key as the API takes it (UTF-8, no NUL, not too long), that the
 /// client may read or write.
-fn checked_key(
+pub(super) fn checked_key(
     context: &Context,
     session: &Session,
     raw: &Bytes,
@@ -1079,11 +1092,11 @@ fn checked_key(
     Ok(raw.to_vec())
 }
 
-fn store_error(err: StoreError) -> Reply {
+pub(super) fn store_error(err: StoreError) -> Reply {
     Reply::Error(format!("ERR {err}"))
 }
 
-fn integer(raw: &[u8]) -> Result<i64, Reply> {
+pub(super) fn integer(raw: &[u8]) -> Result<i64, Reply> {
     std::str::from_utf8(raw)
         .ok()
         .filter(|text| !text.starts_with('+'))
@@ -1107,11 +1120,23 @@ fn overflow() -> Reply {
     Reply::Error("ERR increment or decrement would overflow".into())
 }
 
-fn syntax_error() -> Reply {
+/// A string would grow past `--max-value-bytes` (Redis's own limit is
+/// proto-max-bulk-len, which its wording names).
+pub(super) fn too_long(max: usize) -> Reply {
+    Reply::Error(format!(
+        "ERR string exceeds maximum allowed size ({max} bytes, --max-value-bytes)"
+    ))
+}
+
+pub(super) fn db_out_of_range() -> Reply {
+    Reply::Error("ERR DB index is out of range (kvstore has one keyspace, database 0)".into())
+}
+
+pub(super) fn syntax_error() -> Reply {
     Reply::Error("ERR syntax error".into())
 }
 
-fn wrong_arity(name: &str) -> Reply {
+pub(super) fn wrong_arity(name: &str) -> Reply {
     Reply::Error(format!(
         "ERR wrong number of arguments for '{name}' command"
     ))

@@ -9,6 +9,8 @@
 //!   are the API's (UTF-8, no NUL, at most `--max-key-bytes`), so a key
 //!   written with SET is the one `GET /v1/kv/{key}` reads, with its version,
 //!   revision and deadline.
+//! - [`keyspace`]: SCAN, KEYS, RANDOMKEY, RENAME, COPY, FLUSHDB and the
+//!   string ranges, on kvstore's ordered keys.
 //!
 //! A connection reads what the client has sent, runs every complete command
 //! in it in order, and sends all their replies in one write: pipelining
@@ -18,6 +20,7 @@
 
 pub mod commands;
 pub mod frame;
+pub mod keyspace;
 
 use std::io;
 use std::net::SocketAddr;
@@ -52,12 +55,15 @@ pub struct RespConfig {
     /// Whether every write is synced before its reply (what `CONFIG GET
     /// appendfsync` and `INFO` report: `always`, else `everysec`).
     pub fsync_every_write: bool,
+    /// Whether FLUSHDB and FLUSHALL may delete every key
+    /// (`--resp-allow-flush`); refused unless the operator chose it.
+    pub allow_flush: bool,
 }
 
 impl Default for RespConfig {
     /// 10,000 connections, 5 minutes idle, 1,048,576 arguments (Redis's
     /// limit is far higher; MSET of a million keys is already a lot),
-    /// 64 MiB buffered, every write synced.
+    /// 64 MiB buffered, every write synced, FLUSHDB refused.
     fn default() -> Self {
         RespConfig {
             max_connections: 10_000,
@@ -65,6 +71,7 @@ impl Default for RespConfig {
             max_args: 1 << 20,
             max_buffered: 64 << 20,
             fsync_every_write: true,
+            allow_flush: false,
         }
     }
 }
@@ -92,6 +99,9 @@ pub(crate) struct Session {
     pub(crate) addr: Option<SocketAddr>,
     /// QUIT was sent: reply, then close.
     pub(crate) quit: bool,
+    /// The SCAN cursors this connection was given, each with where it
+    /// resumes.
+    pub(crate) cursors: keyspace::Cursors,
 }
 
 /// The rights of an authenticated (or unauthenticated, with auth off) client.
@@ -210,6 +220,7 @@ async fn connection(
         name: None,
         addr: Some(addr),
         quit: false,
+        cursors: keyspace::Cursors::default(),
     };
     let limits = FrameLimits {
         // A key or a value: the larger of the two limits.

@@ -448,3 +448,404 @@ async fn a_pipeline_of_writes_shares_one_sync() {
         "{used} synced commits for a pipeline of 50 writes"
     );
 }
+
+/// SCAN, KEYS, RANDOMKEY, RENAME, COPY, GETRANGE, SETRANGE, FLUSHDB
+/// (`src/resp/keyspace.rs`).
+mod keyspace {
+    use std::collections::{BTreeSet, HashMap};
+
+    use super::*;
+    use kvstore::storage::{Condition, Expiry};
+
+    fn error(result: redis::RedisResult<redis::Value>) -> String {
+        result.expect_err("an error").to_string()
+    }
+
+    /// Every key a SCAN loop returns, with how often, and how many calls
+    /// it took.
+    async fn scan_all(
+        redis: &mut redis::aio::MultiplexedConnection,
+        options: &[&str],
+    ) -> (HashMap<String, usize>, usize) {
+        let (mut seen, mut calls, mut cursor) = (HashMap::new(), 0, 0u64);
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg(options)
+                .query_async(redis)
+                .await
+                .unwrap();
+            calls += 1;
+            for key in keys {
+                *seen.entry(key).or_insert(0) += 1;
+            }
+            if next == 0 {
+                return (seen, calls);
+            }
+            cursor = next;
+        }
+    }
+
+    for_each_backend! {
+
+    async fn scan_returns_every_key_once_with_match_count_and_type() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut redis = connection(&server, false).await;
+        let scanned: Vec<(String, String)> =
+            (0..2500).map(|i| (format!("scan:{i:04}"), i.to_string())).collect();
+        let others: Vec<(String, String)> =
+            (0..300).map(|i| (format!("other:{i}"), "o".to_owned())).collect();
+        let _: () = redis.mset(&scanned).await.unwrap();
+        let _: () = redis.mset(&others).await.unwrap();
+
+        // A literal prefix: only those keys, each once, about 25 calls.
+        let (seen, calls) = scan_all(&mut redis, &["MATCH", "scan:*", "COUNT", "100"]).await;
+        assert_eq!(seen.len(), 2500);
+        assert!(seen.values().all(|n| *n == 1), "a key came twice");
+        assert!((25..=27).contains(&calls), "{calls} calls");
+        // No literal prefix: every key is read, the pattern filters.
+        let (seen, _) = scan_all(&mut redis, &["MATCH", "*7", "COUNT", "100"]).await;
+        let expected: BTreeSet<String> = scanned
+            .iter()
+            .chain(&others)
+            .map(|(k, _)| k.clone())
+            .filter(|k| k.ends_with('7'))
+            .collect();
+        assert_eq!(seen.keys().cloned().collect::<BTreeSet<_>>(), expected);
+        assert!(seen.values().all(|n| *n == 1), "a key came twice");
+        let (seen, _) = scan_all(&mut redis, &["COUNT", "1000", "TYPE", "string"]).await;
+        assert_eq!(seen.len(), 2800);
+        let (seen, _) = scan_all(&mut redis, &["COUNT", "1000", "TYPE", "hash"]).await;
+        assert!(seen.is_empty());
+
+        // The redis crate's iterator (COUNT left at its default of 10).
+        let mut iter = redis.scan_match::<_, String>("other:*").await.unwrap();
+        let mut got = Vec::new();
+        while let Some(key) = iter.next_item().await {
+            got.push(key);
+        }
+        drop(iter);
+        got.sort();
+        let mut want: Vec<String> = others.iter().map(|(k, _)| k.clone()).collect();
+        want.sort();
+        assert_eq!(got, want);
+
+        // A cursor this connection never gave starts again from the start.
+        let (_, first): (u64, Vec<String>) = redis::cmd("SCAN").arg(0).arg("COUNT").arg(3).query_async(&mut redis).await.unwrap();
+        let (_, unknown): (u64, Vec<String>) = redis::cmd("SCAN").arg(123_456_789u64).arg("COUNT").arg(3).query_async(&mut redis).await.unwrap();
+        assert_eq!(first, unknown);
+        assert_eq!(first, ["other:0", "other:1", "other:10"]);
+        let bad = error(redis::cmd("SCAN").arg("x").query_async(&mut redis).await);
+        assert!(bad.contains("invalid cursor"), "{bad}");
+        let bad = error(redis::cmd("SCAN").arg(0).arg("COUNT").arg(0).query_async(&mut redis).await);
+        assert!(bad.contains("syntax error"), "{bad}");
+        let bad = error(redis::cmd("SCAN").arg(0).arg("MATCH").query_async(&mut redis).await);
+        assert!(bad.contains("syntax error"), "{bad}");
+        let bad = error(redis::cmd("SCAN").query_async(&mut redis).await);
+        assert!(bad.contains("wrong number of arguments for 'scan' command"), "{bad}");
+    }
+
+    async fn keys_and_randomkey_list_what_is_there() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut redis = connection(&server, false).await;
+        let none: Option<String> = redis::cmd("RANDOMKEY").query_async(&mut redis).await.unwrap();
+        assert_eq!(none, None);
+        let none: Vec<String> = redis.keys("*").await.unwrap();
+        assert!(none.is_empty());
+        let all = ["a", "b", "h*llo", "hello", "user:1", "user:2"];
+        let pairs: Vec<(&str, &str)> = all.iter().map(|k| (*k, "v")).collect();
+        let _: () = redis.mset(&pairs).await.unwrap();
+        let keys: Vec<String> = redis.keys("*").await.unwrap();
+        assert_eq!(keys, all, "every key, in key order");
+        let keys: Vec<String> = redis.keys("user:*").await.unwrap();
+        assert_eq!(keys, ["user:1", "user:2"]);
+        let keys: Vec<String> = redis.keys("h\\*llo").await.unwrap();
+        assert_eq!(keys, ["h*llo"]);
+        let keys: Vec<String> = redis.keys("h[a-f]llo").await.unwrap();
+        assert_eq!(keys, ["hello"]);
+        let keys: Vec<String> = redis.keys("?").await.unwrap();
+        assert_eq!(keys, ["a", "b"]);
+        let bad = error(redis::cmd("KEYS").query_async(&mut redis).await);
+        assert!(bad.contains("wrong number of arguments for 'keys' command"), "{bad}");
+
+        let mut picked = BTreeSet::new();
+        for _ in 0..200 {
+            let key: String = redis::cmd("RANDOMKEY").query_async(&mut redis).await.unwrap();
+            assert!(all.contains(&key.as_str()), "{key}");
+            picked.insert(key);
+        }
+        assert!(picked.len() >= 3, "{picked:?}");
+        // One key: that one.
+        let _: i64 = redis.del(&all[1..]).await.unwrap();
+        let key: String = redis::cmd("RANDOMKEY").query_async(&mut redis).await.unwrap();
+        assert_eq!(key, "a");
+    }
+
+    async fn rename_and_copy_move_values_and_deadlines() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut redis = connection(&server, false).await;
+        let c = &server.client;
+        let missing = error(redis::cmd("RENAME").arg("nothing").arg("x").query_async(&mut redis).await);
+        assert!(missing.contains("no such key"), "{missing}");
+        let missing = error(redis::cmd("RENAMENX").arg("nothing").arg("x").query_async(&mut redis).await);
+        assert!(missing.contains("no such key"), "{missing}");
+        let arity = error(redis::cmd("RENAME").arg("nothing").query_async(&mut redis).await);
+        assert!(arity.contains("wrong number of arguments for 'rename' command"), "{arity}");
+
+        // RENAME keeps the deadline.
+        let _: () = redis.set_ex("src", "v", 100).await.unwrap();
+        let _: () = redis.rename("src", "dst").await.unwrap();
+        let gone: Option<String> = redis.get("src").await.unwrap();
+        assert_eq!(gone, None);
+        let moved: String = redis.get("dst").await.unwrap();
+        assert_eq!(moved, "v");
+        let pttl: i64 = redis.pttl("dst").await.unwrap();
+        assert!((95_000..=100_000).contains(&pttl), "{pttl}");
+        // Onto itself: nothing written, as in Redis.
+        let version = c.get("dst").await.unwrap().expect("there").version;
+        let _: () = redis.rename("dst", "dst").await.unwrap();
+        let same: i64 = redis::cmd("RENAMENX").arg("dst").arg("dst").query_async(&mut redis).await.unwrap();
+        assert_eq!(same, 0);
+        assert_eq!(c.get("dst").await.unwrap().expect("there").version, version);
+
+        // RENAMENX onto a key that exists: nothing; RENAME overwrites it,
+        // and a key without a deadline stays without one.
+        let _: () = redis.set("other", "x").await.unwrap();
+        let moved: bool = redis.rename_nx("dst", "other").await.unwrap();
+        assert!(!moved);
+        let _: () = redis.set("plain", "p").await.unwrap();
+        let _: () = redis.rename("plain", "other").await.unwrap();
+        let other: String = redis.get("other").await.unwrap();
+        assert_eq!(other, "p");
+        let ttl: i64 = redis.ttl("other").await.unwrap();
+        assert_eq!(ttl, -1);
+        let moved: bool = redis.rename_nx("other", "fresh").await.unwrap();
+        assert!(moved);
+
+        // COPY: 1 or 0, REPLACE, DB 0 only, and the deadline copied.
+        let copy = |args: &[&str]| {
+            let mut cmd = redis::cmd("COPY");
+            cmd.arg(args);
+            cmd
+        };
+        let n: i64 = copy(&["dst", "c1"]).query_async(&mut redis).await.unwrap();
+        assert_eq!(n, 1);
+        let pttl: i64 = redis.pttl("c1").await.unwrap();
+        assert!((90_000..=100_000).contains(&pttl), "{pttl}");
+        let n: i64 = copy(&["fresh", "c1"]).query_async(&mut redis).await.unwrap();
+        assert_eq!(n, 0, "the destination exists");
+        let n: i64 = copy(&["fresh", "c1", "REPLACE", "DB", "0"]).query_async(&mut redis).await.unwrap();
+        assert_eq!(n, 1);
+        let c1: String = redis.get("c1").await.unwrap();
+        assert_eq!(c1, "p");
+        let ttl: i64 = redis.ttl("c1").await.unwrap();
+        assert_eq!(ttl, -1, "REPLACE takes the source's (no) deadline");
+        let src: String = redis.get("fresh").await.unwrap();
+        assert_eq!(src, "p", "the source stays");
+        let n: i64 = copy(&["nothing", "c2"]).query_async(&mut redis).await.unwrap();
+        assert_eq!(n, 0);
+        let same = error(copy(&["c1", "c1"]).query_async(&mut redis).await);
+        assert!(same.contains("source and destination objects are the same"), "{same}");
+        let db = error(copy(&["c1", "c2", "DB", "1"]).query_async(&mut redis).await);
+        assert!(db.contains("DB index is out of range"), "{db}");
+        let syntax = error(copy(&["c1", "c2", "NOW"]).query_async(&mut redis).await);
+        assert!(syntax.contains("syntax error"), "{syntax}");
+
+        // A key on a lease stays on it when renamed; a copy takes the
+        // lease's deadline as its own.
+        let lease = c.grant_lease(60_000).await.unwrap();
+        let id = kvstore::api::leases::parse_lease_id(&lease.lease).unwrap();
+        c.put_with("leased", "l", Condition::Any, Expiry::Lease(id)).await.unwrap();
+        let _: () = redis.rename("leased", "still-leased").await.unwrap();
+        let entry = c.get("still-leased").await.unwrap().expect("moved");
+        assert_eq!(entry.lease.as_deref(), Some(lease.lease.as_str()));
+        let n: i64 = copy(&["still-leased", "copied"]).query_async(&mut redis).await.unwrap();
+        assert_eq!(n, 1);
+        let entry = c.get("copied").await.unwrap().expect("copied");
+        assert_eq!(entry.lease, None);
+        assert!(entry.expires_at.is_some());
+    }
+
+    async fn concurrent_renames_never_duplicate_or_lose_the_key() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut redis = connection(&server, false).await;
+        let _: () = redis.set("k0", "the one").await.unwrap();
+        let mut tasks = Vec::new();
+        for task in 0..4usize {
+            let mut redis = connection(&server, false).await;
+            tasks.push(tokio::spawn(async move {
+                for n in 0..40usize {
+                    let from = format!("k{}", (task + n) % 4);
+                    let to = format!("k{}", (task + n + 1) % 4);
+                    // Another task may have moved it first.
+                    let result: redis::RedisResult<()> = redis.rename(&from, &to).await;
+                    if let Err(err) = result {
+                        assert!(err.to_string().contains("no such key"), "{err}");
+                    }
+                }
+            }));
+        }
+        for task in tasks {
+            within(60, "the renames", task).await.unwrap();
+        }
+        let values: Vec<Option<String>> = redis.mget(&["k0", "k1", "k2", "k3"]).await.unwrap();
+        let present: Vec<&String> = values.iter().flatten().collect();
+        assert_eq!(present, ["the one"], "{values:?}");
+    }
+
+    async fn getrange_and_setrange_follow_redis_indexes() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut redis = connection(&server, false).await;
+        let _: () = redis.set("s", "This is a string").await.unwrap();
+        for (start, end, want) in [(0, 3, "This"), (-3, -1, "ing"), (0, -1, "This is a string"), (10, 100, "string"), (5, 3, "")] {
+            let got: String = redis.getrange("s", start, end).await.unwrap();
+            assert_eq!(got, want, "{start} {end}");
+        }
+        let got: String = redis.getrange("nothing", 0, -1).await.unwrap();
+        assert_eq!(got, "");
+        let bad = error(redis::cmd("GETRANGE").arg("s").arg("a").arg(1).query_async(&mut redis).await);
+        assert!(bad.contains("value is not an integer or out of range"), "{bad}");
+
+        // SETRANGE keeps the deadline, pads with zero bytes.
+        let _: () = redis.set_ex("h", "Hello World", 100).await.unwrap();
+        let len: i64 = redis.setrange("h", 6, "Redis").await.unwrap();
+        assert_eq!(len, 11);
+        let h: String = redis.get("h").await.unwrap();
+        assert_eq!(h, "Hello Redis");
+        let ttl: i64 = redis.ttl("h").await.unwrap();
+        assert!((98..=100).contains(&ttl), "{ttl}");
+        let len: i64 = redis.setrange("padded", 5, "x").await.unwrap();
+        assert_eq!(len, 6);
+        let padded: Vec<u8> = redis.get("padded").await.unwrap();
+        assert_eq!(padded, b"\0\0\0\0\0x");
+        // Nothing to write: the length, and no key made.
+        let len: i64 = redis.setrange("empty", 3, "").await.unwrap();
+        assert_eq!(len, 0);
+        let exists: bool = redis.exists("empty").await.unwrap();
+        assert!(!exists);
+        let len: i64 = redis.setrange("h", 100, "").await.unwrap();
+        assert_eq!(len, 11);
+        let bad = error(redis::cmd("SETRANGE").arg("h").arg(-1).arg("x").query_async(&mut redis).await);
+        assert!(bad.contains("offset is out of range"), "{bad}");
+        let max = kvstore::api::Limits::default().max_value_bytes;
+        let bad = error(redis::cmd("SETRANGE").arg("h").arg(max).arg("x").query_async(&mut redis).await);
+        assert!(bad.contains("string exceeds maximum allowed size"), "{bad}");
+        let h: String = redis.get("h").await.unwrap();
+        assert_eq!(h, "Hello Redis", "nothing written");
+    }
+
+    async fn flushdb_is_refused_without_the_flag() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut redis = connection(&server, false).await;
+        let _: () = redis.set("kept", "v").await.unwrap();
+        let refused = error(redis::cmd("FLUSHDB").query_async(&mut redis).await);
+        assert!(refused.contains("FLUSHDB is disabled; start kvstore with --resp-allow-flush"), "{refused}");
+        let refused = error(redis::cmd("FLUSHALL").arg("ASYNC").query_async(&mut redis).await);
+        assert!(refused.contains("FLUSHALL is disabled"), "{refused}");
+        let syntax = error(redis::cmd("FLUSHDB").arg("LATER").query_async(&mut redis).await);
+        assert!(syntax.contains("syntax error"), "{syntax}");
+        let kept: String = redis.get("kept").await.unwrap();
+        assert_eq!(kept, "v");
+    }
+
+    }
+
+    /// With `--resp-allow-flush` (the real binary, so the flag is tested
+    /// too): FLUSHDB deletes every key, in several batches, and only for a
+    /// token that may write every key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flushdb_with_the_flag_deletes_every_key() {
+        use crate::harness::Binary;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tokens = dir.path().join("tokens.toml");
+        std::fs::write(
+            &tokens,
+            r#"
+[[token]]
+name = "admin"
+token = "admin-token"
+read = [""]
+write = [""]
+
+[[token]]
+name = "app"
+token = "app-token"
+read = ["users/"]
+write = ["users/"]
+"#,
+        )
+        .expect("token file");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let resp = format!("127.0.0.1:{port}");
+        let data = dir.path().join("data");
+        let tokens = tokens.to_string_lossy().into_owned();
+        let _server = Binary::start(
+            &data,
+            &[
+                "--resp-listen",
+                &resp,
+                "--resp-allow-flush",
+                "--auth-file",
+                &tokens,
+            ],
+        );
+        let connect = |token: &'static str| {
+            let url = format!("redis://{token}:{token}-token@{resp}/");
+            async move {
+                let client = redis::Client::open(url).expect("client");
+                within(
+                    10,
+                    "a RESP connection",
+                    client.get_multiplexed_async_connection(),
+                )
+                .await
+                .expect("connect")
+            }
+        };
+        let mut admin = connect("admin").await;
+        let mut app = connect("app").await;
+        let pairs: Vec<(String, String)> = (0..2500)
+            .map(|i| (format!("users/{i}"), "v".into()))
+            .collect();
+        let _: () = admin.mset(&pairs).await.unwrap();
+        let _: () = admin.set("elsewhere", "v").await.unwrap();
+
+        // A token with a prefix lists only under it.
+        let keys: Vec<String> = app.keys("*").await.unwrap();
+        assert_eq!(keys.len(), 2500);
+        let (seen, _) = scan_all(&mut app, &["COUNT", "500"]).await;
+        assert_eq!(seen.len(), 2500);
+        assert!(!seen.contains_key("elsewhere"));
+        let refused = error(redis::cmd("FLUSHDB").query_async(&mut app).await);
+        assert!(
+            refused.starts_with("NOPERM") || refused.contains("may not write every key"),
+            "{refused}"
+        );
+        let refused = error(
+            redis::cmd("RENAME")
+                .arg("elsewhere")
+                .arg("users/stolen")
+                .query_async(&mut app)
+                .await,
+        );
+        assert!(
+            refused.contains("may not read key 'elsewhere'"),
+            "{refused}"
+        );
+
+        let _: () = redis::cmd("FLUSHDB").query_async(&mut admin).await.unwrap();
+        let size: i64 = redis::cmd("DBSIZE").query_async(&mut admin).await.unwrap();
+        assert_eq!(size, 0);
+        let _: () = admin.set("again", "v").await.unwrap();
+        let _: () = redis::cmd("FLUSHALL")
+            .arg("ASYNC")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let size: i64 = redis::cmd("DBSIZE").query_async(&mut admin).await.unwrap();
+        assert_eq!(size, 0);
+    }
+}
