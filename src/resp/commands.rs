@@ -64,6 +64,10 @@ const COMMANDS: &[&str] = &[
     "incrbyfloat",
     "info",
     "keys",
+    "kv.del",
+    "kv.get",
+    "kv.revision",
+    "kv.set",
     "mget",
     "mset",
     "msetnx",
@@ -549,6 +553,9 @@ async fn run(
         "scan" | "keys" | "randomkey" | "rename" | "renamenx" | "copy" | "getrange"
         | "setrange" | "flushdb" | "flushall" => {
             super::keyspace::run(context, session, label, name, args).await
+        }
+        "kv.get" | "kv.set" | "kv.del" | "kv.revision" => {
+            super::versioned::run(context, session, label, name, args).await
         }
         _ => Err(Reply::Error(String::new())),
     }

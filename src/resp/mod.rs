@@ -11,6 +11,8 @@
 //!   revision and deadline.
 //! - [`keyspace`]: SCAN, KEYS, RANDOMKEY, RENAME, COPY, FLUSHDB and the
 //!   string ranges, on kvstore's ordered keys.
+//! - [`versioned`]: kvstore's own `KV.*` commands: versions, revisions and
+//!   writes conditional on a version.
 //!
 //! A connection reads what the client has sent, runs every complete command
 //! in it in order, and sends all their replies in one write: pipelining
@@ -21,6 +23,7 @@
 pub mod commands;
 pub mod frame;
 pub mod keyspace;
+pub mod versioned;
 
 use std::io;
 use std::net::SocketAddr;

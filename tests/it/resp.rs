@@ -849,3 +849,44 @@ write = ["users/"]
         assert_eq!(size, 0);
     }
 }
+
+/// kvstore's own `KV.*` commands (`src/resp/versioned.rs`).
+mod versioned {
+    use super::*;
+
+    for_each_backend! {
+
+    async fn kv_commands_show_versions_and_write_conditionally() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut redis = connection(&server, true).await;
+        let set: std::collections::HashMap<String, redis::Value> = redis::cmd("KV.SET")
+            .arg("k").arg("v1").arg("IFABSENT").arg("PX").arg(60_000)
+            .query_async(&mut redis).await.unwrap();
+        assert_eq!(set.get("version"), Some(&redis::Value::Int(1)), "{set:?}");
+        let revision = match set.get("revision") { Some(redis::Value::Int(r)) => *r, other => panic!("{other:?}") };
+        let entry = server.client.get("k").await.unwrap().expect("written");
+        assert_eq!((entry.version, entry.revision as i64), (1, revision));
+        let got: std::collections::HashMap<String, redis::Value> =
+            redis::cmd("KV.GET").arg("k").query_async(&mut redis).await.unwrap();
+        assert_eq!(got.get("version"), Some(&redis::Value::Int(1)), "{got:?}");
+        assert!(matches!(got.get("expires_at"), Some(redis::Value::Int(_))), "{got:?}");
+        let stale = redis::cmd("KV.SET").arg("k").arg("v2").arg("IFVERSION").arg(7)
+            .query_async::<redis::Value>(&mut redis).await.expect_err("a stale version");
+        // The crate writes the code, a colon, then the message.
+        assert_eq!(stale.code(), Some("VERSION_MISMATCH"), "{stale}");
+        assert!(stale.to_string().contains("the key is at version 1"), "{stale}");
+        let _: redis::Value = redis::cmd("KV.SET").arg("k").arg("v2").arg("IFVERSION").arg(1)
+            .query_async(&mut redis).await.unwrap();
+        let current: i64 = redis::cmd("KV.REVISION").query_async(&mut redis).await.unwrap();
+        assert_eq!(current, revision + 1);
+        let refused = redis::cmd("KV.DEL").arg("k").arg("IFVERSION").arg(1)
+            .query_async::<redis::Value>(&mut redis).await.expect_err("a stale version");
+        assert_eq!(refused.code(), Some("VERSION_MISMATCH"), "{refused}");
+        let deleted: i64 = redis::cmd("KV.DEL").arg("k").arg("IFVERSION").arg(2).query_async(&mut redis).await.unwrap();
+        assert_eq!(deleted, 1);
+        let gone: redis::Value = redis::cmd("KV.GET").arg("k").query_async(&mut redis).await.unwrap();
+        assert_eq!(gone, redis::Value::Nil);
+    }
+
+    }
+}
