@@ -476,6 +476,16 @@ impl Client {
         match expiry {
             Expiry::Never => {}
             Expiry::Ttl(ttl_ms) => query.number("ttl_ms", Some(ttl_ms)),
+            // The HTTP API takes a time to live: the time left by this
+            // machine's clock.
+            Expiry::At(deadline_us) => query.number(
+                "ttl_ms",
+                Some(
+                    u64::try_from((deadline_us - crate::storage::system_now_us()) / 1000)
+                        .unwrap_or(0)
+                        .max(1),
+                ),
+            ),
             Expiry::Keep => query.flag("keep_ttl", true),
             Expiry::Lease(id) => query.text("lease", Some(&lease_text(id))),
         }

@@ -109,6 +109,12 @@ pub async fn run_all(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     log_exposure(&listener, &security);
+    // The RESP port takes the same tokens and TLS (it has no cursors).
+    let resp_security = Security {
+        cursor_key: None,
+        auth: security.auth.clone(),
+        tls: security.tls.clone(),
+    };
     let cursor_key = match security.cursor_key {
         Some(key) => key,
         None => CursorKey::random().map_err(io::Error::other)?,
@@ -120,15 +126,19 @@ pub async fn run_all(
     };
     let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
     let resp = resp.map(|(resp_listener, resp_config)| {
-        tokio::spawn(crate::resp::serve(
-            resp_listener,
-            Arc::clone(&store),
-            config.limits,
-            security.auth.clone(),
-            resp_config,
-            shutdown_seen.clone(),
-            config.shutdown_timeout,
-        ))
+        let (store, shutdown) = (Arc::clone(&store), shutdown_seen.clone());
+        tokio::spawn(async move {
+            crate::resp::serve(
+                resp_listener,
+                store,
+                config.limits,
+                &resp_security,
+                resp_config,
+                shutdown,
+                config.shutdown_timeout,
+            )
+            .await;
+        })
     });
     let service = api::service(AppState {
         store: Arc::clone(&store),

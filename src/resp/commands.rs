@@ -746,25 +746,31 @@ async fn getex(context: &Context, session: &Session, name: &str, args: &[Bytes])
     .await
 }
 
-/// The expiry of `EX` / `PX` / `EXAT` / `PXAT` with `time`. A deadline
-/// already past leaves the key for a millisecond (Redis deletes it at once:
-/// either way no read after the reply sees it, give or take that).
+/// The expiry of `EX` / `PX` / `EXAT` / `PXAT` with `time`, with Redis's
+/// checks (positive; no overflow in milliseconds). An absolute time already
+/// past leaves the key expired at once, as Redis deletes it at once.
 fn expiry_of(unit: &str, time: i64, command: &str) -> Result<Expiry, Reply> {
     let invalid = || Reply::Error(format!("ERR invalid expire time in '{command}' command"));
     if time <= 0 {
         return Err(invalid());
     }
-    let now_ms = system_now_us() / 1000;
-    let ttl_ms = match unit {
-        "EX" => time.checked_mul(1000).ok_or_else(invalid)?,
-        "PX" => time,
-        "EXAT" => time.checked_mul(1000).ok_or_else(invalid)? - now_ms,
-        _ => time - now_ms,
+    let ms = match unit {
+        "EX" | "EXAT" => time.checked_mul(1000).ok_or_else(invalid)?,
+        _ => time,
     };
-    Ok(Expiry::Ttl(ttl_ms.max(1).unsigned_abs()))
+    match unit {
+        "EX" | "PX" => {
+            // The deadline this makes must fit too, as in Redis.
+            ms.checked_add(system_now_us() / 1000).ok_or_else(invalid)?;
+            Ok(Expiry::Ttl(ms.unsigned_abs()))
+        }
+        _ => Ok(Expiry::At(ms.saturating_mul(1000))),
+    }
 }
 
-/// `EXPIRE key seconds [NX | XX | GT | LT]` and its three siblings.
+/// `EXPIRE key seconds [NX | XX | GT | LT]` and its three siblings, with
+/// Redis's checks: a time that overflows in milliseconds is an error, and a
+/// deadline already past deletes the key.
 async fn expire(
     context: &Context,
     session: &Session,
@@ -777,49 +783,57 @@ async fn expire(
     };
     let key = checked_key(context, session, key, Right::Write)?;
     let time = integer(time)?;
-    let flag = match options {
-        [] => None,
-        [flag] => Some(String::from_utf8_lossy(flag).to_ascii_uppercase()),
-        _ => return Err(syntax_error()),
-    };
-    if flag
-        .as_deref()
-        .is_some_and(|f| !matches!(f, "NX" | "XX" | "GT" | "LT"))
-    {
-        return Err(Reply::Error(format!(
-            "ERR Unsupported option {}",
-            flag.unwrap_or_default()
-        )));
+    let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+    for option in options {
+        let option = String::from_utf8_lossy(option).to_ascii_uppercase();
+        match option.as_str() {
+            "NX" => nx = true,
+            "XX" => xx = true,
+            "GT" => gt = true,
+            "LT" => lt = true,
+            _ => return Err(Reply::Error(format!("ERR Unsupported option {option}"))),
+        }
     }
-    let now_us = system_now_us();
-    let deadline_us = match label {
-        "expire" => time.saturating_mul(1_000_000).saturating_add(now_us),
-        "pexpire" => time.saturating_mul(1000).saturating_add(now_us),
-        "expireat" => time.saturating_mul(1_000_000),
-        _ => time.saturating_mul(1000),
+    if nx && (xx || gt || lt) {
+        return Err(Reply::Error(
+            "ERR NX and XX, GT or LT options at the same time are not compatible".into(),
+        ));
+    }
+    if gt && lt {
+        return Err(Reply::Error(
+            "ERR GT and LT options at the same time are not compatible".into(),
+        ));
+    }
+    let invalid = || Reply::Error(format!("ERR invalid expire time in '{name}' command"));
+    let now_ms = system_now_us() / 1000;
+    let ms = match label {
+        "expire" | "expireat" => time.checked_mul(1000).ok_or_else(invalid)?,
+        _ => time,
     };
+    let deadline_ms = match label {
+        "expire" | "pexpire" => ms.checked_add(now_ms).ok_or_else(invalid)?,
+        _ => ms,
+    };
+    let deadline_us = deadline_ms.saturating_mul(1000);
     update(context, &key, |old| {
         let Some(entry) = old else {
             return Ok(Step::Answer(Reply::Integer(0)));
         };
         // No deadline counts as an infinite one, as in Redis.
         let current = entry.expires_at_us;
-        let allowed = match flag.as_deref() {
-            Some("NX") => current.is_none(),
-            Some("XX") => current.is_some(),
-            Some("GT") => current.is_some_and(|c| deadline_us > c),
-            Some("LT") => current.is_none_or(|c| deadline_us < c),
-            _ => true,
-        };
+        let allowed = (!nx || current.is_none())
+            && (!xx || current.is_some())
+            && (!gt || current.is_some_and(|c| deadline_us > c))
+            && (!lt || current.is_none_or(|c| deadline_us < c));
         if !allowed {
             return Ok(Step::Answer(Reply::Integer(0)));
         }
-        if deadline_us <= now_us {
+        if deadline_ms <= now_ms {
             return Ok(Step::Delete(Reply::Integer(1)));
         }
         Ok(Step::Put {
             value: entry.value.clone(),
-            expiry: Expiry::Ttl(((deadline_us - now_us) / 1000).max(1).unsigned_abs()),
+            expiry: Expiry::At(deadline_us),
             reply: Reply::Integer(1),
         })
     })
@@ -1111,11 +1125,13 @@ pub(super) fn integer(raw: &[u8]) -> Result<i64, Reply> {
         .ok_or_else(not_an_integer)
 }
 
+/// A float as Redis reads one: infinities are numbers (an increment of
+/// `+inf` is refused for its result, not for its text), NaN is not.
 fn float(raw: &[u8]) -> Result<f64, Reply> {
     std::str::from_utf8(raw)
         .ok()
         .and_then(|text| text.parse::<f64>().ok())
-        .filter(|f| f.is_finite())
+        .filter(|f| !f.is_nan())
         .ok_or_else(|| Reply::Error("ERR value is not a valid float".into()))
 }
 

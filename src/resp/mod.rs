@@ -32,14 +32,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::api::Limits;
 use crate::api::auth::{Auth, Rights};
+use crate::server::Security;
 use crate::storage::Store;
 use frame::{FrameLimits, ProtocolError, Reply, parse_command};
+
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Writes of one pipeline handed to the store in one call, at most.
 const MAX_PIPELINED_WRITES: usize = 1024;
@@ -121,11 +125,13 @@ pub(crate) async fn serve(
     listener: TcpListener,
     store: Arc<dyn Store>,
     limits: Limits,
-    auth: Option<Arc<Auth>>,
+    security: &Security,
     config: RespConfig,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
+    let auth = security.auth.clone();
+    let tls = security.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let context = Arc::new(Context {
         store,
         limits,
@@ -159,9 +165,25 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         let context = Arc::clone(&context);
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             context.connections.fetch_add(1, Ordering::Relaxed);
-            if let Err(err) = connection(stream, addr, &context, shutdown).await {
+            let served = match tls {
+                None => connection(stream, addr, &context, shutdown).await,
+                // Bounded, as HTTP's handshake is: a silent client holds a
+                // slot for a while at most.
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => connection(stream, addr, &context, shutdown).await,
+                        Ok(Err(err)) => Err(err),
+                        Err(_) => Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "TLS handshake timed out",
+                        )),
+                    }
+                }
+            };
+            if let Err(err) = served {
                 tracing::debug!(error = %err, "RESP connection ended with an error");
             }
             context.connections.fetch_sub(1, Ordering::Relaxed);
@@ -211,7 +233,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 async fn connection(
-    mut stream: TcpStream,
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
     addr: SocketAddr,
     context: &Context,
     mut shutdown: watch::Receiver<bool>,

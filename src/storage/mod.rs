@@ -51,6 +51,10 @@ pub enum Expiry {
     Never,
     /// The key expires this many milliseconds after the put is applied.
     Ttl(u64),
+    /// The key expires at this time, in microseconds since the Unix epoch
+    /// (by the backend's clock): Redis's EXPIREAT, PEXPIREAT and EXAT. A
+    /// time already past leaves the key expired at once.
+    At(i64),
     /// The key keeps its deadline or lease (none for a key that is absent).
     Keep,
     /// The key is attached to this lease and expires with it; the lease must

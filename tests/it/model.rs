@@ -61,6 +61,10 @@ enum Step {
 enum StepExpiry {
     Never,
     Ttl(u64),
+    /// A deadline this many milliseconds after the model's time when the
+    /// step runs (never past: the expirer's delete would then race the
+    /// next step).
+    At(i64),
     Keep,
     Lease(usize),
 }
@@ -254,6 +258,7 @@ impl Model {
                         Expiry::Ttl(ms) => {
                             (Some(self.now_us + i64::try_from(*ms).unwrap() * 1000), None)
                         }
+                        Expiry::At(deadline) => (Some(*deadline), None),
                         Expiry::Keep => previous
                             .as_ref()
                             .map_or((None, None), |e| (e.expires_at_us, e.lease)),
@@ -324,6 +329,7 @@ fn step_expiry(clocked: bool) -> BoxedStrategy<StepExpiry> {
     prop_oneof![
         3 => Just(StepExpiry::Never),
         2 => prop_oneof![Just(100u64), Just(1000), Just(5000)].prop_map(StepExpiry::Ttl),
+        1 => prop_oneof![Just(500i64), Just(3000)].prop_map(StepExpiry::At),
         1 => Just(StepExpiry::Keep),
         1 => (0usize..3).prop_map(StepExpiry::Lease),
     ]
@@ -369,6 +375,7 @@ fn resolve(ops: &[StepOp], model: &Model) -> Vec<WriteOp> {
                 expiry: match expiry {
                     StepExpiry::Never => Expiry::Never,
                     StepExpiry::Ttl(ms) => Expiry::Ttl(*ms),
+                    StepExpiry::At(ms) => Expiry::At(model.now_us + ms * 1000),
                     StepExpiry::Keep => Expiry::Keep,
                     StepExpiry::Lease(i) => Expiry::Lease(model.lease_id(*i)),
                 },

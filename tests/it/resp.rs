@@ -890,3 +890,75 @@ mod versioned {
 
     }
 }
+
+/// What Redis's own test suite (tests/redis-suite) found: EXPIRE's
+/// overflow checks and option rules, absolute deadlines kept exactly, and
+/// INCRBYFLOAT's infinities.
+mod redis_rules {
+    use super::*;
+
+    fn error(result: redis::RedisResult<redis::Value>) -> String {
+        result.expect_err("an error").to_string()
+    }
+
+    for_each_backend! {
+
+    async fn expire_checks_overflow_and_combines_options_as_redis_does() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut redis = connection(&server, false).await;
+        let _: () = redis.set("foo", "bar").await.unwrap();
+        for (command, time) in [
+            ("EXPIRE", "9223370399119966"),
+            ("EXPIRE", "-9223372036854776"),
+            ("PEXPIRE", "9223372036854770000"),
+        ] {
+            let refused = error(redis::cmd(command).arg("foo").arg(time).query_async(&mut redis).await);
+            assert!(refused.contains("invalid expire time"), "{command} {time}: {refused}");
+        }
+        let ttl: i64 = redis.ttl("foo").await.unwrap();
+        assert_eq!(ttl, -1, "the refused EXPIREs changed nothing");
+        let set: i64 = redis::cmd("EXPIRE").arg("foo").arg(200).arg("LT").arg("XX").query_async(&mut redis).await.unwrap();
+        assert_eq!(set, 0, "XX: no deadline yet");
+        let _: () = redis.set_ex("foo", "bar", 200).await.unwrap();
+        let set: i64 = redis::cmd("EXPIRE").arg("foo").arg(100).arg("LT").arg("XX").query_async(&mut redis).await.unwrap();
+        assert_eq!(set, 1);
+        let ttl: i64 = redis.ttl("foo").await.unwrap();
+        assert!((99..=100).contains(&ttl), "{ttl}");
+        for (options, message) in [
+            (vec!["LT", "GT"], "GT and LT options at the same time are not compatible"),
+            (vec!["NX", "GT"], "NX and XX, GT or LT options at the same time are not compatible"),
+            (vec!["NX", "XX"], "NX and XX, GT or LT options at the same time are not compatible"),
+            (vec!["XX", "AB"], "Unsupported option AB"),
+        ] {
+            let refused = error(redis::cmd("EXPIRE").arg("foo").arg(10).arg(&options).query_async(&mut redis).await);
+            assert!(refused.contains(message), "{options:?}: {refused}");
+        }
+        let _: () = redis.set("f", "0").await.unwrap();
+        let refused = error(redis::cmd("INCRBYFLOAT").arg("f").arg("+inf").query_async(&mut redis).await);
+        assert!(refused.contains("increment would produce NaN or Infinity"), "{refused}");
+    }
+
+    async fn absolute_deadlines_are_kept_exactly() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut redis = connection(&server, false).await;
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let _: () = redis.set("a", "v").await.unwrap();
+        for _ in 0..20 {
+            let _: i64 = redis::cmd("EXPIREAT").arg("a").arg(now_s + 1000).query_async(&mut redis).await.unwrap();
+            let at: i64 = redis::cmd("EXPIRETIME").arg("a").query_async(&mut redis).await.unwrap();
+            assert_eq!(at, now_s + 1000);
+            let ms = (now_s + 2000) * 1000 + 341;
+            let _: i64 = redis::cmd("PEXPIREAT").arg("a").arg(ms).query_async(&mut redis).await.unwrap();
+            let at: i64 = redis::cmd("PEXPIRETIME").arg("a").query_async(&mut redis).await.unwrap();
+            assert_eq!(at, ms);
+            let _: () = redis::cmd("SET").arg("b").arg("v").arg("PXAT").arg(ms + 1).query_async(&mut redis).await.unwrap();
+            let at: i64 = redis::cmd("PEXPIRETIME").arg("b").query_async(&mut redis).await.unwrap();
+            assert_eq!(at, ms + 1);
+        }
+    }
+
+    }
+}

@@ -392,6 +392,7 @@ impl Writer {
                     let (expires_at_us, lease) = match expiry {
                         Expiry::Never => (None, None),
                         Expiry::Ttl(ms) => (Some(deadline_after(now, ms)), None),
+                        Expiry::At(deadline) => (Some(deadline), None),
                         Expiry::Keep => meta.map_or((None, None), |m| (m.expires_at_us, m.lease)),
                         Expiry::Lease(id) => (None, Some(id)),
                     };

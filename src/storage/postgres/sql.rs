@@ -28,7 +28,7 @@ const LIVE: i32 = 3;
 pub(super) const EXPIRY_NEVER: i32 = 0;
 /// The argument is the ttl in µs, counted from the write.
 const EXPIRY_TTL: i32 = 1;
-/// The argument is the deadline in µs (a batch's `Keep` of a locked row).
+/// The argument is the deadline in µs (`Expiry::At`, or a batch's `Keep` of a locked row).
 pub(super) const EXPIRY_AT: i32 = 2;
 /// The argument is the lease.
 pub(super) const EXPIRY_LEASE: i32 = 3;
@@ -66,6 +66,7 @@ pub(super) fn expiry_params(expiry: Expiry) -> (i32, i64) {
     match expiry {
         Expiry::Never => (EXPIRY_NEVER, 0),
         Expiry::Ttl(ms) => (EXPIRY_TTL, ttl_us(ms)),
+        Expiry::At(deadline) => (EXPIRY_AT, deadline),
         Expiry::Keep => (EXPIRY_KEEP, 0),
         Expiry::Lease(id) => (EXPIRY_LEASE, lease_param(id)),
     }
@@ -274,6 +275,7 @@ impl Sql {
                 SELECT nextval({seq}) AS r FROM go WHERE ok
             ), deadline AS MATERIALIZED (
                 SELECT CASE $5 WHEN {EXPIRY_TTL} THEN (SELECT us FROM now) + $6
+                               WHEN {EXPIRY_AT} THEN $6
                                WHEN {EXPIRY_KEEP} THEN (SELECT expires_at_us FROM cur) END AS own,
                        CASE $5 WHEN {EXPIRY_LEASE} THEN $6
                                WHEN {EXPIRY_KEEP} THEN (SELECT lease FROM cur) END AS lease
