@@ -962,3 +962,32 @@ mod redis_rules {
 
     }
 }
+
+/// With a certificate, the RESP port speaks TLS: a client that trusts the
+/// CA gets its answers; a plain client gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resp_port_speaks_tls_with_the_servers_certificate() {
+    let pki = crate::tls::make_pki();
+    let server = TestServer::start_with_resp(crate::tls::tls_security(&pki), |_| {}).await;
+    let addr = server.resp_addr.expect("RESP");
+    let config = kvstore::tls::client_config(Some(pki.ca.as_bytes())).expect("client config");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = within(10, "the TLS handshake", connector.connect(name, tcp))
+        .await
+        .expect("handshake");
+    tls.write_all(b"PING\r\n").await.expect("write");
+    let mut reply = [0u8; 7];
+    within(10, "PONG", tls.read_exact(&mut reply))
+        .await
+        .expect("read");
+    assert_eq!(&reply, b"+PONG\r\n");
+    // Plain RESP to the TLS port: no answer of RESP's.
+    let got = raw(&server, b"PING\r\n", usize::MAX).await;
+    assert!(
+        !got.starts_with(b"+PONG"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+}

@@ -15,13 +15,13 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 /// PEM texts of a test CA, and of a certificate and key it signed for
 /// 127.0.0.1 and localhost.
-struct Pki {
-    ca: String,
+pub(crate) struct Pki {
+    pub(crate) ca: String,
     cert: String,
     key: String,
 }
 
-fn make_pki() -> Pki {
+pub(crate) fn make_pki() -> Pki {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -41,7 +41,7 @@ fn make_pki() -> Pki {
     }
 }
 
-fn tls_security(pki: &Pki) -> Security {
+pub(crate) fn tls_security(pki: &Pki) -> Security {
     Security {
         tls: Some(
             kvstore::tls::server_config_from_pem(pki.cert.as_bytes(), pki.key.as_bytes())
