@@ -391,14 +391,7 @@ async fn run(
         },
         "getex" => getex(context, session, name, args).await,
         "mget" => {
-            if args.is_empty() {
-                return Err(wrong_arity(name));
-            }
-            let keys = args
-                .iter()
-                .map(|key| checked_key(context, session, key, Right::Read))
-                .collect::<Result<Vec<_>, _>>()?;
-            let found = context.store.get_many(keys).await.map_err(store_error)?;
+            let found = read_keys(context, session, name, args).await?;
             Ok(Reply::Array(
                 found
                     .entries
@@ -486,14 +479,7 @@ async fn run(
             _ => Err(wrong_arity(name)),
         },
         "exists" => {
-            if args.is_empty() {
-                return Err(wrong_arity(name));
-            }
-            let keys = args
-                .iter()
-                .map(|key| checked_key(context, session, key, Right::Read))
-                .collect::<Result<Vec<_>, _>>()?;
-            let found = context.store.get_many(keys).await.map_err(store_error)?;
+            let found = read_keys(context, session, name, args).await?;
             Ok(Reply::Integer(
                 found.entries.iter().filter(|e| e.is_some()).count() as i64,
             ))
@@ -624,6 +610,24 @@ pub(super) fn kept_changing() -> Reply {
 
 pub(super) async fn read(context: &Context, key: &[u8]) -> Result<Option<Entry>, Reply> {
     context.store.get(key).await.map_err(store_error)
+}
+
+/// The entries of the keys a command names (at least one), read from one
+/// snapshot.
+async fn read_keys(
+    context: &Context,
+    session: &Session,
+    name: &str,
+    args: &[Bytes],
+) -> Result<crate::storage::Found, Reply> {
+    if args.is_empty() {
+        return Err(wrong_arity(name));
+    }
+    let keys = args
+        .iter()
+        .map(|key| checked_key(context, session, key, Right::Read))
+        .collect::<Result<Vec<_>, _>>()?;
+    context.store.get_many(keys).await.map_err(store_error)
 }
 
 /// Writes `ops` as one atomic write; whether every condition held.

@@ -27,6 +27,15 @@ fn text(s: &str) -> Reply {
     Reply::Bulk(Bytes::from(s.to_owned()))
 }
 
+/// The condition of `IFVERSION n`: a version of 1 or more.
+fn if_version(raw: &[u8]) -> Result<Condition, Reply> {
+    u64::try_from(integer(raw)?)
+        .ok()
+        .filter(|v| *v > 0)
+        .map(Condition::Version)
+        .ok_or_else(|| Reply::Error("ERR IFVERSION takes a version of 1 or more".into()))
+}
+
 fn mismatch(current: Option<u64>) -> Reply {
     Reply::Error(match current {
         Some(version) => format!("VERSION_MISMATCH the key is at version {version}"),
@@ -86,14 +95,7 @@ pub(super) async fn run(
                 let option = String::from_utf8_lossy(option).to_ascii_uppercase();
                 match option.as_str() {
                     "IFVERSION" if condition.is_none() => {
-                        let version = rest.next().ok_or_else(syntax_error)?;
-                        let version = u64::try_from(integer(version)?)
-                            .ok()
-                            .filter(|v| *v > 0)
-                            .ok_or_else(|| {
-                                Reply::Error("ERR IFVERSION takes a version of 1 or more".into())
-                            })?;
-                        condition = Some(Condition::Version(version));
+                        condition = Some(if_version(rest.next().ok_or_else(syntax_error)?)?);
                     }
                     "IFABSENT" if condition.is_none() => condition = Some(Condition::Absent),
                     "IFEXISTS" if condition.is_none() => condition = Some(Condition::Exists),
@@ -150,13 +152,7 @@ pub(super) async fn run(
             let (key, condition) = match args {
                 [key] => (key, None),
                 [key, option, version] if option.eq_ignore_ascii_case(b"IFVERSION") => {
-                    let version = u64::try_from(integer(version)?)
-                        .ok()
-                        .filter(|v| *v > 0)
-                        .ok_or_else(|| {
-                            Reply::Error("ERR IFVERSION takes a version of 1 or more".into())
-                        })?;
-                    (key, Some(Condition::Version(version)))
+                    (key, Some(if_version(version)?))
                 }
                 [_, _, _] => return Err(syntax_error()),
                 _ => return Err(wrong_arity(name)),
