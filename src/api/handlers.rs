@@ -474,6 +474,12 @@ pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> Ap
                         version: None,
                         deleted: Some(existed),
                     },
+                    // The HTTP API has no check-only op: this batch made none.
+                    OpResult::Checked => BatchResult {
+                        key,
+                        version: None,
+                        deleted: None,
+                    },
                 })
                 .collect();
             json_response(StatusCode::OK, &BatchResponse { revision, results })

@@ -131,26 +131,41 @@ pub enum WriteOp {
         key: Vec<u8>,
         condition: Condition,
     },
+    /// Writes nothing: the write goes ahead only if the key's condition
+    /// holds (a transaction's reads and WATCHed keys, checked at its commit).
+    Check {
+        key: Vec<u8>,
+        condition: Condition,
+    },
 }
 
 impl WriteOp {
     pub fn key(&self) -> &[u8] {
         match self {
-            WriteOp::Put { key, .. } | WriteOp::Delete { key, .. } => key,
+            WriteOp::Put { key, .. } | WriteOp::Delete { key, .. } | WriteOp::Check { key, .. } => {
+                key
+            }
         }
     }
 
     pub fn condition(&self) -> Condition {
         match self {
-            WriteOp::Put { condition, .. } | WriteOp::Delete { condition, .. } => *condition,
+            WriteOp::Put { condition, .. }
+            | WriteOp::Delete { condition, .. }
+            | WriteOp::Check { condition, .. } => *condition,
         }
+    }
+
+    /// Whether the op changes its key (a put or a delete, not a check).
+    pub fn writes(&self) -> bool {
+        !matches!(self, WriteOp::Check { .. })
     }
 
     /// Bytes this op adds to a commit, for sizing commit groups.
     pub(crate) fn weight(&self) -> usize {
         match self {
             WriteOp::Put { key, value, .. } => key.len() + value.len(),
-            WriteOp::Delete { key, .. } => key.len(),
+            WriteOp::Delete { key, .. } | WriteOp::Check { key, .. } => key.len(),
         }
     }
 }
@@ -170,6 +185,8 @@ pub enum OpResult {
     },
     /// `existed` is false for an unconditional delete of an absent key.
     Deleted { existed: bool },
+    /// A check held.
+    Checked,
 }
 
 /// A condition that did not hold.

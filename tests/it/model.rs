@@ -242,6 +242,7 @@ impl Model {
                         events.push((key.clone(), "deleted", entry.version));
                     }
                 }
+                WriteOp::Check { .. } => {}
             }
         }
         self.history.push((revision, events));
@@ -285,6 +286,7 @@ impl Model {
                 WriteOp::Delete { key, .. } => OpResult::Deleted {
                     existed: self.entries.remove(key).is_some(),
                 },
+                WriteOp::Check { .. } => OpResult::Checked,
             })
             .collect();
         WriteOutcome::Applied { revision, results }
@@ -356,6 +358,10 @@ fn op(clocked: bool) -> impl Strategy<Value = StepOp> {
                 op: WriteOp::Delete { key: key(k), condition },
                 expiry: StepExpiry::Never,
             }),
+        1 => (0..KEYS.len(), condition()).prop_map(|(k, condition)| StepOp {
+            op: WriteOp::Check { key: key(k), condition },
+            expiry: StepExpiry::Never,
+        }),
     ]
 }
 

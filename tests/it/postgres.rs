@@ -68,7 +68,9 @@ async fn two_first_writes_of_a_key_cannot_both_create_it() {
                         created += usize::from(c);
                         versions.push(version);
                     }
-                    OpResult::Deleted { .. } => panic!("a put answered as a delete"),
+                    OpResult::Deleted { .. } | OpResult::Checked => {
+                        panic!("a put answered as a delete")
+                    }
                 },
                 WriteOutcome::Rejected { failed } => {
                     assert!(failed[0].current_version.is_some(), "{failed:?}");

@@ -381,7 +381,11 @@ impl Writer {
         let changed = ops
             .iter()
             .zip(&current)
-            .filter(|(op, meta)| matches!(op, WriteOp::Put { .. }) || meta.is_some())
+            .filter(|(op, meta)| match op {
+                WriteOp::Put { .. } => true,
+                WriteOp::Delete { .. } => meta.is_some(),
+                WriteOp::Check { .. } => false,
+            })
             .count();
         group.record.revision(revision, changed);
         for (op, meta) in ops.into_iter().zip(current) {
@@ -435,6 +439,7 @@ impl Writer {
                     let stored = codec::encode(&new, &value);
                     group.set(key, meta, Some((new, stored)));
                 }
+                WriteOp::Check { .. } => results.push(OpResult::Checked),
                 WriteOp::Delete { key, .. } => {
                     results.push(OpResult::Deleted {
                         existed: meta.is_some(),

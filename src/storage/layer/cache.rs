@@ -400,6 +400,8 @@ impl CachedStore {
                         // A delete that found nothing locked nothing: on
                         // PostgreSQL a concurrent create may hold a lower
                         // revision, so its absence is not ordered.
+                        // Nothing written.
+                        (OpResult::Checked, _) => continue,
                         (OpResult::Deleted { existed: false }, _) => {
                             self.forget(&key);
                             continue;

@@ -159,8 +159,12 @@ fn decode(key: &[u8], record: &[u8]) -> Option<Cached> {
     }))
 }
 
+/// The keys a write may change (not those it only checks).
 fn keys_of(ops: &[WriteOp]) -> Vec<Vec<u8>> {
-    ops.iter().map(|op| op.key().to_vec()).collect()
+    ops.iter()
+        .filter(|op| op.writes())
+        .map(|op| op.key().to_vec())
+        .collect()
 }
 
 /// A [`Store`] with the shared Redis cache in front.

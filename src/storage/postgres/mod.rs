@@ -656,6 +656,8 @@ impl PostgresStore {
                 WriteOp::Delete { key, .. } => OpResult::Deleted {
                     existed: current.contains_key(key.as_slice()),
                 },
+                // Checked with the other conditions, under the same locks.
+                WriteOp::Check { .. } => OpResult::Checked,
             })
             .collect();
         Ok(Attempt::Done(WriteOutcome::Applied {
