@@ -45,8 +45,10 @@ const COMMANDS: &[&str] = &[
     "dbsize",
     "decr",
     "decrby",
+    "discard",
     "del",
     "echo",
+    "exec",
     "exists",
     "expire",
     "expireat",
@@ -71,6 +73,7 @@ const COMMANDS: &[&str] = &[
     "mget",
     "mset",
     "msetnx",
+    "multi",
     "persist",
     "pexpire",
     "pexpireat",
@@ -94,6 +97,8 @@ const COMMANDS: &[&str] = &[
     "ttl",
     "type",
     "unlink",
+    "unwatch",
+    "watch",
 ];
 
 /// A command's name, lowercased, and its metrics label (`unknown` for a
@@ -166,20 +171,28 @@ pub(crate) fn blind_write(
     let (name, args) = args.split_first()?;
     let (lower, label) = label_of(name);
     session.rights.as_ref()?;
+    // Inside MULTI, writes are queued, not run.
+    if session.transaction.open() {
+        return None;
+    }
     prepare_write(context, session, label, &lower, args)
         .ok()
         .flatten()
 }
 
 /// Runs one command and gives its reply.
-pub(crate) async fn execute(context: &Context, session: &mut Session, args: Vec<Bytes>) -> Reply {
-    let Some((name, args)) = args.split_first() else {
+pub(crate) async fn execute(context: &Context, session: &mut Session, all: Vec<Bytes>) -> Reply {
+    let Some((name, args)) = all.split_first() else {
         return Reply::Error("ERR empty command".into());
     };
     let (lower, label) = label_of(name);
     // With auth on, only these may come before AUTH (as in Redis).
     if session.rights.is_none() && !matches!(label, "auth" | "hello" | "quit" | "reset") {
         return Reply::Error("NOAUTH Authentication required.".into());
+    }
+    if session.transaction.open() && !super::transaction::runs_inside_multi(label) {
+        let unknown = unknown_command(&String::from_utf8_lossy(name), args);
+        return super::transaction::queue(session, label, all.clone(), unknown);
     }
     let started = Instant::now();
     let reply = match run(context, session, label, &lower, args).await {
@@ -331,6 +344,7 @@ async fn run(
             session.protocol = 2;
             session.name = None;
             session.rights = context.auth.is_none().then_some(Access::Open);
+            session.transaction = super::transaction::Transaction::default();
             Ok(Reply::Simple("RESET"))
         }
         "select" => match args {
@@ -539,6 +553,9 @@ async fn run(
         "scan" | "keys" | "randomkey" | "rename" | "renamenx" | "copy" | "getrange"
         | "setrange" | "flushdb" | "flushall" => {
             super::keyspace::run(context, session, label, name, args).await
+        }
+        "multi" | "exec" | "discard" | "watch" | "unwatch" => {
+            super::transaction::run(context, session, label, name, args).await
         }
         "kv.get" | "kv.set" | "kv.del" | "kv.revision" => {
             super::versioned::run(context, session, label, name, args).await

@@ -11,6 +11,7 @@
 //!   revision and deadline.
 //! - [`keyspace`]: SCAN, KEYS, RANDOMKEY, RENAME, COPY, FLUSHDB and the
 //!   string ranges, on kvstore's ordered keys.
+//! - [`transaction`]: MULTI/EXEC/WATCH, as one conditional batch.
 //! - [`versioned`]: kvstore's own `KV.*` commands: versions, revisions and
 //!   writes conditional on a version.
 //!
@@ -23,6 +24,7 @@
 pub mod commands;
 pub mod frame;
 pub mod keyspace;
+pub mod transaction;
 pub mod versioned;
 
 use std::io;
@@ -94,6 +96,21 @@ pub(crate) struct Context {
     next_id: AtomicU64,
 }
 
+impl Context {
+    /// The same context over another store: a transaction's overlay.
+    pub(crate) fn with_store(&self, store: Arc<dyn Store>) -> Context {
+        Context {
+            store,
+            limits: self.limits,
+            auth: self.auth.clone(),
+            config: self.config,
+            started: self.started,
+            connections: AtomicU64::new(self.connections.load(Ordering::Relaxed)),
+            next_id: AtomicU64::new(0),
+        }
+    }
+}
+
 /// One client's state.
 pub(crate) struct Session {
     pub(crate) id: u64,
@@ -109,6 +126,8 @@ pub(crate) struct Session {
     /// The SCAN cursors this connection was given, each with where it
     /// resumes.
     pub(crate) cursors: keyspace::Cursors,
+    /// MULTI's queue and WATCH's keys.
+    pub(crate) transaction: transaction::Transaction,
 }
 
 /// The rights of an authenticated (or unauthenticated, with auth off) client.
@@ -246,6 +265,7 @@ async fn connection(
         addr: Some(addr),
         quit: false,
         cursors: keyspace::Cursors::default(),
+        transaction: transaction::Transaction::default(),
     };
     let limits = FrameLimits {
         // A key or a value: the larger of the two limits.

@@ -991,3 +991,102 @@ async fn the_resp_port_speaks_tls_with_the_servers_certificate() {
         String::from_utf8_lossy(&got)
     );
 }
+
+/// MULTI / EXEC / WATCH (`src/resp/transaction.rs`): one conditional batch.
+mod transactions {
+    use super::*;
+
+    for_each_backend! {
+
+    async fn exec_runs_the_queue_as_one_revision() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut redis = connection(&server, false).await;
+        let _: () = redis.set("n", "41").await.unwrap();
+        let (set, n, a): (String, i64, String) = redis::pipe()
+            .atomic()
+            .set("a", "1")
+            .incr("n", 1)
+            .get("a")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!((set.as_str(), n, a.as_str()), ("OK", 42, "1"));
+        let c = &server.client;
+        let (a, n) = (c.get("a").await.unwrap().unwrap(), c.get("n").await.unwrap().unwrap());
+        assert_eq!(a.revision, n.revision, "one batch, one revision");
+        assert_eq!(n.value.as_deref(), Some("42"));
+    }
+
+    async fn a_watched_key_changed_by_another_client_aborts_exec() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut mine = connection(&server, false).await;
+        let mut other = connection(&server, false).await;
+        let _: () = mine.set("k", "start").await.unwrap();
+        let _: () = redis::cmd("WATCH").arg("k").query_async(&mut mine).await.unwrap();
+        let _: () = other.set("k", "theirs").await.unwrap();
+        let _: () = redis::cmd("MULTI").query_async(&mut mine).await.unwrap();
+        let queued: String = redis::cmd("SET").arg("k").arg("mine").query_async(&mut mine).await.unwrap();
+        assert_eq!(queued, "QUEUED");
+        let exec: redis::Value = redis::cmd("EXEC").query_async(&mut mine).await.unwrap();
+        assert_eq!(exec, redis::Value::Nil);
+        let k: String = mine.get("k").await.unwrap();
+        assert_eq!(k, "theirs");
+        // Unchanged since WATCH: it goes through.
+        let _: () = redis::cmd("WATCH").arg("k").query_async(&mut mine).await.unwrap();
+        let done: (String,) = redis::pipe().atomic().set("k", "mine").query_async(&mut mine).await.unwrap();
+        assert_eq!(done.0, "OK");
+    }
+
+    async fn errors_while_queuing_discard_the_transaction() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let request = b"MULTI\r\nSET a 1\r\nNOSUCH\r\nEXEC\r\nGET a\r\nEXEC\r\nDISCARD\r\nMULTI\r\nMULTI\r\nDISCARD\r\nQUIT\r\n";
+        let got = raw(&server, request, usize::MAX).await;
+        let text = String::from_utf8_lossy(&got);
+        let lines: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines[0..2], ["+OK", "+QUEUED"], "{text}");
+        assert!(lines[2].starts_with("-ERR unknown command 'NOSUCH'"), "{text}");
+        assert!(lines[3].starts_with("-EXECABORT"), "{text}");
+        assert_eq!(lines[4], "$-1", "nothing was written: {text}");
+        assert!(lines[5].starts_with("-ERR EXEC without MULTI"), "{text}");
+        assert!(lines[6].starts_with("-ERR DISCARD without MULTI"), "{text}");
+        assert_eq!(lines[7], "+OK", "{text}");
+        assert!(lines[8].starts_with("-ERR MULTI calls can not be nested"), "{text}");
+        assert_eq!(lines[9..], ["+OK", "+OK"], "{text}");
+    }
+
+    async fn concurrent_transactions_are_serializable() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let mut redis = connection(&server, false).await;
+            clients.push(tokio::spawn(async move {
+                for _ in 0..25 {
+                    // Read, then write what was read plus one, under WATCH,
+                    // retrying when EXEC says another client came between:
+                    // a lost update shows as a total below 100.
+                    loop {
+                        let _: () = redis::cmd("WATCH").arg("total").query_async(&mut redis).await.unwrap();
+                        let seen: Option<i64> = redis.get("total").await.unwrap();
+                        let done: Option<(String,)> = redis::pipe()
+                            .atomic()
+                            .set("total", seen.unwrap_or(0) + 1)
+                            .query_async(&mut redis)
+                            .await
+                            .unwrap();
+                        if done.is_some() {
+                            break;
+                        }
+                    }
+                }
+            }));
+        }
+        for client in clients {
+            within(60, "the transactions", client).await.unwrap();
+        }
+        let mut redis = connection(&server, false).await;
+        let total: i64 = redis.get("total").await.unwrap();
+        assert_eq!(total, 100);
+    }
+
+    }
+}
