@@ -1090,3 +1090,26 @@ mod transactions {
 
     }
 }
+
+/// Each command is counted and timed under its own name in `/metrics`
+/// (unknown ones as `unknown`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_are_counted_by_name_in_the_metrics() {
+    let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+    let mut redis = connection(&server, false).await;
+    let _: () = redis.set("m", "1").await.unwrap();
+    let _: Option<String> = redis.get("m").await.unwrap();
+    let _ = redis::cmd("NOSUCH")
+        .query_async::<redis::Value>(&mut redis)
+        .await;
+    let response = crate::requests::get(&server.client, "/metrics").await;
+    let text = String::from_utf8_lossy(&response.body);
+    for series in [
+        "kvstore_resp_commands_total{command=\"set\"}",
+        "kvstore_resp_commands_total{command=\"get\"}",
+        "kvstore_resp_commands_total{command=\"unknown\"}",
+        "kvstore_resp_command_duration_seconds_count{command=\"get\"}",
+    ] {
+        assert!(text.contains(series), "{series} missing from /metrics");
+    }
+}
