@@ -481,9 +481,11 @@ impl Client {
             Expiry::At(deadline_us) => query.number(
                 "ttl_ms",
                 Some(
-                    u64::try_from((deadline_us - crate::storage::system_now_us()) / 1000)
-                        .unwrap_or(0)
-                        .max(1),
+                    u64::try_from(
+                        deadline_us.saturating_sub(crate::storage::system_now_us()) / 1000,
+                    )
+                    .unwrap_or(0)
+                    .max(1),
                 ),
             ),
             Expiry::Keep => query.flag("keep_ttl", true),

@@ -106,42 +106,49 @@ pub(crate) async fn check_attach(
     if matches!(access, Access::Open) {
         return Ok(());
     }
+    // Each lease once, however many of the batch's keys it takes.
+    let mut checked = std::collections::HashSet::new();
     for (index, op) in ops.iter().enumerate() {
         if let WriteOp::Put {
             expiry: Expiry::Lease(id),
             ..
         } = op
+            && checked.insert(*id)
         {
             let at = if ops.len() > 1 {
                 format!("ops[{index}]: ")
             } else {
                 String::new()
             };
-            owned(state, access, *id).await.map_err(|err| ApiError {
-                message: format!("{at}{}", err.message),
-                ..err
-            })?;
+            owned(state, access, *id)
+                .await
+                .map(drop)
+                .map_err(|err| ApiError {
+                    message: format!("{at}{}", err.message),
+                    ..err
+                })?;
         }
     }
     Ok(())
 }
 
-/// The lease, when it exists and the request's token owns it (or auth is off).
-async fn owned(state: &AppState, access: &Access, id: LeaseId) -> Result<(), ApiError> {
+/// With auth on, the lease, when it exists and the request's token owns
+/// it; with auth off, `None` (nothing to check, nothing read).
+async fn owned(state: &AppState, access: &Access, id: LeaseId) -> Result<Option<Lease>, ApiError> {
     let Access::Token(rights) = access else {
-        return Ok(());
+        return Ok(None);
     };
-    let Some(info) = state.store.lease(id).await? else {
+    let Some(lease) = state.store.lease(id).await? else {
         return Err(crate::error::StoreError::LeaseNotFound(id).into());
     };
-    if info.lease.owner.as_deref() != Some(rights.name.as_str()) {
+    if lease.owner.as_deref() != Some(rights.name.as_str()) {
         return Err(ApiError::forbidden(format!(
             "lease {} belongs to another token; token '{}' may only use leases it granted",
             lease_text(id),
             rights.name
         )));
     }
-    Ok(())
+    Ok(Some(lease))
 }
 
 fn body_of(lease: &Lease, keys: Option<u64>) -> LeaseBody {
@@ -193,11 +200,16 @@ pub(crate) async fn get(State(state): State<AppState>, request: Request) -> ApiR
     let access = access_of(&state, request.extensions())?;
     Query::parse(request.uri().query(), &[])?;
     let id = lease_id_of(&request)?;
-    owned(&state, &access, id).await?;
-    match state.store.lease(id).await? {
-        Some(info) => json_response(StatusCode::OK, &body_of(&info.lease, Some(info.keys))),
-        None => Err(crate::error::StoreError::LeaseNotFound(id).into()),
-    }
+    let lease = match owned(&state, &access, id).await? {
+        Some(lease) => lease,
+        None => state
+            .store
+            .lease(id)
+            .await?
+            .ok_or(crate::error::StoreError::LeaseNotFound(id))?,
+    };
+    let keys = state.store.lease_keys(id).await?;
+    json_response(StatusCode::OK, &body_of(&lease, Some(keys)))
 }
 
 /// `DELETE /v1/leases/{id}`.

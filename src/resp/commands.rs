@@ -101,16 +101,17 @@ const COMMANDS: &[&str] = &[
     "watch",
 ];
 
-/// A command's name, lowercased, and its metrics label (`unknown` for a
-/// command this front door does not know).
-fn label_of(name: &[u8]) -> (String, &'static str) {
-    let lower = String::from_utf8_lossy(name).to_ascii_lowercase();
-    let label = COMMANDS
+/// A command's name as this front door knows it, lowercase (Redis's error
+/// messages name commands so), which is also its metrics label: `unknown`
+/// for a command it does not know. Found once per command, without copying
+/// the name.
+pub(crate) fn label_of(args: &[Bytes]) -> &'static str {
+    let name = args.first().map_or(&[][..], |name| name.as_ref());
+    COMMANDS
         .iter()
-        .find(|known| **known == lower)
+        .find(|known| known.as_bytes().eq_ignore_ascii_case(name))
         .copied()
-        .unwrap_or("unknown");
-    (lower, label)
+        .unwrap_or("unknown")
 }
 
 fn count(label: &'static str, took: std::time::Duration) {
@@ -166,36 +167,43 @@ impl Answer {
 pub(crate) fn blind_write(
     context: &Context,
     session: &Session,
+    label: &'static str,
     args: &[Bytes],
 ) -> Option<BlindWrite> {
-    let (name, args) = args.split_first()?;
-    let (lower, label) = label_of(name);
+    let (_, args) = args.split_first()?;
     session.rights.as_ref()?;
     // Inside MULTI, writes are queued, not run.
     if session.transaction.open() {
         return None;
     }
-    prepare_write(context, session, label, &lower, args)
+    prepare_write(context, session, label, label, args)
         .ok()
         .flatten()
 }
 
-/// Runs one command and gives its reply.
-pub(crate) async fn execute(context: &Context, session: &mut Session, all: Vec<Bytes>) -> Reply {
+/// Runs one command, whose [`label_of`] is `label`, and gives its reply.
+pub(crate) async fn execute(
+    context: &Context,
+    session: &mut Session,
+    label: &'static str,
+    all: Vec<Bytes>,
+) -> Reply {
     let Some((name, args)) = all.split_first() else {
         return Reply::Error("ERR empty command".into());
     };
-    let (lower, label) = label_of(name);
     // With auth on, only these may come before AUTH (as in Redis).
     if session.rights.is_none() && !matches!(label, "auth" | "hello" | "quit" | "reset") {
         return Reply::Error("NOAUTH Authentication required.".into());
     }
     if session.transaction.open() && !super::transaction::runs_inside_multi(label) {
-        let unknown = unknown_command(&String::from_utf8_lossy(name), args);
-        return super::transaction::queue(session, label, all.clone(), unknown);
+        if label == "unknown" {
+            session.transaction.fail();
+            return unknown_command(&String::from_utf8_lossy(name), args);
+        }
+        return super::transaction::queue(session, label, all);
     }
     let started = Instant::now();
-    let reply = match run(context, session, label, &lower, args).await {
+    let reply = match run(context, session, label, label, args).await {
         Ok(reply) => reply,
         // Redis names an unknown command as the client spelled it.
         Err(_) if label == "unknown" => unknown_command(&String::from_utf8_lossy(name), args),
@@ -251,18 +259,9 @@ fn prepare_write(
         "setex" | "psetex" => match args {
             [key, time, value] => {
                 let key = checked_key(context, session, key, Right::Write)?;
-                let time = integer(time)?;
-                if time <= 0 {
-                    return Err(Reply::Error(format!(
-                        "ERR invalid expire time in '{name}' command"
-                    )));
-                }
-                let ms = if label == "setex" {
-                    time.saturating_mul(1000)
-                } else {
-                    time
-                };
-                let op = put(key, value, Condition::Any, Expiry::Ttl(ms.unsigned_abs()));
+                let unit = if label == "setex" { "EX" } else { "PX" };
+                let expiry = expiry_of(unit, integer(time)?, name)?;
+                let op = put(key, value, Condition::Any, expiry);
                 write(vec![op], Answer::OkOrNull)
             }
             _ => Err(wrong_arity(name)),
@@ -501,14 +500,11 @@ async fn run(
         "type" => match args {
             [key] => {
                 let key = checked_key(context, session, key, Right::Read)?;
-                Ok(Reply::Status(
-                    if read(context, &key).await?.is_some() {
-                        "string"
-                    } else {
-                        "none"
-                    }
-                    .into(),
-                ))
+                Ok(Reply::Simple(if read(context, &key).await?.is_some() {
+                    "string"
+                } else {
+                    "none"
+                }))
             }
             _ => Err(wrong_arity(name)),
         },
@@ -770,7 +766,7 @@ async fn getex(context: &Context, session: &Session, name: &str, args: &[Bytes])
 /// The expiry of `EX` / `PX` / `EXAT` / `PXAT` with `time`, with Redis's
 /// checks (positive; no overflow in milliseconds). An absolute time already
 /// past leaves the key expired at once, as Redis deletes it at once.
-fn expiry_of(unit: &str, time: i64, command: &str) -> Result<Expiry, Reply> {
+pub(super) fn expiry_of(unit: &str, time: i64, command: &str) -> Result<Expiry, Reply> {
     let invalid = || Reply::Error(format!("ERR invalid expire time in '{command}' command"));
     if time <= 0 {
         return Err(invalid());

@@ -337,8 +337,6 @@ fn printable(b: u8) -> String {
 pub enum Reply {
     /// `+OK`
     Simple(&'static str),
-    /// A simple string not known at compile time.
-    Status(String),
     /// `-ERR ...`: the whole line after '-', e.g. "ERR unknown command 'foo'", "WRONGTYPE ...", "NOAUTH Authentication required."
     Error(String),
     Integer(i64),
@@ -350,11 +348,6 @@ pub enum Reply {
     Array(Vec<Reply>),
     /// `%` in RESP3; a flat array of key, value, key, value in RESP2.
     Map(Vec<(Reply, Reply)>),
-    /// `,` in RESP3; a bulk string of the number in RESP2. Written as Redis
-    /// writes doubles: the shortest digits that read back the same, laid
-    /// out as `%.17g` lays them out (10.5 -> "10.5", 3.0 -> "3",
-    /// 1e20 -> "1e+20"), and "inf", "-inf", "nan".
-    Double(f64),
     /// `#t`/`#f` in RESP3; integer 1/0 in RESP2.
     Boolean(bool),
     /// `=` verbatim string `txt:` in RESP3 (INFO uses it); a bulk string in RESP2.
@@ -368,7 +361,6 @@ impl Reply {
         let resp3 = protocol == 3;
         match self {
             Reply::Simple(text) => put_line(out, b'+', text),
-            Reply::Status(text) => put_line(out, b'+', text),
             Reply::Error(text) => put_line(out, b'-', text),
             Reply::Integer(n) => put_header(out, b':', *n),
             Reply::Bulk(data) => put_bulk(out, b'$', data),
@@ -393,12 +385,6 @@ impl Reply {
                     value.encode(protocol, out);
                 }
             }
-            Reply::Double(x) if resp3 => {
-                out.extend_from_slice(b",");
-                out.extend_from_slice(format_double(*x).as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
-            Reply::Double(x) => put_bulk(out, b'$', format_double(*x).as_bytes()),
             Reply::Boolean(b) if resp3 => {
                 out.extend_from_slice(if *b { b"#t\r\n" } else { b"#f\r\n" });
             }
@@ -462,63 +448,6 @@ fn put_header(out: &mut BytesMut, kind: u8, n: i64) {
     }
     out.extend_from_slice(digits.get(start..).unwrap_or_default());
     out.extend_from_slice(b"\r\n");
-}
-
-/// A double as Redis (7.2 and later: `d2string`, then `fpconv_dtoa`)
-/// writes it: a whole number up to 2^62 as an integer; otherwise the
-/// shortest digits that read back the same, in fixed notation while that
-/// stays short and in exponent notation (unpadded, "1e-7", "1e+19")
-/// beyond.
-fn format_double(x: f64) -> String {
-    // Above this d2string leaves integers to fpconv_dtoa (LLONG_MAX/2, as
-    // a double).
-    const LARGEST_PRINTED_AS_INTEGER: f64 = 4_611_686_018_427_387_904.0;
-
-    if x.is_nan() {
-        return "nan".to_owned();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "inf" } else { "-inf" }.to_owned();
-    }
-    if x == 0.0 {
-        return if x.is_sign_negative() { "-0" } else { "0" }.to_owned();
-    }
-    if x.fract() == 0.0 && x.abs() <= LARGEST_PRINTED_AS_INTEGER {
-        return (x as i64).to_string();
-    }
-    // `{:e}` gives the shortest round-trip digits, as "-1.05e1", where
-    // fpconv_dtoa runs Grisu2: the same digits for all but rare doubles.
-    let scientific = format!("{:e}", x.abs());
-    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
-    let exponent: i64 = exponent.parse().unwrap_or(0);
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    let count = i64::try_from(digits.len()).unwrap_or(i64::MAX);
-    // The value is digits x 10^last: fpconv_dtoa's rules are in its terms.
-    let last = exponent - (count - 1);
-
-    let mut text = String::from(if x < 0.0 { "-" } else { "" });
-    if last >= 0 && exponent.abs() < count + 7 {
-        text.push_str(&digits);
-        text.push_str(&"0".repeat(last.unsigned_abs() as usize));
-    } else if last < 0 && (last > -7 || exponent.abs() < 4) {
-        let point = count + last;
-        if point <= 0 {
-            text.push_str("0.");
-            text.push_str(&"0".repeat(point.unsigned_abs() as usize));
-            text.push_str(&digits);
-        } else {
-            let (whole, fraction) = digits.split_at(point.unsigned_abs() as usize);
-            text.push_str(whole);
-            text.push('.');
-            text.push_str(fraction);
-        }
-    } else {
-        text.push_str(mantissa);
-        text.push('e');
-        text.push(if exponent < 0 { '-' } else { '+' });
-        text.push_str(&exponent.abs().to_string());
-    }
-    text
 }
 
 #[cfg(test)]
@@ -586,11 +515,7 @@ mod tests {
     #[test]
     fn replies_encode_as_redis_writes_them() {
         assert_encodes(Reply::Simple("OK"), b"+OK\r\n", b"+OK\r\n");
-        assert_encodes(
-            Reply::Status("string".into()),
-            b"+string\r\n",
-            b"+string\r\n",
-        );
+        assert_encodes(Reply::Simple("string"), b"+string\r\n", b"+string\r\n");
         assert_encodes(
             Reply::Error("ERR unknown command 'foo'".into()),
             b"-ERR unknown command 'foo'\r\n",
@@ -637,8 +562,6 @@ mod tests {
             b"*4\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n",
             b"%2\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n",
         );
-        assert_encodes(Reply::Double(10.5), b"$4\r\n10.5\r\n", b",10.5\r\n");
-        assert_encodes(Reply::Double(3.0), b"$1\r\n3\r\n", b",3\r\n");
         assert_encodes(Reply::Boolean(true), b":1\r\n", b"#t\r\n");
         assert_encodes(Reply::Boolean(false), b":0\r\n", b"#f\r\n");
         assert_encodes(
@@ -654,42 +577,6 @@ mod tests {
             encoded(&Reply::Error("ERR bad\r\nthing".into()), 2),
             b"-ERR bad  thing\r\n"
         );
-        assert_eq!(encoded(&Reply::Status("a\nb".into()), 3), b"+a b\r\n");
-    }
-
-    #[test]
-    fn doubles_are_written_as_redis_writes_them() {
-        for (x, text) in [
-            (0.0, "0"),
-            (-0.0, "-0"),
-            (1.0, "1"),
-            (3.0, "3"),
-            (10.5, "10.5"),
-            (-2.5, "-2.5"),
-            (0.1, "0.1"),
-            (1.0 / 3.0, "0.3333333333333333"),
-            (123456.789, "123456.789"),
-            (12345678.5, "12345678.5"),
-            (0.0001, "0.0001"),
-            (0.00001, "0.00001"),
-            (0.00001234, "1.234e-5"),
-            (1e-7, "1e-7"),
-            (-1.5e-10, "-1.5e-10"),
-            (1e16, "10000000000000000"),
-            (4611686018427387904.0, "4611686018427387904"),
-            (1e19, "1e+19"),
-            (1.2345678901234e19, "12345678901234000000"),
-            (1.5e20, "1.5e+20"),
-            (1e105, "1e+105"),
-            (1.25e300, "1.25e+300"),
-            (5e-324, "5e-324"),
-            (f64::MAX, "1.7976931348623157e+308"),
-            (f64::INFINITY, "inf"),
-            (f64::NEG_INFINITY, "-inf"),
-            (f64::NAN, "nan"),
-        ] {
-            assert_eq!(format_double(x), text, "{x:e}");
-        }
     }
 
     #[test]

@@ -894,7 +894,8 @@ mod tests {
                 "{point:?}"
             );
         }
-        assert!(between(b"k", b"k", 7).starts_with(b"k"));
+        // Equal bounds: the point is the bound, padded as the window is.
+        assert_eq!(between(b"k", b"k", 7), b"k\0\0\0\0\0\0\0\0".to_vec());
     }
 
     #[test]

@@ -297,7 +297,8 @@ async fn connection(
         let failure = loop {
             match parse_command(&mut input, &limits) {
                 Ok(Some(args)) => {
-                    if let Some(write) = commands::blind_write(context, &session, &args) {
+                    let label = commands::label_of(&args);
+                    if let Some(write) = commands::blind_write(context, &session, label, &args) {
                         writes.push(write);
                         if writes.len() == MAX_PIPELINED_WRITES {
                             flush(context, &mut writes, session.protocol, &mut output).await;
@@ -305,7 +306,7 @@ async fn connection(
                         continue;
                     }
                     flush(context, &mut writes, session.protocol, &mut output).await;
-                    let reply = commands::execute(context, &mut session, args).await;
+                    let reply = commands::execute(context, &mut session, label, args).await;
                     reply.encode(session.protocol, &mut output);
                     if session.quit {
                         break None;

@@ -24,8 +24,8 @@ use super::frame::Reply;
 use super::{Context, Session};
 use crate::error::{StoreError, StoreResult};
 use crate::storage::{
-    Change, Condition, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId, LeaseInfo,
-    OpResult, Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome, deadline_after,
+    Change, Condition, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId, OpResult,
+    Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome, deadline_after,
 };
 
 /// A connection's transaction state.
@@ -43,22 +43,26 @@ impl Transaction {
     pub(crate) fn open(&self) -> bool {
         self.queued.is_some()
     }
+
+    /// A command could not be queued: EXEC will discard the transaction.
+    pub(crate) fn fail(&mut self) {
+        self.failed = true;
+    }
 }
 
 /// Commands that run at once inside MULTI rather than being queued.
 pub(crate) fn runs_inside_multi(label: &str) -> bool {
     matches!(
         label,
-        "exec" | "discard" | "multi" | "watch" | "unwatch" | "quit" | "reset"
+        "exec" | "discard" | "multi" | "watch" | "quit" | "reset"
     )
 }
 
 /// Queues a command inside MULTI: `+QUEUED`, or an error that dooms the
 /// transaction. Commands whose answers need more than the overlay can give
 /// (a scan, kvstore's revisions) are refused here.
-pub(crate) fn queue(session: &mut Session, label: &str, args: Vec<Bytes>, unknown: Reply) -> Reply {
+pub(crate) fn queue(session: &mut Session, label: &str, args: Vec<Bytes>) -> Reply {
     let refusal = match label {
-        "unknown" => Some(unknown),
         "scan" | "keys" | "randomkey" | "dbsize" | "flushdb" | "flushall" | "kv.set" | "kv.del"
         | "kv.get" | "kv.revision" | "auth" | "hello" | "select" | "client" => {
             Some(Reply::Error(format!(
@@ -69,13 +73,13 @@ pub(crate) fn queue(session: &mut Session, label: &str, args: Vec<Bytes>, unknow
         _ => None,
     };
     if let Some(refusal) = refusal {
-        session.transaction.failed = true;
+        session.transaction.fail();
         return refusal;
     }
     if let Some(queued) = &mut session.transaction.queued {
         queued.push(args);
     }
-    Reply::Status("QUEUED".into())
+    Reply::Simple("QUEUED")
 }
 
 pub(crate) async fn run(
@@ -157,7 +161,14 @@ async fn exec(context: &Context, session: &mut Session) -> Outcome {
         let mut replies = Vec::with_capacity(queued.len());
         for args in &queued {
             // Boxed: EXEC is itself a command, so this is a recursion.
-            let reply = Box::pin(super::commands::execute(&inside, session, args.clone())).await;
+            let label = super::commands::label_of(args);
+            let reply = Box::pin(super::commands::execute(
+                &inside,
+                session,
+                label,
+                args.clone(),
+            ))
+            .await;
             replies.push(reply);
         }
         match overlay.commit(&watched).await {
@@ -212,7 +223,10 @@ impl Overlay {
     /// entry (noting the version read).
     async fn current(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
         if let Some(written) = self.state().written.get(key) {
-            return Ok(written.clone());
+            // Written with a deadline already past (PXAT 1): gone, as the
+            // store would have it.
+            let now = self.inner.now_us();
+            return Ok(written.clone().filter(|entry| !entry.expired(now)));
         }
         let entry = self.inner.get(key).await?;
         self.state()
@@ -411,7 +425,11 @@ impl Store for Overlay {
         Err(not_inside("a lease"))
     }
 
-    async fn lease(&self, _id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+    async fn lease(&self, _id: LeaseId) -> StoreResult<Option<Lease>> {
+        Err(not_inside("a lease"))
+    }
+
+    async fn lease_keys(&self, _id: LeaseId) -> StoreResult<u64> {
         Err(not_inside("a lease"))
     }
 

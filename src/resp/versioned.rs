@@ -7,7 +7,7 @@
 //!   `updated_at` (microseconds since the epoch), `expires_at` and `lease`
 //!   (null when the key has none); null when the key is absent.
 //! - `KV.SET key value [IFVERSION n | IFABSENT | IFEXISTS] [EX s | PX ms |
-//!   KEEPTTL]`: a map of `version`, `revision` and `created`.
+//!   EXAT s | PXAT ms | KEEPTTL]`: a map of `version`, `revision` and `created`.
 //! - `KV.DEL key [IFVERSION n]`: 1 when deleted, 0 when absent.
 //! - `KV.REVISION`: the store's revision.
 //!
@@ -17,7 +17,7 @@
 use bytes::Bytes;
 
 use super::commands::{
-    Outcome, Right, checked_key, integer, read, store_error, syntax_error, wrong_arity,
+    Outcome, Right, checked_key, expiry_of, integer, read, store_error, syntax_error, wrong_arity,
 };
 use super::frame::Reply;
 use super::{Context, Session};
@@ -100,19 +100,9 @@ pub(super) async fn run(
                     "IFABSENT" if condition.is_none() => condition = Some(Condition::Absent),
                     "IFEXISTS" if condition.is_none() => condition = Some(Condition::Exists),
                     "KEEPTTL" if expiry.is_none() => expiry = Some(Expiry::Keep),
-                    "EX" | "PX" if expiry.is_none() => {
+                    "EX" | "PX" | "EXAT" | "PXAT" if expiry.is_none() => {
                         let time = integer(rest.next().ok_or_else(syntax_error)?)?;
-                        let ms = if option == "EX" {
-                            time.saturating_mul(1000)
-                        } else {
-                            time
-                        };
-                        if ms <= 0 {
-                            return Err(Reply::Error(format!(
-                                "ERR invalid expire time in '{name}' command"
-                            )));
-                        }
-                        expiry = Some(Expiry::Ttl(ms.unsigned_abs()));
+                        expiry = Some(expiry_of(&option, time, name)?);
                     }
                     _ => return Err(syntax_error()),
                 }

@@ -75,13 +75,6 @@ pub struct Lease {
     pub owner: Option<String>,
 }
 
-/// A lease with the number of keys attached to it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseInfo {
-    pub lease: Lease,
-    pub keys: u64,
-}
-
 /// What revoking a lease did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revoked {
@@ -340,9 +333,13 @@ pub trait Store: Send + Sync {
     /// `LeaseNotFound` when it does not exist or has expired.
     async fn keep_lease_alive(&self, id: LeaseId) -> StoreResult<Lease>;
 
-    /// A lease and how many keys are attached to it; `None` when it does not
-    /// exist or has expired.
-    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>>;
+    /// A lease; `None` when it does not exist or has expired. Cheap: the API
+    /// asks it on every write that names a lease (to check its owner).
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<Lease>>;
+
+    /// How many keys are attached to a lease (0 for one that is gone): a
+    /// count of its keys, so only for `GET /v1/leases/{id}`.
+    async fn lease_keys(&self, id: LeaseId) -> StoreResult<u64>;
 
     /// Ends a lease and deletes every key attached to it in one revision,
     /// each with the reason `LeaseRevoked`.

@@ -17,8 +17,8 @@ use kvstore::error::StoreResult;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::layer::cache::{CacheConfig, CachedStore};
 use kvstore::storage::{
-    Change, Condition, Entry, Expiry, Feed, Found, Lease, LeaseId, LeaseInfo, Revoked, ScanPage,
-    ScanRequest, Store, WriteOp, WriteOutcome,
+    Change, Condition, Entry, Expiry, Feed, Found, Lease, LeaseId, Revoked, ScanPage, ScanRequest,
+    Store, WriteOp, WriteOutcome,
 };
 use tokio::sync::{Notify, Semaphore};
 
@@ -78,8 +78,11 @@ impl Store for StallingStore {
     async fn keep_lease_alive(&self, id: LeaseId) -> StoreResult<Lease> {
         self.inner.keep_lease_alive(id).await
     }
-    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<Lease>> {
         self.inner.lease(id).await
+    }
+    async fn lease_keys(&self, id: LeaseId) -> StoreResult<u64> {
+        self.inner.lease_keys(id).await
     }
     async fn revoke_lease(&self, id: LeaseId) -> StoreResult<Revoked> {
         self.inner.revoke_lease(id).await

@@ -392,7 +392,8 @@ async fn leases_hold_keys_until_revoked_in_one_revision() {
             if key == b"a" && *id == lease.id && *at == lease.expires_at_us
     ));
     let info = store.lease(lease.id).await.expect("lease").expect("live");
-    assert_eq!((info.keys, info.lease.owner.as_deref()), (2, Some("owner")));
+    let keys = store.lease_keys(lease.id).await.expect("lease keys");
+    assert_eq!((keys, info.owner.as_deref()), (2, Some("owner")));
     tokio::time::sleep(Duration::from_millis(20)).await;
     let renewed = store.keep_lease_alive(lease.id).await.expect("keepalive");
     assert!(renewed.expires_at_us > lease.expires_at_us);
@@ -517,6 +518,7 @@ async fn two_servers_expire_the_same_keys_once_each() {
         *per_key.entry(key.clone()).or_insert(0) += 1;
     }
     assert_eq!(per_key.len(), 220);
+    assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
     let revisions: Vec<u64> = history(&stores[0])
         .await
         .iter()

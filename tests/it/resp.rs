@@ -1037,6 +1037,22 @@ mod transactions {
         assert_eq!(done.0, "OK");
     }
 
+    async fn unwatch_inside_multi_is_queued_and_the_watch_still_holds() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut mine = connection(&server, false).await;
+        let mut other = connection(&server, false).await;
+        let _: () = redis::cmd("WATCH").arg("w").query_async(&mut mine).await.unwrap();
+        let _: () = other.set("w", "theirs").await.unwrap();
+        let _: () = redis::cmd("MULTI").query_async(&mut mine).await.unwrap();
+        let queued: String = redis::cmd("UNWATCH").query_async(&mut mine).await.unwrap();
+        assert_eq!(queued, "QUEUED");
+        let _: String = redis::cmd("SET").arg("w").arg("mine").query_async(&mut mine).await.unwrap();
+        let exec: redis::Value = redis::cmd("EXEC").query_async(&mut mine).await.unwrap();
+        assert_eq!(exec, redis::Value::Nil);
+        let w: String = mine.get("w").await.unwrap();
+        assert_eq!(w, "theirs");
+    }
+
     async fn errors_while_queuing_discard_the_transaction() {
         let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
         let request = b"MULTI\r\nSET a 1\r\nNOSUCH\r\nEXEC\r\nGET a\r\nEXEC\r\nDISCARD\r\nMULTI\r\nMULTI\r\nDISCARD\r\nQUIT\r\n";

@@ -195,6 +195,20 @@ pub(super) fn lease_keys(engine: &Engine, lease: LeaseId) -> StoreResult<Vec<Vec
         .collect()
 }
 
+/// How many keys are attached to `lease`, from one snapshot.
+pub(super) fn count_lease_keys(engine: &Engine, lease: LeaseId) -> StoreResult<u64> {
+    let mut count = 0;
+    for item in engine
+        .db
+        .snapshot()
+        .prefix(&engine.lease_keys, lease.to_be_bytes())
+    {
+        item.key()?;
+        count += 1;
+    }
+    Ok(count)
+}
+
 /// Deletes due keys and expired leases until told to stop.
 pub(super) fn run_expirer(shared: &Shared, stop: &Receiver<()>) {
     let mut wait = Duration::ZERO;

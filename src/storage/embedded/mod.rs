@@ -62,7 +62,7 @@ mod writer;
 
 use committer::Committer;
 use engine::Engine;
-use expiry::{Leases, lease_keys, run_expirer};
+use expiry::{Leases, count_lease_keys, run_expirer};
 use full_disk::{Failure, ran_out_of_space, run_watcher};
 use history::{read_changes, run_trimmer};
 use key_directory::KeyDirectory;
@@ -85,9 +85,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::Entry;
 use super::codec;
 use super::{
-    Change, Clock, DeleteReason, FailedCondition, Feed, Found, History, Lease, LeaseId, LeaseInfo,
-    OpResult, Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome, deadline_after,
-    new_lease_id, system_now_us,
+    Change, Clock, DeleteReason, FailedCondition, Feed, Found, History, Lease, LeaseId, OpResult,
+    Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome, deadline_after, new_lease_id,
+    system_now_us,
 };
 use crate::error::{StoreError, StoreResult};
 use crate::timing;
@@ -683,18 +683,16 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
-        let Some(lease) = self.shared.leases.live(id, self.shared.now_us()) else {
-            return Ok(None);
-        };
-        self.run_blocking(move |shared| {
-            let keys = shared.with_engine(|engine| lease_keys(engine, id))?;
-            Ok(Some(LeaseInfo {
-                lease,
-                keys: keys.len() as u64,
-            }))
-        })
-        .await
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<Lease>> {
+        Ok(self.shared.leases.live(id, self.shared.now_us()))
+    }
+
+    async fn lease_keys(&self, id: LeaseId) -> StoreResult<u64> {
+        if self.shared.leases.live(id, self.shared.now_us()).is_none() {
+            return Ok(0);
+        }
+        self.run_blocking(move |shared| shared.with_engine(|engine| count_lease_keys(engine, id)))
+            .await
     }
 
     async fn revoke_lease(&self, id: LeaseId) -> StoreResult<Revoked> {

@@ -70,8 +70,9 @@ struct Group {
     leases: Vec<(LeaseId, Option<Lease>)>,
     /// The group's change record, committed with its data.
     record: RecordBuilder,
-    /// Keys the group deletes for expiry or a revocation, by reason.
-    expired: Vec<(DeleteReason, usize)>,
+    /// Keys the group deletes for expiry, and for a lease's revocation.
+    expired: usize,
+    revoked: usize,
 }
 
 impl Group {
@@ -82,7 +83,8 @@ impl Group {
             index: HashMap::new(),
             leases: Vec::new(),
             record: RecordBuilder::new(),
-            expired: Vec::new(),
+            expired: 0,
+            revoked: 0,
         }
     }
 
@@ -111,6 +113,16 @@ impl Group {
             }
         }
         self.pending.insert(key, new);
+    }
+
+    /// Counts keys the group deletes for `reason` (a client's deletes are
+    /// not counted).
+    fn ended(&mut self, reason: DeleteReason, keys: usize) {
+        match reason {
+            DeleteReason::Expired => self.expired += keys,
+            DeleteReason::LeaseRevoked => self.revoked += keys,
+            DeleteReason::Deleted => {}
+        }
     }
 
     /// The key's metadata as this group leaves it so far, if it wrote it.
@@ -148,7 +160,7 @@ impl Writer {
         group.record.revision(self.revision, 1);
         group.record.delete(key, meta.version, reason);
         group.set(key.to_vec(), Some(meta), None);
-        group.expired.push((reason, 1));
+        group.ended(reason, 1);
     }
 
     /// The engine, unless writes are refused (then why, see [`refusal`]).
@@ -223,6 +235,7 @@ impl Writer {
             leases,
             record,
             expired,
+            revoked,
         } = group;
         let keys_written = pending.len();
         let record = record.finish(self.revision, shared.now_us());
@@ -287,8 +300,13 @@ impl Writer {
             return Err(shared.engine_failed(what, &err));
         }
         shared.space.committed(bytes_written as u64);
-        for (reason, keys) in expired {
-            count_expired(reason, keys);
+        for (reason, keys) in [
+            (DeleteReason::Expired, expired),
+            (DeleteReason::LeaseRevoked, revoked),
+        ] {
+            if keys > 0 {
+                count_expired(reason, keys);
+            }
         }
         for (key, write) in pending {
             self.directory.set(key, write.map(|(meta, _)| meta));
@@ -532,7 +550,7 @@ impl Writer {
             self.revision += 1;
             group.record.revision(self.revision, deleted.len());
         }
-        group.expired.push((reason, deleted.len()));
+        group.ended(reason, deleted.len());
         let mut keys = Vec::with_capacity(deleted.len());
         for (key, meta) in deleted {
             group.record.delete(&key, meta.version, reason);

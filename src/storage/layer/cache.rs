@@ -42,8 +42,8 @@ use quick_cache::Weighter;
 
 use crate::error::StoreResult;
 use crate::storage::{
-    Change, Entry, Feed, Found, Lease, LeaseId, LeaseInfo, OpResult, Revoked, ScanPage,
-    ScanRequest, Store, WriteOp, WriteOutcome,
+    Change, Entry, Feed, Found, Lease, LeaseId, OpResult, Revoked, ScanPage, ScanRequest, Store,
+    WriteOp, WriteOutcome,
 };
 
 /// A write's keys, each with its value when it may be cached.
@@ -494,8 +494,12 @@ impl Store for CachedStore {
         self.inner.keep_lease_alive(id).await
     }
 
-    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<Lease>> {
         self.inner.lease(id).await
+    }
+
+    async fn lease_keys(&self, id: LeaseId) -> StoreResult<u64> {
+        self.inner.lease_keys(id).await
     }
 
     /// The revoked keys leave the cache as deletes do. (A lease that expires

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 
 use crate::error::{StoreError, StoreResult};
 use crate::storage::{
-    Change, Entry, Feed, Found, Lease, LeaseId, LeaseInfo, Revoked, ScanPage, ScanRequest, Store,
-    WriteOp, WriteOutcome,
+    Change, Entry, Feed, Found, Lease, LeaseId, Revoked, ScanPage, ScanRequest, Store, WriteOp,
+    WriteOutcome,
 };
 use crate::timing;
 
@@ -108,8 +108,12 @@ impl Store for GuardedStore {
             .await
     }
 
-    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<Lease>> {
         self.call("lease", self.inner.lease(id)).await
+    }
+
+    async fn lease_keys(&self, id: LeaseId) -> StoreResult<u64> {
+        self.call("lease_keys", self.inner.lease_keys(id)).await
     }
 
     async fn revoke_lease(&self, id: LeaseId) -> StoreResult<Revoked> {

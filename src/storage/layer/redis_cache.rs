@@ -31,8 +31,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::error::StoreResult;
 use crate::storage::{
-    Change, Entry, Feed, Found, Lease, LeaseId, LeaseInfo, Revoked, ScanPage, ScanRequest, Store,
-    WriteOp, WriteOutcome,
+    Change, Entry, Feed, Found, Lease, LeaseId, Revoked, ScanPage, ScanRequest, Store, WriteOp,
+    WriteOutcome,
 };
 
 /// After a failure, Redis is left alone this long before it is tried again,
@@ -523,8 +523,12 @@ impl Store for RedisCachedStore {
         self.inner.keep_lease_alive(id).await
     }
 
-    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<Lease>> {
         self.inner.lease(id).await
+    }
+
+    async fn lease_keys(&self, id: LeaseId) -> StoreResult<u64> {
+        self.inner.lease_keys(id).await
     }
 
     /// The revoked keys leave the cache as deletes do. (A lease that expires

@@ -24,7 +24,7 @@ use super::sql::{EXPIRED, LEASE_ENDED, lease_id, lease_param, ttl_ms_param};
 use super::{MAX_ATTEMPTS, Shared};
 use crate::error::{StoreError, StoreResult};
 use crate::storage::changes::count_expired;
-use crate::storage::{DeleteReason, Lease, LeaseId, LeaseInfo, Revoked, new_lease_id};
+use crate::storage::{DeleteReason, Lease, LeaseId, Revoked, new_lease_id};
 
 /// How often the expirer looks for due keys and leases: well within the
 /// second allowed between a deadline and its delete.
@@ -281,22 +281,27 @@ impl Shared {
         })
     }
 
-    pub(super) async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+    pub(super) async fn lease(&self, id: LeaseId) -> StoreResult<Option<Lease>> {
         let (sql, param) = (self.sql.lease.as_str(), lease_param(id));
         let row = self
             .read(|client| async move { client.query_opt(sql, &[&param]).await })
             .await?;
         row.map(|row| {
-            Ok(LeaseInfo {
-                lease: Lease {
-                    id,
-                    ttl_ms: to_u64(column(&row, 0)?)?,
-                    expires_at_us: column(&row, 1)?,
-                    owner: column(&row, 2)?,
-                },
-                keys: to_u64(column(&row, 3)?)?,
+            Ok(Lease {
+                id,
+                ttl_ms: to_u64(column(&row, 0)?)?,
+                expires_at_us: column(&row, 1)?,
+                owner: column(&row, 2)?,
             })
         })
         .transpose()
+    }
+
+    pub(super) async fn lease_keys(&self, id: LeaseId) -> StoreResult<u64> {
+        let (sql, param) = (self.sql.count_lease_keys.as_str(), lease_param(id));
+        let row = self
+            .read(|client| async move { client.query_one(sql, &[&param]).await })
+            .await?;
+        to_u64(column(&row, 0)?)
     }
 }

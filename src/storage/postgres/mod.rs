@@ -65,7 +65,7 @@ use tokio_postgres::{NoTls, Row};
 
 use super::{
     Change, Condition, DeleteReason, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId,
-    LeaseInfo, OpResult, Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+    OpResult, Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
 
@@ -832,8 +832,12 @@ impl Store for PostgresStore {
         self.shared.keep_lease_alive(id).await
     }
 
-    async fn lease(&self, id: LeaseId) -> StoreResult<Option<LeaseInfo>> {
+    async fn lease(&self, id: LeaseId) -> StoreResult<Option<Lease>> {
         self.shared.lease(id).await
+    }
+
+    async fn lease_keys(&self, id: LeaseId) -> StoreResult<u64> {
+        self.shared.lease_keys(id).await
     }
 
     async fn revoke_lease(&self, id: LeaseId) -> StoreResult<Revoked> {

@@ -123,6 +123,7 @@ pub(super) struct Sql {
     pub(super) grant_lease: String,
     pub(super) keep_lease_alive: String,
     pub(super) lease: String,
+    pub(super) count_lease_keys: String,
     /// The change log's tables (see `watch.rs`).
     pub(super) revisions: String,
     pub(super) watermark: String,
@@ -487,9 +488,12 @@ impl Sql {
                  RETURNING ttl_ms, expires_at_us, owner"
             ),
             lease: format!(
-                "SELECT l.ttl_ms, l.expires_at_us, l.owner,
-                        (SELECT count(*) FROM {kv} e WHERE e.lease = l.id)
-                 FROM {leases} l WHERE l.id = $1 AND l.expires_at_us > {NOW_US}"
+                "SELECT ttl_ms, expires_at_us, owner FROM {leases}
+                 WHERE id = $1 AND expires_at_us > {NOW_US}"
+            ),
+            count_lease_keys: format!(
+                "SELECT count(*) FROM {kv} e JOIN {leases} l ON l.id = e.lease
+                 WHERE e.lease = $1 AND l.expires_at_us > {NOW_US}"
             ),
             kv,
             leases,
