@@ -34,71 +34,73 @@ pub(super) const MAX_ATTEMPTS: usize = 64;
 /// (`redis_version`) to choose what to send.
 const REDIS_VERSION: &str = "7.2.0";
 
-/// The commands this front door knows, as their metrics label.
-const COMMANDS: &[&str] = &[
-    "append",
-    "auth",
-    "client",
-    "command",
-    "config",
-    "copy",
-    "dbsize",
-    "decr",
-    "decrby",
-    "discard",
-    "del",
-    "echo",
-    "exec",
-    "exists",
-    "expire",
-    "expireat",
-    "expiretime",
-    "flushall",
-    "flushdb",
-    "get",
-    "getdel",
-    "getex",
-    "getrange",
-    "getset",
-    "hello",
-    "incr",
-    "incrby",
-    "incrbyfloat",
-    "info",
-    "keys",
-    "kv.del",
-    "kv.get",
-    "kv.revision",
-    "kv.set",
-    "mget",
-    "mset",
-    "msetnx",
-    "multi",
-    "persist",
-    "pexpire",
-    "pexpireat",
-    "pexpiretime",
-    "ping",
-    "psetex",
-    "pttl",
-    "quit",
-    "randomkey",
-    "rename",
-    "renamenx",
-    "reset",
-    "scan",
-    "select",
-    "set",
-    "setex",
-    "setnx",
-    "setrange",
-    "strlen",
-    "time",
-    "ttl",
-    "type",
-    "unlink",
-    "unwatch",
-    "watch",
+/// The commands this front door knows, as their metrics label, with their
+/// arity as Redis counts it: the number of words with the name, or at least
+/// that many when negative.
+const COMMANDS: &[(&str, i32)] = &[
+    ("append", 3),
+    ("auth", -2),
+    ("client", -2),
+    ("command", -1),
+    ("config", -2),
+    ("copy", -3),
+    ("dbsize", 1),
+    ("decr", 2),
+    ("decrby", 3),
+    ("discard", 1),
+    ("del", -2),
+    ("echo", 2),
+    ("exec", 1),
+    ("exists", -2),
+    ("expire", -3),
+    ("expireat", -3),
+    ("expiretime", 2),
+    ("flushall", -1),
+    ("flushdb", -1),
+    ("get", 2),
+    ("getdel", 2),
+    ("getex", -2),
+    ("getrange", 4),
+    ("getset", 3),
+    ("hello", -1),
+    ("incr", 2),
+    ("incrby", 3),
+    ("incrbyfloat", 3),
+    ("info", -1),
+    ("keys", 2),
+    ("kv.del", -2),
+    ("kv.get", 2),
+    ("kv.revision", 1),
+    ("kv.set", -3),
+    ("mget", -2),
+    ("mset", -3),
+    ("msetnx", -3),
+    ("multi", 1),
+    ("persist", 2),
+    ("pexpire", -3),
+    ("pexpireat", -3),
+    ("pexpiretime", 2),
+    ("ping", -1),
+    ("psetex", 4),
+    ("pttl", 2),
+    ("quit", -1),
+    ("randomkey", 1),
+    ("rename", 3),
+    ("renamenx", 3),
+    ("reset", 1),
+    ("scan", -2),
+    ("select", 2),
+    ("set", -3),
+    ("setex", 4),
+    ("setnx", 3),
+    ("setrange", 4),
+    ("strlen", 2),
+    ("time", 1),
+    ("ttl", 2),
+    ("type", 2),
+    ("unlink", -2),
+    ("unwatch", 1),
+    ("watch", -2),
 ];
 
 /// A command's name as this front door knows it, lowercase (Redis's error
@@ -109,9 +111,27 @@ pub(crate) fn label_of(args: &[Bytes]) -> &'static str {
     let name = args.first().map_or(&[][..], |name| name.as_ref());
     COMMANDS
         .iter()
-        .find(|known| known.as_bytes().eq_ignore_ascii_case(name))
-        .copied()
-        .unwrap_or("unknown")
+        .find(|(known, _)| known.as_bytes().eq_ignore_ascii_case(name))
+        .map_or("unknown", |&(known, _)| known)
+}
+
+/// Whether a known command has as many words as it takes. Checked before a
+/// command is queued inside MULTI, as Redis does, so that EXEC refuses a
+/// transaction holding one that could only fail; outside MULTI each command
+/// checks its own words.
+pub(crate) fn arity_holds(label: &str, words: usize) -> bool {
+    COMMANDS
+        .iter()
+        .find(|(known, _)| *known == label)
+        .is_some_and(|&(_, arity)| {
+            let words = i64::try_from(words).unwrap_or(i64::MAX);
+            let arity = i64::from(arity);
+            if arity < 0 {
+                words >= -arity
+            } else {
+                words == arity
+            }
+        })
 }
 
 fn count(label: &'static str, took: std::time::Duration) {
@@ -199,6 +219,10 @@ pub(crate) async fn execute(
         if label == "unknown" {
             session.transaction.fail();
             return unknown_command(&String::from_utf8_lossy(name), args);
+        }
+        if !arity_holds(label, all.len()) {
+            session.transaction.fail();
+            return wrong_arity(label);
         }
         return super::transaction::queue(session, label, all);
     }

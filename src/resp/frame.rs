@@ -1,10 +1,13 @@
 //! RESP framing: commands in (RESP arrays of bulk strings, or inline lines as
 //! redis-cli and `PING_INLINE` send), replies out in RESP2 or RESP3.
 //!
-//! The parser keeps no state between calls: each call re-reads the command
-//! at the front of the buffer from its start. That stays linear in the
-//! payload because only the short `*N` / `$N` header lines are read again;
-//! a bulk string's bytes are skipped by its declared length, never scanned.
+//! A command that has not fully arrived is not read again from its start on
+//! every read: the parser keeps the arguments it has found and how far the
+//! current line was searched for its end, so that a command trickled in a
+//! few bytes at a time costs time linear in its size. A bulk string's bytes
+//! are skipped by its declared length, never scanned.
+
+use std::ops::Range;
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -29,33 +32,27 @@ impl ProtocolError {
     }
 }
 
-/// Takes one complete command from the front of `buf`, if there is one: a
-/// RESP array of bulk strings (`*2\r\n$3\r\nGET\r\n$1\r\nk\r\n`), or an
-/// inline command (a line of space-separated words ending in \n or \r\n,
-/// split as Redis's `sdssplitargs` does).
+/// Reads commands from the front of one connection's buffer.
 ///
-/// `Ok(None)`: incomplete, read more; only empty commands (an empty inline
-/// line, `*0`, `*-1`), which are skipped, have then been taken from `buf`.
-/// A RESP array's arguments are zero-copy slices of the buffer.
-pub fn parse_command(
-    buf: &mut BytesMut,
-    limits: &FrameLimits,
-) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-    loop {
-        let Some(&first) = buf.first() else {
-            return Ok(None);
-        };
-        let parsed = if first == b'*' {
-            parse_multibulk(buf, limits)?
-        } else {
-            parse_inline(buf, limits)?
-        };
-        match parsed {
-            Parsed::Incomplete => return Ok(None),
-            Parsed::Empty => continue,
-            Parsed::Command(args) => return Ok(Some(args)),
-        }
-    }
+/// Between calls the caller may only append to the buffer: the parser
+/// remembers positions in the bytes it has seen but not yet taken.
+#[derive(Debug)]
+pub struct CommandParser {
+    limits: FrameLimits,
+    /// The array at the front of the buffer, once its count line is in.
+    array: Option<PartialArray>,
+    /// How many bytes of the current line, from its start, are known to
+    /// hold no terminator.
+    scanned: usize,
+}
+
+#[derive(Debug)]
+struct PartialArray {
+    args: usize,
+    /// The arguments found so far, as ranges of the buffer.
+    found: Vec<Range<usize>>,
+    /// Where the next argument's `$N` line starts.
+    next: usize,
 }
 
 enum Parsed {
@@ -65,6 +62,208 @@ enum Parsed {
     Command(Vec<Bytes>),
 }
 
+impl CommandParser {
+    pub fn new(limits: FrameLimits) -> Self {
+        Self {
+            limits,
+            array: None,
+            scanned: 0,
+        }
+    }
+
+    /// Takes one complete command from the front of `buf`, if there is one:
+    /// a RESP array of bulk strings (`*2\r\n$3\r\nGET\r\n$1\r\nk\r\n`), or an
+    /// inline command (a line of space-separated words ending in \n or
+    /// \r\n, split as Redis's `sdssplitargs` does).
+    ///
+    /// `Ok(None)`: incomplete, read more; only empty commands (an empty
+    /// inline line, `*0`, `*-1`), which are skipped, have then been taken
+    /// from `buf`. A RESP array's arguments are zero-copy slices of the
+    /// buffer. After an error the connection is to be closed.
+    pub fn next_command(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+        loop {
+            let parsed = match self.array.take() {
+                Some(array) => self.read_arguments(buf, array),
+                None => match buf.first() {
+                    None => return Ok(None),
+                    Some(b'*') => self.read_array(buf),
+                    Some(_) => self.read_inline(buf),
+                },
+            };
+            match parsed {
+                Ok(Parsed::Incomplete) => return Ok(None),
+                Ok(Parsed::Empty) => continue,
+                Ok(Parsed::Command(args)) => return Ok(Some(args)),
+                Err(error) => {
+                    self.scanned = 0;
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    fn read_array(&mut self, buf: &mut BytesMut) -> Result<Parsed, ProtocolError> {
+        const INVALID_COUNT: &str = "invalid multibulk length";
+
+        let Some(count) = self.read_header(buf, 0, "too big mbulk count string", INVALID_COUNT)?
+        else {
+            return Ok(Parsed::Incomplete);
+        };
+        if count.value <= 0 {
+            // Redis skips `*0` and `*-1` (and any count below zero) silently.
+            buf.advance(count.next);
+            return Ok(Parsed::Empty);
+        }
+        let args = usize::try_from(count.value)
+            .ok()
+            .filter(|&n| n <= self.limits.max_args)
+            .ok_or_else(|| ProtocolError::new(INVALID_COUNT))?;
+        // The capacity is not taken from the client's count, which costs
+        // nothing to send.
+        let array = PartialArray {
+            args,
+            found: Vec::with_capacity(args.min(1024)),
+            next: count.next,
+        };
+        self.read_arguments(buf, array)
+    }
+
+    /// Finds the array's remaining arguments; nothing is taken from `buf`
+    /// until all of them are in.
+    fn read_arguments(
+        &mut self,
+        buf: &mut BytesMut,
+        mut array: PartialArray,
+    ) -> Result<Parsed, ProtocolError> {
+        const INVALID_BULK: &str = "invalid bulk length";
+
+        while array.found.len() < array.args {
+            let Some(&kind) = buf.get(array.next) else {
+                self.array = Some(array);
+                return Ok(Parsed::Incomplete);
+            };
+            if kind != b'$' {
+                return Err(ProtocolError(format!(
+                    "expected '$', got '{}'",
+                    printable(kind)
+                )));
+            }
+            let Some(bulk) =
+                self.read_header(buf, array.next, "too big bulk count string", INVALID_BULK)?
+            else {
+                self.array = Some(array);
+                return Ok(Parsed::Incomplete);
+            };
+            let len = usize::try_from(bulk.value)
+                .ok()
+                .filter(|&n| n <= self.limits.max_bulk)
+                .ok_or_else(|| ProtocolError::new(INVALID_BULK))?;
+            let end = bulk.next.saturating_add(len);
+            let after = end.saturating_add(2);
+            if buf.len() < after {
+                // The `$N` line is read again when more has come: it is
+                // short, unlike the string it announces.
+                self.array = Some(array);
+                return Ok(Parsed::Incomplete);
+            }
+            // Redis skips these two bytes unread; a client that sent a
+            // length that does not match its data would otherwise have the
+            // rest of the data read as the next command.
+            if buf.get(end..after) != Some(b"\r\n".as_slice()) {
+                return Err(ProtocolError::new("expected CRLF after bulk string"));
+            }
+            array.found.push(bulk.next..end);
+            array.next = after;
+        }
+        let frame = buf.split_to(array.next).freeze();
+        Ok(Parsed::Command(
+            array
+                .found
+                .into_iter()
+                .map(|range| frame.slice(range))
+                .collect(),
+        ))
+    }
+
+    /// Reads the number of the header line starting at `start` (its type
+    /// byte, `*` or `$`, already checked). `None`: the line is not complete
+    /// yet.
+    fn read_header(
+        &mut self,
+        buf: &[u8],
+        start: usize,
+        too_long: &str,
+        invalid: &str,
+    ) -> Result<Option<Header>, ProtocolError> {
+        let rest = buf.get(start..).unwrap_or_default();
+        // Like Redis, a line without its '\r' is waited for until it passes
+        // the inline limit; the search stops there so that an endless line
+        // is not scanned further.
+        let window = rest
+            .get(..self.limits.max_inline.saturating_add(1))
+            .unwrap_or(rest);
+        let Some(cr) = find_from(window, self.scanned, b'\r') else {
+            if rest.len() > self.limits.max_inline {
+                return Err(ProtocolError::new(too_long));
+            }
+            self.scanned = window.len();
+            return Ok(None);
+        };
+        match rest.get(cr + 1) {
+            None => {
+                self.scanned = cr;
+                return Ok(None);
+            }
+            Some(b'\n') => {}
+            Some(_) => return Err(ProtocolError::new(invalid)),
+        }
+        self.scanned = 0;
+        let digits = window.get(1..cr).unwrap_or_default();
+        let value = parse_redis_integer(digits).ok_or_else(|| ProtocolError::new(invalid))?;
+        Ok(Some(Header {
+            value,
+            next: start + cr + 2,
+        }))
+    }
+
+    fn read_inline(&mut self, buf: &mut BytesMut) -> Result<Parsed, ProtocolError> {
+        const TOO_BIG: &str = "too big inline request";
+
+        // A line longer than the limit is refused whether or not its '\n'
+        // came in the same read (Redis refuses it only when it did not), so
+        // that the limit does not depend on how the bytes were split. With
+        // its "\r\n", a line of the limit's length ends at max_inline + 1.
+        let bytes: &[u8] = buf;
+        let window = bytes
+            .get(..self.limits.max_inline.saturating_add(2))
+            .unwrap_or(bytes);
+        let Some(newline) = find_from(window, self.scanned, b'\n') else {
+            let pending = window.strip_suffix(b"\r").unwrap_or(window);
+            if pending.len() > self.limits.max_inline {
+                return Err(ProtocolError::new(TOO_BIG));
+            }
+            self.scanned = window.len();
+            return Ok(Parsed::Incomplete);
+        };
+        self.scanned = 0;
+        let line = window.get(..newline).unwrap_or_default();
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.len() > self.limits.max_inline {
+            return Err(ProtocolError::new(TOO_BIG));
+        }
+        let args =
+            split_args(line).ok_or_else(|| ProtocolError::new("unbalanced quotes in request"))?;
+        buf.advance(newline + 1);
+        if args.is_empty() {
+            return Ok(Parsed::Empty);
+        }
+        Ok(Parsed::Command(args.into_iter().map(Bytes::from).collect()))
+    }
+}
+
 /// What a header line (`*N` or `$N`) holds: its number and where the next
 /// line starts.
 struct Header {
@@ -72,132 +271,13 @@ struct Header {
     next: usize,
 }
 
-/// Reads the number of the header line starting at `start` (its type byte,
-/// `*` or `$`, already checked). `None`: the line is not complete yet.
-fn read_header(
-    buf: &[u8],
-    start: usize,
-    limits: &FrameLimits,
-    too_long: &str,
-    invalid: &str,
-) -> Result<Option<Header>, ProtocolError> {
-    let rest = buf.get(start..).unwrap_or_default();
-    // Like Redis, a line without its '\r' is waited for until it passes the
-    // inline limit; the search stops there so that an endless line is not
-    // scanned further on every read.
-    let window = rest
-        .get(..limits.max_inline.saturating_add(1))
-        .unwrap_or(rest);
-    let Some(cr) = window.iter().position(|&b| b == b'\r') else {
-        if rest.len() > limits.max_inline {
-            return Err(ProtocolError::new(too_long));
-        }
-        return Ok(None);
-    };
-    match rest.get(cr + 1) {
-        None => return Ok(None),
-        Some(b'\n') => {}
-        Some(_) => return Err(ProtocolError::new(invalid)),
-    }
-    let digits = window.get(1..cr).unwrap_or_default();
-    let value = parse_redis_integer(digits).ok_or_else(|| ProtocolError::new(invalid))?;
-    Ok(Some(Header {
-        value,
-        next: start + cr + 2,
-    }))
-}
-
-fn parse_multibulk(buf: &mut BytesMut, limits: &FrameLimits) -> Result<Parsed, ProtocolError> {
-    const INVALID_COUNT: &str = "invalid multibulk length";
-    const INVALID_BULK: &str = "invalid bulk length";
-
-    let Some(count) = read_header(buf, 0, limits, "too big mbulk count string", INVALID_COUNT)?
-    else {
-        return Ok(Parsed::Incomplete);
-    };
-    if count.value <= 0 {
-        // Redis skips `*0` and `*-1` (and any count below zero) silently.
-        buf.advance(count.next);
-        return Ok(Parsed::Empty);
-    }
-    let args = usize::try_from(count.value)
-        .ok()
-        .filter(|&n| n <= limits.max_args)
-        .ok_or_else(|| ProtocolError::new(INVALID_COUNT))?;
-
-    // First find every argument without consuming anything, so that an
-    // incomplete command leaves the buffer as it was. The capacity is not
-    // taken from the client's count, which costs nothing to send.
-    let mut ranges = Vec::with_capacity(args.min(1024));
-    let mut pos = count.next;
-    for _ in 0..args {
-        let Some(&kind) = buf.get(pos) else {
-            return Ok(Parsed::Incomplete);
-        };
-        if kind != b'$' {
-            return Err(ProtocolError(format!(
-                "expected '$', got '{}'",
-                printable(kind)
-            )));
-        }
-        let Some(bulk) = read_header(buf, pos, limits, "too big bulk count string", INVALID_BULK)?
-        else {
-            return Ok(Parsed::Incomplete);
-        };
-        let len = usize::try_from(bulk.value)
-            .ok()
-            .filter(|&n| n <= limits.max_bulk)
-            .ok_or_else(|| ProtocolError::new(INVALID_BULK))?;
-        let end = bulk.next.saturating_add(len);
-        let after = end.saturating_add(2);
-        if buf.len() < after {
-            return Ok(Parsed::Incomplete);
-        }
-        // Redis skips these two bytes unread; a client that sent a length
-        // that does not match its data would otherwise have the rest of
-        // the data read as the next command.
-        if buf.get(end..after) != Some(b"\r\n".as_slice()) {
-            return Err(ProtocolError::new("expected CRLF after bulk string"));
-        }
-        ranges.push(bulk.next..end);
-        pos = after;
-    }
-    let frame = buf.split_to(pos).freeze();
-    Ok(Parsed::Command(
-        ranges.into_iter().map(|range| frame.slice(range)).collect(),
-    ))
-}
-
-fn parse_inline(buf: &mut BytesMut, limits: &FrameLimits) -> Result<Parsed, ProtocolError> {
-    const TOO_BIG: &str = "too big inline request";
-
-    // A line longer than the limit is refused whether or not its '\n' came
-    // in the same read (Redis refuses it only when it did not), so that the
-    // limit does not depend on how the bytes were split. With its "\r\n",
-    // a line of the limit's length ends at max_inline + 1.
-    let bytes: &[u8] = buf;
-    let window = bytes
-        .get(..limits.max_inline.saturating_add(2))
-        .unwrap_or(bytes);
-    let Some(newline) = window.iter().position(|&b| b == b'\n') else {
-        let pending = window.strip_suffix(b"\r").unwrap_or(window);
-        if pending.len() > limits.max_inline {
-            return Err(ProtocolError::new(TOO_BIG));
-        }
-        return Ok(Parsed::Incomplete);
-    };
-    let line = window.get(..newline).unwrap_or_default();
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if line.len() > limits.max_inline {
-        return Err(ProtocolError::new(TOO_BIG));
-    }
-    let args =
-        split_args(line).ok_or_else(|| ProtocolError::new("unbalanced quotes in request"))?;
-    buf.advance(newline + 1);
-    if args.is_empty() {
-        return Ok(Parsed::Empty);
-    }
-    Ok(Parsed::Command(args.into_iter().map(Bytes::from).collect()))
+/// The position of the first `byte` in `line` at or after `from`.
+fn find_from(line: &[u8], from: usize, byte: u8) -> Option<usize> {
+    let from = from.min(line.len());
+    line.get(from..)?
+        .iter()
+        .position(|&b| b == byte)
+        .map(|at| from + at)
 }
 
 /// Splits an inline line into arguments exactly as Redis's `sdssplitargs`:
@@ -462,7 +542,7 @@ mod tests {
     };
 
     fn parse(bytes: &[u8]) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-        parse_command(&mut BytesMut::from(bytes), &LIMITS)
+        CommandParser::new(LIMITS).next_command(&mut BytesMut::from(bytes))
     }
 
     fn command(words: &[&[u8]]) -> Vec<Bytes> {
@@ -484,9 +564,9 @@ mod tests {
     }
 
     /// Every command `buf` holds, until it holds no complete one.
-    fn drain(buf: &mut BytesMut) -> Vec<Vec<Bytes>> {
+    fn drain(parser: &mut CommandParser, buf: &mut BytesMut) -> Vec<Vec<Bytes>> {
         let mut commands = Vec::new();
-        while let Some(command) = parse_command(buf, &LIMITS).unwrap() {
+        while let Some(command) = parser.next_command(buf).unwrap() {
             commands.push(command);
         }
         commands
@@ -595,7 +675,10 @@ mod tests {
     fn arguments_share_the_buffer() {
         let mut buf = BytesMut::from(&b"*1\r\n$5\r\nhello\r\n"[..]);
         let start = buf.as_ptr() as usize;
-        let args = parse_command(&mut buf, &LIMITS).unwrap().unwrap();
+        let args = CommandParser::new(LIMITS)
+            .next_command(&mut buf)
+            .unwrap()
+            .unwrap();
         assert_eq!(args[0].as_ptr() as usize, start + 8);
     }
 
@@ -606,7 +689,7 @@ mod tests {
             Ok(Some(command(&[b"PING"])))
         );
         let mut buf = BytesMut::from(&b"*0\r\n\n*1\r\n$4\r\nPI"[..]);
-        assert_eq!(parse_command(&mut buf, &LIMITS), Ok(None));
+        assert_eq!(CommandParser::new(LIMITS).next_command(&mut buf), Ok(None));
         assert_eq!(&buf[..], b"*1\r\n$4\r\nPI");
     }
 
@@ -623,25 +706,27 @@ mod tests {
         assert_eq!(pipeline.len(), 65);
 
         for split in 0..=pipeline.len() {
+            let mut parser = CommandParser::new(LIMITS);
             let mut buf = BytesMut::from(&pipeline[..split]);
-            let mut commands = drain(&mut buf);
+            let mut commands = drain(&mut parser, &mut buf);
             assert_eq!(
                 commands.len(),
                 ends.iter().filter(|&&end| end <= split).count()
             );
             buf.extend_from_slice(&pipeline[split..]);
-            commands.extend(drain(&mut buf));
+            commands.extend(drain(&mut parser, &mut buf));
             assert_eq!(commands, expected, "split at {split}");
             assert!(buf.is_empty());
         }
 
         // One byte at a time: nothing is taken until a command is complete.
+        let mut parser = CommandParser::new(LIMITS);
         let mut buf = BytesMut::new();
         let mut commands = Vec::new();
         for (i, &b) in pipeline.iter().enumerate() {
             buf.extend_from_slice(&[b]);
             let before = buf.len();
-            match parse_command(&mut buf, &LIMITS).unwrap() {
+            match parser.next_command(&mut buf).unwrap() {
                 Some(command) => {
                     assert!(ends.contains(&(i + 1)), "a command at byte {i}");
                     commands.push(command);
@@ -679,7 +764,7 @@ mod tests {
         assert_eq!(parse(b"get k\0junk\n"), Ok(Some(command(&[b"get", b"k"]))));
         let mut buf = BytesMut::from(&b"PING\r\nGET k\r\nEC"[..]);
         assert_eq!(
-            drain(&mut buf),
+            drain(&mut CommandParser::new(LIMITS), &mut buf),
             vec![command(&[b"PING"]), command(&[b"GET", b"k"])]
         );
         assert_eq!(&buf[..], b"EC");
@@ -773,9 +858,10 @@ mod tests {
             let bytes: Vec<u8> = commands.iter().flat_map(|c| encode_array(c)).collect();
             let split = split.index(bytes.len() + 1);
             let mut buf = BytesMut::from(&bytes[..split]);
-            let mut parsed = drain(&mut buf);
+            let mut parser = CommandParser::new(LIMITS);
+            let mut parsed = drain(&mut parser, &mut buf);
             buf.extend_from_slice(&bytes[split..]);
-            parsed.extend(drain(&mut buf));
+            parsed.extend(drain(&mut parser, &mut buf));
             prop_assert!(buf.is_empty());
             let parsed: Vec<Vec<Vec<u8>>> = parsed
                 .into_iter()
@@ -785,22 +871,42 @@ mod tests {
         }
 
         #[test]
-        fn any_bytes_are_refused_or_make_progress(
+        fn any_bytes_read_alike_whole_or_in_pieces(
             prefix in prop::sample::select(vec![&b""[..], &b"*"[..], &b"*2\r\n$"[..], &b"*1\r\n$3\r\n"[..], &b"\""[..]]),
             bytes in prop::collection::vec(
                 prop::sample::select(vec![b'*', b'$', b'\r', b'\n', b'1', b'0', b'-', b'"', b'\'', b'\\', b'x', b' ', b'a', 0, 0xff]),
                 0..200,
             ),
             noise in prop::collection::vec(any::<u8>(), 0..64),
+            piece in 1..40usize,
         ) {
-            let mut buf = BytesMut::from(&[prefix, &bytes[..], &noise[..]].concat()[..]);
+            let input = [prefix, &bytes[..], &noise[..]].concat();
+            let whole = read_all(&[&input[..]]);
+            let pieces: Vec<&[u8]> = input.chunks(piece).collect();
+            prop_assert_eq!(read_all(&pieces), whole);
+        }
+    }
+
+    /// The commands one parser reads from `pieces` arriving one after the
+    /// other, and the error that ended them, if any.
+    fn read_all(pieces: &[&[u8]]) -> (Vec<Vec<Bytes>>, Option<ProtocolError>) {
+        let mut parser = CommandParser::new(LIMITS);
+        let mut buf = BytesMut::new();
+        let mut commands = Vec::new();
+        for piece in pieces {
+            buf.extend_from_slice(piece);
             loop {
                 let before = buf.len();
-                match parse_command(&mut buf, &LIMITS) {
-                    Ok(Some(_)) => prop_assert!(buf.len() < before),
-                    Ok(None) | Err(_) => break,
+                match parser.next_command(&mut buf) {
+                    Ok(Some(command)) => {
+                        assert!(buf.len() < before, "a command that took no bytes");
+                        commands.push(command);
+                    }
+                    Ok(None) => break,
+                    Err(error) => return (commands, Some(error)),
                 }
             }
         }
+        (commands, None)
     }
 }

@@ -42,7 +42,7 @@ use crate::api::Limits;
 use crate::api::auth::{Auth, Rights};
 use crate::server::Security;
 use crate::storage::Store;
-use frame::{FrameLimits, ProtocolError, Reply, parse_command};
+use frame::{CommandParser, FrameLimits, ProtocolError, Reply};
 
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -278,7 +278,7 @@ async fn connection(
         cursors: keyspace::Cursors::default(),
         transaction: transaction::Transaction::default(),
     };
-    let limits = FrameLimits {
+    let mut parser = CommandParser::new(FrameLimits {
         // A key or a value: the larger of the two limits.
         max_bulk: context
             .limits
@@ -286,7 +286,7 @@ async fn connection(
             .max(context.limits.max_key_bytes),
         max_args: context.config.max_args,
         max_inline: 64 << 10,
-    };
+    });
     let mut input = BytesMut::with_capacity(16 << 10);
     let mut output = BytesMut::with_capacity(16 << 10);
     let mut writes = Vec::new();
@@ -295,7 +295,7 @@ async fn connection(
         // together. A run of writes that need nothing read first goes to
         // the store in one call, to be committed under one sync.
         let failure = loop {
-            match parse_command(&mut input, &limits) {
+            match parser.next_command(&mut input) {
                 Ok(Some(args)) => {
                     let label = commands::label_of(&args);
                     if let Some(write) = commands::blind_write(context, &session, label, &args) {

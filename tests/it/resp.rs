@@ -1068,6 +1068,26 @@ mod transactions {
         assert_eq!(lines[7], "+OK", "{text}");
         assert!(lines[8].starts_with("-ERR MULTI calls can not be nested"), "{text}");
         assert_eq!(lines[9..], ["+OK", "+OK"], "{text}");
+
+        // A command with the wrong number of words is refused as it is
+        // queued, not when EXEC runs it, and dooms the transaction.
+        let request = b"MULTI\r\nSET a 1\r\nGET\r\nINCR a b\r\nEXEC\r\nEXISTS a\r\nQUIT\r\n";
+        let got = raw(&server, request, usize::MAX).await;
+        let text = String::from_utf8_lossy(&got);
+        let lines: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
+        assert_eq!(
+            lines,
+            [
+                "+OK",
+                "+QUEUED",
+                "-ERR wrong number of arguments for 'get' command",
+                "-ERR wrong number of arguments for 'incr' command",
+                "-EXECABORT Transaction discarded because of previous errors.",
+                ":0",
+                "+OK"
+            ],
+            "{text}"
+        );
     }
 
     async fn concurrent_transactions_are_serializable() {
