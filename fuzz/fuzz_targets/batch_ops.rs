@@ -1,5 +1,5 @@
-//! Batch validation on structured batches (any keys, values, conditions and
-//! op kinds), past what random JSON reaches.
+//! Batch validation on structured batches (any keys, values, conditions,
+//! expiries and op kinds), past what random JSON reaches.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -14,6 +14,9 @@ struct Op {
     value_base64: Option<String>,
     if_version: Option<u64>,
     if_absent: Option<bool>,
+    ttl_ms: Option<u64>,
+    keep_ttl: Option<bool>,
+    lease: Option<String>,
 }
 
 fuzz_target!(|ops: Vec<Op>| {
@@ -30,6 +33,9 @@ fuzz_target!(|ops: Vec<Op>| {
             value_base64: op.value_base64,
             if_version: op.if_version,
             if_absent: op.if_absent,
+            ttl_ms: op.ttl_ms,
+            keep_ttl: op.keep_ttl,
+            lease: op.lease,
         })
         .collect();
     kvstore::api::fuzzing::batch_ops(BatchRequest { ops });

@@ -44,5 +44,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let whole = read_all(std::iter::once(input));
     let pieces = read_all(input.chunks(usize::from(piece) + 1));
-    assert_eq!(whole, pieces, "whole and in pieces of {}", usize::from(piece) + 1);
+    assert_eq!(
+        whole,
+        pieces,
+        "whole and in pieces of {}",
+        usize::from(piece) + 1
+    );
 });
