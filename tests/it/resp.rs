@@ -328,6 +328,20 @@ async fn redis_py_works_over_resp2_and_resp3() {
     assert!(out.contains("RESP2 and RESP3 ok"), "{out}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ioredis_works() {
+    let Some(()) = tool("npm", "apt-get install -y nodejs npm") else {
+        return;
+    };
+    let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+    let port = server.resp_addr.expect("RESP").port().to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/ioredis/run");
+    let out = tokio::task::spawn_blocking(move || run_tool(script, &[port]))
+        .await
+        .unwrap();
+    assert!(out.contains("ioredis ok"), "{out}");
+}
+
 /// SIGKILL of the real binary while RESP clients pipeline writes: after a
 /// restart, every write that was acknowledged is there, with its value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
