@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName};
@@ -594,7 +594,9 @@ struct SseEvent {
 /// bytes as they come.
 #[derive(Default)]
 struct SseParser {
-    buffer: Vec<u8>,
+    /// What has come and is not read yet: a line is split off its front
+    /// without moving the rest.
+    buffer: BytesMut,
     /// How much of `buffer` is known to hold no line end.
     scanned: usize,
     id: Option<String>,
@@ -617,7 +619,7 @@ impl SseParser {
     /// The next complete event in what has come, if any.
     fn next_event(&mut self) -> Result<Option<SseEvent>, ClientError> {
         while let Some(line) = self.next_line() {
-            let line = String::from_utf8(line)
+            let line = std::str::from_utf8(&line)
                 .map_err(|_| ClientError::Protocol("a watch message that is not UTF-8".into()))?;
             if line.is_empty() {
                 if let Some(data) = self.data.take() {
@@ -634,7 +636,7 @@ impl SseParser {
             }
             let (field, value) = match line.split_once(':') {
                 Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-                None => (line.as_str(), ""),
+                None => (line, ""),
             };
             match field {
                 "data" => match &mut self.data {
@@ -655,8 +657,11 @@ impl SseParser {
     }
 
     /// The next whole line, without its end (`\r\n`, `\n` or `\r`).
-    fn next_line(&mut self) -> Option<Vec<u8>> {
-        let found = self.buffer[self.scanned..]
+    fn next_line(&mut self) -> Option<BytesMut> {
+        let found = self
+            .buffer
+            .get(self.scanned..)
+            .unwrap_or_default()
             .iter()
             .position(|byte| matches!(byte, b'\n' | b'\r'));
         let Some(offset) = found else {
@@ -664,20 +669,16 @@ impl SseParser {
             return None;
         };
         let end = self.scanned + offset;
-        let terminator = if self.buffer[end] == b'\r' {
-            match self.buffer.get(end + 1) {
-                Some(b'\n') => 2,
-                Some(_) => 1,
-                // A `\r` last: its `\n` may be in the next chunk.
-                None => {
-                    self.scanned = end;
-                    return None;
-                }
+        let terminator = match (self.buffer.get(end), self.buffer.get(end + 1)) {
+            (Some(b'\r'), Some(b'\n')) => 2,
+            // A `\r` last: its `\n` may be in the next chunk.
+            (Some(b'\r'), None) => {
+                self.scanned = end;
+                return None;
             }
-        } else {
-            1
+            _ => 1,
         };
-        let mut line: Vec<u8> = self.buffer.drain(..end + terminator).collect();
+        let mut line = self.buffer.split_to(end + terminator);
         line.truncate(end);
         self.scanned = 0;
         Some(line)

@@ -199,9 +199,10 @@ async fn scan(context: &Context, session: &mut Session, name: &str, args: &[Byte
         Some(last) if more => session.cursors.issue(last.clone()),
         _ => 0,
     };
+    let glob = pattern.as_deref().map(Glob::new);
     let found = examined
         .into_iter()
-        .filter(|key| all_types && pattern.as_deref().is_none_or(|p| glob_match(p, key)))
+        .filter(|key| all_types && glob.as_ref().is_none_or(|glob| glob.matches(key)))
         .map(|key| Reply::Bulk(key.into()))
         .collect();
     Ok(Reply::Array(vec![
@@ -215,6 +216,7 @@ async fn scan(context: &Context, session: &mut Session, name: &str, args: &[Byte
 /// to list a large store.
 async fn keys(context: &Context, session: &Session, pattern: &Bytes) -> Outcome {
     let prefixes = readable(session, Some(pattern));
+    let glob = Glob::new(pattern);
     let mut found = Vec::new();
     let mut after = None;
     loop {
@@ -222,7 +224,7 @@ async fn keys(context: &Context, session: &Session, pattern: &Bytes) -> Outcome 
         after = page.last().cloned();
         found.extend(
             page.into_iter()
-                .filter(|key| glob_match(pattern, key))
+                .filter(|key| glob.matches(key))
                 .map(|key| Reply::Bulk(key.into())),
         );
         if !more || after.is_none() {
@@ -755,41 +757,52 @@ fn tokens(pattern: &[u8]) -> Vec<Token> {
     tokens
 }
 
-/// Whether `key` matches the Redis glob `pattern` (case-sensitive, byte by
-/// byte, as KEYS and SCAN's MATCH compare). Linear backtracking on the last
-/// star: every other token takes exactly one byte, so trying the last star
-/// on one byte more is enough, and no pattern takes exponential time.
-pub(crate) fn glob_match(pattern: &[u8], key: &[u8]) -> bool {
-    let tokens = tokens(pattern);
-    let (mut t, mut k) = (0, 0);
-    // The last star seen, and the key position it is tried up to.
-    let mut star: Option<(usize, usize)> = None;
-    while k < key.len() {
-        match tokens.get(t) {
-            Some(Token::Star) => {
-                star = Some((t, k));
-                t += 1;
-                continue;
-            }
-            Some(token) if token.matches(key[k]) => {
-                t += 1;
-                k += 1;
-                continue;
-            }
-            _ => {}
-        }
-        match star {
-            Some((star_at, tried)) => {
-                star = Some((star_at, tried + 1));
-                t = star_at + 1;
-                k = tried + 1;
-            }
-            None => return false,
-        }
+/// A Redis glob pattern, split once, to match against many keys (KEYS and
+/// SCAN's MATCH compare case-sensitively, byte by byte).
+pub(crate) struct Glob(Vec<Token>);
+
+impl Glob {
+    pub(crate) fn new(pattern: &[u8]) -> Self {
+        Self(tokens(pattern))
     }
-    tokens[t.min(tokens.len())..]
-        .iter()
-        .all(|token| *token == Token::Star)
+
+    /// Linear backtracking on the last star: every other token takes
+    /// exactly one byte, so trying the last star on one byte more is
+    /// enough, and no pattern takes exponential time.
+    pub(crate) fn matches(&self, key: &[u8]) -> bool {
+        let tokens = &self.0;
+        let (mut t, mut k) = (0, 0);
+        // The last star seen, and the key position it is tried up to.
+        let mut star: Option<(usize, usize)> = None;
+        while let Some(&byte) = key.get(k) {
+            match tokens.get(t) {
+                Some(Token::Star) => {
+                    star = Some((t, k));
+                    t += 1;
+                    continue;
+                }
+                Some(token) if token.matches(byte) => {
+                    t += 1;
+                    k += 1;
+                    continue;
+                }
+                _ => {}
+            }
+            match star {
+                Some((star_at, tried)) => {
+                    star = Some((star_at, tried + 1));
+                    t = star_at + 1;
+                    k = tried + 1;
+                }
+                None => return false,
+            }
+        }
+        tokens
+            .get(t..)
+            .unwrap_or_default()
+            .iter()
+            .all(|token| *token == Token::Star)
+    }
 }
 
 #[cfg(test)]
@@ -797,7 +810,7 @@ mod tests {
     use super::*;
 
     fn m(pattern: &str, key: &str) -> bool {
-        glob_match(pattern.as_bytes(), key.as_bytes())
+        Glob::new(pattern.as_bytes()).matches(key.as_bytes())
     }
 
     #[test]

@@ -242,9 +242,20 @@ pub struct Found {
 /// A clock in microseconds since the Unix epoch (see [`system_now_us`]).
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
-/// The deadline `ttl_ms` milliseconds after `now_us`.
+/// The longest time to live a store keeps, in ms (about 317 years): a
+/// longer one (RESP takes any that Redis takes) is kept as this long, on
+/// every backend alike, so that a deadline in µs stays far inside an i64,
+/// PostgreSQL's int8 included.
+pub const MAX_TTL_MS: u64 = 10_000_000_000_000;
+
+/// A time to live in µs, at most [`MAX_TTL_MS`].
+pub fn capped_ttl_us(ttl_ms: u64) -> i64 {
+    i64::try_from(ttl_ms.min(MAX_TTL_MS) * 1000).unwrap_or(i64::MAX)
+}
+
+/// The deadline `ttl_ms` milliseconds (at most [`MAX_TTL_MS`]) after `now_us`.
 pub fn deadline_after(now_us: i64, ttl_ms: u64) -> i64 {
-    now_us.saturating_add(i64::try_from(ttl_ms.saturating_mul(1000)).unwrap_or(i64::MAX))
+    now_us.saturating_add(capped_ttl_us(ttl_ms))
 }
 
 /// A new lease id: random, so that ids cannot be guessed, and never 0.

@@ -974,6 +974,21 @@ mod redis_rules {
         }
     }
 
+    async fn a_relative_time_past_the_longest_kept_is_kept_as_that() {
+        let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+        let mut redis = connection(&server, false).await;
+        let longest = kvstore::storage::MAX_TTL_MS as i64;
+        for (command, ms) in [("PX", longest * 10), ("PX", longest - 5_000), ("EX", longest)] {
+            let _: () = redis::cmd("SET").arg("far").arg("v").arg(command).arg(ms).query_async(&mut redis).await.unwrap();
+            let pttl: i64 = redis.pttl("far").await.unwrap();
+            let expected = ms.min(longest);
+            assert!(
+                (expected - 10_000..=expected).contains(&pttl),
+                "SET {command} {ms}: PTTL {pttl}, expected about {expected}"
+            );
+        }
+    }
+
     }
 }
 

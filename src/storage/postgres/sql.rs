@@ -1,7 +1,7 @@
 //! The statements, with the schema's names filled in: the one place where
 //! the PostgreSQL backend keeps its rules in SQL.
 
-use super::super::{Condition, DeleteReason, Expiry, LeaseId};
+use super::super::{Condition, DeleteReason, Expiry, LeaseId, MAX_TTL_MS, capped_ttl_us};
 use super::PostgresConfig;
 
 /// Revisions above the watermark that a read or the poller looks at, at most.
@@ -35,16 +35,7 @@ pub(super) const EXPIRY_LEASE: i32 = 3;
 /// A single put's `Keep`: the locked row's deadline and lease.
 const EXPIRY_KEEP: i32 = 4;
 
-/// The longest ttl kept, in ms (about 300 years), so that a deadline in µs
-/// fits in an int8.
-const MAX_TTL_MS: u64 = 10_000_000_000_000;
-
-/// A ttl as the statements take it: µs, capped.
-fn ttl_us(ttl_ms: u64) -> i64 {
-    i64::try_from(ttl_ms.min(MAX_TTL_MS) * 1000).unwrap_or(i64::MAX)
-}
-
-/// A ttl in ms as the leases table keeps it, capped as [`ttl_us`].
+/// A ttl in ms as the leases table keeps it, capped as deadlines are.
 pub(super) fn ttl_ms_param(ttl_ms: u64) -> i64 {
     i64::try_from(ttl_ms.min(MAX_TTL_MS)).unwrap_or(i64::MAX)
 }
@@ -65,7 +56,7 @@ pub(super) fn lease_id(stored: i64) -> LeaseId {
 pub(super) fn expiry_params(expiry: Expiry) -> (i32, i64) {
     match expiry {
         Expiry::Never => (EXPIRY_NEVER, 0),
-        Expiry::Ttl(ms) => (EXPIRY_TTL, ttl_us(ms)),
+        Expiry::Ttl(ms) => (EXPIRY_TTL, capped_ttl_us(ms)),
         Expiry::At(deadline) => (EXPIRY_AT, deadline),
         Expiry::Keep => (EXPIRY_KEEP, 0),
         Expiry::Lease(id) => (EXPIRY_LEASE, lease_param(id)),
