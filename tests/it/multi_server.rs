@@ -17,7 +17,7 @@ const KEYS: u64 = 25;
 
 /// Starts one server on the schema with extra flags (and, when the schema is
 /// reached through PgBouncer, the pooler's).
-fn start(schema: &PgSchema, dir: &std::path::Path, extra: &[&str]) -> Binary {
+pub(crate) fn start(schema: &PgSchema, dir: &std::path::Path, extra: &[&str]) -> Binary {
     let mut args: Vec<&str> = vec![
         "--backend",
         "postgres",
