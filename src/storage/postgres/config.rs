@@ -225,6 +225,9 @@ mod tests {
         assert!(options(&listen).is_some_and(|o| o.contains("statement_timeout")));
 
         config.statement_timeout = Duration::ZERO;
-        assert_eq!(config.local_settings().as_deref(), Some("SET LOCAL jit = off"));
+        assert_eq!(
+            config.local_settings().as_deref(),
+            Some("SET LOCAL jit = off")
+        );
     }
 }

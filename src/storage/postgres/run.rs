@@ -106,5 +106,8 @@ impl Runner {
 
 /// The types of `params`, and their values.
 fn split<'a>(params: &[Param<'a>]) -> (Vec<Type>, Vec<&'a (dyn ToSql + Sync)>) {
-    params.iter().map(|(value, ty)| (ty.clone(), *value)).unzip()
+    params
+        .iter()
+        .map(|(value, ty)| (ty.clone(), *value))
+        .unzip()
 }

@@ -217,8 +217,8 @@ fn ci_sets_every_service() {
         "KVSTORE_TEST_PGBOUNCER_URL",
     ]
     .into_iter()
-        .filter(|variable| service_url(variable).is_none())
-        .collect();
+    .filter(|variable| service_url(variable).is_none())
+    .collect();
     assert!(
         unset.is_empty(),
         "CI=true, but {unset:?} unset: their tests would not run"
