@@ -8,6 +8,7 @@ fn main() {
     for (variable, cfg) in [
         ("KVSTORE_TEST_POSTGRES_URL", "kvstore_test_postgres"),
         ("KVSTORE_TEST_REDIS_URL", "kvstore_test_redis"),
+        ("KVSTORE_TEST_PGBOUNCER_URL", "kvstore_test_pgbouncer"),
     ] {
         println!("cargo::rerun-if-env-changed={variable}");
         println!("cargo::rustc-check-cfg=cfg({cfg})");

@@ -12,6 +12,15 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::storage::Store;
+use crate::storage::layer::cache::CacheMode;
+
+/// The cache's counters, and its gauges, in every cache mode.
+const CACHE_COUNTERS: [&str; 3] = [
+    "kvstore_cache_hits_total",
+    "kvstore_cache_misses_total",
+    "kvstore_cache_evictions_total",
+];
+const CACHE_GAUGES: [&str; 2] = ["kvstore_cache_entries", "kvstore_cache_bytes"];
 
 /// How often histogram samples are folded into their buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -79,9 +88,26 @@ impl Metrics {
     /// The metrics in Prometheus text format.
     pub fn render(&self, store: &dyn Store) -> String {
         store.report_metrics();
+        report_cache_mode(store.cache_mode());
         self.process.collect();
         self.handle.run_upkeep();
         self.handle.render()
+    }
+}
+
+/// The cache's series exist in every mode, so that one dashboard fits every
+/// deployment: zero where nothing counts them (no cache; Redis, which evicts
+/// and sizes itself, for evictions, entries and bytes), and
+/// `kvstore_cache_mode{mode}` at 1 names the mode that runs.
+fn report_cache_mode(mode: CacheMode) {
+    metrics::gauge!("kvstore_cache_mode", "mode" => mode.name()).set(1.0);
+    // Adding nothing creates a series that is missing and leaves one that a
+    // cache reports as it is.
+    for counter in CACHE_COUNTERS {
+        metrics::counter!(counter).increment(0);
+    }
+    for gauge in CACHE_GAUGES {
+        metrics::gauge!(gauge).increment(0.0);
     }
 }
 
@@ -137,19 +163,22 @@ fn describe() {
         "kvstore_storage_space_low",
         "1 while writes are refused for lack of disk space (507), 0 otherwise."
     );
-    describe_counter!("kvstore_cache_hits_total", "Reads answered by the cache.");
+    let [hits, misses, evictions] = CACHE_COUNTERS;
+    let [entries, bytes] = CACHE_GAUGES;
+    describe_counter!(hits, "Reads answered by the cache (0 without one).");
+    describe_counter!(misses, "Reads the cache passed to storage (0 without one).");
     describe_counter!(
-        "kvstore_cache_misses_total",
-        "Reads the cache passed to storage."
+        evictions,
+        "Entries the local cache dropped to stay within its bounds."
     );
-    describe_counter!(
-        "kvstore_cache_evictions_total",
-        "Entries the cache dropped to stay within its bounds."
-    );
-    describe_gauge!("kvstore_cache_entries", "Entries in the cache.");
+    describe_gauge!(entries, "Entries in the local cache.");
     describe_gauge!(
-        "kvstore_cache_bytes",
+        bytes,
         Unit::Bytes,
-        "Bytes the cache counts for its entries."
+        "Bytes the local cache counts for its entries."
+    );
+    describe_gauge!(
+        "kvstore_cache_mode",
+        "1 for the read cache that runs: mode=\"local\", \"redis\" or \"off\"."
     );
 }

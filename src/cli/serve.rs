@@ -13,7 +13,7 @@ use kvstore::storage::embedded::space::MinFree;
 use kvstore::storage::embedded::{Durability, EmbeddedConfig};
 use kvstore::storage::layer::cache::{CacheConfig, CacheMode};
 use kvstore::storage::layer::redis_cache::RedisConfig;
-use kvstore::storage::postgres::PostgresConfig;
+use kvstore::storage::postgres::{Pooler, PostgresConfig};
 
 /// Where the data lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -73,6 +73,21 @@ pub(crate) struct ServeArgs {
         default_value_t = 30_000
     )]
     postgres_statement_timeout_ms: u64,
+    /// What sits between this server and PostgreSQL: `none` (or a pooler in
+    /// session mode), or `transaction`, a pooler in transaction mode such as
+    /// PgBouncer's `pool_mode = transaction` (unnamed statements, settings
+    /// set in each transaction; needs --postgres-listen-url).
+    #[arg(long, env = "KVSTORE_POSTGRES_POOLER", default_value_t = Pooler::None,
+          value_parser = modes::<Pooler>(Pooler::ALL.iter().map(|p| p.name())))]
+    postgres_pooler: Pooler,
+    /// A direct PostgreSQL URL for LISTEN (notifications do not pass a
+    /// pooler in transaction mode); default: --postgres-url.
+    #[arg(
+        long,
+        env = "KVSTORE_POSTGRES_LISTEN_URL",
+        required_if_eq("postgres_pooler", "transaction")
+    )]
+    postgres_listen_url: Option<String>,
     /// PostgreSQL schema of kvstore's table and sequence; created if missing.
     #[arg(long, env = "KVSTORE_POSTGRES_SCHEMA", default_value = "public")]
     postgres_schema: String,
@@ -218,6 +233,8 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             config.connect_timeout = Duration::from_millis(args.postgres_connect_timeout_ms);
             config.statement_timeout = Duration::from_millis(args.postgres_statement_timeout_ms);
             config.schema.clone_from(&args.postgres_schema);
+            config.pooler = args.postgres_pooler;
+            config.listen_url.clone_from(&args.postgres_listen_url);
             config.history = history;
             stack::Backend::Postgres(config)
         }

@@ -383,6 +383,12 @@ pub trait Store: Send + Sync {
     /// size) up to date before the metrics are rendered.
     fn report_metrics(&self) {}
 
+    /// Which read cache this store is, for `/metrics`: `Off` but for the
+    /// caches themselves (asked of the store the API serves, on top).
+    fn cache_mode(&self) -> layer::cache::CacheMode {
+        layer::cache::CacheMode::Off
+    }
+
     /// A short name for logs.
     fn describe(&self) -> String;
 }

@@ -9,15 +9,16 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{Binary, PgSchema, Proxy, redis_url};
+use crate::harness::{Backend, Binary, PgSchema, Proxy, redis_url};
 use kvstore::client::Client;
 use kvstore::storage::Condition;
 
 const KEYS: u64 = 25;
 
-/// Starts one server on the schema with extra flags.
-fn start(schema: &PgSchema, dir: &std::path::Path, extra: &[&str]) -> Binary {
-    let mut args = vec![
+/// Starts one server on the schema with extra flags (and, when the schema is
+/// reached through PgBouncer, the pooler's).
+pub(crate) fn start(schema: &PgSchema, dir: &std::path::Path, extra: &[&str]) -> Binary {
+    let mut args: Vec<&str> = vec![
         "--backend",
         "postgres",
         "--postgres-url",
@@ -29,6 +30,14 @@ fn start(schema: &PgSchema, dir: &std::path::Path, extra: &[&str]) -> Binary {
         "--cursor-secret",
         "the secret every server of this test shares",
     ];
+    if let Some(direct) = &schema.direct_url {
+        args.extend([
+            "--postgres-pooler",
+            "transaction",
+            "--postgres-listen-url",
+            direct,
+        ]);
+    }
     args.extend_from_slice(extra);
     Binary::start(dir, &args)
 }
@@ -255,6 +264,23 @@ async fn redis_mode_never_reads_stale_across_servers_or_outages() {
     ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
 )]
 async fn local_mode_is_invalidated_by_notifications() {
+    local_mode_invalidation().await;
+}
+
+/// Behind PgBouncer in transaction mode, the servers LISTEN on the direct
+/// URL: the notifications still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(kvstore_test_postgres, kvstore_test_pgbouncer)),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL and KVSTORE_TEST_PGBOUNCER_URL to run it"
+)]
+async fn local_mode_behind_pgbouncer_is_invalidated_through_the_listen_url() {
+    Backend::Pgbouncer.run(local_mode_invalidation()).await;
+}
+
+/// Two servers with local caches: a write on one reaches the other's cache
+/// within the notification delay.
+async fn local_mode_invalidation() {
     let schema = PgSchema::new();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut a = start(&schema, dir.path(), &["--cache", "local"]);

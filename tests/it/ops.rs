@@ -294,3 +294,82 @@ async fn cursors_survive_a_restart_through_the_secret_in_the_data_dir() {
     assert!(err.to_string().contains("invalid_request"), "{err}");
     assert!(other.terminate());
 }
+
+/// The value of the unlabelled series `name` in a `/metrics` text.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `/metrics` of `server` (a process of its own: the counters of other
+/// tests' servers do not mix in), after a write, a read of it and a read of
+/// a missing key; stops the server.
+async fn cache_metrics_of(mut server: Binary) -> String {
+    server
+        .client
+        .put("k", "v", Condition::Any)
+        .await
+        .expect("put");
+    for key in ["k", "k", "absent"] {
+        server.client.get(key).await.expect("get");
+    }
+    let response = server
+        .client
+        .send(Method::GET, "/metrics", &[], bytes::Bytes::new())
+        .await
+        .expect("metrics");
+    assert_eq!(response.status, StatusCode::OK);
+    assert!(server.terminate());
+    String::from_utf8(response.body.to_vec()).expect("UTF-8 metrics")
+}
+
+/// The embedded default runs a local cache: its mode is named, and its
+/// counters count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_metrics_name_the_local_cache_of_the_embedded_default() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = cache_metrics_of(Binary::start(dir.path(), &[])).await;
+    assert_eq!(
+        metric_value(&text, "kvstore_cache_mode{mode=\"local\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(!text.contains("mode=\"off\""), "{text}");
+    let hits = metric_value(&text, "kvstore_cache_hits_total").expect("hits");
+    let misses = metric_value(&text, "kvstore_cache_misses_total").expect("misses");
+    assert!(hits >= 1.0 && misses >= 1.0, "hits {hits}, misses {misses}");
+    for series in ["kvstore_cache_evictions_total", "kvstore_cache_entries"] {
+        assert!(metric_value(&text, series).is_some(), "{series} missing");
+    }
+}
+
+/// PostgreSQL runs without a cache by default: the cache's series are there
+/// all the same, at zero, and the mode says `off`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn cache_metrics_are_zero_without_a_cache_on_postgres() {
+    let schema = crate::harness::PgSchema::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = cache_metrics_of(crate::multi_server::start(&schema, dir.path(), &[])).await;
+    assert_eq!(
+        metric_value(&text, "kvstore_cache_mode{mode=\"off\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    for series in [
+        "kvstore_cache_hits_total",
+        "kvstore_cache_misses_total",
+        "kvstore_cache_evictions_total",
+        "kvstore_cache_entries",
+        "kvstore_cache_bytes",
+    ] {
+        assert_eq!(
+            metric_value(&text, series),
+            Some(0.0),
+            "{series} in:\n{text}"
+        );
+    }
+}

@@ -16,7 +16,7 @@ use crate::requests::*;
 use kvstore::client::Client;
 use kvstore::server::{self, ServerConfig};
 use kvstore::storage::layer::cache::{CacheConfig, CachedStore};
-use kvstore::storage::postgres::{PostgresConfig, PostgresStore};
+use kvstore::storage::postgres::{Pooler, PostgresConfig, PostgresStore};
 use kvstore::storage::{Condition, Expiry, OpResult, Store, WriteOp, WriteOutcome};
 use tokio::net::TcpListener;
 
@@ -383,4 +383,24 @@ async fn connections_ended_under_load_are_replaced() {
         unavailable.load(Ordering::Relaxed)
     );
     let _ = stop.send(());
+}
+
+/// Behind a pooler in transaction mode, LISTEN needs a direct connection: a
+/// store without one is refused before it connects, and the command line
+/// names the missing flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_pooler_without_a_listen_url_is_refused() {
+    let url = "postgres://kv@127.0.0.1:1/kv";
+    let mut config = PostgresConfig::new(url);
+    config.pooler = Pooler::Transaction;
+    let refused = PostgresStore::open(config).await.err().expect("refused");
+    assert!(refused.to_string().contains("listen URL"), "{refused}");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kvstore"))
+        .args(["serve", "--backend", "postgres", "--postgres-url", url])
+        .args(["--postgres-pooler", "transaction"])
+        .output()
+        .expect("run kvstore");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--postgres-listen-url"), "{stderr}");
 }

@@ -532,6 +532,10 @@ impl Store for CachedStore {
         self.inner.close().await
     }
 
+    fn cache_mode(&self) -> CacheMode {
+        CacheMode::Local
+    }
+
     fn report_metrics(&self) {
         let stats = self.stats();
         metrics::counter!("kvstore_cache_hits_total").absolute(stats.hits);

@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::error::StoreResult;
+use crate::storage::layer::cache::CacheMode;
 use crate::storage::{
     Change, Entry, Feed, Found, Lease, LeaseId, Revoked, ScanPage, ScanRequest, Store, WriteOp,
     WriteOutcome,
@@ -554,6 +555,10 @@ impl Store for RedisCachedStore {
 
     async fn close(&self) -> StoreResult<()> {
         self.inner.close().await
+    }
+
+    fn cache_mode(&self) -> CacheMode {
+        CacheMode::Redis
     }
 
     fn report_metrics(&self) {

@@ -25,6 +25,32 @@ pub struct PostgresConfig {
     pub application_name: String,
     /// How much change history to keep for watchers.
     pub history: History,
+    /// What sits between kvstore and PostgreSQL.
+    pub pooler: Pooler,
+    /// A direct connection for LISTEN, needed behind a pooler in transaction
+    /// mode (see [`Pooler::Transaction`]); `url` when unset.
+    pub listen_url: Option<String>,
+}
+
+named_enum! {
+    /// What sits between kvstore and PostgreSQL, which decides how
+    /// statements and settings are sent.
+    pub enum Pooler ("pooler") {
+        /// Nothing, or a pooler in session mode: a connection is one server
+        /// session. Statements are prepared once per connection and kept,
+        /// and the settings are startup options.
+        None = "none",
+        /// A pooler in transaction mode (PgBouncer's `pool_mode =
+        /// transaction`), which hands the server connection to another
+        /// client after each transaction: the next one may run on a session
+        /// that knows none of the first one's prepared statements or
+        /// settings, and a notification goes to whichever client holds the
+        /// session that listened. Statements are unnamed (parsed and planned
+        /// at each execution), every statement runs in a transaction that
+        /// sets the settings with `SET LOCAL`, and LISTEN uses `listen_url`,
+        /// which must then be set.
+        Transaction = "transaction",
+    }
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -38,6 +64,8 @@ impl std::fmt::Debug for PostgresConfig {
             .field("notify", &self.notify)
             .field("application_name", &self.application_name)
             .field("history", &self.history)
+            .field("pooler", &self.pooler)
+            .field("listen_url", &self.listen_url.as_deref().map(redact))
             .finish()
     }
 }
@@ -55,6 +83,8 @@ impl PostgresConfig {
             notify: false,
             application_name: "kvstore".into(),
             history: History::default(),
+            pooler: Pooler::None,
+            listen_url: None,
         }
     }
 
@@ -67,19 +97,58 @@ impl PostgresConfig {
         config.connect_timeout(self.connect_timeout);
         config.keepalives_idle(Duration::from_secs(10));
         config.application_name(&self.application_name);
-        // Every statement is short: compiling one with JIT (which a poor
-        // estimate on a table not analyzed yet can trigger) costs far more
-        // than it runs.
-        let mut options = vec![
-            config.get_options().unwrap_or_default().to_owned(),
-            "-c jit=off".to_owned(),
-        ];
+        // A pooler in transaction mode refuses startup options (PgBouncer
+        // 1.18 does): there the settings are set in each transaction.
+        if self.pooler == Pooler::None {
+            let mut options = vec![config.get_options().unwrap_or_default().to_owned()];
+            options.extend(
+                self.settings()
+                    .iter()
+                    .map(|(name, value)| format!("-c {name}={value}")),
+            );
+            config.options(options.join(" ").trim_start());
+        }
+        Ok(config)
+    }
+
+    /// The connection settings of the connections that LISTEN: direct ones
+    /// at `listen_url` when it is set.
+    pub(super) fn listen_config(&self) -> StoreResult<tokio_postgres::Config> {
+        match &self.listen_url {
+            Some(url) => PostgresConfig {
+                url: url.clone(),
+                pooler: Pooler::None,
+                listen_url: None,
+                ..self.clone()
+            }
+            .pg_config(),
+            None => self.pg_config(),
+        }
+    }
+
+    /// The settings every statement runs with, as `SET LOCAL` statements
+    /// for a pooler in transaction mode; `None` elsewhere, where they are
+    /// the connection's startup options.
+    pub(super) fn local_settings(&self) -> Option<String> {
+        (self.pooler == Pooler::Transaction).then(|| {
+            self.settings()
+                .iter()
+                .map(|(name, value)| format!("SET LOCAL {name} = {value}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+
+    /// The server settings kvstore runs with. Every statement is short:
+    /// compiling one with JIT (which a poor estimate on a table not analyzed
+    /// yet can trigger) costs far more than it runs.
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        let mut settings = vec![("jit", "off".to_owned())];
         let timeout_ms = self.statement_timeout.as_millis();
         if timeout_ms > 0 {
-            options.push(format!("-c statement_timeout={timeout_ms}"));
+            settings.push(("statement_timeout", timeout_ms.to_string()));
         }
-        config.options(options.join(" ").trim_start());
-        Ok(config)
+        settings
     }
 
     /// The notification channel of this schema.
@@ -127,6 +196,38 @@ mod tests {
         assert_eq!(
             redact("postgres://postgres@127.0.0.1/test"),
             "postgres://postgres@127.0.0.1/test"
+        );
+    }
+
+    #[test]
+    fn behind_a_transaction_pooler_settings_are_local_and_listen_is_direct() {
+        let mut config = PostgresConfig::new("postgres://kv@pooler/kv");
+        let options = |c: &tokio_postgres::Config| c.get_options().map(str::to_owned);
+        assert_eq!(
+            options(&config.pg_config().unwrap()).as_deref(),
+            Some("-c jit=off -c statement_timeout=30000")
+        );
+        assert_eq!(config.local_settings(), None);
+
+        config.pooler = Pooler::Transaction;
+        config.listen_url = Some("postgres://kv@db/kv".into());
+        // PgBouncer 1.18 refuses the startup parameter `options`.
+        assert_eq!(options(&config.pg_config().unwrap()), None);
+        assert_eq!(
+            config.local_settings().as_deref(),
+            Some("SET LOCAL jit = off; SET LOCAL statement_timeout = 30000")
+        );
+        let listen = config.listen_config().unwrap();
+        assert_eq!(
+            listen.get_hosts(),
+            [tokio_postgres::config::Host::Tcp("db".into())]
+        );
+        assert!(options(&listen).is_some_and(|o| o.contains("statement_timeout")));
+
+        config.statement_timeout = Duration::ZERO;
+        assert_eq!(
+            config.local_settings().as_deref(),
+            Some("SET LOCAL jit = off")
         );
     }
 }

@@ -19,7 +19,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::errors::{is_retryable, map_pg};
 use super::notify::notification_payloads;
-use super::rows::{column, to_u64};
+use super::rows::{column, first_row, to_u64};
 use super::sql::{EXPIRED, LEASE_ENDED, lease_id, lease_param, ttl_ms_param};
 use super::{MAX_ATTEMPTS, Shared};
 use crate::error::{StoreError, StoreResult};
@@ -86,11 +86,11 @@ impl Shared {
     ) -> StoreResult<usize> {
         for _ in 0..MAX_ATTEMPTS {
             let client = self.writer().await?;
-            let statement = client
-                .prepare_typed_cached(sql, std::slice::from_ref(&param_type))
+            match self
+                .run
+                .query(&client, sql, &[(param, param_type.clone())])
                 .await
-                .map_err(|e| map_pg(&e))?;
-            match client.query(&statement, &[param]).await {
+            {
                 Ok(rows) => {
                     if !rows.is_empty() {
                         self.kick.notify_one();
@@ -142,8 +142,9 @@ impl Shared {
     /// Up to [`LEASE_BATCH`] leases whose deadline passed.
     async fn due_leases(&self) -> StoreResult<Vec<i64>> {
         let client = self.writer().await?;
-        let rows = client
-            .query(self.sql.due_leases.as_str(), &[&LEASE_BATCH])
+        let rows = self
+            .run
+            .query(&client, &self.sql.due_leases, &[(&LEASE_BATCH, Type::INT8)])
             .await
             .map_err(|e| map_pg(&e))?;
         rows.iter().map(|row| column(row, 0)).collect()
@@ -185,23 +186,22 @@ impl Shared {
         reason: DeleteReason,
     ) -> Result<Option<Revoked>, tokio_postgres::Error> {
         let revoke = reason == DeleteReason::LeaseRevoked;
-        let end = client
-            .prepare_typed_cached(&self.sql.end_lease, &[Type::INT8, Type::BOOL])
-            .await?;
-        let lock = client
-            .prepare_typed_cached(&self.sql.lease_keys, &[Type::INT8])
-            .await?;
-        let drop_keys = client
-            .prepare_typed_cached(&self.sql.drop_keys, &[Type::BYTEA_ARRAY, Type::INT2])
-            .await?;
-        let tx = client.transaction().await?;
-        let ended = tx.query_opt(&end, &[&id, &revoke]).await?.is_some();
+        let (run, sql) = (&self.run, &self.sql);
+        let tx = run.begin(client).await?;
+        let ended = !run
+            .query_in(
+                &tx,
+                &sql.end_lease,
+                &[(&id, Type::INT8), (&revoke, Type::BOOL)],
+            )
+            .await?
+            .is_empty();
         if revoke && !ended {
             tx.rollback().await?;
             return Ok(None);
         }
-        let keys = tx
-            .query(&lock, &[&id])
+        let keys = run
+            .query_in(&tx, &sql.lease_keys, &[(&id, Type::INT8)])
             .await?
             .iter()
             .map(|row| row.try_get::<_, Vec<u8>>(0))
@@ -218,10 +218,16 @@ impl Shared {
             }));
         }
         let code = i16::from(reason.code());
-        let row = tx.query_one(&drop_keys, &[&keys, &code]).await?;
+        let row = run
+            .query_one_in(
+                &tx,
+                &sql.drop_keys,
+                &[(&keys, Type::BYTEA_ARRAY), (&code, Type::INT2)],
+            )
+            .await?;
         let revision: i64 = row.try_get(0)?;
         let written_at_us: i64 = row.try_get(1)?;
-        if let Some(notify) = &self.sql.notify {
+        if let Some(notify) = &sql.notify {
             let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
             for payload in notification_payloads(revision, written_at_us, &refs) {
                 tx.execute(notify.as_str(), &[&payload]).await?;
@@ -246,15 +252,20 @@ impl Shared {
         for _ in 0..MAX_ATTEMPTS {
             let client = self.writer().await?;
             let id = lease_param(new_lease_id()?);
-            let row = client
-                .query_opt(self.sql.grant_lease.as_str(), &[&ttl, &owner, &id])
+            let rows = self
+                .run
+                .query(
+                    &client,
+                    &self.sql.grant_lease,
+                    &[(&ttl, Type::INT8), (&owner, Type::TEXT), (&id, Type::INT8)],
+                )
                 .await
                 .map_err(|e| map_pg(&e))?;
-            if let Some(row) = row {
+            if let Some(row) = rows.first() {
                 return Ok(Lease {
-                    id: lease_id(column(&row, 0)?),
+                    id: lease_id(column(row, 0)?),
                     ttl_ms: to_u64(ttl)?,
-                    expires_at_us: column(&row, 1)?,
+                    expires_at_us: column(row, 1)?,
                     owner,
                 });
             }
@@ -268,40 +279,46 @@ impl Shared {
     /// crash of PostgreSQL once answered.
     pub(super) async fn keep_lease_alive(&self, id: LeaseId) -> StoreResult<Lease> {
         let client = self.writer().await?;
-        let row = client
-            .query_opt(self.sql.keep_lease_alive.as_str(), &[&lease_param(id)])
+        let rows = self
+            .run
+            .query(
+                &client,
+                &self.sql.keep_lease_alive,
+                &[(&lease_param(id), Type::INT8)],
+            )
             .await
-            .map_err(|e| map_pg(&e))?
-            .ok_or(StoreError::LeaseNotFound(id))?;
+            .map_err(|e| map_pg(&e))?;
+        let row = rows.first().ok_or(StoreError::LeaseNotFound(id))?;
         Ok(Lease {
             id,
-            ttl_ms: to_u64(column(&row, 0)?)?,
-            expires_at_us: column(&row, 1)?,
-            owner: column(&row, 2)?,
+            ttl_ms: to_u64(column(row, 0)?)?,
+            expires_at_us: column(row, 1)?,
+            owner: column(row, 2)?,
         })
     }
 
     pub(super) async fn lease(&self, id: LeaseId) -> StoreResult<Option<Lease>> {
-        let (sql, param) = (self.sql.lease.as_str(), lease_param(id));
-        let row = self
-            .read(|client| async move { client.query_opt(sql, &[&param]).await })
+        let (run, sql, param) = (&self.run, &self.sql.lease, lease_param(id));
+        let rows = self
+            .read(|client| async move { run.query(&client, sql, &[(&param, Type::INT8)]).await })
             .await?;
-        row.map(|row| {
-            Ok(Lease {
-                id,
-                ttl_ms: to_u64(column(&row, 0)?)?,
-                expires_at_us: column(&row, 1)?,
-                owner: column(&row, 2)?,
+        rows.first()
+            .map(|row| {
+                Ok(Lease {
+                    id,
+                    ttl_ms: to_u64(column(row, 0)?)?,
+                    expires_at_us: column(row, 1)?,
+                    owner: column(row, 2)?,
+                })
             })
-        })
-        .transpose()
+            .transpose()
     }
 
     pub(super) async fn lease_keys(&self, id: LeaseId) -> StoreResult<u64> {
-        let (sql, param) = (self.sql.count_lease_keys.as_str(), lease_param(id));
-        let row = self
-            .read(|client| async move { client.query_one(sql, &[&param]).await })
+        let (run, sql, param) = (&self.run, &self.sql.count_lease_keys, lease_param(id));
+        let rows = self
+            .read(|client| async move { run.query(&client, sql, &[(&param, Type::INT8)]).await })
             .await?;
-        to_u64(column(&row, 0)?)
+        to_u64(column(&first_row(rows)?, 0)?)
     }
 }

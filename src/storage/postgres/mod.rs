@@ -33,18 +33,20 @@ mod errors;
 mod expiry;
 mod notify;
 mod rows;
+mod run;
 mod schema;
 mod sql;
 mod watch;
 
-pub use config::PostgresConfig;
+pub use config::{Pooler, PostgresConfig};
 pub use notify::Invalidation;
 
 use config::redact;
 use errors::{is_lost_connection, is_retryable, map_pg, map_pool};
 use expiry::run_expirer;
 use notify::{Hearing, invalidations, keep_listening, notification_payloads};
-use rows::{column, row_entry, to_u64};
+use rows::{column, first_row, row_entry, to_u64};
+use run::{Param, Runner};
 use schema::migrate;
 use sql::{
     ENTRY_COLUMNS, EXPIRED, EXPIRY_AT, EXPIRY_LEASE, EXPIRY_NEVER, LEASE_ENDED, Sql,
@@ -60,7 +62,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::task::JoinHandle;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::Type;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
@@ -111,6 +113,7 @@ pub struct PostgresStore {
 struct Shared {
     pool: Pool,
     sql: Sql,
+    run: Runner,
     config: PostgresConfig,
     closed: Arc<AtomicBool>,
     /// Set once the schema is known to be in place.
@@ -136,6 +139,13 @@ impl PostgresStore {
     /// # Errors
     /// When the URL is malformed, or the schema was made by a newer kvstore.
     pub async fn open(config: PostgresConfig) -> StoreResult<Self> {
+        if config.pooler == Pooler::Transaction && config.listen_url.is_none() {
+            return Err(StoreError::Unavailable(
+                "behind a pooler in transaction mode, LISTEN needs a direct connection: \
+                 set the listen URL"
+                    .into(),
+            ));
+        }
         let pg_config = config.pg_config()?;
         let manager = Manager::from_config(
             pg_config,
@@ -153,12 +163,13 @@ impl PostgresStore {
             .build()
             .map_err(|e| StoreError::Internal(format!("building the pool: {e}")))?;
         let sql = Sql::new(&config);
+        let run = Runner::new(&config);
         // The feed starts at the watermark; when it cannot be read, the
         // poller restarts the feed there once PostgreSQL answers (until
         // then, watchers wait).
         let settled = match async {
             migrate(&pool, &config).await?;
-            settled_at_open(&pool, &sql).await
+            settled_at_open(&pool, &sql, &run).await
         }
         .await
         {
@@ -175,6 +186,7 @@ impl PostgresStore {
         let shared = Shared {
             pool,
             sql,
+            run,
             config,
             closed: Arc::new(AtomicBool::new(false)),
             schema_ready: tokio::sync::OnceCell::new_with(settled.map(|_| ())),
@@ -198,7 +210,7 @@ impl PostgresStore {
             tokio::spawn(run_trimmer(Arc::clone(&shared))),
             tokio::spawn(run_expirer(Arc::clone(&shared))),
             tokio::spawn(keep_listening(
-                shared.config.pg_config()?,
+                shared.config.listen_config()?,
                 shared.config.feed_channel(),
                 Arc::clone(&shared.closed),
                 feed_wakeups,
@@ -216,7 +228,7 @@ impl PostgresStore {
     /// connection breaks, `on` gets `Lost`, and `Resumed` once it listens again.
     pub fn listen(&self, on: Arc<dyn Fn(Invalidation) + Send + Sync>) -> StoreResult<()> {
         let task = tokio::spawn(keep_listening(
-            self.shared.config.pg_config()?,
+            self.shared.config.listen_config()?,
             self.shared.config.channel(),
             Arc::clone(&self.shared.closed),
             invalidations(on),
@@ -326,32 +338,29 @@ impl PostgresStore {
         let (expiry_kind, expiry_arg) = expiry_params(expiry);
         for _ in 0..MAX_ATTEMPTS {
             let client = self.shared.writer().await?;
-            let statement = client
-                .prepare_typed_cached(
+            let rows = match self
+                .shared
+                .run
+                .query(
+                    &client,
                     &self.shared.sql.put,
                     &[
-                        Type::BYTEA,
-                        Type::BYTEA,
-                        Type::INT4,
-                        Type::INT8,
-                        Type::INT4,
-                        Type::INT8,
+                        (&key, Type::BYTEA),
+                        (&value, Type::BYTEA),
+                        (&kind, Type::INT4),
+                        (&expected, Type::INT8),
+                        (&expiry_kind, Type::INT4),
+                        (&expiry_arg, Type::INT8),
                     ],
                 )
                 .await
-                .map_err(|e| map_pg(&e))?;
-            let row = match client
-                .query_one(
-                    &statement,
-                    &[&key, &value, &kind, &expected, &expiry_kind, &expiry_arg],
-                )
-                .await
             {
-                Ok(row) => row,
+                Ok(rows) => rows,
                 Err(err) if is_retryable(&err) => continue,
                 Err(err) => return Err(map_pg(&err)),
             };
             drop(client);
+            let row = first_row(rows)?;
             let applied: bool = column(&row, 0)?;
             let version: Option<i64> = column(&row, 1)?;
             let lease: Option<i64> = column(&row, 6)?;
@@ -401,22 +410,26 @@ impl PostgresStore {
         let (kind, expected) = condition_params(condition);
         for _ in 0..MAX_ATTEMPTS {
             let client = self.shared.writer().await?;
-            let statement = client
-                .prepare_typed_cached(
+            let rows = match self
+                .shared
+                .run
+                .query(
+                    &client,
                     &self.shared.sql.delete,
-                    &[Type::BYTEA, Type::INT4, Type::INT8],
+                    &[
+                        (&key, Type::BYTEA),
+                        (&kind, Type::INT4),
+                        (&expected, Type::INT8),
+                    ],
                 )
                 .await
-                .map_err(|e| map_pg(&e))?;
-            let row = match client
-                .query_one(&statement, &[&key, &kind, &expected])
-                .await
             {
-                Ok(row) => row,
+                Ok(rows) => rows,
                 Err(err) if is_retryable(&err) => continue,
                 Err(err) => return Err(map_pg(&err)),
             };
             drop(client);
+            let row = first_row(rows)?;
             let ok: bool = column(&row, 0)?;
             let current: Option<i64> = column(&row, 1)?;
             if !ok {
@@ -474,27 +487,12 @@ impl PostgresStore {
         client: &mut deadpool_postgres::Object,
         ops: &[WriteOp],
     ) -> Result<Attempt, tokio_postgres::Error> {
-        let lock = client
-            .prepare_typed_cached(&self.shared.sql.lock, &[Type::BYTEA_ARRAY])
-            .await?;
-        let hold_leases = client
-            .prepare_typed_cached(&self.shared.sql.hold_leases, &[Type::INT8_ARRAY])
-            .await?;
-        let apply = client
-            .prepare_typed_cached(
-                &self.shared.sql.apply,
-                &[
-                    Type::BYTEA_ARRAY,
-                    Type::BYTEA_ARRAY,
-                    Type::BYTEA_ARRAY,
-                    Type::INT4_ARRAY,
-                    Type::INT8_ARRAY,
-                ],
-            )
-            .await?;
-        let tx = client.transaction().await?;
+        let (run, sql) = (&self.shared.run, &self.shared.sql);
+        let tx = run.begin(client).await?;
         let keys: Vec<&[u8]> = ops.iter().map(WriteOp::key).collect();
-        let locked = tx.query(&lock, &[&keys]).await?;
+        let locked = run
+            .query_in(&tx, &sql.lock, &[(&keys, Type::BYTEA_ARRAY)])
+            .await?;
         // The live rows' versions, and their own deadlines and leases (what
         // a `Keep` keeps).
         let mut current = std::collections::HashMap::with_capacity(locked.len());
@@ -536,8 +534,8 @@ impl PostgresStore {
         wanted.dedup();
         if !wanted.is_empty() {
             let params: Vec<i64> = wanted.iter().copied().map(lease_param).collect();
-            let held: std::collections::HashSet<i64> = tx
-                .query(&hold_leases, &[&params])
+            let held: std::collections::HashSet<i64> = run
+                .query_in(&tx, &sql.hold_leases, &[(&params, Type::INT8_ARRAY)])
                 .await?
                 .iter()
                 .map(|row| row.try_get(0))
@@ -589,10 +587,17 @@ impl PostgresStore {
             put_kinds.push(kind);
             put_args.push(arg);
         }
-        let rows = tx
-            .query(
-                &apply,
-                &[&deletes, &put_keys, &put_values, &put_kinds, &put_args],
+        let rows = run
+            .query_in(
+                &tx,
+                &sql.apply,
+                &[
+                    (&deletes, Type::BYTEA_ARRAY),
+                    (&put_keys, Type::BYTEA_ARRAY),
+                    (&put_values, Type::BYTEA_ARRAY),
+                    (&put_kinds, Type::INT4_ARRAY),
+                    (&put_args, Type::INT8_ARRAY),
+                ],
             )
             .await?;
         let Some(first) = rows.first() else {
@@ -613,8 +618,7 @@ impl PostgresStore {
                 // The revision this attempt took is settled as a gap at once,
                 // rather than left as a hole that watchers wait for until the
                 // poller fills it.
-                client
-                    .execute(self.shared.sql.fill.as_str(), &[&vec![revision]])
+                run.query(client, &sql.fill, &[(&vec![revision], Type::INT8_ARRAY)])
                     .await?;
                 return Ok(Attempt::Again);
             }
@@ -630,7 +634,7 @@ impl PostgresStore {
                 },
             );
         }
-        if let Some(notify) = &self.shared.sql.notify {
+        if let Some(notify) = &sql.notify {
             let keys: Vec<&[u8]> = ops
                 .iter()
                 .map(WriteOp::key)
@@ -707,26 +711,23 @@ impl PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
-        let sql = &self.shared.sql.get;
-        let row = self
+        let (run, sql) = (&self.shared.run, &self.shared.sql.get);
+        let rows = self
             .shared
-            .read(|client| async move {
-                let statement = client.prepare_typed_cached(sql, &[Type::BYTEA]).await?;
-                client.query_opt(&statement, &[&key]).await
-            })
+            .read(|client| async move { run.query(&client, sql, &[(&key, Type::BYTEA)]).await })
             .await?;
-        row.map(|row| row_entry(key.to_vec(), &row, 0)).transpose()
+        rows.first()
+            .map(|row| row_entry(key.to_vec(), row, 0))
+            .transpose()
     }
 
     async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
-        let sql = &self.shared.sql.get_many;
+        let (run, sql) = (&self.shared.run, &self.shared.sql.get_many);
         let keys_ref = &keys;
         let (rows, revision) = self
             .read_at(|client| async move {
-                let statement = client
-                    .prepare_typed_cached(sql, &[Type::BYTEA_ARRAY])
-                    .await?;
-                client.query(&statement, &[keys_ref]).await
+                run.query(&client, sql, &[(keys_ref, Type::BYTEA_ARRAY)])
+                    .await
             })
             .await?;
         let mut found = std::collections::HashMap::with_capacity(rows.len());
@@ -772,18 +773,18 @@ impl Store for PostgresStore {
                 bounds.push(k);
             }
         }
-        let (sql, bounds) = (&sql, &bounds);
+        let (run, sql, bounds) = (&self.shared.run, &sql, &bounds);
         let (rows, revision) = self
             .read_at(|client| async move {
-                let types = [Type::INT8, Type::BOOL, Type::INT8, Type::BYTEA, Type::BYTEA];
-                let statement = client
-                    .prepare_typed_cached(sql, &types[..3 + bounds.len()])
-                    .await?;
-                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&limit, &keys_only, &max_bytes];
+                let mut params: Vec<Param<'_>> = vec![
+                    (&limit, Type::INT8),
+                    (&keys_only, Type::BOOL),
+                    (&max_bytes, Type::INT8),
+                ];
                 for bound in bounds {
-                    params.push(bound);
+                    params.push((bound, Type::BYTEA));
                 }
-                client.query(&statement, &params).await
+                run.query(&client, sql, &params).await
             })
             .await?;
         let mut entries = Vec::with_capacity(rows.len().min(request.limit));

@@ -40,3 +40,10 @@ pub(super) fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
     row.try_get(i)
         .map_err(|e| StoreError::Internal(format!("reading column {i}: {e}")))
 }
+
+/// The first row of a statement that always gives one.
+pub(super) fn first_row(rows: Vec<Row>) -> StoreResult<Row> {
+    rows.into_iter()
+        .next()
+        .ok_or_else(|| StoreError::Internal("a statement gave no row".into()))
+}

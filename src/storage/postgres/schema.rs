@@ -4,6 +4,7 @@
 use deadpool_postgres::Pool;
 
 use super::errors::{map_pg, map_pool};
+use super::run::Runner;
 use super::sql::ident;
 use super::{PostgresConfig, SCHEMA_VERSION, Shared};
 use crate::error::{StoreError, StoreResult};
@@ -22,7 +23,10 @@ impl Shared {
 pub(super) async fn migrate(pool: &Pool, config: &PostgresConfig) -> StoreResult<()> {
     let mut client = pool.get().await.map_err(map_pool)?;
     let schema = ident(&config.schema);
-    let tx = client.transaction().await.map_err(|e| map_pg(&e))?;
+    let tx = Runner::new(config)
+        .begin(&mut client)
+        .await
+        .map_err(|e| map_pg(&e))?;
     // One lock per schema name: servers starting together take turns, and
     // the second finds everything in place.
     tx.execute(

@@ -29,7 +29,8 @@ use deadpool_postgres::Pool;
 
 use super::Shared;
 use super::errors::{map_pg, map_pool};
-use super::rows::{column, to_u64};
+use super::rows::{column, first_row, to_u64};
+use super::run::Runner;
 use super::sql::{LOOK_AHEAD, Sql, lease_id};
 use crate::error::{StoreError, StoreResult};
 use crate::storage::changes::{OLDEST_GAUGE, REVISIONS_GAUGE};
@@ -71,15 +72,15 @@ impl Shared {
         }
         let after_param = i64::try_from(after).unwrap_or(i64::MAX);
         let limit_param = i64::try_from(limit).unwrap_or(i64::MAX);
-        let sql = &self.sql.changes;
+        let (run, sql) = (&self.run, &self.sql.changes);
         let rows = self
             .read(|client| async move {
-                let statement = client
-                    .prepare_typed_cached(sql, &[Type::INT8, Type::INT8])
-                    .await?;
-                client
-                    .query(&statement, &[&after_param, &limit_param])
-                    .await
+                run.query(
+                    &client,
+                    sql,
+                    &[(&after_param, Type::INT8), (&limit_param, Type::INT8)],
+                )
+                .await
             })
             .await?;
         let first = rows
@@ -119,13 +120,13 @@ impl Shared {
 }
 
 /// The watermark, read when the store opens (the schema is in place).
-pub(super) async fn settled_at_open(pool: &Pool, sql: &Sql) -> StoreResult<u64> {
+pub(super) async fn settled_at_open(pool: &Pool, sql: &Sql, run: &Runner) -> StoreResult<u64> {
     let client = pool.get().await.map_err(map_pool)?;
-    let row = client
-        .query_one(sql.watermark_row.as_str(), &[])
+    let rows = run
+        .query(&client, &sql.watermark_row, &[])
         .await
         .map_err(|e| map_pg(&e))?;
-    to_u64(column(&row, 0)?)
+    to_u64(column(&first_row(rows)?, 0)?)
 }
 
 /// The event of a row of `Sql::changes`, `None` when the revision has none.
@@ -222,12 +223,9 @@ impl Poller {
     async fn settle(&mut self) -> StoreResult<(u64, bool)> {
         let mut client = self.shared.client().await?;
         let sql = &self.shared.sql;
-        let statement = client
-            .prepare_typed_cached(&sql.above_watermark, &[Type::INT8])
-            .await
-            .map_err(|e| map_pg(&e))?;
-        let rows = client
-            .query(&statement, &[&LOOK_AHEAD])
+        let run = &self.shared.run;
+        let rows = run
+            .query(&client, &sql.above_watermark, &[(&LOOK_AHEAD, Type::INT8)])
             .await
             .map_err(|e| map_pg(&e))?;
         let first = rows
@@ -252,8 +250,7 @@ impl Poller {
         }
         if settled > stored {
             let through = i64::try_from(settled).unwrap_or(i64::MAX);
-            client
-                .execute(sql.advance.as_str(), &[&through])
+            run.query(&client, &sql.advance, &[(&through, Type::INT8)])
                 .await
                 .map_err(|e| map_pg(&e))?;
         }
@@ -277,7 +274,12 @@ impl Poller {
         client: &mut deadpool_postgres::Object,
         revisions: &[i64],
     ) -> StoreResult<bool> {
-        let tx = client.transaction().await.map_err(|e| map_pg(&e))?;
+        let tx = self
+            .shared
+            .run
+            .begin(client)
+            .await
+            .map_err(|e| map_pg(&e))?;
         tx.batch_execute(&format!("SET LOCAL lock_timeout = '{FILL_LOCK_TIMEOUT}'"))
             .await
             .map_err(|e| map_pg(&e))?;
@@ -357,7 +359,11 @@ async fn trim(shared: &Shared) -> StoreResult<()> {
     let keep_revisions = shared.config.history.revisions;
     let age_us = i64::try_from(shared.config.history.age.as_micros()).unwrap_or(i64::MAX);
     for _ in 0..TRIM_ROUND {
-        let tx = client.transaction().await.map_err(|e| map_pg(&e))?;
+        let tx = shared
+            .run
+            .begin(&mut client)
+            .await
+            .map_err(|e| map_pg(&e))?;
         let locked: bool = column(
             &tx.query_one(
                 "SELECT pg_try_advisory_xact_lock($1, hashtext($2))",

@@ -14,7 +14,7 @@ use kvstore::server::{self, Security, ServerConfig};
 use kvstore::stack::{self, Stack, StackConfig};
 use kvstore::storage::Store;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
-use kvstore::storage::postgres::{PostgresConfig, PostgresStore};
+use kvstore::storage::postgres::{Pooler, PostgresConfig, PostgresStore};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -159,6 +159,8 @@ pub fn is_root() -> bool {
 pub enum Backend {
     Embedded,
     Postgres,
+    /// PostgreSQL through PgBouncer in transaction pooling mode.
+    Pgbouncer,
 }
 
 tokio::task_local! {
@@ -189,6 +191,13 @@ pub fn postgres_url() -> String {
         .expect("KVSTORE_TEST_POSTGRES_URL is unset: it must be set when the tests are run, as when they were built")
 }
 
+/// A PgBouncer in transaction pooling mode in front of the tests'
+/// PostgreSQL, from `KVSTORE_TEST_PGBOUNCER_URL`.
+pub fn pgbouncer_url() -> String {
+    service_url("KVSTORE_TEST_PGBOUNCER_URL")
+        .expect("KVSTORE_TEST_PGBOUNCER_URL is unset: it must be set when the tests are run, as when they were built")
+}
+
 /// The Redis of the tests, from `KVSTORE_TEST_REDIS_URL`.
 pub fn redis_url() -> String {
     service_url("KVSTORE_TEST_REDIS_URL")
@@ -202,10 +211,14 @@ fn ci_sets_every_service() {
     if std::env::var("CI").as_deref() != Ok("true") {
         return;
     }
-    let unset: Vec<&str> = ["KVSTORE_TEST_POSTGRES_URL", "KVSTORE_TEST_REDIS_URL"]
-        .into_iter()
-        .filter(|variable| service_url(variable).is_none())
-        .collect();
+    let unset: Vec<&str> = [
+        "KVSTORE_TEST_POSTGRES_URL",
+        "KVSTORE_TEST_REDIS_URL",
+        "KVSTORE_TEST_PGBOUNCER_URL",
+    ]
+    .into_iter()
+    .filter(|variable| service_url(variable).is_none())
+    .collect();
     assert!(
         unset.is_empty(),
         "CI=true, but {unset:?} unset: their tests would not run"
@@ -217,10 +230,14 @@ fn ci_sets_every_service() {
 pub struct PgSchema {
     pub url: String,
     pub name: String,
+    /// Set when `url` is PgBouncer's (the test runs on
+    /// [`Backend::Pgbouncer`]): PostgreSQL's own, for LISTEN.
+    pub direct_url: Option<String>,
 }
 
 impl PgSchema {
-    /// A new, unique schema name on the tests' PostgreSQL.
+    /// A new, unique schema name on the tests' PostgreSQL, reached through
+    /// PgBouncer when the test runs on [`Backend::Pgbouncer`].
     pub fn new() -> Self {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -234,7 +251,18 @@ impl PgSchema {
             nanos,
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        PgSchema { url, name }
+        match Backend::current() {
+            Backend::Pgbouncer => PgSchema {
+                url: pgbouncer_url(),
+                name,
+                direct_url: Some(url),
+            },
+            _ => PgSchema {
+                url,
+                name,
+                direct_url: None,
+            },
+        }
     }
 
     /// A store configuration on this schema.
@@ -243,6 +271,10 @@ impl PgSchema {
         config.schema.clone_from(&self.name);
         config.application_name.clone_from(&self.name);
         config.pool_size = 8;
+        if let Some(direct) = &self.direct_url {
+            config.pooler = Pooler::Transaction;
+            config.listen_url = Some(direct.clone());
+        }
         config
     }
 
@@ -258,7 +290,8 @@ impl PgSchema {
 
 impl Drop for PgSchema {
     fn drop(&mut self) {
-        let (url, name) = (self.url.clone(), self.name.clone());
+        let url = self.direct_url.clone().unwrap_or_else(|| self.url.clone());
+        let name = self.name.clone();
         // Drop may run inside the test's runtime: use a thread of our own.
         let dropped = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -289,8 +322,10 @@ impl Drop for PgSchema {
 }
 
 /// Declares each test body once and runs it against every backend, as
-/// `embedded::name` and `postgres::name` (the latter ignored, with the
-/// reason, when the tests were built without `KVSTORE_TEST_POSTGRES_URL`). Attributes of the bodies
+/// `embedded::name`, `postgres::name` and `pgbouncer::name` (PostgreSQL
+/// through PgBouncer in transaction pooling mode); the latter two ignored,
+/// with the reason, when the tests were built without
+/// `KVSTORE_TEST_POSTGRES_URL` or `KVSTORE_TEST_PGBOUNCER_URL`. Attributes of the bodies
 /// (`#[tokio::test]`, docs) are dropped: each generated test is a
 /// two-thread tokio test.
 #[macro_export]
@@ -313,6 +348,19 @@ macro_rules! for_each_backend {
                 #[cfg_attr(not(kvstore_test_postgres), ignore = "set KVSTORE_TEST_POSTGRES_URL to run it")]
                 async fn $name() {
                     $crate::harness::Backend::Postgres.run(super::$name()).await;
+                }
+            )*
+        }
+
+        mod pgbouncer {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[cfg_attr(
+                    not(all(kvstore_test_postgres, kvstore_test_pgbouncer)),
+                    ignore = "set KVSTORE_TEST_POSTGRES_URL and KVSTORE_TEST_PGBOUNCER_URL to run it"
+                )]
+                async fn $name() {
+                    $crate::harness::Backend::Pgbouncer.run(super::$name()).await;
                 }
             )*
         }
@@ -355,7 +403,7 @@ impl TestServer {
                 let path = dir.path().to_path_buf();
                 Self::start_in(Some(dir), path, config, engine).await
             }
-            Backend::Postgres => {
+            Backend::Postgres | Backend::Pgbouncer => {
                 let schema = PgSchema::new();
                 let backend = stack::Backend::Postgres(schema.config());
                 let options = ClientOptions::default();
@@ -488,7 +536,7 @@ impl TestServer {
                 server.path = path;
                 server
             }
-            Backend::Postgres => {
+            Backend::Postgres | Backend::Pgbouncer => {
                 let schema = PgSchema::new();
                 let backend = stack::Backend::Postgres(schema.config());
                 let mut server =
