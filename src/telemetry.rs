@@ -177,6 +177,10 @@ fn describe() {
         Unit::Bytes,
         "Bytes the local cache counts for its entries."
     );
+    describe_counter!(
+        crate::storage::postgres::RETRIES,
+        "PostgreSQL transactions tried again, by cause: deadlock, serialization or settled_gap."
+    );
     describe_gauge!(
         "kvstore_cache_mode",
         "1 for the read cache that runs: mode=\"local\", \"redis\" or \"off\"."

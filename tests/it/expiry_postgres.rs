@@ -608,3 +608,80 @@ async fn a_version_2_schema_is_upgraded_with_its_data() {
         .get(0);
     assert_eq!(version, 3);
 }
+
+/// A lease ended while puts attach keys to it takes its locks in the order
+/// the puts take theirs (keys, then the lease): no deadlock for PostgreSQL
+/// to break, which the server would count and wait out (a second each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn ending_a_lease_while_its_keys_are_written_takes_no_deadlock() {
+    use kvstore::api::leases::parse_lease_id;
+    use kvstore::client::ClientError;
+
+    let schema = PgSchema::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A process of its own, so that its retry counter is its own.
+    let mut server = crate::multi_server::start(&schema, dir.path(), &[]);
+    let client = server.client.clone();
+    let mut workers = Vec::new();
+    for worker in 0..4 {
+        let client = client.clone();
+        workers.push(tokio::spawn(async move {
+            for round in 0..15 {
+                let lease = client.grant_lease(60_000).await.expect("grant");
+                let id = parse_lease_id(&lease.lease).expect("lease id");
+                let keys: Vec<String> = (0..5).map(|i| format!("race/{worker}/{i}")).collect();
+                for key in &keys {
+                    client
+                        .put_with(key, "a", Condition::Any, Expiry::Lease(id))
+                        .await
+                        .expect("put");
+                }
+                let writer = {
+                    let (client, keys) = (client.clone(), keys.clone());
+                    tokio::spawn(async move {
+                        for key in keys.iter().cycle().take(15) {
+                            match client
+                                .put_with(key, "b", Condition::Any, Expiry::Lease(id))
+                                .await
+                            {
+                                Ok(_) | Err(ClientError::LeaseNotFound { .. }) => {}
+                                Err(err) => panic!("put {key}: {err}"),
+                            }
+                        }
+                    })
+                };
+                client.revoke_lease(id).await.expect("revoke");
+                writer.await.expect("writer");
+                // Whatever the writer put after the revoke failed: no key
+                // outlives its lease.
+                for key in &keys {
+                    assert_eq!(
+                        client.get(key).await.expect("get"),
+                        None,
+                        "{key}, round {round}"
+                    );
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        within(300, "the lease workers", worker)
+            .await
+            .expect("worker");
+    }
+    let metrics = client
+        .send(hyper::Method::GET, "/metrics", &[], bytes::Bytes::new())
+        .await
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&metrics.body);
+    let deadlocks = text
+        .lines()
+        .find_map(|line| line.strip_prefix("kvstore_postgres_retries_total{cause=\"deadlock\"} "))
+        .map_or(0.0, |n| n.parse::<f64>().expect("a count"));
+    assert_eq!(deadlocks, 0.0, "{text}");
+    assert!(server.terminate());
+}

@@ -48,15 +48,27 @@ pub(super) fn is_lost_connection(err: &tokio_postgres::Error) -> bool {
         })
 }
 
+/// Counts the transactions tried again, by cause: contention that
+/// operators see nowhere else, since the client only sees a slower answer.
+pub const RETRIES: &str = "kvstore_postgres_retries_total";
+
 /// Whether the transaction may simply be tried again: a deadlock, a
 /// serialization failure, or a revision that was settled as a gap before the
-/// write could log it (see `watch.rs`), which a new revision cures.
+/// write could log it (see `watch.rs`), which a new revision cures. Every
+/// caller that gets `true` tries again, so the retry is counted here, in
+/// [`RETRIES`].
 pub(super) fn is_retryable(err: &tokio_postgres::Error) -> bool {
-    err.as_db_error().is_some_and(|db| {
-        matches!(db.code().code(), "40001" | "40P01")
-            || (*db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
-                && db.constraint() == Some(REVISIONS_KEY))
-    })
+    let Some(db) = err.as_db_error() else {
+        return false;
+    };
+    let cause = match db.code().code() {
+        "40P01" => "deadlock",
+        "40001" => "serialization",
+        "23505" if db.constraint() == Some(REVISIONS_KEY) => "settled_gap",
+        _ => return false,
+    };
+    metrics::counter!(RETRIES, "cause" => cause).increment(1);
+    true
 }
 
 /// The primary key of `kv_revisions`, on which a late write meets the gap

@@ -175,10 +175,14 @@ impl Shared {
         ))
     }
 
-    /// One attempt at [`Shared::end_lease`]. The lease's row is deleted
-    /// first: a put attaching a key to it holds it (FOR KEY SHARE) until it
-    /// commits, so the keys locked next are all the keys the lease will
-    /// ever have. Whoever deletes it second finds no keys left.
+    /// One attempt at [`Shared::end_lease`]. Locks are taken in the order
+    /// every write takes them, keys before the lease, so that a put on one
+    /// of the lease's keys and the lease's end cannot wait on each other:
+    /// first the keys attached now, then the lease's row, deleted (a put
+    /// attaching a new key holds the row, FOR KEY SHARE, until it commits,
+    /// so the delete waits for it), then the keys again, which now are all
+    /// the keys the lease will ever have. Whoever deletes the lease second
+    /// finds no keys left.
     async fn try_end_lease(
         &self,
         client: &mut deadpool_postgres::Object,
@@ -188,6 +192,8 @@ impl Shared {
         let revoke = reason == DeleteReason::LeaseRevoked;
         let (run, sql) = (&self.run, &self.sql);
         let tx = run.begin(client).await?;
+        run.query_in(&tx, &sql.attached_keys, &[(&id, Type::INT8)])
+            .await?;
         let ended = !run
             .query_in(
                 &tx,

@@ -39,6 +39,7 @@ mod sql;
 mod watch;
 
 pub use config::{Pooler, PostgresConfig};
+pub use errors::RETRIES;
 pub use notify::Invalidation;
 
 use config::redact;

@@ -104,6 +104,8 @@ pub(super) struct Sql {
     pub(super) expire_keys: String,
     /// Up to $1 leases whose deadline passed.
     pub(super) due_leases: String,
+    /// Locks the keys attached to lease $1, live or not.
+    pub(super) attached_keys: String,
     /// Deletes lease $1 if it is live ($2 true: a revocation) or if it has
     /// expired ($2 false).
     pub(super) end_lease: String,
@@ -447,6 +449,7 @@ impl Sql {
                 "SELECT id FROM {leases} WHERE expires_at_us <= {NOW_US}
                  ORDER BY expires_at_us LIMIT $1"
             ),
+            attached_keys: format!("SELECT key FROM {kv} WHERE lease = $1 ORDER BY key FOR UPDATE"),
             end_lease: format!(
                 "DELETE FROM {leases} WHERE id = $1 AND (expires_at_us > {NOW_US}) = $2 RETURNING id"
             ),
