@@ -29,6 +29,7 @@
 //! docs/postgres.md for the precise guarantees.
 
 mod config;
+mod connect;
 mod errors;
 mod expiry;
 mod notify;
@@ -41,6 +42,7 @@ pub use config::PostgresConfig;
 pub use notify::Invalidation;
 
 use config::redact;
+use connect::{Connector, PoolConnect};
 use errors::{is_lost_connection, is_retryable, map_pg, map_pool};
 use expiry::run_expirer;
 use notify::{Hearing, invalidations, keep_listening, notification_payloads};
@@ -61,7 +63,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 use super::{
     Change, Condition, DeleteReason, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId,
@@ -110,6 +112,8 @@ pub struct PostgresStore {
 /// What the store's requests and its background tasks share.
 struct Shared {
     pool: Pool,
+    /// Opens the pool's and the listeners' connections.
+    connector: Arc<Connector>,
     sql: Sql,
     config: PostgresConfig,
     closed: Arc<AtomicBool>,
@@ -137,9 +141,10 @@ impl PostgresStore {
     /// When the URL is malformed, or the schema was made by a newer kvstore.
     pub async fn open(config: PostgresConfig) -> StoreResult<Self> {
         let pg_config = config.pg_config()?;
-        let manager = Manager::from_config(
+        let connector = Arc::new(Connector::new(&pg_config, config.connect_timeout)?);
+        let manager = Manager::from_connect(
             pg_config,
-            NoTls,
+            PoolConnect(Arc::clone(&connector)),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -148,7 +153,8 @@ impl PostgresStore {
             .max_size(config.pool_size.max(1))
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(config.connect_timeout))
-            .create_timeout(Some(config.connect_timeout))
+            // The connector bounds each host's attempt.
+            .create_timeout(None)
             .recycle_timeout(Some(config.connect_timeout))
             .build()
             .map_err(|e| StoreError::Internal(format!("building the pool: {e}")))?;
@@ -174,6 +180,7 @@ impl PostgresStore {
         };
         let shared = Shared {
             pool,
+            connector,
             sql,
             config,
             closed: Arc::new(AtomicBool::new(false)),
@@ -198,7 +205,7 @@ impl PostgresStore {
             tokio::spawn(run_trimmer(Arc::clone(&shared))),
             tokio::spawn(run_expirer(Arc::clone(&shared))),
             tokio::spawn(keep_listening(
-                shared.config.pg_config()?,
+                Arc::clone(&shared.connector),
                 shared.config.feed_channel(),
                 Arc::clone(&shared.closed),
                 feed_wakeups,
@@ -216,7 +223,7 @@ impl PostgresStore {
     /// connection breaks, `on` gets `Lost`, and `Resumed` once it listens again.
     pub fn listen(&self, on: Arc<dyn Fn(Invalidation) + Send + Sync>) -> StoreResult<()> {
         let task = tokio::spawn(keep_listening(
-            self.shared.config.pg_config()?,
+            Arc::clone(&self.shared.connector),
             self.shared.config.channel(),
             Arc::clone(&self.shared.closed),
             invalidations(on),
