@@ -266,7 +266,10 @@ fn describe(config: &Config) -> String {
         (None, Some(Host::Unix(path))) => path.display().to_string(),
         (None, None) => String::new(),
     };
-    format!("{host}:{}", config.get_ports().first().copied().unwrap_or(5432))
+    format!(
+        "{host}:{}",
+        config.get_ports().first().copied().unwrap_or(5432)
+    )
 }
 
 #[cfg(test)]
@@ -275,9 +278,10 @@ mod tests {
 
     #[test]
     fn each_host_keeps_the_settings_and_its_own_port() {
-        let config: Config = "postgres://kv:pw@a:5433,b:5434,c:5435/db?connect_timeout=3&keepalives_idle=7"
-            .parse()
-            .unwrap();
+        let config: Config =
+            "postgres://kv:pw@a:5433,b:5434,c:5435/db?connect_timeout=3&keepalives_idle=7"
+                .parse()
+                .unwrap();
         let connector = Connector::new(&config, Duration::from_secs(1)).unwrap();
         let described: Vec<String> = connector
             .hosts
@@ -306,10 +310,7 @@ mod tests {
         connector.preferred.store(1, Ordering::Relaxed);
         assert_eq!(hosts(&connector), [1, 2, 0]);
         connector.condemn(1);
-        assert_eq!(
-            connector.order(),
-            [(2, false), (0, false), (1, true)]
-        );
+        assert_eq!(connector.order(), [(2, false), (0, false), (1, true)]);
     }
 
     #[tokio::test]
@@ -322,8 +323,9 @@ mod tests {
             .unwrap();
         let connector = Connector::new(&config, Duration::from_millis(200)).unwrap();
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(Duration::from_secs(5), connector.open()).await.unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(5), connector.open())
+            .await
+            .unwrap();
         assert!(result.is_err());
         assert!(started.elapsed() < Duration::from_secs(2));
         assert!(connector.is_suspect(0));

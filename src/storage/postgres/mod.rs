@@ -62,8 +62,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::task::JoinHandle;
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Row;
+use tokio_postgres::types::{ToSql, Type};
 
 use super::{
     Change, Condition, DeleteReason, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId,
