@@ -123,6 +123,9 @@ impl Connector {
                 Err(_) => {
                     tracing::warn!(host = %describe(&node.config), "PostgreSQL host did not answer in time; trying it last for a while");
                     self.suspect(host);
+                    // The driver's own "timeout waiting for server" error
+                    // (the constructor its blocking client uses): the pool
+                    // wants a driver error, and this one says what happened.
                     last_error = Some(tokio_postgres::Error::__private_api_timeout());
                 }
             }
