@@ -60,8 +60,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "KVSTORE_POSTGRES_POOL_SIZE", default_value_t = 16,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     postgres_pool_size: u64,
-    /// Milliseconds to wait for a PostgreSQL connection (new or from the
-    /// pool) before answering 503 unavailable.
+    /// Milliseconds to wait for a new PostgreSQL connection to one host of
+    /// the URL, or for one from the pool, before answering 503 unavailable.
     #[arg(long, env = "KVSTORE_POSTGRES_CONNECT_TIMEOUT_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     postgres_connect_timeout_ms: u64,

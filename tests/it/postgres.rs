@@ -312,6 +312,68 @@ async fn a_database_that_goes_away_and_comes_back_needs_no_restart() {
     not(kvstore_test_postgres),
     ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
 )]
+async fn a_host_that_accepts_but_never_answers_is_passed_over() {
+    // The URL's first host accepts TCP connections and never answers, as a
+    // frozen primary does; the second is the database.
+    let frozen = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let schema = PgSchema::new();
+    let (target, _) = through(&schema.url, "127.0.0.1:1".parse().expect("addr"));
+    let config: tokio_postgres::Config = schema.url.parse().expect("URL");
+    let url = format!(
+        "postgres://{}@{},{target}/{}",
+        config.get_user().unwrap_or("postgres"),
+        frozen.local_addr().expect("addr"),
+        config.get_dbname().unwrap_or("postgres"),
+    );
+    let mut config = schema.config();
+    config.url = url;
+    config.connect_timeout = Duration::from_secs(1);
+    let (client, stop) = within(10, "the server's start", serve(config)).await;
+    let start = Instant::now();
+    put_text(&client, "k", "v").await;
+    // New connections start with the host that answered.
+    for i in 0..20 {
+        put_text(&client, &format!("k{i}"), "v").await;
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn a_server_that_refuses_writes_answers_503() {
+    // A session that is read-only, as on a standby or a demoted primary.
+    let schema = PgSchema::new();
+    let separator = if schema.url.contains('?') { '&' } else { '?' };
+    let mut config = schema.config();
+    config.url = format!(
+        "{}{separator}options=-c%20default_transaction_read_only%3Don",
+        schema.url
+    );
+    config.connect_timeout = Duration::from_secs(1);
+    let (client, stop) = serve(config).await;
+    for (method, path, body) in [
+        (Method::PUT, "/v1/kv/a", r#"{"value": "v"}"#),
+        (Method::GET, "/v1/kv/a", ""),
+    ] {
+        let response = send(&client, method.clone(), path, &[JSON], body).await;
+        expect_error(&response, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    }
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
 async fn connections_ended_under_load_are_replaced() {
     let schema = PgSchema::new();
     let (client, stop) = serve(schema.config()).await;

@@ -5,14 +5,20 @@ use std::time::Duration;
 use crate::error::{StoreError, StoreResult};
 use crate::storage::History;
 
+/// The keepalive idle time of a URL that does not set one.
+const LIBPQ_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
 /// How to reach PostgreSQL.
 #[derive(Clone)]
 pub struct PostgresConfig {
-    /// A libpq-style URL or key=value string.
+    /// A libpq-style URL or key=value string; it may name several hosts
+    /// (the nodes of a replicated cluster), of which kvstore uses the one
+    /// that accepts writes.
     pub url: String,
     /// Connections the pool keeps at most.
     pub pool_size: usize,
-    /// Longest wait for a new connection, and for a free one from the pool.
+    /// Longest wait for a new connection to one host, and for a free one
+    /// from the pool.
     pub connect_timeout: Duration,
     /// Statements running longer are cancelled by the server.
     pub statement_timeout: Duration,
@@ -95,7 +101,21 @@ impl PostgresConfig {
             .parse()
             .map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL URL: {e}")))?;
         config.connect_timeout(self.connect_timeout);
-        config.keepalives_idle(Duration::from_secs(10));
+        // A host whose machine died or whose network is cut answers nothing,
+        // not even a reset: TCP gives up on it after about 10 s instead of
+        // the kernel's 15 minutes. The URL may say otherwise.
+        if config.get_keepalives_idle() == LIBPQ_KEEPALIVES_IDLE {
+            config.keepalives_idle(Duration::from_secs(5));
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(Duration::from_secs(2));
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(3);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(10));
+        }
         config.application_name(&self.application_name);
         // A pooler in transaction mode refuses startup options (PgBouncer
         // 1.18 does): there the settings are set in each transaction.

@@ -5,8 +5,9 @@ use deadpool_postgres::PoolError;
 use crate::error::StoreError;
 
 /// Maps a driver error: a full disk is `InsufficientStorage` (507); lost
-/// connections, timeouts, cancellations and other shortages are
-/// `Unavailable` (503); anything else is a bug (500).
+/// connections, timeouts, cancellations, other shortages, and a server that
+/// is no longer the primary are `Unavailable` (503); anything else is a bug
+/// (500).
 pub(super) fn map_pg(err: &tokio_postgres::Error) -> StoreError {
     match err.as_db_error() {
         Some(db) => {
@@ -15,6 +16,13 @@ pub(super) fn map_pg(err: &tokio_postgres::Error) -> StoreError {
             if *db.code() == tokio_postgres::error::SqlState::DISK_FULL {
                 StoreError::InsufficientStorage(format!(
                     "PostgreSQL: {} ({code}); writes resume once space is freed on the database server",
+                    db.message()
+                ))
+            } else if *db.code() == tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION {
+                // A demoted primary, or a standby the URL names alone: the
+                // client should retry once a primary is back.
+                StoreError::Unavailable(format!(
+                    "PostgreSQL: {} ({code}); the server is not the primary (a failover is under way, or the URL names a standby)",
                     db.message()
                 ))
             } else if matches!(class, "08" | "40" | "53" | "57" | "58" | "55") {

@@ -29,6 +29,7 @@
 //! docs/postgres.md for the precise guarantees.
 
 mod config;
+mod connect;
 mod errors;
 mod expiry;
 mod notify;
@@ -43,6 +44,7 @@ pub use errors::RETRIES;
 pub use notify::Invalidation;
 
 use config::redact;
+use connect::{Connector, PoolConnect};
 use errors::{is_lost_connection, is_retryable, map_pg, map_pool};
 use expiry::run_expirer;
 use notify::{Hearing, invalidations, keep_listening, notification_payloads};
@@ -63,8 +65,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::task::JoinHandle;
+use tokio_postgres::Row;
 use tokio_postgres::types::Type;
-use tokio_postgres::{NoTls, Row};
 
 use super::{
     Change, Condition, DeleteReason, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId,
@@ -113,6 +115,10 @@ pub struct PostgresStore {
 /// What the store's requests and its background tasks share.
 struct Shared {
     pool: Pool,
+    /// Opens the listeners' connections: the pool's connector (so that the
+    /// listener's pings find a hung host for the pool too), or, behind a
+    /// transaction pooler, one of their own for the direct listen URL.
+    listener: Arc<Connector>,
     sql: Sql,
     run: Runner,
     config: PostgresConfig,
@@ -148,9 +154,17 @@ impl PostgresStore {
             ));
         }
         let pg_config = config.pg_config()?;
-        let manager = Manager::from_config(
+        let connector = Arc::new(Connector::new(&pg_config, config.connect_timeout)?);
+        let listener = match &config.listen_url {
+            Some(_) => Arc::new(Connector::new(
+                &config.listen_config()?,
+                config.connect_timeout,
+            )?),
+            None => Arc::clone(&connector),
+        };
+        let manager = Manager::from_connect(
             pg_config,
-            NoTls,
+            PoolConnect(Arc::clone(&connector)),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -159,7 +173,8 @@ impl PostgresStore {
             .max_size(config.pool_size.max(1))
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(config.connect_timeout))
-            .create_timeout(Some(config.connect_timeout))
+            // The connector bounds each host's attempt.
+            .create_timeout(None)
             .recycle_timeout(Some(config.connect_timeout))
             .build()
             .map_err(|e| StoreError::Internal(format!("building the pool: {e}")))?;
@@ -186,6 +201,7 @@ impl PostgresStore {
         };
         let shared = Shared {
             pool,
+            listener,
             sql,
             run,
             config,
@@ -211,7 +227,7 @@ impl PostgresStore {
             tokio::spawn(run_trimmer(Arc::clone(&shared))),
             tokio::spawn(run_expirer(Arc::clone(&shared))),
             tokio::spawn(keep_listening(
-                shared.config.listen_config()?,
+                Arc::clone(&shared.listener),
                 shared.config.feed_channel(),
                 Arc::clone(&shared.closed),
                 feed_wakeups,
@@ -229,7 +245,7 @@ impl PostgresStore {
     /// connection breaks, `on` gets `Lost`, and `Resumed` once it listens again.
     pub fn listen(&self, on: Arc<dyn Fn(Invalidation) + Send + Sync>) -> StoreResult<()> {
         let task = tokio::spawn(keep_listening(
-            self.shared.config.listen_config()?,
+            Arc::clone(&self.shared.listener),
             self.shared.config.channel(),
             Arc::clone(&self.shared.closed),
             invalidations(on),

@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
+use super::connect::Connector;
 use super::sql::ident;
 
 /// PostgreSQL's limit on a notification payload is 8000 bytes.
@@ -131,13 +132,13 @@ pub(super) fn invalidations(on: Arc<dyn Fn(Invalidation) + Send + Sync>) -> Hear
 /// Listens on `channel` until the store closes, connecting again after a
 /// failure.
 pub(super) async fn keep_listening(
-    config: tokio_postgres::Config,
+    connector: Arc<Connector>,
     channel: String,
     closed: Arc<AtomicBool>,
     hearing: Hearing,
 ) {
     while !closed.load(Ordering::Acquire) {
-        match listen_once(&config, &channel, &hearing, &closed).await {
+        match listen_once(&connector, &channel, &hearing, &closed).await {
             Ok(()) => break,
             Err(err) => {
                 (hearing.lost)(&err);
@@ -148,13 +149,17 @@ pub(super) async fn keep_listening(
 }
 
 /// Listens until the connection breaks (an error) or the store closes (`Ok`).
+/// Its pings also watch the primary for every connection: when it stops
+/// answering, its host is condemned, which ends the pool's connections to it.
 async fn listen_once(
-    config: &tokio_postgres::Config,
+    connector: &Connector,
     channel: &str,
     hearing: &Hearing,
     closed: &AtomicBool,
 ) -> Result<(), String> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let opened = connector.open().await.map_err(|e| e.to_string())?;
+    let (client, mut connection, host) = (opened.client, opened.connection, opened.host);
+    let mut condemned = opened.condemned;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -188,6 +193,9 @@ async fn listen_once(
                     Some(payload) => (hearing.heard)(&payload),
                     None => return Err("the notification connection closed".to_owned()),
                 },
+                _ = condemned.changed() => {
+                    return Err("the notification connection's host stopped answering".to_owned());
+                }
                 _ = ping.tick() => {
                     if closed.load(Ordering::Acquire) {
                         return Ok(());
@@ -197,7 +205,10 @@ async fn listen_once(
                     match tokio::time::timeout(Duration::from_secs(2), client.simple_query("SELECT 1")).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(err)) => return Err(err.to_string()),
-                        Err(_) => return Err("the notification connection does not answer".to_owned()),
+                        Err(_) => {
+                            connector.condemn(host);
+                            return Err("the notification connection does not answer".to_owned());
+                        }
                     }
                 }
             }
