@@ -43,7 +43,11 @@ const keys = new KeyList($('keys-panel'), {
     entry.entry = null;
     entry.edit({ key: keys.prefix });
   },
-  failed: () => watch.stop(),
+  failed: () => {
+    watch.stop();
+    liveState.textContent = 'not watching';
+    liveState.className = 'live stopped';
+  },
 });
 const watch = new Watch({
   change: (message) => {

@@ -125,6 +125,7 @@ export class KeyList {
       }
     } catch (err) {
       if (generation !== this.generation) return null;
+      walk.done = true;
       this.render();
       this.counts.textContent = `Cannot list '${this.prefix}': ${err}`;
       this.counts.className = 'counts error';

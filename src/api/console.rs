@@ -178,7 +178,10 @@ mod tests {
         // An inline event handler: ` on` and letters, then `=`.
         let handler = page.match_indices(" on").any(|(at, _)| {
             let rest = &page[at + 3..];
-            let name = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_lowercase()).len();
+            let name = rest.len()
+                - rest
+                    .trim_start_matches(|c: char| c.is_ascii_lowercase())
+                    .len();
             name > 0 && rest[name..].starts_with('=')
         });
         assert!(!handler, "an inline event handler");
