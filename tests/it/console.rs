@@ -263,3 +263,21 @@ async fn the_console_works_in_a_real_browser() {
     assert!(output.status.success(), "{}\n{out}\n{err}", output.status);
     assert!(out.contains("\n10 passed, 0 failed"), "{out}");
 }
+
+/// The console's modules that need no page (the metrics parser and
+/// quantiles, the event-stream reader), under node's test runner.
+#[test]
+fn the_console_modules_pass_their_unit_tests() {
+    let Some(()) = tool("node", "apt-get install -y nodejs npm") else {
+        return;
+    };
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console/unit.test.mjs");
+    let output = output_within(
+        std::process::Command::new("node").arg("--test").arg(tests),
+        b"",
+        Duration::from_secs(120),
+    );
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{out}");
+    assert!(out.contains("# fail 0"), "{out}");
+}
