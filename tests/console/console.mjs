@@ -4,8 +4,9 @@
 //   node console.mjs --open URL --auth URL [--screenshots DIR]
 //
 // --open is a server without tokens; --auth one with the token file of
-// tests/it/console.rs (admin-token: everything; reader-token: reads
-// users/ only). Changes "made by another client" are made with curl.
+// tests/it/auth.rs (admin-token: everything; reader-token: reads users/
+// only), which may speak HTTPS with a certificate of a test CA
+// (the browser is told to accept it). Changes "made by another client" are made with curl.
 // Prints one line per scenario, the measured numbers, and
 // "N passed, N failed"; exits 1 when a scenario failed.
 
@@ -80,8 +81,8 @@ const browser = await chromium.launch({
 
 /** A fresh page (own sessionStorage), failing the scenario on any script
  * error or CSP violation. */
-async function newPage(viewport = { width: 1280, height: 720 }) {
-  const context = await browser.newContext({ viewport });
+async function newPage() {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 720 }, ignoreHTTPSErrors: true });
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT_MS);
   page.problems = [];

@@ -7,26 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::rules_text;
 use crate::harness::{Binary, TestServer, needs, output_within, tool};
 use crate::requests::*;
+use crate::tls::make_pki;
 use kvstore::api::auth::{Auth, TokenRules};
 use kvstore::api::console::CONTENT_SECURITY_POLICY;
 use kvstore::client::{Client, ClientOptions, RawResponse};
 use kvstore::server::{Security, ServerConfig};
-
-/// `admin-token` may do anything; `reader-token` reads users/ only.
-const TOKENS: &str = r#"
-[[token]]
-name = "admin"
-token = "admin-token"
-read = [""]
-write = [""]
-
-[[token]]
-name = "reader"
-token = "reader-token"
-read = ["users/"]
-"#;
 
 /// The headers every console file carries.
 fn assert_console_headers(response: &RawResponse, path: &str) {
@@ -145,7 +133,7 @@ async fn the_console_is_served_with_a_strict_policy_and_no_cookies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_tokens_the_console_loads_without_one_and_its_calls_need_one() {
-    let rules = TokenRules::parse(TOKENS, false).unwrap();
+    let rules = TokenRules::parse(&rules_text(), false).unwrap();
     let security = Security {
         auth: Some(Arc::new(Auth::from_rules(rules, false))),
         ..Security::default()
@@ -213,7 +201,7 @@ fn browser() -> Option<String> {
 
 /// Browse, create, edit through a conflict made by curl, see curl's writes
 /// live, delete, the server charts, markup shown as text, and the token
-/// prompt, against the real binary; the scenarios are in
+/// prompt (over HTTPS), against the real binary; the scenarios are in
 /// tests/console/console.mjs. KVSTORE_CONSOLE_SCREENSHOTS=DIR keeps
 /// screenshots of the main views there (docs/console/ holds the ones the
 /// docs show).
@@ -223,16 +211,36 @@ async fn the_console_works_in_a_real_browser() {
         return;
     };
     let (open_dir, auth_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let tokens = auth_dir.path().join("tokens.toml");
-    std::fs::write(&tokens, TOKENS).unwrap();
     let open = Binary::start(open_dir.path(), &[]);
+    // The server with tokens speaks HTTPS only, with a certificate of a test CA.
+    let pki = make_pki();
+    let file = |name: &str, text: &str| {
+        let path = auth_dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (tokens, cert, key) = (
+        file("tokens.toml", &rules_text()),
+        file("cert.pem", &pki.cert),
+        file("key.pem", &pki.key),
+    );
     let auth_data = auth_dir.path().join("data");
-    let auth = Binary::start(&auth_data, &["--auth-file", tokens.to_str().unwrap()]);
+    let auth = Binary::start(
+        &auth_data,
+        &[
+            "--auth-file",
+            &tokens,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    );
     let admin = Client::with_options(
-        &format!("http://{}", auth.addr),
+        &format!("https://{}", auth.addr),
         &ClientOptions {
             token: Some("admin-token".into()),
-            ..ClientOptions::default()
+            ca_cert_pem: Some(pki.ca.as_bytes().to_vec()),
         },
     )
     .unwrap();
@@ -243,7 +251,7 @@ async fn the_console_works_in_a_real_browser() {
     command
         .arg(script)
         .args(["--open", &format!("http://{}", open.addr)])
-        .args(["--auth", &format!("http://{}", auth.addr)])
+        .args(["--auth", &format!("https://{}", auth.addr)])
         .args(["--chromium", &chromium]);
     if let Ok(dir) = std::env::var("KVSTORE_CONSOLE_SCREENSHOTS") {
         command.args(["--screenshots", &dir]);
