@@ -29,7 +29,7 @@ function remember() {
   history.replaceState(null, '', `#${state}`);
 }
 
-const entry = new EntryView($('entry'), { written: () => {} });
+const entry = new EntryView($('entry'));
 const changes = new ChangesPanel($('changes-panel'), { open: (key) => show(key) });
 const keys = new KeyList($('keys-panel'), {
   open: (key) => show(key),
@@ -52,7 +52,8 @@ const keys = new KeyList($('keys-panel'), {
 const watch = new Watch({
   change: (message) => {
     for (const event of message.events) {
-      keys.apply(event);
+      // Until the new prefix is listed, the watch of the previous one runs.
+      if (event.key.startsWith(keys.prefix)) keys.apply(event);
       entry.apply(event, message.revision);
     }
     changes.add(message);

@@ -48,10 +48,8 @@ function base64(bytes) {
 }
 
 export class EntryView {
-  /** `written(key)` is called after a write or delete succeeded. */
-  constructor(node, { written }) {
+  constructor(node) {
     this.node = node;
-    this.written = written;
     this.key = null;
     this.entry = null;
     this.view = null;
@@ -222,7 +220,6 @@ export class EntryView {
       return;
     }
     this.editing = false;
-    this.written(mine.key);
     await this.open(mine.key);
   }
 
@@ -283,7 +280,6 @@ export class EntryView {
       else this.problem.textContent = String(err);
       return;
     }
-    this.written(entry.key);
     this.empty(`Deleted ${entry.key}.`);
   }
 

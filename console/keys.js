@@ -245,7 +245,8 @@ export class KeyList {
       const slash = rest.indexOf('/');
       if (slash < 0) {
         folder = null;
-        rows.push(this.row(entry, rest));
+        // The key that is the prefix itself (`users/` under `users/`).
+        rows.push(this.row(entry, rest || entry.key));
         continue;
       }
       const name = rest.slice(0, slash + 1);

@@ -13,6 +13,7 @@
 use std::sync::LazyLock;
 
 use axum::extract::Path;
+use axum::extract::rejection::PathRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use sha2::{Digest as _, Sha256};
@@ -85,9 +86,16 @@ pub(crate) async fn index(headers: HeaderMap) -> Response {
     serve("index.html", &headers)
 }
 
-/// `GET /ui/{file}`: one of the console's files, or 404 in the API's error shape.
-pub(crate) async fn file(Path(name): Path<String>, headers: HeaderMap) -> Response {
-    serve(&name, &headers)
+/// `GET /ui/{file}`: one of the console's files, or 404 in the API's error
+/// shape (a name that is not UTF-8 once decoded is no file's either).
+pub(crate) async fn file(
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    match name {
+        Ok(Path(name)) => serve(&name, &headers),
+        Err(_) => ApiError::not_found("the console has no such file").into_response(),
+    }
 }
 
 /// The media type of a console file, by its extension (the table holds no other).

@@ -110,7 +110,12 @@ async fn the_console_is_served_with_a_strict_policy_and_no_cookies() {
     assert!(head.body.is_empty());
 
     // Anything else under /ui/ is the API's 404; no path reaches a file system.
-    for path in ["/ui/nope.js", "/ui/%2e%2e%2fCargo.toml", "/ui/a/b.js"] {
+    for path in [
+        "/ui/nope.js",
+        "/ui/%2e%2e%2fCargo.toml",
+        "/ui/a/b.js",
+        "/ui/%ff",
+    ] {
         let response = get(client, path).await;
         expect_error(&response, StatusCode::NOT_FOUND, "not_found");
     }
