@@ -126,8 +126,15 @@ onRefusal((err, path) => {
   }
 });
 
-const start = new URLSearchParams(location.hash.slice(1));
-keys.go(start.get('prefix') ?? '');
-if (start.get('key')) show(start.get('key'));
-switchTo(start.get('view') === 'server' ? 'server' : 'keys');
-document.body.dataset.ready = 'true';
+/** Shows what the address's fragment names (on load, and when it is
+ * changed by hand or by a link). */
+function follow(first) {
+  const state = new URLSearchParams(location.hash.slice(1));
+  const prefix = state.get('prefix') ?? '';
+  if (first || prefix !== keys.prefix) keys.go(prefix);
+  const key = state.get('key');
+  if (key && key !== entry.key) show(key);
+  switchTo(state.get('view') === 'server' ? 'server' : 'keys');
+}
+window.addEventListener('hashchange', () => follow(false));
+follow(true);

@@ -41,6 +41,11 @@ export function hexDump(bytes) {
   return lines.join('\n');
 }
 
+/** "1 key", "2 keys", "1,024 bytes" */
+function plural(count, noun) {
+  return `${count.toLocaleString()} ${noun}${count === 1 ? '' : 's'}`;
+}
+
 function base64(bytes) {
   let binary = '';
   for (const b of bytes) binary += String.fromCharCode(b);
@@ -103,7 +108,7 @@ export class EntryView {
       ['Revision', String(entry.revision)],
       ['Created', entry.created_at],
       ['Updated', entry.updated_at],
-      ['Size', `${bytes.length.toLocaleString()} bytes${text === null ? ' (binary)' : ''}`],
+      ['Size', `${plural(bytes.length, 'byte')}${text === null ? ' (binary)' : ''}`],
       ['Expires', deadline ? [entry.expires_at, ' — ', this.countdown] : 'never'],
     ];
     if (entry.lease) rows.push(['Lease', [entry.lease, ' ', this.leaseInfo = el('span', { class: 'hint' })]]);
@@ -131,7 +136,7 @@ export class EntryView {
     const target = this.leaseInfo;
     try {
       const lease = await json('GET', `v1/leases/${encodeURIComponent(id)}`);
-      target.textContent = `(ttl ${lease.ttl_ms} ms, ${lease.keys} keys, expires ${lease.expires_at})`;
+      target.textContent = `(ttl ${lease.ttl_ms} ms, ${plural(lease.keys, 'key')}, expires ${lease.expires_at})`;
     } catch (err) {
       target.textContent = `(${err})`;
     }

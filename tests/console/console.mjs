@@ -205,10 +205,16 @@ await scenario('one key: pretty JSON, text, hex; binary as hex', async (page) =>
   await page.click('#view-json');
   await shoot(page, 'json');
   await open(page, '#key=blobs/1');
-  await page.reload();
   await page.waitForSelector('#value[data-view="hex"]');
   check((await page.textContent('#value')).includes('00 01 fe ff'), 'binary value as hex');
   check(await page.locator('#view-text').count() === 0, 'no text view of binary');
+  // A key on a lease: the lease, its TTL and its keys.
+  const { lease } = (await api(OPEN, 'POST', '/v1/leases', { body: { ttl_ms: 600_000 } })).body;
+  check((await api(OPEN, 'PUT', '/v1/kv/leased/1', { body: { value: 'x', lease } })).status === 201, 'a leased key');
+  await open(page, '#key=leased/1');
+  await page.locator('dd[data-field="lease"]', { hasText: '(ttl 600000 ms, 1 key, expires' }).waitFor();
+  check((await page.textContent('dd[data-field="lease"]')).startsWith(lease), 'the lease id');
+  check((await page.textContent('#countdown')).startsWith('in 9 min'), 'the lease deadline counts down');
 });
 
 await scenario('create with a TTL', async (page) => {
