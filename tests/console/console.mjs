@@ -31,7 +31,7 @@ if (!options.open || !options.auth) {
 const OPEN = options.open.replace(/\/$/, '');
 const AUTH = options.auth.replace(/\/$/, '');
 /** Every wait of a scenario: a console that does not get there fails. */
-const WAIT_MS = 10_000;
+const WAIT_MS = 20_000;
 
 // ---- HTTP from outside the browser ----
 
