@@ -24,6 +24,7 @@ export class KeyList {
     this.keys = [];
     this.walk = null;
     this.skipped = new Set();
+    this.total = null;
     this.selected = null;
     this.flashing = new Set();
     this.generation = 0;
@@ -153,7 +154,8 @@ export class KeyList {
         cursor = page.next_cursor;
         this.counts.textContent = `Counting… ${total.toLocaleString()} so far`;
       } while (cursor && total < COUNT_CAP);
-      this.total = cursor ? `at least ${total.toLocaleString()}` : total.toLocaleString();
+      this.total = total;
+      this.capped = cursor !== null;
     } catch (err) {
       this.total = null;
       this.counts.textContent = `Cannot count: ${err}`;
@@ -168,20 +170,24 @@ export class KeyList {
   apply(event) {
     const at = this.position(event.key);
     const present = at < this.keys.length && this.keys[at].key === event.key;
+    // A counted total follows every change, loaded or not: a put at
+    // version 1 made the key, a delete removed one.
+    if (this.total !== null) this.total += event.type === 'put' ? Number(event.version === 1) : -1;
     if (event.type === 'put') {
       const entry = { key: event.key, version: event.version, created_at: event.created_at, updated_at: event.updated_at, expires_at: event.expires_at, lease: event.lease };
       if (present) this.keys[at] = entry;
-      // A key past the walk belongs to a page not loaded yet.
-      else if (this.walk.done || compareBytes(encode(event.key), encode(this.walk.frontier)) < 0) this.keys.splice(at, 0, entry);
-      else return;
+      else if (this.loaded(event.key)) this.keys.splice(at, 0, entry);
       this.flash(event.key);
     } else if (present) {
       this.keys.splice(at, 1);
-    } else {
-      return;
     }
-    if (typeof this.total === 'number') this.total += event.type === 'put' ? (present ? 0 : 1) : -1;
     this.render();
+  }
+
+  /** Whether `key` lies in the part of the prefix loaded so far (a key past
+   * the walk belongs to a page not loaded yet). */
+  loaded(key) {
+    return this.walk.done || compareBytes(encode(key), encode(this.walk.frontier)) < 0;
   }
 
   /** Where `key` is or would go in the loaded keys (byte order, as the server's). */
@@ -215,7 +221,7 @@ export class KeyList {
     this.renderCrumbs();
     const shown = this.keys.length.toLocaleString();
     const more = this.walk?.done === false ? ' (more follow)' : '';
-    const total = this.total === null || this.total === undefined ? '' : `; ${this.total} in all`;
+    const total = this.total === null ? '' : `; ${this.capped ? 'at least ' : ''}${this.total.toLocaleString()} in all`;
     this.counts.textContent = `${shown} keys loaded under '${this.prefix}'${more}${total}`;
     this.counts.className = 'counts';
     this.more.hidden = this.walk?.done !== false;

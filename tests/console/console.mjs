@@ -188,6 +188,9 @@ await scenario('browse: tree by "/", flat list, breadcrumbs', async (page) => {
   await page.click('#count-all');
   const all = await countKeys(OPEN);
   await page.waitForSelector(`#counts:text("; ${all.toLocaleString('en-US')} in all")`);
+  // The total follows the changes that the watch brings.
+  curlPut(OPEN, 'notes/counted', 'one more');
+  await page.waitForSelector(`#counts:text("; ${(all + 1).toLocaleString('en-US')} in all")`);
   await page.click('#mode-tree');
   await page.locator('#keys button[data-prefix="bulk/"]').click();
   await page.waitForSelector(`#counts:text("1,000 keys loaded under 'bulk/'")`);
