@@ -27,7 +27,7 @@ pub(crate) const ROOT: &str = "/ui/";
 /// own files only (no inline script or style, no `eval`), talk to this server
 /// only, show no frame and be shown in none.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
-     style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; \
+     style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 
 /// One file of the console.
