@@ -93,6 +93,7 @@ fn request_path(c: &mut Criterion) {
         auth: None,
         cursor_key: CursorKey::new(b"a benchmark's cursor secret").expect("cursor key"),
         shutdown: tokio::sync::watch::channel(false).1,
+        ui: false,
     };
     let router = api::router(state.clone());
     // The server's own path for a key: past the router, into the handler.

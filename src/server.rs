@@ -35,6 +35,8 @@ pub struct ServerConfig {
     /// A client must send a request's headers (and, with TLS, finish its
     /// handshake) within this, or its connection is closed.
     pub header_read_timeout: Duration,
+    /// Whether to serve the web console at `/ui/`.
+    pub ui: bool,
 }
 
 /// Who may do what, and how connections are protected.
@@ -51,7 +53,7 @@ pub struct Security {
 
 impl Default for ServerConfig {
     /// 10 s to drain on shutdown, 30 s per request, slow above 10 ms,
-    /// 10,000 connections, metrics on, 30 s to send headers.
+    /// 10,000 connections, metrics on, 30 s to send headers, the console on.
     fn default() -> Self {
         ServerConfig {
             limits: Limits::default(),
@@ -61,6 +63,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             metrics: true,
             header_read_timeout: Duration::from_secs(30),
+            ui: true,
         }
     }
 }
@@ -151,6 +154,7 @@ pub async fn run_all(
         auth: security.auth.clone(),
         cursor_key,
         shutdown: shutdown_seen,
+        ui: config.ui,
     });
     let tls = security.tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));

@@ -379,9 +379,12 @@ fn bearer(request: &Request) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Paths served to anyone: liveness and readiness probes carry no token.
-fn is_open_path(path: &str, auth: &Auth) -> bool {
-    matches!(path, "/healthz" | "/readyz") || (path == "/metrics" && auth.metrics_open)
+/// Paths served to anyone: liveness and readiness probes carry no token, and
+/// the console's files are static (its API calls carry the user's token).
+fn is_open_path(path: &str, auth: &Auth, ui: bool) -> bool {
+    matches!(path, "/healthz" | "/readyz")
+        || (path == "/metrics" && auth.metrics_open)
+        || (ui && (path == "/ui" || path.starts_with(super::console::ROOT)))
 }
 
 /// Resolves the token once per request and puts the [`Access`] it grants in
@@ -404,7 +407,7 @@ pub(crate) fn admit(state: &AppState, request: &mut Request) -> Option<Response>
         None => Access::Open,
         Some(auth) => match bearer(request).and_then(|t| auth.resolve(t)) {
             Some(rights) => Access::Token(rights),
-            None if is_open_path(request.uri().path(), auth) => Access::Open,
+            None if is_open_path(request.uri().path(), auth, state.ui) => Access::Open,
             None => {
                 let message = if request.headers().contains_key(header::AUTHORIZATION) {
                     "the token is not known (or the Authorization header is not 'Bearer TOKEN')"

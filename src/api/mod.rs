@@ -2,6 +2,7 @@
 //! shape. [`router`] is the only place routes are listed.
 
 pub mod auth;
+pub mod console;
 mod cursor;
 pub mod error;
 #[doc(hidden)]
@@ -69,6 +70,8 @@ pub struct AppState {
     pub cursor_key: CursorKey,
     /// Turns true when the server shuts down: watch streams end then.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Whether the web console is served at `/ui/`.
+    pub ui: bool,
 }
 
 /// Ops in one batch, keys in one batch read, and items on one range page, at most.
@@ -160,7 +163,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/changes", get(watch::changes))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
-        .route("/metrics", get(observe::metrics))
+        .route("/metrics", get(observe::metrics));
+    let router = if state.ui {
+        router
+            .route("/ui", get(console::redirect))
+            .route(console::ROOT, get(console::index))
+            .route("/ui/{file}", get(console::file))
+    } else {
+        router
+    };
+    let router = router
         .fallback(handlers::no_route)
         .method_not_allowed_fallback(handlers::method_not_allowed);
     // Inside `observe`, so refusals are timed and counted like any answer.

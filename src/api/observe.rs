@@ -53,6 +53,7 @@ fn route_label(request: &Request) -> &'static str {
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
         Some("/metrics") => "/metrics",
+        Some("/ui" | "/ui/" | "/ui/{file}") => "/ui",
         _ => "unmatched",
     }
 }

@@ -177,6 +177,10 @@ pub(crate) struct ServeArgs {
     /// Record Prometheus metrics and serve them at GET /metrics.
     #[arg(long, env = "KVSTORE_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     metrics: bool,
+    /// Serve the web console at /ui/ (static files inside the binary; its
+    /// API calls need a token like any client's).
+    #[arg(long, env = "KVSTORE_UI", default_value_t = true, action = clap::ArgAction::Set)]
+    ui: bool,
     #[command(flatten)]
     security: super::security::SecurityArgs,
 }
@@ -280,6 +284,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         max_connections: usize::try_from(args.max_connections).map_err(|e| e.to_string())?,
         metrics: args.metrics,
         header_read_timeout: args.security.header_read_timeout(),
+        ui: args.ui,
     };
     let resp = match args.resp_listen {
         None => None,

@@ -16,7 +16,7 @@ use kvstore::server::{Security, ServerConfig};
 
 /// `admin` may do anything; `app` reads users/ and config/ and writes
 /// users/; `reader` (stored as a hash) reads users/ only.
-fn rules_text() -> String {
+pub(crate) fn rules_text() -> String {
     format!(
         r#"
 [[token]]

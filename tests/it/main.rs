@@ -28,6 +28,7 @@ mod cache;
 mod cli;
 mod cli_expiry;
 mod concurrency;
+mod console;
 mod corruption;
 mod crash;
 mod disk_full;

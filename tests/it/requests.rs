@@ -498,6 +498,7 @@ pub fn router_over(store: Arc<dyn Store>, auth: Option<Arc<Auth>>) -> axum::Rout
         auth,
         cursor_key: CursorKey::random().expect("cursor key"),
         shutdown: tokio::sync::watch::channel(false).1,
+        ui: true,
     })
 }
 

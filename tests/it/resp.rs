@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::AsyncCommands as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::harness::{TestServer, within};
+use crate::harness::{TestServer, tool, within};
 use kvstore::api::auth::{Auth, TokenRules};
 use kvstore::server::Security;
 
@@ -224,25 +224,6 @@ write = ["users/"]
         "{text}"
     );
     assert_eq!(&lines[5..], ["$1", "v", "+OK"], "{text}");
-}
-
-/// The path of a command-line tool, or `None` with the reason printed: the
-/// test is then skipped, except under `CI=true`, where a missing tool fails
-/// it (CI must not pass by skipping).
-fn tool(name: &str, install: &str) -> Option<()> {
-    let found = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if found {
-        return Some(());
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{name} is missing under CI: {install}"
-    );
-    eprintln!("skipped: {name} is missing ({install})");
-    None
 }
 
 /// Runs a command (at most 120 s); gives its stdout, failing the test on a

@@ -17,8 +17,8 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 /// 127.0.0.1 and localhost.
 pub(crate) struct Pki {
     pub(crate) ca: String,
-    cert: String,
-    key: String,
+    pub(crate) cert: String,
+    pub(crate) key: String,
 }
 
 pub(crate) fn make_pki() -> Pki {

@@ -103,6 +103,30 @@ pub fn output_within(
     }
 }
 
+/// `Some(())` when `found`, else `None` with the reason printed: the test
+/// is then skipped, except under `CI=true`, where a missing tool fails it
+/// (CI must not pass by skipping). `install` says how to get `what`.
+pub fn needs(found: bool, what: &str, install: &str) -> Option<()> {
+    if found {
+        return Some(());
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{what} is missing under CI: {install}"
+    );
+    eprintln!("skipped: {what} is missing ({install})");
+    None
+}
+
+/// [`needs`] of a command on the PATH.
+pub fn tool(name: &str, install: &str) -> Option<()> {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    needs(found, name, install)
+}
+
 /// A gate that a hook (a commit hook, a store's) waits at until the test
 /// opens it.
 #[derive(Default)]
