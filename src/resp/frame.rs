@@ -530,6 +530,37 @@ fn put_header(out: &mut BytesMut, kind: u8, n: i64) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The commands one parser reads from `pieces` arriving one after the
+/// other, and the error that ended them, if any; asserts that every command
+/// takes bytes, so that a connection's loop always ends. The property the
+/// proptest and the fuzz target check: any bytes read alike whole or in
+/// pieces.
+#[doc(hidden)]
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn read_all<'a>(
+    limits: FrameLimits,
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+) -> (Vec<Vec<Bytes>>, Option<ProtocolError>) {
+    let mut parser = CommandParser::new(limits);
+    let mut buf = BytesMut::new();
+    let mut commands = Vec::new();
+    for piece in pieces {
+        buf.extend_from_slice(piece);
+        loop {
+            let before = buf.len();
+            match parser.next_command(&mut buf) {
+                Ok(Some(command)) => {
+                    assert!(buf.len() < before, "a command that took no bytes");
+                    commands.push(command);
+                }
+                Ok(None) => break,
+                Err(error) => return (commands, Some(error)),
+            }
+        }
+    }
+    (commands, None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -881,32 +912,8 @@ mod tests {
             piece in 1..40usize,
         ) {
             let input = [prefix, &bytes[..], &noise[..]].concat();
-            let whole = read_all(&[&input[..]]);
-            let pieces: Vec<&[u8]> = input.chunks(piece).collect();
-            prop_assert_eq!(read_all(&pieces), whole);
+            let whole = read_all(LIMITS, [&input[..]]);
+            prop_assert_eq!(read_all(LIMITS, input.chunks(piece)), whole);
         }
-    }
-
-    /// The commands one parser reads from `pieces` arriving one after the
-    /// other, and the error that ended them, if any.
-    fn read_all(pieces: &[&[u8]]) -> (Vec<Vec<Bytes>>, Option<ProtocolError>) {
-        let mut parser = CommandParser::new(LIMITS);
-        let mut buf = BytesMut::new();
-        let mut commands = Vec::new();
-        for piece in pieces {
-            buf.extend_from_slice(piece);
-            loop {
-                let before = buf.len();
-                match parser.next_command(&mut buf) {
-                    Ok(Some(command)) => {
-                        assert!(buf.len() < before, "a command that took no bytes");
-                        commands.push(command);
-                    }
-                    Ok(None) => break,
-                    Err(error) => return (commands, Some(error)),
-                }
-            }
-        }
-        (commands, None)
     }
 }
