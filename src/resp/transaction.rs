@@ -25,7 +25,7 @@ use super::{Context, Session};
 use crate::error::{StoreError, StoreResult};
 use crate::storage::{
     Change, Condition, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId, OpResult,
-    Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome, deadline_after,
+    Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
 };
 
 /// A connection's transaction state.
@@ -361,15 +361,8 @@ impl Store for Overlay {
                 WriteOp::Put {
                     key, value, expiry, ..
                 } => {
-                    let (expires_at_us, lease) = match expiry {
-                        Expiry::Never => (None, None),
-                        Expiry::Ttl(ms) => (Some(deadline_after(now, ms)), None),
-                        Expiry::At(deadline) => (Some(deadline), None),
-                        Expiry::Keep => old
-                            .as_ref()
-                            .map_or((None, None), |e| (e.expires_at_us, e.lease)),
-                        Expiry::Lease(id) => (None, Some(id)),
-                    };
+                    let (expires_at_us, lease) =
+                        expiry.applied(now, old.as_ref().map(|e| (e.expires_at_us, e.lease)));
                     let entry = Entry {
                         key: key.clone(),
                         value,

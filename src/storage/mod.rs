@@ -62,6 +62,24 @@ pub enum Expiry {
     Lease(LeaseId),
 }
 
+impl Expiry {
+    /// The deadline and lease a put with this expiry leaves on its key,
+    /// applied at `now_us`, given the key's current ones (`None`: absent).
+    pub fn applied(
+        self,
+        now_us: i64,
+        current: Option<(Option<i64>, Option<LeaseId>)>,
+    ) -> (Option<i64>, Option<LeaseId>) {
+        match self {
+            Expiry::Never => (None, None),
+            Expiry::Ttl(ms) => (Some(deadline_after(now_us, ms)), None),
+            Expiry::At(deadline) => (Some(deadline), None),
+            Expiry::Keep => current.unwrap_or((None, None)),
+            Expiry::Lease(id) => (None, Some(id)),
+        }
+    }
+}
+
 /// A lease: a deadline many keys share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {

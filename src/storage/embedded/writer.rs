@@ -27,7 +27,7 @@ use super::{
 };
 use crate::error::{StoreError, StoreResult};
 use crate::storage::changes::{DeleteReason, RecordBuilder, Stamp, count_expired, record_key};
-use crate::storage::{Expiry, Lease, LeaseId, Revoked, deadline_after};
+use crate::storage::{Expiry, Lease, LeaseId, Revoked};
 
 /// The state of the engine's one writer.
 pub(super) struct Writer {
@@ -411,13 +411,8 @@ impl Writer {
                 WriteOp::Put {
                     key, value, expiry, ..
                 } => {
-                    let (expires_at_us, lease) = match expiry {
-                        Expiry::Never => (None, None),
-                        Expiry::Ttl(ms) => (Some(deadline_after(now, ms)), None),
-                        Expiry::At(deadline) => (Some(deadline), None),
-                        Expiry::Keep => meta.map_or((None, None), |m| (m.expires_at_us, m.lease)),
-                        Expiry::Lease(id) => (None, Some(id)),
-                    };
+                    let (expires_at_us, lease) =
+                        expiry.applied(now, meta.map(|m| (m.expires_at_us, m.lease)));
                     let new = RecordMeta {
                         version: meta.map_or(1, |m| m.version + 1),
                         revision,
