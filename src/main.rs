@@ -20,6 +20,20 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
+/// Turns transparent huge pages off for this process, unless the operator
+/// chose with mimalloc's own `MIMALLOC_ALLOW_THP`.
+///
+/// mimalloc asks for huge pages on its arena, and the kernel then backs
+/// each touched 2 MiB of it in full: an idle watch (a connection's few
+/// small buffers spread over the heap) cost 21.5 KiB of resident memory
+/// with huge pages and 13.7 KiB without. A failure here only leaves the
+/// kernel's default, so it is not an error.
+fn keep_small_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        let _ = rustix::thread::disable_transparent_huge_pages(true);
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "kvstore",
@@ -70,6 +84,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    keep_small_pages();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
