@@ -62,29 +62,68 @@ macro_rules! named_enum {
         }
 
         impl std::str::FromStr for $name {
-            type Err = String;
+            type Err = $crate::error::InvalidValue;
 
-            fn from_str(name: &str) -> Result<Self, String> {
+            fn from_str(name: &str) -> Result<Self, Self::Err> {
                 Self::ALL.iter().copied().find(|v| v.name() == name).ok_or_else(|| {
                     let names: Vec<&str> = Self::ALL.iter().map(|v| v.name()).collect();
-                    format!("{name:?}: the {} is one of {}", $what, names.join(", "))
+                    $crate::error::InvalidValue(format!(
+                        "{name:?}: the {} is one of {}",
+                        $what,
+                        names.join(", ")
+                    ))
                 })
             }
         }
     };
 }
 
-pub mod api;
+mod api;
 pub mod client;
-pub mod error;
-pub mod files;
-pub mod resp;
+mod error;
+mod files;
+mod resp;
 pub mod server;
 pub mod stack;
 pub mod storage;
-pub mod telemetry;
-pub mod timing;
+mod telemetry;
+mod timing;
 pub mod tls;
+
+/// The JSON bodies of the HTTP API, as the server writes them and the client
+/// reads them (and the other way round for requests).
+pub use api::types;
+
+// What a user of the crate reaches for first; the rest lives in the public
+// modules above.
+/// The typed client of the HTTP API.
+pub use client::{Client, ClientError, ClientOptions};
+/// What the store can fail with, and a value given as text that does not read.
+pub use error::{InvalidValue, StoreError, StoreResult};
+/// Serving the store: the server's configuration and entry points.
+pub use server::{Security, ServerConfig};
+/// The store that `kvstore serve` serves, built from its configuration.
+pub use stack::{Backend, Stack, StackConfig};
+/// The store trait every backend and layer implements.
+pub use storage::Store;
+
+/// The fuzz targets' entry points (fuzz/): not part of the library's API.
+#[doc(hidden)]
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    pub use crate::api::fuzzing::*;
+    pub use crate::resp::frame::{FrameLimits, read_all};
+}
+
+/// The HTTP service without a listener, and what the tests compare the
+/// server's answers with, for benches/ and tests/: not part of the library's
+/// API.
+#[doc(hidden)]
+#[cfg(feature = "internals")]
+pub mod internals {
+    pub use crate::api::console::CONTENT_SECURITY_POLICY;
+    pub use crate::api::{AppState, EntryView, Observe, router, service};
+}
 
 #[cfg(test)]
 mod tests {
@@ -101,7 +140,9 @@ mod tests {
         }
         assert_eq!(
             "sync".parse::<Durability>(),
-            Err("\"sync\": the durability is one of fsync, buffered".to_owned())
+            Err(crate::error::InvalidValue(
+                "\"sync\": the durability is one of fsync, buffered".to_owned()
+            ))
         );
     }
 }

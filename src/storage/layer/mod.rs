@@ -9,5 +9,5 @@
 //!   slow-request timings of every storage call.
 
 pub mod cache;
-pub mod guard;
+pub(crate) mod guard;
 pub mod redis_cache;

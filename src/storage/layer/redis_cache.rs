@@ -77,7 +77,9 @@ return #ARGV - 1
 
 /// How to reach the shared cache.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RedisConfig {
+    /// The Redis URL (`redis://host:port/db`).
     pub url: String,
     /// Prepended to every Redis key, so that deployments can share a Redis.
     pub prefix: String,
@@ -189,15 +191,19 @@ pub struct RedisCachedStore {
     next_lease: AtomicU64,
 }
 
+/// The URL of a [`RedisConfig`] is not a Redis URL.
+#[derive(Debug, thiserror::Error)]
+#[error("bad Redis URL: {0}")]
+pub struct BadRedisUrl(#[source] redis::RedisError);
+
 impl RedisCachedStore {
     /// A cache in front of `inner`. Redis need not be up: until it is, reads
     /// go to the store.
     ///
     /// # Errors
     /// When the URL is not a Redis URL.
-    pub fn new(inner: Arc<dyn Store>, config: RedisConfig) -> Result<Self, String> {
-        let client =
-            redis::Client::open(config.url.as_str()).map_err(|e| format!("bad Redis URL: {e}"))?;
+    pub fn new(inner: Arc<dyn Store>, config: RedisConfig) -> Result<Self, BadRedisUrl> {
+        let client = redis::Client::open(config.url.as_str()).map_err(BadRedisUrl)?;
         Ok(RedisCachedStore {
             inner,
             client,
@@ -401,7 +407,7 @@ impl RedisCachedStore {
     }
 
     /// The number of Redis hits and misses since start.
-    pub fn counts(&self) -> (u64, u64) {
+    pub(crate) fn counts(&self) -> (u64, u64) {
         (
             self.hits.load(Ordering::Relaxed),
             self.misses.load(Ordering::Relaxed),
@@ -411,7 +417,7 @@ impl RedisCachedStore {
     /// Starts a background task that keeps trying to start a new generation
     /// while one is due, so that other servers stop serving entries this one
     /// could not delete as soon as Redis is reachable again.
-    pub fn spawn_repair(self: &Arc<Self>) {
+    pub(crate) fn spawn_repair(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
