@@ -1,32 +1,52 @@
 //! kvstore: a low-latency, durable key-value store with an HTTP/JSON API.
 //!
+//! # Using the crate
+//!
+//! The root re-exports what a program reaches for first: the [`Client`] of
+//! the HTTP API; the [`Stack`] that turns a [`StackConfig`] into the store
+//! `kvstore serve` serves; the [`server`] that serves a [`Store`] under a
+//! [`ServerConfig`] and [`Security`]; and the [`StoreError`] every store call
+//! can fail with. The public modules hold the rest of each part:
+//!
+//! - [`client`]: the typed async client, its requests (ranges, watches,
+//!   change pages) and its errors.
+//! - [`server`]: [`server::run`] and its variants, and the server's
+//!   configuration (limits, tokens, the cursor secret, the Redis protocol).
+//! - [`stack`]: the engine and the layers over it, built in one place, for
+//!   the server and the tests alike.
+//! - [`storage`]: the [`Store`] trait and its types; the engines
+//!   ([`storage::embedded`], fjall with our own group commit, and
+//!   [`storage::postgres`], for many servers on one database) and their
+//!   configurations; and [`storage::layer`], the read caches over a store.
+//! - [`types`]: the JSON bodies of the API, as the server writes them and the
+//!   client reads them, with the error codes both sides share.
+//! - [`tls`]: rustls configurations of the server and the client.
+//!
+//! `examples/` shows both uses: a client program, and the stack and server
+//! inside a program of its own.
+//!
 //! # Layout
 //!
-//! - [`api`]: the HTTP contract (routes, request parsing, limits, the error
-//!   shape); [`api::router`] lists every route, [`api::types`] holds the JSON
-//!   bodies shared with the client.
-//! - [`storage`]: the [`storage::Store`] trait every backend implements;
-//!   [`storage::embedded`], the default engine (fjall with our own group
-//!   commit, one file per job); [`storage::postgres`], the PostgreSQL
-//!   backend, for many servers on one database; [`storage::feed`], the live
-//!   change feed that watchers follow; and [`storage::layer`], the
-//!   stores over a store: the read cache that never serves a version older
-//!   than one acknowledged, the same cache shared in Redis, and the guard
-//!   (storage timeout and latency).
-//! - [`stack`]: the store that `kvstore serve` serves, built in one place:
-//!   the engine, the guard and the cache, for the server and the tests alike.
-//! - [`resp`]: the Redis protocol (RESP2 and RESP3) on the same store.
-//! - [`server`]: the process lifecycle: accept loop, connection cap, graceful
-//!   shutdown.
-//! - [`telemetry`]: the Prometheus recorder behind `GET /metrics`;
-//!   [`timing`]: where a request's time went, for the slow-request log.
-//! - [`tls`]: rustls configurations of the server and the client.
-//! - [`client`]: a typed async client of the API, used by the CLI, the bench
-//!   tool and the tests.
-//! - [`error`]: what can fail inside the library.
-//! - [`files`]: directories and small files made durable (parents fsynced,
+//! Beside the public modules above, private ones:
+//!
+//! - `api`: the HTTP contract (routes, request parsing, limits, the error
+//!   shape); `api::router` lists every route, `api::types` is [`types`].
+//! - `resp`: the Redis protocol (RESP2 and RESP3) on the same store.
+//! - `storage` also holds, privately, the change records (`changes`), the
+//!   live feed watchers follow (`feed`), and the guard layer (storage timeout
+//!   and latency).
+//! - `telemetry`: the Prometheus recorder behind `GET /metrics`; `timing`:
+//!   where a request's time went, for the slow-request log.
+//! - `error`: what can fail inside the library (re-exported at the root).
+//! - `files`: directories and small files made durable (parents fsynced,
 //!   atomic replacement).
-//! - `src/main.rs`: the `kvstore` binary (argument parsing and wiring only).
+//! - `src/main.rs`, `src/cli/` and `src/loadgen/`: the `kvstore` binary
+//!   (argument parsing and wiring, and the load generator of `kvstore
+//!   bench`), not part of the library.
+//!
+//! The `fuzzing` and `internals` features expose entry points for `fuzz/`,
+//! `benches/` and `tests/` (the parsers, the service without a listener):
+//! they are not part of the library's API.
 
 /// An enum whose variants a flag names (`--durability fsync`): the list of
 /// them, each one's name, `Display` and `FromStr`, from one table.

@@ -16,7 +16,7 @@ use crate::api::{self, AppState, Observe};
 use crate::storage::Store;
 use crate::telemetry::Metrics;
 
-pub use crate::api::auth::{Auth, AuthError, Rights, TokenRules, token_sha256_hex};
+pub use crate::api::auth::{Auth, AuthError, TokenRules, token_sha256_hex};
 pub use crate::api::{CursorKey, CursorKeyError, Limits};
 pub use crate::resp::RespConfig;
 

@@ -131,7 +131,7 @@ pub fn client_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, TlsE
 ///
 /// # Errors
 /// When rustls refuses its own defaults.
-pub fn client_config_without_roots() -> Result<rustls::ClientConfig, TlsError> {
+pub(crate) fn client_config_without_roots() -> Result<rustls::ClientConfig, TlsError> {
     client_config_with(RootCertStore::empty())
 }
 
@@ -141,15 +141,4 @@ fn client_config_with(roots: RootCertStore) -> Result<rustls::ClientConfig, TlsE
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
-}
-
-/// [`client_config`] with the CA read from a file.
-///
-/// # Errors
-/// As [`client_config`], or when the file cannot be read.
-pub fn client_config_from_file(ca: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
-    match ca {
-        Some(path) => client_config(Some(&read(path)?)),
-        None => client_config(None),
-    }
 }

@@ -216,7 +216,7 @@ impl TokenRules {
 
     /// The rights of `token`, if it is listed. Every stored digest is compared,
     /// in constant time, whichever matches.
-    pub fn resolve(&self, token: &str) -> Option<Arc<Rights>> {
+    pub(crate) fn resolve(&self, token: &str) -> Option<Arc<Rights>> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
         for (stored, rights) in &self.tokens {
@@ -277,7 +277,7 @@ impl Auth {
     }
 
     /// The rights of `token` under the rules in force, if it is listed.
-    pub fn resolve(&self, token: &str) -> Option<Arc<Rights>> {
+    pub(crate) fn resolve(&self, token: &str) -> Option<Arc<Rights>> {
         self.rules.load().resolve(token)
     }
 

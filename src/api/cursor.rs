@@ -33,7 +33,7 @@ pub struct CursorKey(Hmac<Sha256>);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CursorKeyError {
-    /// The secret is shorter than [`MIN_SECRET_BYTES`].
+    /// The secret is shorter than `MIN_SECRET_BYTES` (16).
     #[error("the cursor secret is {0} bytes; at least {MIN_SECRET_BYTES} are needed")]
     TooShort(usize),
     /// HMAC-SHA256 refused the secret.
@@ -53,7 +53,7 @@ pub enum CursorKeyError {
 }
 
 impl CursorKey {
-    /// A key from a secret of at least [`MIN_SECRET_BYTES`] bytes.
+    /// A key from a secret of at least `MIN_SECRET_BYTES` (16) bytes.
     ///
     /// # Errors
     /// When the secret is shorter.

@@ -107,7 +107,7 @@ pub struct PutResponse {
 }
 
 /// The answer to `GET /v1/kv` (a range). The server renders its items as
-/// [`EntryView`](super::EntryView)s, which read back as `EntryBody`s.
+/// `EntryView`s, which read back as `EntryBody`s.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListResponse<E = EntryBody> {
     /// The entries of the page, in key order.

@@ -299,12 +299,12 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 pub const MAX_TTL_MS: u64 = 10_000_000_000_000;
 
 /// A time to live in µs, at most [`MAX_TTL_MS`].
-pub fn capped_ttl_us(ttl_ms: u64) -> i64 {
+pub(crate) fn capped_ttl_us(ttl_ms: u64) -> i64 {
     i64::try_from(ttl_ms.min(MAX_TTL_MS) * 1000).unwrap_or(i64::MAX)
 }
 
 /// The deadline `ttl_ms` milliseconds (at most [`MAX_TTL_MS`]) after `now_us`.
-pub fn deadline_after(now_us: i64, ttl_ms: u64) -> i64 {
+pub(crate) fn deadline_after(now_us: i64, ttl_ms: u64) -> i64 {
     now_us.saturating_add(capped_ttl_us(ttl_ms))
 }
 

@@ -40,7 +40,7 @@
 //! is set to fjall's smallest, so the `meta` keyspace is flushed each time a
 //! journal fills, and at most about two journals are kept.
 //!
-//! A full disk: the free-space guard ([`space`]) refuses writes before
+//! A full disk: the free-space guard (`space`) refuses writes before
 //! the disk fills. If the engine runs out of space all the same (the guard
 //! off, or another process filling the disk), fjall poisons the database and
 //! refuses every later write; fjall cannot be un-poisoned, so once space is

@@ -26,9 +26,9 @@
 //! Batch reads and ranges go to the store, which reads them from one snapshot.
 //!
 //! Writes made by other servers (PostgreSQL) reach the cache through
-//! [`CachedStore::invalidate`], driven by notifications: the same stripe
+//! `CachedStore::invalidate`, driven by notifications: the same stripe
 //! epochs keep a read that began before the notification from filling the
-//! old entry back. While notifications may be lost, [`CachedStore::set_bypass`]
+//! old entry back. While notifications may be lost, `CachedStore::set_bypass`
 //! sends every read to the store.
 
 use std::hash::BuildHasher;
