@@ -191,6 +191,15 @@ pub struct RedisCachedStore {
     next_lease: AtomicU64,
 }
 
+/// Why a call to Redis failed.
+#[derive(Debug, thiserror::Error)]
+enum RedisFailure {
+    #[error(transparent)]
+    Redis(redis::RedisError),
+    #[error("timed out")]
+    TimedOut,
+}
+
 /// The URL of a [`RedisConfig`] is not a Redis URL.
 #[derive(Debug, thiserror::Error)]
 #[error("bad Redis URL: {0}")]
@@ -260,18 +269,18 @@ impl RedisCachedStore {
                         c
                     }
                     Ok(Err(err)) => {
-                        self.failed("connect", &err.to_string());
+                        self.failed("connect", &RedisFailure::Redis(err));
                         return None;
                     }
                     Err(_) => {
-                        self.failed("connect", "timed out");
+                        self.failed("connect", &RedisFailure::TimedOut);
                         return None;
                     }
                 }
             }
         };
         if self.needs_new_generation.load(Ordering::Acquire) {
-            let bumped: Result<i64, String> = self
+            let bumped: Result<i64, RedisFailure> = self
                 .call(
                     redis::cmd("INCR").arg(format!("{}gen", self.config.prefix)),
                     &mut connection,
@@ -298,30 +307,28 @@ impl RedisCachedStore {
         &self,
         cmd: &redis::Cmd,
         connection: &mut ConnectionManager,
-    ) -> Result<T, String> {
-        match tokio::time::timeout(self.config.timeout, cmd.query_async(connection)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(_) => Err("timed out".into()),
-        }
+    ) -> Result<T, RedisFailure> {
+        tokio::time::timeout(self.config.timeout, cmd.query_async(connection))
+            .await
+            .map_err(|_| RedisFailure::TimedOut)?
+            .map_err(RedisFailure::Redis)
     }
 
     async fn script<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
         connection: &mut ConnectionManager,
-    ) -> Result<T, String> {
-        match tokio::time::timeout(self.config.timeout, invocation.invoke_async(connection)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(_) => Err("timed out".into()),
-        }
+    ) -> Result<T, RedisFailure> {
+        tokio::time::timeout(self.config.timeout, invocation.invoke_async(connection))
+            .await
+            .map_err(|_| RedisFailure::TimedOut)?
+            .map_err(RedisFailure::Redis)
     }
 
     /// Counts and logs a failure, and leaves Redis alone for a while. Writes
     /// of other servers may have failed to reach Redis meanwhile too: a new
     /// generation starts before this server uses the cache again.
-    fn failed(&self, op: &'static str, why: &str) {
+    fn failed(&self, op: &'static str, why: &RedisFailure) {
         metrics::counter!("kvstore_redis_errors_total", "op" => op).increment(1);
         self.needs_new_generation.store(true, Ordering::Release);
         if let Ok(mut connection) = self.connection.lock() {
@@ -333,7 +340,7 @@ impl RedisCachedStore {
         if self.up.swap(false, Ordering::AcqRel) {
             tracing::warn!(
                 op,
-                error = why,
+                error = %why,
                 "Redis is unreachable: reads go to storage until it is back"
             );
         }
