@@ -120,7 +120,8 @@ pub use api::types;
 pub use client::{Client, ClientError, ClientOptions};
 /// What the store can fail with, and a value given as text that does not read.
 pub use error::{InvalidValue, StoreError, StoreResult};
-/// Serving the store: the server's configuration and entry points.
+/// Serving the store: the server's configuration ([`server::run`] and its
+/// variants serve a store under it).
 pub use server::{Security, ServerConfig};
 /// The store that `kvstore serve` serves, built from its configuration.
 pub use stack::{Backend, Stack, StackConfig};
