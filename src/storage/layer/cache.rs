@@ -3,7 +3,7 @@
 //!
 //! The classic cache invalidated on write can: a read that misses, reads the
 //! old row, and fills after a concurrent write has updated the cache puts the
-//! old value back. Here every key belongs to one of [`STRIPES`] stripes, and all
+//! old value back. Here every key belongs to one of `STRIPES` stripes, and all
 //! cache changes of a stripe's keys happen under its lock, in revision order:
 //!
 //! - A write, once the store applied it and before it is answered, bumps its
