@@ -4,9 +4,9 @@
 //! Run a server (`cargo run --release -- serve`), then
 //! `cargo run --example client` (or set `KVSTORE_URL` to reach another one).
 
-use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
 use kvstore::client::{Client, ClientError, ListParams};
 use kvstore::storage::Condition;
+use kvstore::types::{BatchOp, BatchOpKind, BatchRequest};
 
 #[tokio::main]
 async fn main() -> Result<(), ClientError> {

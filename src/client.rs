@@ -30,7 +30,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::leases::lease_text;
+use crate::api::types::lease_text;
 use crate::api::types::{
     BatchGetRequest, BatchGetResponse, BatchRequest, BatchResponse, EntryBody, ErrorBody,
     ErrorCode, ErrorResponse, LeaseBody, LeaseRequest, ListResponse, PutBody, PutResponse,
@@ -65,7 +65,9 @@ pub enum ClientError {
     /// The server answered with an error.
     #[error("{status}: {} ({})", error.message, error.code)]
     Api {
+        /// The HTTP status.
         status: StatusCode,
+        /// The error body: its code, message and details.
         error: ErrorBody,
     },
     /// The answer was not what API v1 describes.
@@ -129,15 +131,20 @@ fn error_chain(err: &(dyn StdError + 'static)) -> String {
 /// A value read as raw bytes, with its version (from the `ETag`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawValue {
+    /// The value.
     pub value: Bytes,
+    /// Its version.
     pub version: u64,
 }
 
 /// An answer as it came.
 #[derive(Debug, Clone)]
 pub struct RawResponse {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// The headers.
     pub headers: hyper::HeaderMap,
+    /// The whole body.
     pub body: Bytes,
 }
 
@@ -240,17 +247,25 @@ impl QueryString {
 /// Options of a range read; `None` leaves a parameter out.
 #[derive(Debug, Clone, Default)]
 pub struct ListParams {
+    /// The first key (inclusive).
     pub start: Option<String>,
+    /// The key to stop before (exclusive).
     pub end: Option<String>,
+    /// Only the keys that begin with this.
     pub prefix: Option<String>,
+    /// At most this many items per page (the server allows 1 to 1000).
     pub limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    /// Leave the values out.
     pub keys_only: bool,
+    /// From the last key down.
     pub reverse: bool,
 }
 
 /// How a client authenticates and whom it trusts.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct ClientOptions {
     /// Sent as `Authorization: Bearer TOKEN` with every request.
     pub token: Option<String>,
@@ -308,7 +323,7 @@ impl Client {
             (None, true) => crate::tls::client_config(None),
             (None, false) => crate::tls::client_config_without_roots(),
         }
-        .map_err(ClientError::Transport)?;
+        .map_err(|err| ClientError::Transport(err.to_string()))?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));

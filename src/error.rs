@@ -100,6 +100,12 @@ impl From<io::Error> for StoreError {
     }
 }
 
+/// A value given as text that does not read back: a flag's value, a lease
+/// id, a `ttl_ms`. The message says what was given and what is taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidValue(pub(crate) String);
+
 /// The result of a storage operation.
 pub type StoreResult<T> = Result<T, StoreError>;
 

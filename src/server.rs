@@ -12,15 +12,19 @@ use tokio::net::TcpListener;
 
 use tokio::sync::Semaphore;
 
-use crate::api::auth::Auth;
-use crate::api::{self, AppState, CursorKey, Limits, Observe};
-use crate::resp::RespConfig;
+use crate::api::{self, AppState, Observe};
 use crate::storage::Store;
 use crate::telemetry::Metrics;
 
+pub use crate::api::auth::{Auth, AuthError, TokenRules, token_sha256_hex};
+pub use crate::api::{CursorKey, CursorKeyError, Limits};
+pub use crate::resp::RespConfig;
+
 /// How the HTTP server behaves.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct ServerConfig {
+    /// Size limits of requests.
     pub limits: Limits,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_timeout: Duration,
@@ -41,6 +45,7 @@ pub struct ServerConfig {
 
 /// Who may do what, and how connections are protected.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct Security {
     /// Token rules; `None` turns auth off.
     pub auth: Option<Arc<Auth>>,

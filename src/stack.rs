@@ -18,7 +18,7 @@ use crate::storage::Store;
 use crate::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use crate::storage::layer::cache::{CacheConfig, CacheMode, CachedStore};
 use crate::storage::layer::guard::GuardedStore;
-use crate::storage::layer::redis_cache::{RedisCachedStore, RedisConfig};
+use crate::storage::layer::redis_cache::{BadRedisUrl, RedisCachedStore, RedisConfig};
 use crate::storage::postgres::{Invalidation, PostgresConfig, PostgresStore};
 
 /// Where the data lives.
@@ -34,7 +34,9 @@ pub enum Backend {
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct StackConfig {
+    /// Where the data lives.
     pub backend: Backend,
+    /// The layers over the engine.
     pub layers: Layers,
 }
 
@@ -58,6 +60,7 @@ impl StackConfig {
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct Layers {
+    /// The read cache: off, in this process, or shared in Redis.
     pub cache: CacheMode,
     /// Bounds of a local cache.
     pub cache_config: CacheConfig,
@@ -86,18 +89,25 @@ impl Layers {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StackError {
+    /// The embedded engine did not open its data directory.
     #[error("cannot open {path}: {source}")]
     Embedded {
+        /// The data directory.
         path: String,
+        /// Why it did not open.
         #[source]
         source: StoreError,
     },
+    /// PostgreSQL could not be reached or its schema made.
     #[error("cannot open PostgreSQL: {0}")]
     Postgres(#[source] StoreError),
+    /// The Redis cache was asked for without a URL.
     #[error("--cache redis needs a Redis URL")]
     NoRedisUrl,
+    /// The Redis cache's URL is not a Redis URL.
     #[error("the Redis cache: {0}")]
-    Redis(String),
+    Redis(#[source] BadRedisUrl),
+    /// The listener of PostgreSQL's invalidations did not start.
     #[error("listening for PostgreSQL's invalidations: {0}")]
     Listen(#[source] StoreError),
 }

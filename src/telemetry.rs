@@ -36,7 +36,20 @@ const GROUP_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
 
-static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+/// Why the Prometheus recorder could not be installed. The first attempt's
+/// answer is kept for every later call, hence `Clone` and the messages.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MetricsError {
+    /// The histogram buckets were refused, or another recorder was installed
+    /// first.
+    #[error("{0}")]
+    Recorder(String),
+    /// The thread that folds histogram samples did not start.
+    #[error("cannot start the metrics upkeep thread: {0}")]
+    Upkeep(String),
+}
+
+static RECORDER: OnceLock<Result<PrometheusHandle, MetricsError>> = OnceLock::new();
 
 /// The renderer of `GET /metrics`.
 pub struct Metrics {
@@ -50,7 +63,7 @@ impl Metrics {
     ///
     /// # Errors
     /// When another recorder was installed first.
-    pub fn install() -> Result<Self, String> {
+    pub fn install() -> Result<Self, MetricsError> {
         let handle = RECORDER
             .get_or_init(|| {
                 let builder = PrometheusBuilder::new()
@@ -61,8 +74,10 @@ impl Metrics {
                             GROUP_BUCKETS,
                         )
                     })
-                    .map_err(|e| e.to_string())?;
-                let handle = builder.install_recorder().map_err(|e| e.to_string())?;
+                    .map_err(|e| MetricsError::Recorder(e.to_string()))?;
+                let handle = builder
+                    .install_recorder()
+                    .map_err(|e| MetricsError::Recorder(e.to_string()))?;
                 // Histogram samples wait in a lock-free bucket until upkeep
                 // folds them into the buckets. Folding them only when scraped
                 // let an unscraped server grow by about 19 bytes per request.
@@ -75,7 +90,7 @@ impl Metrics {
                             upkeep.run_upkeep();
                         }
                     })
-                    .map_err(|e| format!("cannot start the metrics upkeep thread: {e}"))?;
+                    .map_err(|e| MetricsError::Upkeep(e.to_string()))?;
                 describe();
                 Ok(handle)
             })

@@ -25,9 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
-use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
 use kvstore::client::{Client, Event, WatchMessage, WatchRange, WatchRequest};
 use kvstore::storage::{Condition, Expiry};
+use kvstore::types::{BatchOp, BatchOpKind, BatchRequest};
 
 type Result<T> = std::result::Result<T, Box<dyn Error + Send + Sync>>;
 

@@ -3,7 +3,7 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
+use kvstore::types::{BatchOp, BatchOpKind, BatchRequest};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, Arbitrary)]
@@ -38,5 +38,5 @@ fuzz_target!(|ops: Vec<Op>| {
             lease: op.lease,
         })
         .collect();
-    kvstore::api::fuzzing::batch_ops(BatchRequest { ops });
+    kvstore::fuzzing::batch_ops(BatchRequest { ops });
 });

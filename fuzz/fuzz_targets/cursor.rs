@@ -16,7 +16,7 @@ struct Input<'a> {
 }
 
 fuzz_target!(|input: Input<'_>| {
-    kvstore::api::fuzzing::cursor(
+    kvstore::fuzzing::cursor(
         input.start,
         input.end,
         input.prefix,

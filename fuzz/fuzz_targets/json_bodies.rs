@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|body: &[u8]| {
-    kvstore::api::fuzzing::json_bodies(body);
+    kvstore::fuzzing::json_bodies(body);
 });

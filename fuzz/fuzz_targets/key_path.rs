@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|raw: &str| {
-    let _ = kvstore::api::fuzzing::key_from_path(raw);
+    let _ = kvstore::fuzzing::key_from_path(raw);
 });

@@ -3,7 +3,7 @@
 //! and the bytes read the same whether they arrive at once or in pieces.
 #![no_main]
 
-use kvstore::resp::frame::{FrameLimits, read_all};
+use kvstore::fuzzing::{FrameLimits, read_all};
 use libfuzzer_sys::fuzz_target;
 
 // Small limits, so that the fuzzer reaches the "too big" paths.

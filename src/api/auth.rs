@@ -56,16 +56,21 @@ fn unhex(text: &str) -> Option<[u8; 32]> {
 /// prefix is every key). Writing does not imply reading.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rights {
+    /// The token's name in the file, for logs.
     pub name: String,
+    /// The key prefixes it may read.
     pub read: Vec<Vec<u8>>,
+    /// The key prefixes it may write.
     pub write: Vec<Vec<u8>>,
 }
 
 impl Rights {
+    /// Whether the token may read `key`.
     pub fn can_read(&self, key: &[u8]) -> bool {
         self.read.iter().any(|p| key.starts_with(p))
     }
 
+    /// Whether the token may write `key`.
     pub fn can_write(&self, key: &[u8]) -> bool {
         self.write.iter().any(|p| key.starts_with(p))
     }
@@ -93,6 +98,32 @@ struct TokenFile {
     token: Vec<TokenEntry>,
 }
 
+/// Why a token file did not load.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The token file.
+        path: PathBuf,
+        /// What reading it failed with.
+        source: std::io::Error,
+    },
+    /// The text does not parse, or a token in it is wrong; the message names
+    /// the token and what is wrong with it.
+    #[error("{0}")]
+    Invalid(String),
+    /// The file at `path` is invalid.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        /// The token file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: Box<AuthError>,
+    },
+}
+
 /// Every token of one load of the file.
 #[derive(Debug, Default)]
 pub struct TokenRules {
@@ -104,7 +135,11 @@ impl TokenRules {
     ///
     /// # Errors
     /// A message that names the token and what is wrong with it.
-    pub fn parse(text: &str, json: bool) -> Result<Self, String> {
+    pub fn parse(text: &str, json: bool) -> Result<Self, AuthError> {
+        Self::parse_text(text, json).map_err(AuthError::Invalid)
+    }
+
+    fn parse_text(text: &str, json: bool) -> Result<Self, String> {
         let file: TokenFile = if json {
             serde_json::from_str(text).map_err(|e| e.to_string())?
         } else {
@@ -155,26 +190,33 @@ impl TokenRules {
     ///
     /// # Errors
     /// When the file cannot be read or parsed.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let json = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-        Self::parse(&text, json).map_err(|e| format!("{}: {e}", path.display()))
+        Self::parse(&text, json).map_err(|err| AuthError::InFile {
+            path: path.to_owned(),
+            source: Box::new(err),
+        })
     }
 
+    /// How many tokens are listed.
     pub fn len(&self) -> usize {
         self.tokens.len()
     }
 
+    /// Whether no token is listed.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
 
     /// The rights of `token`, if it is listed. Every stored digest is compared,
     /// in constant time, whichever matches.
-    pub fn resolve(&self, token: &str) -> Option<Arc<Rights>> {
+    pub(crate) fn resolve(&self, token: &str) -> Option<Arc<Rights>> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
         for (stored, rights) in &self.tokens {
@@ -199,7 +241,7 @@ impl Auth {
     ///
     /// # Errors
     /// When the file cannot be read or parsed.
-    pub fn load(path: impl Into<PathBuf>, metrics_open: bool) -> Result<Self, String> {
+    pub fn load(path: impl Into<PathBuf>, metrics_open: bool) -> Result<Self, AuthError> {
         let path = path.into();
         let rules = TokenRules::load(&path)?;
         Ok(Auth {
@@ -222,18 +264,20 @@ impl Auth {
     ///
     /// # Errors
     /// Why the file did not load.
-    pub fn reload(&self) -> Result<usize, String> {
+    pub fn reload(&self) -> Result<usize, AuthError> {
         let rules = TokenRules::load(&self.path)?;
         let count = rules.len();
         self.rules.store(Arc::new(rules));
         Ok(count)
     }
 
+    /// The token file (empty for [`Auth::from_rules`]).
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    pub fn resolve(&self, token: &str) -> Option<Arc<Rights>> {
+    /// The rights of `token` under the rules in force, if it is listed.
+    pub(crate) fn resolve(&self, token: &str) -> Option<Arc<Rights>> {
         self.rules.load().resolve(token)
     }
 

@@ -14,6 +14,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
+use std::path::{Path, PathBuf};
 
 const FORMAT_V2: u8 = 2;
 const FLAG_REVERSE: u8 = 1;
@@ -28,29 +29,82 @@ pub const MIN_SECRET_BYTES: usize = 16;
 #[derive(Clone)]
 pub struct CursorKey(Hmac<Sha256>);
 
+/// Why a cursor secret could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CursorKeyError {
+    /// The secret is shorter than `MIN_SECRET_BYTES` (16).
+    #[error("the cursor secret is {0} bytes; at least {MIN_SECRET_BYTES} are needed")]
+    TooShort(usize),
+    /// HMAC-SHA256 refused the secret.
+    #[error("HMAC-SHA256 refuses a secret of {0} bytes")]
+    Refused(usize),
+    /// The system's random source failed.
+    #[error("the system's random source failed")]
+    NoRandomness,
+    /// A new secret could not be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The secret's file.
+        path: PathBuf,
+        /// What writing it failed with.
+        source: std::io::Error,
+    },
+}
+
 impl CursorKey {
-    /// A key from a secret of at least [`MIN_SECRET_BYTES`] bytes.
+    /// A key from a secret of at least `MIN_SECRET_BYTES` (16) bytes.
     ///
     /// # Errors
     /// When the secret is shorter.
-    pub fn new(secret: &[u8]) -> Result<Self, String> {
+    pub fn new(secret: &[u8]) -> Result<Self, CursorKeyError> {
         if secret.len() < MIN_SECRET_BYTES {
-            return Err(format!(
-                "the cursor secret is {} bytes; at least {MIN_SECRET_BYTES} are needed",
-                secret.len()
-            ));
+            return Err(CursorKeyError::TooShort(secret.len()));
         }
         Hmac::<Sha256>::new_from_slice(secret)
             .map(CursorKey)
-            .map_err(|e| e.to_string())
+            .map_err(|_| CursorKeyError::Refused(secret.len()))
     }
 
     /// A fresh random key, for a server whose cursors need not outlive it.
     ///
     /// # Errors
     /// When the system's random source fails.
-    pub fn random() -> Result<Self, String> {
-        Self::new(&random_secret()?)
+    pub fn random() -> Result<Self, CursorKeyError> {
+        Self::new(&Self::random_secret()?)
+    }
+
+    /// 32 bytes from the operating system's random source: a secret for
+    /// [`CursorKey::new`] that servers can share.
+    ///
+    /// # Errors
+    /// When the random source fails.
+    pub fn random_secret() -> Result<[u8; 32], CursorKeyError> {
+        let mut secret = [0u8; 32];
+        rustls::crypto::ring::default_provider()
+            .secure_random
+            .fill(&mut secret)
+            .map_err(|_| CursorKeyError::NoRandomness)?;
+        Ok(secret)
+    }
+
+    /// Makes a random secret and writes it to `path` as 64 hex digits (mode
+    /// 0600 on Unix), atomically and durably: a power cut must not leave a
+    /// torn secret, nor lose one whose cursors were already handed out.
+    /// Returns the secret as written, to give to [`CursorKey::new`].
+    ///
+    /// # Errors
+    /// When the random source fails or the file cannot be written.
+    pub fn write_random_secret(path: &Path) -> Result<Vec<u8>, CursorKeyError> {
+        let secret = Self::random_secret()?;
+        let text: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        crate::files::write_atomically(path, format!("{text}\n").as_bytes(), 0o600).map_err(
+            |source| CursorKeyError::Write {
+                path: path.to_owned(),
+                source,
+            },
+        )?;
+        Ok(text.into_bytes())
     }
 }
 
@@ -58,19 +112,6 @@ impl std::fmt::Debug for CursorKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CursorKey(..)")
     }
-}
-
-/// 32 bytes from the operating system's random source.
-///
-/// # Errors
-/// When the random source fails.
-pub fn random_secret() -> Result<[u8; 32], String> {
-    let mut secret = [0u8; 32];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut secret)
-        .map_err(|_| "the system's random source failed".to_owned())?;
-    Ok(secret)
 }
 
 /// The range a cursor belongs to, as the client named it.

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::types::ErrorCode;
-use crate::error::StoreError;
+use crate::error::{InvalidValue, StoreError};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -96,6 +96,12 @@ impl ApiError {
     pub fn with_detail(mut self, name: &str, value: Value) -> Self {
         self.details.insert(name.to_owned(), value);
         self
+    }
+}
+
+impl From<InvalidValue> for ApiError {
+    fn from(err: InvalidValue) -> Self {
+        ApiError::invalid_request(err.to_string())
     }
 }
 

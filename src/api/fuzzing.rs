@@ -64,7 +64,7 @@ pub fn json_bodies(body: &[u8]) {
     if let Ok((value, expiry)) = handlers::put_value(body, &limits) {
         assert!(value.len() <= limits.max_value_bytes);
         if let crate::storage::Expiry::Ttl(ttl_ms) = expiry {
-            assert!((1..=super::leases::MAX_TTL_MS).contains(&ttl_ms));
+            assert!((1..=super::types::MAX_TTL_MS).contains(&ttl_ms));
         }
     }
     if let Ok(batch) = request::parse_json::<BatchRequest>(body) {

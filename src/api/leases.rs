@@ -18,40 +18,12 @@ use super::error::ApiError;
 use super::handlers::{ApiResult, json_response};
 use super::render::Timestamp;
 use super::request::{Query, parse_json, read_body};
-use super::types::{LeaseBody, LeaseRequest};
+use super::types::{LeaseBody, LeaseRequest, MAX_TTL_MS, check_ttl_ms, lease_text, parse_lease_id};
 use crate::storage::{Expiry, Lease, LeaseId, WriteOp};
 
-/// The longest `ttl_ms` taken: 100 years, far inside the range of a deadline
-/// in microseconds.
-pub const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
-
-/// A lease id as the API writes it.
-pub fn lease_text(id: LeaseId) -> String {
-    format!("{id:016x}")
-}
-
-/// A lease id as the API reads it: 1 to 16 hex digits, not all zero.
-pub fn parse_lease_id(text: &str) -> Result<LeaseId, ApiError> {
-    let valid = !text.is_empty() && text.len() <= 16 && text.bytes().all(|b| b.is_ascii_hexdigit());
-    valid
-        .then(|| u64::from_str_radix(text, 16).ok())
-        .flatten()
-        .filter(|id| *id != 0)
-        .ok_or_else(|| {
-            ApiError::invalid_request(format!(
-                "'{text}' is not a lease id; a lease id is the 16 hex digits POST /v1/leases gave"
-            ))
-        })
-}
-
-/// Checks a `ttl_ms`: 1 to [`MAX_TTL_MS`].
-pub fn check_ttl_ms(ttl_ms: u64, at: &str) -> Result<u64, ApiError> {
-    if ttl_ms == 0 || ttl_ms > MAX_TTL_MS {
-        return Err(ApiError::invalid_request(format!(
-            "{at}ttl_ms must be a whole number of milliseconds from 1 to {MAX_TTL_MS}, not {ttl_ms}"
-        )));
-    }
-    Ok(ttl_ms)
+/// Checks a `ttl_ms` of a request; `at` prefixes the message (`ops[3]: `).
+fn checked_ttl_ms(ttl_ms: u64, at: &str) -> Result<u64, ApiError> {
+    check_ttl_ms(ttl_ms).map_err(|err| ApiError::invalid_request(format!("{at}{err}")))
 }
 
 /// What a put asks for its key's deadline; `at` prefixes messages
@@ -64,11 +36,11 @@ pub(crate) fn expiry(
 ) -> Result<Expiry, ApiError> {
     match (ttl_ms, keep_ttl.unwrap_or(false), lease) {
         (None, false, None) => Ok(Expiry::Never),
-        (Some(ttl), false, None) => Ok(Expiry::Ttl(check_ttl_ms(ttl, at)?)),
+        (Some(ttl), false, None) => Ok(Expiry::Ttl(checked_ttl_ms(ttl, at)?)),
         (None, true, None) => Ok(Expiry::Keep),
         (None, false, Some(id)) => {
             Ok(Expiry::Lease(parse_lease_id(id).map_err(|err| {
-                ApiError::invalid_request(format!("{at}{}", err.message))
+                ApiError::invalid_request(format!("{at}{err}"))
             })?))
         }
         _ => Err(ApiError::invalid_request(format!(
@@ -166,7 +138,7 @@ fn lease_id_of(request: &Request) -> Result<LeaseId, ApiError> {
         .strip_prefix("/v1/leases/")
         .map(|rest| rest.strip_suffix("/keepalive").unwrap_or(rest))
         .unwrap_or_default();
-    parse_lease_id(id)
+    Ok(parse_lease_id(id)?)
 }
 
 /// `POST /v1/leases`.
@@ -176,7 +148,7 @@ pub(crate) async fn grant(State(state): State<AppState>, request: Request) -> Ap
     Query::parse(parts.uri.query(), &[])?;
     let body = read_body(&parts.headers, body, &state).await?;
     let asked: LeaseRequest = parse_json(&body)?;
-    let ttl_ms = check_ttl_ms(asked.ttl_ms, "")?;
+    let ttl_ms = checked_ttl_ms(asked.ttl_ms, "")?;
     let owner = match &access {
         Access::Open => None,
         Access::Token(rights) => Some(rights.name.clone()),

@@ -1,15 +1,15 @@
 //! The HTTP contract of API v1: routes, request parsing, limits and the error
 //! shape. [`router`] is the only place routes are listed.
 
-pub mod auth;
-pub mod console;
+pub(crate) mod auth;
+pub(crate) mod console;
 mod cursor;
-pub mod error;
+pub(crate) mod error;
 #[doc(hidden)]
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod handlers;
-pub mod leases;
+mod leases;
 mod observe;
 mod render;
 pub(crate) mod request;
@@ -30,14 +30,16 @@ use bytes::Bytes;
 use futures_util::future::Either;
 use hyper_util::service::TowerToHyperService;
 
-pub use cursor::{CursorKey, random_secret};
+pub use cursor::{CursorKey, CursorKeyError};
 pub use observe::Observe;
+#[cfg(feature = "internals")]
 pub use render::EntryView;
 
 use crate::storage::Store;
 
 /// Size limits of requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Longest key, in bytes of UTF-8.
     pub max_key_bytes: usize,
@@ -61,8 +63,11 @@ impl Default for Limits {
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
+    /// The store the handlers read and write.
     pub store: Arc<dyn Store>,
+    /// Size limits of requests.
     pub limits: Limits,
+    /// Metrics and the slow-request log.
     pub observe: Observe,
     /// Token rules; `None` when auth is off (every request may do anything).
     pub auth: Option<Arc<auth::Auth>>,

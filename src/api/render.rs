@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Datelike as _, SecondsFormat, Timelike as _};
 use serde::{Serialize, Serializer};
 
-use super::leases::lease_text;
+use super::types::lease_text;
 use crate::storage::{Change, Entry, Event, LeaseId};
 
 /// An entry as the API shows it, borrowed from the store's entry. It renders
@@ -34,6 +34,7 @@ pub struct EntryView<'a> {
 }
 
 impl<'a> EntryView<'a> {
+    /// The entry as the API shows it; `keys_only` leaves its value out.
     pub fn new(entry: &'a Entry, keys_only: bool) -> Self {
         let (value, value_base64) = if keys_only {
             (None, None)

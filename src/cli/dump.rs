@@ -22,8 +22,8 @@ use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 
-use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
 use kvstore::client::{Client, ListParams, MAX_ITEMS};
+use kvstore::types::{BatchOp, BatchOpKind, BatchRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 

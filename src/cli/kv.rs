@@ -6,9 +6,9 @@ use std::io::{IsTerminal as _, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use kvstore::api::types::{BatchRequest, EntryBody};
 use kvstore::client::{ClientError, ListParams, MAX_ITEMS, Value};
 use kvstore::storage::{Condition, Expiry, LeaseId};
+use kvstore::types::{BatchRequest, EntryBody};
 use serde_json::json;
 
 use super::{
@@ -42,7 +42,7 @@ pub(crate) async fn get(args: GetArgs) -> Result<(), Failure> {
     }
     let deadline = deadline_text(entry.expires_at.as_deref(), entry.lease.as_deref());
     let value = Value::from_fields(&entry.key, entry.value, entry.value_base64)
-        .map_err(|why| Failure::from(ClientError::Protocol(why)))?;
+        .map_err(|why| Failure::from(ClientError::Protocol(why.to_string())))?;
     let value = value.as_bytes();
     let newline = std::io::stdout().is_terminal() && !value.ends_with(b"\n");
     with_stdout(|out| {

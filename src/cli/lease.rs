@@ -4,8 +4,8 @@
 use std::io::Write;
 use std::time::Duration;
 
-use kvstore::api::types::LeaseBody;
 use kvstore::storage::LeaseId;
+use kvstore::types::LeaseBody;
 use serde_json::json;
 
 use super::{
@@ -91,7 +91,7 @@ async fn get(args: LeaseIdArgs) -> Result<(), Failure> {
 
 async fn revoke(args: LeaseIdArgs) -> Result<(), Failure> {
     args.server.client()?.revoke_lease(args.id).await?;
-    let id = kvstore::api::leases::lease_text(args.id);
+    let id = kvstore::types::lease_text(args.id);
     with_stdout(|out| {
         if args.output.json {
             write_json(out, &json!({"lease": id, "revoked": true}))

@@ -15,9 +15,9 @@ use std::process::ExitCode;
 
 use hyper::StatusCode;
 use indicatif::{ProgressBar, ProgressStyle};
-use kvstore::api::leases::{check_ttl_ms, parse_lease_id};
 use kvstore::client::{Client, ClientError, ClientOptions};
 use kvstore::storage::LeaseId;
+use kvstore::types::{check_ttl_ms, parse_lease_id};
 use serde::Serialize;
 
 /// The server that a client subcommand talks to.
@@ -47,10 +47,9 @@ impl ServerArgs {
                     .map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))
             })
             .transpose()?;
-        let options = ClientOptions {
-            token: self.token.clone(),
-            ca_cert_pem,
-        };
+        let mut options = ClientOptions::default();
+        options.token = self.token.clone();
+        options.ca_cert_pem = ca_cert_pem;
         Client::with_options(&self.url, &options).map_err(|err| Failure::usage(err.to_string()))
     }
 }
@@ -208,7 +207,7 @@ fn ttl_ms(text: &str) -> Result<u64, String> {
             "'{text}' is shorter than a millisecond, the shortest ttl"
         ));
     }
-    check_ttl_ms(ms, "").map_err(|err| err.message)
+    check_ttl_ms(ms).map_err(|err| err.to_string())
 }
 
 /// A ttl in milliseconds as people read it: `10s`, or `1500ms` when it is
@@ -223,7 +222,7 @@ fn ttl_text(ms: u64) -> String {
 
 /// A lease id as `kvstore lease grant` printed it (16 hex digits).
 fn lease_id(text: &str) -> Result<LeaseId, String> {
-    parse_lease_id(text).map_err(|err| err.message)
+    parse_lease_id(text).map_err(|err| err.to_string())
 }
 
 /// An entry's deadline for people (`expires at T`, `expires at T, lease L`),
@@ -300,7 +299,7 @@ fn read_input(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
 
 #[cfg(test)]
 mod tests {
-    use kvstore::api::types::{ErrorBody, ErrorCode};
+    use kvstore::types::{ErrorBody, ErrorCode};
 
     use super::*;
 

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvstore::api::CursorKey;
-use kvstore::api::auth::{Auth, token_sha256_hex};
-use kvstore::server::Security;
+use kvstore::server::{Auth, CursorKey, Security, token_sha256_hex};
 
 use super::Failure;
 
@@ -66,7 +64,8 @@ impl SecurityArgs {
     pub(crate) fn load(&self, data_dir: &Path) -> Result<Security, String> {
         let auth = match &self.auth_file {
             Some(path) => {
-                let auth = Arc::new(Auth::load(path, self.metrics_open)?);
+                let auth =
+                    Arc::new(Auth::load(path, self.metrics_open).map_err(|e| e.to_string())?);
                 #[cfg(unix)]
                 auth.reload_on_sighup()
                     .map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
@@ -75,7 +74,9 @@ impl SecurityArgs {
             None => None,
         };
         let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(kvstore::tls::server_config(cert, key)?),
+            (Some(cert), Some(key)) => {
+                Some(kvstore::tls::server_config(cert, key).map_err(|e| e.to_string())?)
+            }
             _ => None,
         };
         let secret = match (&self.cursor_secret, &self.cursor_secret_file) {
@@ -83,11 +84,11 @@ impl SecurityArgs {
             (None, Some(path)) => read_secret(path)?,
             (None, None) => default_secret(&data_dir.join(CURSOR_SECRET_FILE))?,
         };
-        Ok(Security {
-            auth,
-            tls,
-            cursor_key: Some(CursorKey::new(&secret)?),
-        })
+        let mut security = Security::default();
+        security.auth = auth;
+        security.tls = tls;
+        security.cursor_key = Some(CursorKey::new(&secret).map_err(|e| e.to_string())?);
+        Ok(security)
     }
 }
 
@@ -108,14 +109,9 @@ fn default_secret(path: &Path) -> Result<Vec<u8>, String> {
     if path.exists() {
         return read_secret(path);
     }
-    let secret = kvstore::api::random_secret()?;
-    let text: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    // Atomic and durable: a power cut must not leave a torn secret, nor lose
-    // one whose cursors were already handed out.
-    kvstore::files::write_atomically(path, format!("{text}\n").as_bytes(), 0o600)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let secret = CursorKey::write_random_secret(path).map_err(|e| e.to_string())?;
     tracing::info!(file = %path.display(), "made a new cursor secret");
-    Ok(text.into_bytes())
+    Ok(secret)
 }
 
 #[derive(clap::Args)]
@@ -149,7 +145,7 @@ pub(crate) fn token(args: TokenArgs) -> Result<(), Failure> {
         }
         TokenCommand::New => {
             use base64::Engine as _;
-            let secret = kvstore::api::random_secret().map_err(Failure::general)?;
+            let secret = CursorKey::random_secret().map_err(|e| Failure::general(e.to_string()))?;
             let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
             let hash = token_sha256_hex(&token);
             (Some(token), hash)

@@ -4,12 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kvstore::api::Limits;
-use kvstore::resp::RespConfig;
+use kvstore::server::Limits;
+use kvstore::server::RespConfig;
 use kvstore::server::{self, ServerConfig};
 use kvstore::stack::{self, Stack, StackConfig};
 use kvstore::storage::History;
-use kvstore::storage::embedded::space::MinFree;
+use kvstore::storage::embedded::MinFree;
 use kvstore::storage::embedded::{Durability, EmbeddedConfig};
 use kvstore::storage::layer::cache::{CacheConfig, CacheMode};
 use kvstore::storage::layer::redis_cache::RedisConfig;
@@ -191,7 +191,7 @@ fn modes<T>(
     names: impl IntoIterator<Item = &'static str>,
 ) -> impl clap::builder::TypedValueParser<Value = T>
 where
-    T: std::str::FromStr<Err = String> + Clone + Send + Sync + 'static,
+    T: std::str::FromStr<Err = kvstore::InvalidValue> + Clone + Send + Sync + 'static,
 {
     use clap::builder::TypedValueParser as _;
     clap::builder::PossibleValuesParser::new(names).try_map(|name: String| name.parse::<T>())
@@ -199,11 +199,10 @@ where
 
 /// Runs the server until SIGINT or SIGTERM.
 pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
-    let limits = Limits {
-        max_key_bytes: usize::try_from(args.max_key_bytes).map_err(|e| e.to_string())?,
-        max_value_bytes: args.max_value_bytes,
-        max_body_bytes: args.max_body_bytes,
-    };
+    let mut limits = Limits::default();
+    limits.max_key_bytes = usize::try_from(args.max_key_bytes).map_err(|e| e.to_string())?;
+    limits.max_value_bytes = args.max_value_bytes;
+    limits.max_body_bytes = args.max_body_bytes;
     if args.backend == Backend::Postgres && !args.security.has_cursor_secret() {
         // Each server would make its own secret in its data directory, and
         // a client behind a load balancer would see its cursors refused.
@@ -249,12 +248,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         layers.cache = cache;
     }
     let cache_mode = layers.cache;
-    let cache = CacheConfig {
-        max_entries: usize::try_from(args.cache_max_entries).map_err(|e| e.to_string())?,
-        max_bytes: args.cache_max_bytes,
-        ttl: (args.cache_ttl_secs > 0).then(|| Duration::from_secs(args.cache_ttl_secs)),
-        max_value_bytes: args.cache_max_value_bytes,
-    };
+    let mut cache = CacheConfig::default();
+    cache.max_entries = usize::try_from(args.cache_max_entries).map_err(|e| e.to_string())?;
+    cache.max_bytes = args.cache_max_bytes;
+    cache.ttl = (args.cache_ttl_secs > 0).then(|| Duration::from_secs(args.cache_ttl_secs));
+    cache.max_value_bytes = args.cache_max_value_bytes;
     layers.cache_config = cache;
     layers.redis = args.redis_url.clone().map(|url| {
         let mut redis = RedisConfig::new(url);
@@ -276,16 +274,15 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
-    let config = ServerConfig {
-        limits,
-        shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
-        request_timeout,
-        slow_request: Duration::from_millis(args.slow_ms),
-        max_connections: usize::try_from(args.max_connections).map_err(|e| e.to_string())?,
-        metrics: args.metrics,
-        header_read_timeout: args.security.header_read_timeout(),
-        ui: args.ui,
-    };
+    let mut config = ServerConfig::default();
+    config.limits = limits;
+    config.shutdown_timeout = Duration::from_secs(args.shutdown_timeout_secs);
+    config.request_timeout = request_timeout;
+    config.slow_request = Duration::from_millis(args.slow_ms);
+    config.max_connections = usize::try_from(args.max_connections).map_err(|e| e.to_string())?;
+    config.metrics = args.metrics;
+    config.header_read_timeout = args.security.header_read_timeout();
+    config.ui = args.ui;
     let resp = match args.resp_listen {
         None => None,
         Some(address) => {
@@ -294,14 +291,12 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
                 .map_err(|e| format!("cannot listen on {address} for RESP: {e}"))?;
             let address = listener.local_addr().map_err(|e| e.to_string())?;
             tracing::info!(%address, "kvstore RESP listening");
-            let resp_config = RespConfig {
-                max_connections: config.max_connections,
-                // PostgreSQL's commits are durable before they are answered.
-                fsync_every_write: args.backend == Backend::Postgres
-                    || args.durability == Durability::Fsync,
-                allow_flush: args.resp_allow_flush,
-                ..RespConfig::default()
-            };
+            let mut resp_config = RespConfig::default();
+            resp_config.max_connections = config.max_connections;
+            // PostgreSQL's commits are durable before they are answered.
+            resp_config.fsync_every_write =
+                args.backend == Backend::Postgres || args.durability == Durability::Fsync;
+            resp_config.allow_flush = args.resp_allow_flush;
             Some((listener, resp_config))
         }
     };

@@ -40,6 +40,7 @@ use rand::{RngExt as _, SeedableRng as _};
 use serde::{Deserialize, Serialize};
 
 use super::{Client, ClientError, QueryString, RawResponse, error_chain};
+use crate::error::InvalidValue;
 
 /// The first wait before reconnecting; it doubles with every failure in a
 /// row, up to [`MAX_BACKOFF`].
@@ -70,7 +71,9 @@ pub enum WatchRange {
     /// From `start` (inclusive) to `end` (exclusive); `None` leaves that side
     /// open.
     Span {
+        /// The first key (inclusive).
         start: Option<String>,
+        /// The key to stop before (exclusive).
         end: Option<String>,
     },
 }
@@ -92,6 +95,7 @@ impl WatchRange {
 /// What to watch, and from where.
 #[derive(Debug, Clone, Default)]
 pub struct WatchRequest {
+    /// The keys to watch.
     pub range: WatchRange,
     /// The first revision to deliver; `None` for the changes after the
     /// revision the store is at when the watch starts.
@@ -101,6 +105,7 @@ pub struct WatchRequest {
 /// What to ask `GET /v1/changes` for.
 #[derive(Debug, Clone, Default)]
 pub struct ChangesRequest {
+    /// The keys to ask about.
     pub range: WatchRange,
     /// Revisions above this one; `None` for the store's current revision.
     pub after: Option<u64>,
@@ -115,7 +120,9 @@ pub struct ChangesRequest {
 /// (`{"revision": r, "events": [...]}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
+    /// The revision of the write or batch.
     pub revision: u64,
+    /// What it did to each key in the range.
     pub events: Vec<Event>,
 }
 
@@ -125,10 +132,15 @@ pub struct Change {
 pub enum Event {
     /// The key's new entry, as GET shows it (its revision is the change's).
     Put {
+        /// The key.
         key: String,
+        /// Its new value.
         value: Value,
+        /// Its new version.
         version: u64,
+        /// When the key was created (RFC 3339).
         created_at: String,
+        /// When it was last written (RFC 3339).
         updated_at: String,
         /// When the key expires, if it has a deadline.
         expires_at: Option<String>,
@@ -138,8 +150,11 @@ pub enum Event {
     /// The key is gone: `version` is the one it removed, `reason` says why
     /// (`deleted`, `expired`, `lease_revoked`, or what a newer server adds).
     Delete {
+        /// The key.
         key: String,
+        /// The version it had.
         version: u64,
+        /// Why it is gone.
         reason: String,
     },
 }
@@ -156,6 +171,7 @@ impl Event {
 /// A value as the API carries it: text when its bytes are UTF-8.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
+    /// UTF-8 bytes (sent as `value`).
     Text(String),
     /// Any other bytes (sent as `value_base64`).
     Bytes(Bytes),
@@ -171,21 +187,22 @@ impl Value {
         key: &str,
         value: Option<String>,
         value_base64: Option<String>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, InvalidValue> {
         match (value, value_base64) {
             (Some(text), None) => Ok(Value::Text(text)),
             (None, Some(encoded)) => Ok(Value::Bytes(
                 STANDARD
                     .decode(&encoded)
-                    .map_err(|err| format!("value_base64 of '{key}': {err}"))?
+                    .map_err(|err| InvalidValue(format!("value_base64 of '{key}': {err}")))?
                     .into(),
             )),
-            _ => Err(format!(
+            _ => Err(InvalidValue(format!(
                 "the entry of '{key}' needs exactly one of value and value_base64"
-            )),
+            ))),
         }
     }
 
+    /// The bytes of the value.
     pub fn as_bytes(&self) -> &[u8] {
         match self {
             Value::Text(text) => text.as_bytes(),
@@ -220,7 +237,7 @@ enum EventBody {
 }
 
 impl TryFrom<EventBody> for Event {
-    type Error = String;
+    type Error = InvalidValue;
 
     fn try_from(body: EventBody) -> Result<Self, Self::Error> {
         Ok(match body {
@@ -298,6 +315,7 @@ impl From<Event> for EventBody {
 /// The answer to `GET /v1/changes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangesPage {
+    /// The revisions in the range, oldest first.
     pub changes: Vec<Change>,
     /// Where the next page's `after` starts: the last revision listed, or the
     /// revision up to which the range is known unchanged.
@@ -310,7 +328,10 @@ pub enum WatchMessage {
     /// The events of one revision.
     Change(Change),
     /// Nothing in the range changed up to `revision`.
-    Progress { revision: u64 },
+    Progress {
+        /// The store's revision.
+        revision: u64,
+    },
 }
 
 impl Client {

@@ -16,9 +16,9 @@ use super::distribution::{KeyChooser, fnv1a64};
 use super::report::{CpuReport, LoadReport, Outcome, Recorder, Report};
 use super::workload::{Op, OpChooser};
 use super::{BenchConfig, Stop, cpu};
-use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
 use kvstore::client::{Client, ClientError, ListParams};
 use kvstore::storage::Condition;
+use kvstore::types::{BatchOp, BatchOpKind, BatchRequest};
 
 /// Every key the bench writes starts with this, so that its data is easy to
 /// tell apart (and to delete) in a store that holds other data.

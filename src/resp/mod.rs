@@ -52,6 +52,7 @@ const MAX_PIPELINED_WRITES: usize = 1024;
 
 /// How the RESP front door behaves.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct RespConfig {
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,

@@ -80,7 +80,7 @@ pub(super) async fn run(
                     text("lease"),
                     entry
                         .lease
-                        .map_or(Reply::Null, |id| text(&crate::api::leases::lease_text(id))),
+                        .map_or(Reply::Null, |id| text(&crate::api::types::lease_text(id))),
                 ),
             ]))
         }

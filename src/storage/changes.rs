@@ -70,19 +70,28 @@ impl DeleteReason {
 pub enum Event {
     /// The key now holds this entry (its revision is the change's).
     Put {
+        /// The key.
         key: Vec<u8>,
+        /// Its new value.
         value: Vec<u8>,
+        /// Its new version.
         version: u64,
+        /// When the key was created, in µs since the Unix epoch.
         created_at_us: i64,
+        /// When it was last written, in µs since the Unix epoch.
         updated_at_us: i64,
         /// As on [`Entry`](super::Entry).
         expires_at_us: Option<i64>,
+        /// The lease the key is attached to.
         lease: Option<LeaseId>,
     },
     /// The key, which had `version`, was removed.
     Delete {
+        /// The key.
         key: Vec<u8>,
+        /// The version it had.
         version: u64,
+        /// Why it was removed.
         reason: DeleteReason,
     },
 }
@@ -107,6 +116,7 @@ impl Event {
 /// Everything one revision changed: one write, or one batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
+    /// The revision of the write or batch.
     pub revision: u64,
     /// Empty for a write that changed nothing (an unconditional delete of an
     /// absent key) or, on PostgreSQL, a revision that no write used.
@@ -152,7 +162,9 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 /// The keys a watcher follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRange {
+    /// Where the range starts.
     pub lower: Bound<Vec<u8>>,
+    /// Where it ends.
     pub upper: Bound<Vec<u8>>,
 }
 
@@ -214,7 +226,9 @@ impl KeyRange {
 /// the last `revisions`, or younger than `age`, whichever keeps more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct History {
+    /// How many of the latest revisions are kept at least.
     pub revisions: u64,
+    /// How long a revision is kept at least.
     pub age: std::time::Duration,
 }
 

@@ -4,10 +4,10 @@
 //! [`Store`]; every backend keeps the same rules (versions, conditions, revisions,
 //! snapshots), so the API behaves the same whichever engine is configured.
 
-pub mod changes;
+pub(crate) mod changes;
 mod codec;
 pub mod embedded;
-pub mod feed;
+mod feed;
 pub mod layer;
 pub mod postgres;
 
@@ -23,7 +23,9 @@ pub use feed::{Feed, Watcher};
 /// One stored key with its metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The key.
     pub key: Vec<u8>,
+    /// The value.
     pub value: Vec<u8>,
     /// 1 when the key was created, plus one for every write since.
     pub version: u64,
@@ -83,6 +85,7 @@ impl Expiry {
 /// A lease: a deadline many keys share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
+    /// The lease id (random, never 0).
     pub id: LeaseId,
     /// What a keepalive renews it for.
     pub ttl_ms: u64,
@@ -132,25 +135,36 @@ impl Condition {
 /// One write of an atomic group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
+    /// Writes `value` to `key`.
     Put {
+        /// The key.
         key: Vec<u8>,
+        /// The new value.
         value: Vec<u8>,
+        /// What the key's version must be for the write to go ahead.
         condition: Condition,
+        /// The key's deadline after the write.
         expiry: Expiry,
     },
+    /// Removes `key`.
     Delete {
+        /// The key.
         key: Vec<u8>,
+        /// What the key's version must be for the write to go ahead.
         condition: Condition,
     },
     /// Writes nothing: the write goes ahead only if the key's condition
     /// holds (a transaction's reads and WATCHed keys, checked at its commit).
     Check {
+        /// The key.
         key: Vec<u8>,
+        /// What the key's version must be for the write to go ahead.
         condition: Condition,
     },
 }
 
 impl WriteOp {
+    /// The key the op is about.
     pub fn key(&self) -> &[u8] {
         match self {
             WriteOp::Put { key, .. } | WriteOp::Delete { key, .. } | WriteOp::Check { key, .. } => {
@@ -159,6 +173,7 @@ impl WriteOp {
         }
     }
 
+    /// What the key's version must be for the write to go ahead.
     pub fn condition(&self) -> Condition {
         match self {
             WriteOp::Put { condition, .. }
@@ -186,16 +201,24 @@ impl WriteOp {
 pub enum OpResult {
     /// The timestamps are those of the entry the put produced.
     Put {
+        /// The key's new version.
         version: u64,
+        /// Whether the put created the key.
         created: bool,
+        /// When the key was created, in µs since the Unix epoch.
         created_at_us: i64,
+        /// When it was written, in µs since the Unix epoch.
         updated_at_us: i64,
         /// As on [`Entry`].
         expires_at_us: Option<i64>,
+        /// As on [`Entry`].
         lease: Option<LeaseId>,
     },
-    /// `existed` is false for an unconditional delete of an absent key.
-    Deleted { existed: bool },
+    /// A delete.
+    Deleted {
+        /// False for an unconditional delete of an absent key.
+        existed: bool,
+    },
     /// A check held.
     Checked,
 }
@@ -212,20 +235,28 @@ pub struct FailedCondition {
 /// The outcome of a write: all ops applied under one revision, or none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOutcome {
+    /// Every op was applied.
     Applied {
+        /// The revision the write got.
         revision: u64,
         /// One per op, in the order of the ops.
         results: Vec<OpResult>,
     },
     /// Nothing was written.
-    Rejected { failed: Vec<FailedCondition> },
+    Rejected {
+        /// The conditions that did not hold.
+        failed: Vec<FailedCondition>,
+    },
 }
 
 /// A range read: bounds already combine start/end/prefix and the cursor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanRequest {
+    /// Where the range starts.
     pub lower: Bound<Vec<u8>>,
+    /// Where it ends.
     pub upper: Bound<Vec<u8>>,
+    /// From the last key down.
     pub reverse: bool,
     /// At most this many entries.
     pub limit: usize,
@@ -240,6 +271,7 @@ pub struct ScanRequest {
 /// One page of a range read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanPage {
+    /// The entries, in key order (descending when reversed).
     pub entries: Vec<Entry>,
     /// Whether at least one more entry lies in the range after this page.
     pub more: bool,
@@ -267,12 +299,12 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 pub const MAX_TTL_MS: u64 = 10_000_000_000_000;
 
 /// A time to live in µs, at most [`MAX_TTL_MS`].
-pub fn capped_ttl_us(ttl_ms: u64) -> i64 {
+pub(crate) fn capped_ttl_us(ttl_ms: u64) -> i64 {
     i64::try_from(ttl_ms.min(MAX_TTL_MS) * 1000).unwrap_or(i64::MAX)
 }
 
 /// The deadline `ttl_ms` milliseconds (at most [`MAX_TTL_MS`]) after `now_us`.
-pub fn deadline_after(now_us: i64, ttl_ms: u64) -> i64 {
+pub(crate) fn deadline_after(now_us: i64, ttl_ms: u64) -> i64 {
     now_us.saturating_add(capped_ttl_us(ttl_ms))
 }
 

@@ -9,27 +9,22 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 use crate::requests::*;
-use kvstore::api::Limits;
 use kvstore::client::Client;
+use kvstore::server::Limits;
 use kvstore::server::ServerConfig;
 
-async fn server_with_limits(limits: Limits) -> TestServer {
-    TestServer::start_with(
-        ServerConfig {
-            limits,
-            ..ServerConfig::default()
-        },
-        |_| {},
-    )
-    .await
+/// A server under the default limits with `change` applied.
+async fn server_with_limits(change: impl FnOnce(&mut Limits)) -> TestServer {
+    let mut config = ServerConfig::default();
+    change(&mut config.limits);
+    TestServer::start_with(config, |_| {}).await
 }
 
 /// A server whose values may be 8 bytes and bodies 64 bytes.
 async fn small_server() -> TestServer {
-    server_with_limits(Limits {
-        max_value_bytes: 8,
-        max_body_bytes: 64,
-        ..Limits::default()
+    server_with_limits(|limits| {
+        limits.max_value_bytes = 8;
+        limits.max_body_bytes = 64;
     })
     .await
 }
@@ -465,11 +460,7 @@ async fn values_over_the_limit_get_413_however_they_are_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_limit_get_413() {
-    let server = server_with_limits(Limits {
-        max_body_bytes: 64,
-        ..Limits::default()
-    })
-    .await;
+    let server = server_with_limits(|limits| limits.max_body_bytes = 64).await;
     let c = &server.client;
     put_text(c, "exists", "before").await;
     let long = "x".repeat(80);
@@ -507,11 +498,7 @@ async fn bodies_over_the_limit_get_413() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_bodies_are_limited_without_a_content_length() {
-    let server = server_with_limits(Limits {
-        max_body_bytes: 64,
-        ..Limits::default()
-    })
-    .await;
+    let server = server_with_limits(|limits| limits.max_body_bytes = 64).await;
     let c = &server.client;
     let chunks = |n: usize| vec![Bytes::from_static(&[b'x'; 16]); n];
 

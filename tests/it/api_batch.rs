@@ -2,7 +2,6 @@
 
 use crate::harness::TestServer;
 use crate::requests::*;
-use kvstore::api::Limits;
 use kvstore::client::{Client, RawResponse};
 use kvstore::server::ServerConfig;
 
@@ -220,17 +219,9 @@ async fn invalid_batches_are_refused_and_write_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_values_over_the_limit_get_413() {
-    let server = TestServer::start_with(
-        ServerConfig {
-            limits: Limits {
-                max_value_bytes: 8,
-                ..Limits::default()
-            },
-            ..ServerConfig::default()
-        },
-        |_| {},
-    )
-    .await;
+    let mut config = ServerConfig::default();
+    config.limits.max_value_bytes = 8;
+    let server = TestServer::start_with(config, |_| {}).await;
     let c = &server.client;
     let fits = json!([
         {"op": "put", "key": "a", "value": "12345678"},

@@ -5,7 +5,6 @@ use crate::harness::TestServer;
 use crate::requests::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use kvstore::api::Limits;
 use kvstore::client::Client;
 use kvstore::server::ServerConfig;
 
@@ -335,12 +334,13 @@ async fn an_edited_cursor_cannot_read_outside_its_range() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_sharing_a_cursor_secret_accept_each_others_cursors() {
-    use kvstore::api::CursorKey;
+    use kvstore::server::CursorKey;
     use kvstore::client::ClientOptions;
     use kvstore::server::Security;
-    let secured = |secret: &[u8]| Security {
-        cursor_key: Some(CursorKey::new(secret).expect("key")),
-        ..Security::default()
+    let secured = |secret: &[u8]| {
+        let mut security = Security::default();
+        security.cursor_key = Some(CursorKey::new(secret).expect("key"));
+        security
     };
     let shared = b"a secret shared by every server";
     let options = ClientOptions::default();
@@ -413,17 +413,9 @@ async fn a_walk_lists_each_key_that_existed_throughout_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_ends_early_at_4_mib_of_values() {
-    let server = TestServer::start_with(
-        ServerConfig {
-            limits: Limits {
-                max_value_bytes: 6 << 20,
-                ..Limits::default()
-            },
-            ..ServerConfig::default()
-        },
-        |_| {},
-    )
-    .await;
+    let mut config = ServerConfig::default();
+    config.limits.max_value_bytes = 6 << 20;
+    let server = TestServer::start_with(config, |_| {}).await;
     let c = &server.client;
     // Five values just over 1 MiB, then one over the page cap on its own.
     let mut sizes = vec![(1 << 20) + 1; 5];

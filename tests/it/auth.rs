@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use crate::harness::{Binary, TestServer, output_within, within};
 use crate::requests::*;
-use kvstore::api::auth::{Auth, TokenRules, token_sha256_hex};
 use kvstore::client::{Client, ClientOptions};
+use kvstore::server::{Auth, TokenRules, token_sha256_hex};
 use kvstore::server::{Security, ServerConfig};
 
 /// `admin` may do anything; `app` reads users/ and config/ and writes
@@ -42,25 +42,20 @@ read = ["users/"]
 
 fn security(metrics_open: bool) -> Security {
     let rules = TokenRules::parse(&rules_text(), false).expect("rules");
-    Security {
-        auth: Some(Arc::new(Auth::from_rules(rules, metrics_open))),
-        ..Security::default()
-    }
+    let mut security = Security::default();
+    security.auth = Some(Arc::new(Auth::from_rules(rules, metrics_open)));
+    security
 }
 
 async fn server(metrics_open: bool) -> TestServer {
-    let options = ClientOptions {
-        token: Some("admin-token".into()),
-        ..ClientOptions::default()
-    };
+    let mut options = ClientOptions::default();
+    options.token = Some("admin-token".into());
     TestServer::start_secured(ServerConfig::default(), security(metrics_open), &options).await
 }
 
 fn client_with(server: &TestServer, token: Option<&str>) -> Client {
-    let options = ClientOptions {
-        token: token.map(str::to_owned),
-        ..ClientOptions::default()
-    };
+    let mut options = ClientOptions::default();
+    options.token = token.map(str::to_owned);
     Client::with_options(&server.base, &options).expect("client")
 }
 
@@ -136,10 +131,8 @@ async fn no_or_unknown_token_is_401_and_probes_stay_open() {
 async fn direct_key_requests_are_authenticated_as_by_the_router() {
     let security = security(false);
     let auth = security.auth.clone();
-    let options = ClientOptions {
-        token: Some("admin-token".into()),
-        ..ClientOptions::default()
-    };
+    let mut options = ClientOptions::default();
+    options.token = Some("admin-token".into());
     let server = TestServer::start_secured(ServerConfig::default(), security, &options).await;
     seed(&server.client, &[("users/1", "u1"), ("secret/x", "s")]).await;
     let router = router_over(Arc::clone(&server.store), auth);
@@ -388,14 +381,9 @@ fn raw_get(stream: &mut TcpStream, token: &str) -> String {
 }
 
 async fn status_with(base: &str, token: &str) -> StatusCode {
-    let client = Client::with_options(
-        base,
-        &ClientOptions {
-            token: Some(token.into()),
-            ..ClientOptions::default()
-        },
-    )
-    .expect("client");
+    let mut options = ClientOptions::default();
+    options.token = Some(token.into());
+    let client = Client::with_options(base, &options).expect("client");
     get(&client, "/v1/kv/users/1").await.status
 }
 

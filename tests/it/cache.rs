@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::harness::within;
 use async_trait::async_trait;
-use kvstore::error::StoreResult;
+use kvstore::StoreResult;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::layer::cache::{CacheConfig, CachedStore};
 use kvstore::storage::{
@@ -107,6 +107,13 @@ impl Store for StallingStore {
     fn describe(&self) -> String {
         "stalling test store".into()
     }
+}
+
+/// The default cache configuration with `change` applied.
+fn cache_config(change: impl FnOnce(&mut CacheConfig)) -> CacheConfig {
+    let mut config = CacheConfig::default();
+    change(&mut config);
+    config
 }
 
 fn put(key: &str, value: &str) -> Vec<WriteOp> {
@@ -211,10 +218,8 @@ async fn a_stalled_read_cannot_fill_after_the_newer_entry_was_evicted() {
     let backing = StallingStore::open(dir.path());
     backing.inner.write(put("k", "old")).await.unwrap();
     // Room for one entry only: the next write of another key evicts "k".
-    let config = CacheConfig {
-        max_entries: 1,
-        ..CacheConfig::default()
-    };
+    let mut config = CacheConfig::default();
+    config.max_entries = 1;
     let cache = Arc::new(CachedStore::new(backing.clone(), config));
 
     let reader = held_read(&cache, &backing, "k").await;
@@ -232,10 +237,8 @@ async fn a_stalled_read_cannot_fill_after_the_newer_entry_was_evicted() {
 async fn hits_misses_absence_and_large_values() {
     let dir = tempfile::tempdir().unwrap();
     let backing = StallingStore::open(dir.path());
-    let config = CacheConfig {
-        max_value_bytes: 8,
-        ..CacheConfig::default()
-    };
+    let mut config = CacheConfig::default();
+    config.max_value_bytes = 8;
     let cache = CachedStore::new(backing.clone(), config);
     cache.write(put("small", "12345678")).await.unwrap();
     cache.write(put("large", "123456789")).await.unwrap();
@@ -276,10 +279,9 @@ async fn bounded_by_entries_and_by_bytes() {
     let backing = StallingStore::open(dir.path());
     let by_entries = CachedStore::new(
         backing.clone(),
-        CacheConfig {
-            max_entries: 10,
-            ..CacheConfig::default()
-        },
+        cache_config(|config| {
+            config.max_entries = 10;
+        }),
     );
     for i in 0..100 {
         by_entries.write(put(&format!("k{i}"), "v")).await.unwrap();
@@ -289,10 +291,9 @@ async fn bounded_by_entries_and_by_bytes() {
 
     let by_bytes = CachedStore::new(
         backing.clone(),
-        CacheConfig {
-            max_bytes: 4096,
-            ..CacheConfig::default()
-        },
+        cache_config(|config| {
+            config.max_bytes = 4096;
+        }),
     );
     let value = "x".repeat(1000);
     for i in 0..100 {
@@ -309,10 +310,9 @@ async fn entries_expire_after_the_ttl() {
     let backing = StallingStore::open(dir.path());
     let cache = CachedStore::new(
         backing.clone(),
-        CacheConfig {
-            ttl: Some(Duration::from_millis(50)),
-            ..CacheConfig::default()
-        },
+        cache_config(|config| {
+            config.ttl = Some(Duration::from_millis(50));
+        }),
     );
     cache.write(put("k", "v")).await.unwrap();
     let before = backing.reads.load(Ordering::SeqCst);
@@ -338,11 +338,10 @@ async fn no_reader_sees_a_version_go_back() {
         Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).expect("open"));
     let cache = Arc::new(CachedStore::new(
         backing,
-        CacheConfig {
-            max_entries: 3,
-            ttl: Some(Duration::from_millis(2)),
-            ..CacheConfig::default()
-        },
+        cache_config(|config| {
+            config.max_entries = 3;
+            config.ttl = Some(Duration::from_millis(2));
+        }),
     ));
     const KEYS: usize = 5;
     let stop = Arc::new(AtomicBool::new(false));

@@ -9,9 +9,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use kvstore::api::types::PutBody;
 use kvstore::client::{ClientError, Event, WatchMessage, WatchRange, WatchRequest};
 use kvstore::storage::{Condition, Expiry, LeaseId};
+use kvstore::types::PutBody;
 use serde_json::Value;
 
 use crate::cli::{fails, json, lines, ok, text};

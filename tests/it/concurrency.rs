@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::harness::{TestServer, within};
 use hyper::StatusCode;
-use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest, EntryBody};
 use kvstore::client::{Client, ClientError, ListParams};
 use kvstore::storage::Condition;
+use kvstore::types::{BatchOp, BatchOpKind, BatchRequest, EntryBody};
 
 const COUNTER: &str = "counter";
 

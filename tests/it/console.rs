@@ -11,9 +11,9 @@ use crate::auth::rules_text;
 use crate::harness::{Binary, TestServer, needs, output_within, tool};
 use crate::requests::*;
 use crate::tls::make_pki;
-use kvstore::api::auth::{Auth, TokenRules};
-use kvstore::api::console::CONTENT_SECURITY_POLICY;
 use kvstore::client::{Client, ClientOptions, RawResponse};
+use kvstore::internals::CONTENT_SECURITY_POLICY;
+use kvstore::server::{Auth, TokenRules};
 use kvstore::server::{Security, ServerConfig};
 
 /// The headers every console file carries.
@@ -139,10 +139,8 @@ async fn the_console_is_served_with_a_strict_policy_and_no_cookies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_tokens_the_console_loads_without_one_and_its_calls_need_one() {
     let rules = TokenRules::parse(&rules_text(), false).unwrap();
-    let security = Security {
-        auth: Some(Arc::new(Auth::from_rules(rules, false))),
-        ..Security::default()
-    };
+    let mut security = Security::default();
+    security.auth = Some(Arc::new(Auth::from_rules(rules, false)));
     let server =
         TestServer::start_secured(ServerConfig::default(), security, &ClientOptions::default())
             .await;
@@ -241,14 +239,10 @@ async fn the_console_works_in_a_real_browser() {
             &key,
         ],
     );
-    let admin = Client::with_options(
-        &format!("https://{}", auth.addr),
-        &ClientOptions {
-            token: Some("admin-token".into()),
-            ca_cert_pem: Some(pki.ca.as_bytes().to_vec()),
-        },
-    )
-    .unwrap();
+    let mut options = ClientOptions::default();
+    options.token = Some("admin-token".into());
+    options.ca_cert_pem = Some(pki.ca.as_bytes().to_vec());
+    let admin = Client::with_options(&format!("https://{}", auth.addr), &options).unwrap();
     seed(&admin, &[("users/1", "Ada"), ("config/app", "{}")]).await;
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console/console.mjs");

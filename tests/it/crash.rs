@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use crate::harness::plfs::Plfs;
 use crate::harness::{Binary, within};
-use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
 use kvstore::client::{ChangesRequest, Client, Event, WatchRange};
 use kvstore::storage::Condition;
+use kvstore::types::{BatchOp, BatchOpKind, BatchRequest};
 
 /// What the writers know: per key, the last acknowledged (value, version), and
 /// the write in flight when the server died, if any.

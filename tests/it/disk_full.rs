@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use crate::harness::Binary;
 use hyper::{Method, StatusCode};
-use kvstore::api::types::ErrorCode;
 use kvstore::client::{Client, ClientError, RawResponse};
 use kvstore::storage::Condition;
+use kvstore::types::ErrorCode;
 use tempfile::TempDir;
 
 /// The file system's size: a journal (fjall preallocates 64 MiB, sparse)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::{PgSchema, within};
-use kvstore::error::StoreError;
+use kvstore::StoreError;
 use kvstore::storage::postgres::PostgresStore;
 use kvstore::storage::{
     Change, Condition, DeleteReason, Event, Expiry, OpResult, ScanRequest, Store, WriteOp,
@@ -618,8 +618,8 @@ async fn a_version_2_schema_is_upgraded_with_its_data() {
     ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
 )]
 async fn ending_a_lease_while_its_keys_are_written_takes_no_deadlock() {
-    use kvstore::api::leases::parse_lease_id;
     use kvstore::client::ClientError;
+    use kvstore::types::parse_lease_id;
 
     let schema = PgSchema::new();
     let dir = tempfile::tempdir().expect("temp dir");

@@ -16,9 +16,9 @@ use std::time::Duration;
 use crate::harness::plfs::Plfs;
 use crate::harness::{Binary, within};
 use hyper::{Method, StatusCode};
-use kvstore::api::types::PutResponse;
 use kvstore::client::{Client, ClientError};
 use kvstore::storage::Condition;
+use kvstore::types::PutResponse;
 
 /// Acknowledged writes: key, (value, version).
 type Acked = BTreeMap<String, (String, u64)>;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use kvstore::error::StoreError;
+use kvstore::StoreError;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{
     Change, Condition, DeleteReason, Event, Expiry, FailedCondition, KeyRange, LeaseId, OpResult,

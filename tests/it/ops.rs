@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use crate::harness::{Binary, Gate, TestServer, within};
 use hyper::{Method, StatusCode};
-use kvstore::api::types::ErrorResponse;
 use kvstore::server::ServerConfig;
 use kvstore::storage::Condition;
 use kvstore::storage::embedded::CommitEvent;
+use kvstore::types::ErrorResponse;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_over_the_timeout_is_answered_503() {
@@ -19,10 +19,8 @@ async fn a_request_over_the_timeout_is_answered_503() {
     let gate = Arc::new(Gate::default());
     let held = Arc::clone(&gate);
     let (committing, mut commits) = tokio::sync::mpsc::unbounded_channel();
-    let config = ServerConfig {
-        request_timeout: Duration::from_millis(200),
-        ..ServerConfig::default()
-    };
+    let mut config = ServerConfig::default();
+    config.request_timeout = Duration::from_millis(200);
     let server = TestServer::start_with(config, move |engine| {
         engine.commit_hook = Some(Arc::new(move |_: &CommitEvent| {
             let _ = committing.send(());
@@ -82,10 +80,8 @@ fn request_on(stream: &mut TcpStream) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_wait_until_one_closes() {
-    let config = ServerConfig {
-        max_connections: 1,
-        ..ServerConfig::default()
-    };
+    let mut config = ServerConfig::default();
+    config.max_connections = 1;
     let server = TestServer::start_with(config, |_| {}).await;
     let addr = server.addr;
     let result = within(
@@ -178,10 +174,8 @@ async fn json_logs_are_one_object_per_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_sending_headers_slowly_is_disconnected() {
-    let config = ServerConfig {
-        header_read_timeout: Duration::from_millis(500),
-        ..ServerConfig::default()
-    };
+    let mut config = ServerConfig::default();
+    config.header_read_timeout = Duration::from_millis(500);
     let server = TestServer::start_with(config, |_| {}).await;
     let addr = server.addr;
     let (elapsed, answer) = within(

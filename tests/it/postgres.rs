@@ -231,10 +231,8 @@ async fn serve(config: PostgresConfig) -> (Client, tokio::sync::oneshot::Sender<
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let config = ServerConfig {
-        metrics: false,
-        ..ServerConfig::default()
-    };
+    let mut config = ServerConfig::default();
+    config.metrics = false;
     tokio::spawn(server::run(listener, store, config, async move {
         let _ = rx.await;
     }));

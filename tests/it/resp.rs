@@ -10,8 +10,8 @@ use redis::AsyncCommands as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::harness::{TestServer, tool, within};
-use kvstore::api::auth::{Auth, TokenRules};
 use kvstore::server::Security;
+use kvstore::server::{Auth, TokenRules};
 
 async fn connection(server: &TestServer, resp3: bool) -> redis::aio::MultiplexedConnection {
     let addr = server.resp_addr.expect("a RESP address");
@@ -206,10 +206,8 @@ write = ["users/"]
         false,
     )
     .expect("rules");
-    let security = Security {
-        auth: Some(Arc::new(Auth::from_rules(rules, false))),
-        ..Security::default()
-    };
+    let mut security = Security::default();
+    security.auth = Some(Arc::new(Auth::from_rules(rules, false)));
     let server = TestServer::start_with_resp(security, |_| {}).await;
     let request = b"GET users/1\r\nAUTH wrong\r\nAUTH app app-token\r\nSET users/1 v\r\nSET other v\r\nGET users/1\r\nQUIT\r\n";
     let got = raw(&server, request, usize::MAX).await;
@@ -649,7 +647,7 @@ mod keyspace {
         // A key on a lease stays on it when renamed; a copy takes the
         // lease's deadline as its own.
         let lease = c.grant_lease(60_000).await.unwrap();
-        let id = kvstore::api::leases::parse_lease_id(&lease.lease).unwrap();
+        let id = kvstore::types::parse_lease_id(&lease.lease).unwrap();
         c.put_with("leased", "l", Condition::Any, Expiry::Lease(id)).await.unwrap();
         let _: () = redis.rename("leased", "still-leased").await.unwrap();
         let entry = c.get("still-leased").await.unwrap().expect("moved");
@@ -722,7 +720,7 @@ mod keyspace {
         assert_eq!(len, 11);
         let bad = error(redis::cmd("SETRANGE").arg("h").arg(-1).arg("x").query_async(&mut redis).await);
         assert!(bad.contains("offset is out of range"), "{bad}");
-        let max = kvstore::api::Limits::default().max_value_bytes;
+        let max = kvstore::server::Limits::default().max_value_bytes;
         let bad = error(redis::cmd("SETRANGE").arg("h").arg(max).arg("x").query_async(&mut redis).await);
         assert!(bad.contains("string exceeds maximum allowed size"), "{bad}");
         let h: String = redis.get("h").await.unwrap();

@@ -1,10 +1,10 @@
-//! The fuzz targets' entry points (`kvstore::api::fuzzing`, see `fuzz/`)
+//! The fuzz targets' entry points (`kvstore::fuzzing`, see `fuzz/`)
 //! under proptest, so that every `cargo test` runs a few hundred hostile
 //! inputs through key decoding, cursor decoding, JSON bodies and batch
 //! validation; the fuzzers run for longer by hand.
 
-use kvstore::api::fuzzing;
-use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
+use kvstore::fuzzing;
+use kvstore::types::{BatchOp, BatchOpKind, BatchRequest};
 use proptest::prelude::*;
 
 /// Short byte strings from a small alphabet, so that ranges, prefixes and

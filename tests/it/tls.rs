@@ -42,20 +42,18 @@ pub(crate) fn make_pki() -> Pki {
 }
 
 pub(crate) fn tls_security(pki: &Pki) -> Security {
-    Security {
-        tls: Some(
-            kvstore::tls::server_config_from_pem(pki.cert.as_bytes(), pki.key.as_bytes())
-                .expect("TLS config"),
-        ),
-        ..Security::default()
-    }
+    let mut security = Security::default();
+    security.tls = Some(
+        kvstore::tls::server_config_from_pem(pki.cert.as_bytes(), pki.key.as_bytes())
+            .expect("TLS config"),
+    );
+    security
 }
 
 fn trusting(pki: &Pki) -> ClientOptions {
-    ClientOptions {
-        ca_cert_pem: Some(pki.ca.as_bytes().to_vec()),
-        ..ClientOptions::default()
-    }
+    let mut options = ClientOptions::default();
+    options.ca_cert_pem = Some(pki.ca.as_bytes().to_vec());
+    options
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,11 +90,9 @@ async fn a_client_trusting_the_ca_talks_https() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     let pki = make_pki();
-    let config = ServerConfig {
-        header_read_timeout: Duration::from_millis(500),
-        max_connections: 1,
-        ..ServerConfig::default()
-    };
+    let mut config = ServerConfig::default();
+    config.header_read_timeout = Duration::from_millis(500);
+    config.max_connections = 1;
     let server = TestServer::start_secured(config, tls_security(&pki), &trusting(&pki)).await;
     let addr = server.addr;
     let elapsed = within(

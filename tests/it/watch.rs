@@ -639,7 +639,7 @@ async fn a_watcher_that_falls_behind_the_history_ends_with_compacted() {
     // what the watcher's queue and the sockets can hold.
     let mut trimmed = false;
     for _ in 0..100 {
-        if let Err(kvstore::error::StoreError::Compacted {
+        if let Err(kvstore::StoreError::Compacted {
             compact_revision, ..
         }) = server.store.changes(0, 1).await
             && compact_revision > 100
@@ -816,7 +816,7 @@ async fn watchers_are_counted_until_they_disconnect() {
 
 /// `admin` reads everything; `app` reads users/ only.
 fn security() -> kvstore::server::Security {
-    use kvstore::api::auth::{Auth, TokenRules};
+    use kvstore::server::{Auth, TokenRules};
     let rules = TokenRules::parse(
         r#"
 [[token]]
@@ -833,20 +833,17 @@ read = ["users/"]
         false,
     )
     .expect("rules");
-    kvstore::server::Security {
-        auth: Some(std::sync::Arc::new(Auth::from_rules(rules, false))),
-        ..kvstore::server::Security::default()
-    }
+    let mut security = kvstore::server::Security::default();
+    security.auth = Some(std::sync::Arc::new(Auth::from_rules(rules, false)));
+    security
 }
 
 /// A token watches only what it may read: a watch of everything is clipped
 /// to its prefixes; a key or range outside them is 403; no token is 401.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_watches_only_what_it_may_read() {
-    let options = kvstore::client::ClientOptions {
-        token: Some("admin-token".into()),
-        ..kvstore::client::ClientOptions::default()
-    };
+    let mut options = kvstore::client::ClientOptions::default();
+    options.token = Some("admin-token".into());
     let server = TestServer::start_secured(ServerConfig::default(), security(), &options).await;
     let app = [("authorization", "Bearer app-token")];
     let mut stream = open_watch(server.addr, "", &app)

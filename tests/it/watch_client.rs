@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvstore::api::types::{BatchOp, BatchOpKind, BatchRequest};
 use kvstore::client::{
     Change, ChangesRequest, Client, ClientError, Event, Value, WatchMessage, WatchRange,
     WatchRequest, WatchStream,
 };
 use kvstore::storage::Condition;
+use kvstore::types::{BatchOp, BatchOpKind, BatchRequest};
 
 use crate::harness::{Binary, TestServer, eventually, send_signal, wait_child, within};
 

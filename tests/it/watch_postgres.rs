@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::{PgSchema, Proxy, within};
-use kvstore::error::StoreError;
+use kvstore::StoreError;
 use kvstore::storage::postgres::PostgresStore;
 use kvstore::storage::{
     Change, Condition, Event, Expiry, History, KeyRange, ScanRequest, Store, Watcher, WriteOp,

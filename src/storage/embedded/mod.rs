@@ -40,7 +40,7 @@
 //! is set to fjall's smallest, so the `meta` keyspace is flushed each time a
 //! journal fills, and at most about two journals are kept.
 //!
-//! A full disk: the free-space guard ([`space`]) refuses writes before
+//! A full disk: the free-space guard (`space`) refuses writes before
 //! the disk fills. If the engine runs out of space all the same (the guard
 //! off, or another process filling the disk), fjall poisons the database and
 //! refuses every later write; fjall cannot be un-poisoned, so once space is
@@ -56,7 +56,7 @@ mod full_disk;
 mod history;
 mod key_directory;
 mod reads;
-pub mod space;
+mod space;
 mod syncer;
 mod writer;
 
@@ -91,7 +91,8 @@ use super::{
 };
 use crate::error::{StoreError, StoreResult};
 use crate::timing;
-use space::{MinFree, SpaceGuard};
+pub use space::MinFree;
+use space::SpaceGuard;
 
 named_enum! {
     /// When an acknowledged write is on stable storage.
@@ -111,9 +112,17 @@ named_enum! {
 pub enum CommitEvent {
     /// A group of writes was committed to the engine; no write of it has been
     /// answered yet. `synced` is true when the commit included the sync.
-    Committed { last_revision: u64, synced: bool },
+    Committed {
+        /// The revision of the group's last write.
+        last_revision: u64,
+        /// Whether the commit included the sync.
+        synced: bool,
+    },
     /// A background sync (buffered mode) made everything up to `revision` durable.
-    Synced { revision: u64 },
+    Synced {
+        /// Everything up to this revision is durable.
+        revision: u64,
+    },
 }
 
 /// Called by the committer thread before it answers a group, and by the
@@ -123,8 +132,11 @@ pub type CommitHook = Arc<dyn Fn(&CommitEvent) + Send + Sync>;
 
 /// How to open the embedded engine.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct EmbeddedConfig {
+    /// The data directory; created if missing.
     pub path: PathBuf,
+    /// When a write is acknowledged: after its fsync, or once buffered.
     pub durability: Durability,
     /// How often buffered mode syncs.
     pub sync_interval: Duration,
@@ -138,6 +150,7 @@ pub struct EmbeddedConfig {
     pub min_free: MinFree,
     /// How much change history to keep for watchers.
     pub history: History,
+    /// Called at every commit and sync (tests use it to prove ordering).
     pub commit_hook: Option<CommitHook>,
     /// The clock deadlines are kept by; `None` is the wall clock. Tests set
     /// one they control.
@@ -467,7 +480,7 @@ impl EmbeddedStore {
     }
 
     /// The last revision committed to the engine.
-    pub fn committed_revision(&self) -> u64 {
+    pub(crate) fn committed_revision(&self) -> u64 {
         self.shared.committed_revision.load(Ordering::Acquire)
     }
 

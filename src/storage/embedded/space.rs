@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::error::InvalidValue;
+
 /// How often the watcher thread reads the free space.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// The writer reads the free space again once it has committed this much
@@ -71,21 +73,23 @@ impl MinFree {
 }
 
 impl std::str::FromStr for MinFree {
-    type Err = String;
+    type Err = InvalidValue;
 
     /// A number of bytes (`268435456`) or a percentage of the file system
     /// (`5%`).
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
         let s = s.trim();
         match s.strip_suffix('%') {
             Some(p) => match p.trim().parse::<u8>() {
                 Ok(p) if p <= 100 => Ok(MinFree::Percent(p)),
-                _ => Err(format!(
+                _ => Err(InvalidValue(format!(
                     "{s:?}: a percentage must be a whole number from 0 to 100"
-                )),
+                ))),
             },
             None => s.parse::<u64>().map(MinFree::Bytes).map_err(|_| {
-                format!("{s:?}: give a number of bytes (268435456) or a percentage (5%)")
+                InvalidValue(format!(
+                    "{s:?}: give a number of bytes (268435456) or a percentage (5%)"
+                ))
             }),
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! The classic cache invalidated on write can: a read that misses, reads the
 //! old row, and fills after a concurrent write has updated the cache puts the
-//! old value back. Here every key belongs to one of [`STRIPES`] stripes, and all
+//! old value back. Here every key belongs to one of `STRIPES` stripes, and all
 //! cache changes of a stripe's keys happen under its lock, in revision order:
 //!
 //! - A write, once the store applied it and before it is answered, bumps its
@@ -26,9 +26,9 @@
 //! Batch reads and ranges go to the store, which reads them from one snapshot.
 //!
 //! Writes made by other servers (PostgreSQL) reach the cache through
-//! [`CachedStore::invalidate`], driven by notifications: the same stripe
+//! `CachedStore::invalidate`, driven by notifications: the same stripe
 //! epochs keep a read that began before the notification from filling the
-//! old entry back. While notifications may be lost, [`CachedStore::set_bypass`]
+//! old entry back. While notifications may be lost, `CachedStore::set_bypass`
 //! sends every read to the store.
 
 use std::hash::BuildHasher;
@@ -72,6 +72,7 @@ named_enum! {
 
 /// Bounds of the read cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CacheConfig {
     /// Entries held at most, "absent" markers included.
     pub max_entries: usize,
@@ -99,10 +100,15 @@ impl Default for CacheConfig {
 /// Counters of the cache since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
+    /// Reads answered from the cache.
     pub hits: u64,
+    /// Reads that went to the store.
     pub misses: u64,
+    /// Entries evicted to stay within the bounds.
     pub evictions: u64,
+    /// Entries cached now.
     pub entries: u64,
+    /// Bytes of keys and values cached now.
     pub bytes: u64,
 }
 
@@ -195,6 +201,7 @@ pub struct CachedStore {
 }
 
 impl CachedStore {
+    /// A cache in front of `inner`, within the bounds of `config`.
     pub fn new(inner: Arc<dyn Store>, config: CacheConfig) -> Self {
         let entries = config.max_entries.max(1);
         let floor = (config.max_bytes / entries as u64).max(1);
@@ -221,21 +228,21 @@ impl CachedStore {
 
     /// Names how the cache is kept coherent with other servers, for logs.
     #[must_use]
-    pub fn with_coherence(mut self, how: &'static str) -> Self {
+    pub(crate) fn with_coherence(mut self, how: &'static str) -> Self {
         self.coherence = how;
         self
     }
 
     /// Another server wrote `key` at `revision`: drop an older cached entry,
     /// and keep reads that began before now from filling one.
-    pub fn invalidate(&self, key: &[u8], revision: u64) {
+    pub(crate) fn invalidate(&self, key: &[u8], revision: u64) {
         // The same ordering as a local write that leaves no entry behind.
         self.apply_write(key.to_vec(), revision, None);
     }
 
     /// Forgets everything, and keeps every read that began before now from
     /// filling the cache.
-    pub fn invalidate_all(&self) {
+    pub(crate) fn invalidate_all(&self) {
         for stripe in &*self.stripes {
             stripe
                 .lock()
@@ -247,7 +254,7 @@ impl CachedStore {
 
     /// While on, reads bypass the cache (for when invalidations may be
     /// lost); turning it off forgets everything first.
-    pub fn set_bypass(&self, on: bool) {
+    pub(crate) fn set_bypass(&self, on: bool) {
         if on {
             self.bypass.store(true, Ordering::Release);
             self.invalidate_all();
@@ -257,6 +264,7 @@ impl CachedStore {
         }
     }
 
+    /// The counters so far.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
             hits: self.hits.load(Ordering::Relaxed),

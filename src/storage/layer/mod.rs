@@ -5,9 +5,9 @@
 //!   revision order so that it never serves a version older than one
 //!   acknowledged;
 //! - [`redis_cache`]: the same cache shared by many servers in Redis;
-//! - [`guard`]: the storage timeout, the latency histograms and the
+//! - `guard`: the storage timeout, the latency histograms and the
 //!   slow-request timings of every storage call.
 
 pub mod cache;
-pub mod guard;
+pub(crate) mod guard;
 pub mod redis_cache;

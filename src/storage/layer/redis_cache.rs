@@ -77,7 +77,9 @@ return #ARGV - 1
 
 /// How to reach the shared cache.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RedisConfig {
+    /// The Redis URL (`redis://host:port/db`).
     pub url: String,
     /// Prepended to every Redis key, so that deployments can share a Redis.
     pub prefix: String,
@@ -189,15 +191,28 @@ pub struct RedisCachedStore {
     next_lease: AtomicU64,
 }
 
+/// Why a call to Redis failed.
+#[derive(Debug, thiserror::Error)]
+enum RedisFailure {
+    #[error(transparent)]
+    Redis(redis::RedisError),
+    #[error("timed out")]
+    TimedOut,
+}
+
+/// The URL of a [`RedisConfig`] is not a Redis URL.
+#[derive(Debug, thiserror::Error)]
+#[error("bad Redis URL: {0}")]
+pub struct BadRedisUrl(#[source] redis::RedisError);
+
 impl RedisCachedStore {
     /// A cache in front of `inner`. Redis need not be up: until it is, reads
     /// go to the store.
     ///
     /// # Errors
     /// When the URL is not a Redis URL.
-    pub fn new(inner: Arc<dyn Store>, config: RedisConfig) -> Result<Self, String> {
-        let client =
-            redis::Client::open(config.url.as_str()).map_err(|e| format!("bad Redis URL: {e}"))?;
+    pub fn new(inner: Arc<dyn Store>, config: RedisConfig) -> Result<Self, BadRedisUrl> {
+        let client = redis::Client::open(config.url.as_str()).map_err(BadRedisUrl)?;
         Ok(RedisCachedStore {
             inner,
             client,
@@ -254,18 +269,18 @@ impl RedisCachedStore {
                         c
                     }
                     Ok(Err(err)) => {
-                        self.failed("connect", &err.to_string());
+                        self.failed("connect", &RedisFailure::Redis(err));
                         return None;
                     }
                     Err(_) => {
-                        self.failed("connect", "timed out");
+                        self.failed("connect", &RedisFailure::TimedOut);
                         return None;
                     }
                 }
             }
         };
         if self.needs_new_generation.load(Ordering::Acquire) {
-            let bumped: Result<i64, String> = self
+            let bumped: Result<i64, RedisFailure> = self
                 .call(
                     redis::cmd("INCR").arg(format!("{}gen", self.config.prefix)),
                     &mut connection,
@@ -292,30 +307,28 @@ impl RedisCachedStore {
         &self,
         cmd: &redis::Cmd,
         connection: &mut ConnectionManager,
-    ) -> Result<T, String> {
-        match tokio::time::timeout(self.config.timeout, cmd.query_async(connection)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(_) => Err("timed out".into()),
-        }
+    ) -> Result<T, RedisFailure> {
+        tokio::time::timeout(self.config.timeout, cmd.query_async(connection))
+            .await
+            .map_err(|_| RedisFailure::TimedOut)?
+            .map_err(RedisFailure::Redis)
     }
 
     async fn script<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
         connection: &mut ConnectionManager,
-    ) -> Result<T, String> {
-        match tokio::time::timeout(self.config.timeout, invocation.invoke_async(connection)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(_) => Err("timed out".into()),
-        }
+    ) -> Result<T, RedisFailure> {
+        tokio::time::timeout(self.config.timeout, invocation.invoke_async(connection))
+            .await
+            .map_err(|_| RedisFailure::TimedOut)?
+            .map_err(RedisFailure::Redis)
     }
 
     /// Counts and logs a failure, and leaves Redis alone for a while. Writes
     /// of other servers may have failed to reach Redis meanwhile too: a new
     /// generation starts before this server uses the cache again.
-    fn failed(&self, op: &'static str, why: &str) {
+    fn failed(&self, op: &'static str, why: &RedisFailure) {
         metrics::counter!("kvstore_redis_errors_total", "op" => op).increment(1);
         self.needs_new_generation.store(true, Ordering::Release);
         if let Ok(mut connection) = self.connection.lock() {
@@ -327,7 +340,7 @@ impl RedisCachedStore {
         if self.up.swap(false, Ordering::AcqRel) {
             tracing::warn!(
                 op,
-                error = why,
+                error = %why,
                 "Redis is unreachable: reads go to storage until it is back"
             );
         }
@@ -401,7 +414,7 @@ impl RedisCachedStore {
     }
 
     /// The number of Redis hits and misses since start.
-    pub fn counts(&self) -> (u64, u64) {
+    pub(crate) fn counts(&self) -> (u64, u64) {
         (
             self.hits.load(Ordering::Relaxed),
             self.misses.load(Ordering::Relaxed),
@@ -411,7 +424,7 @@ impl RedisCachedStore {
     /// Starts a background task that keeps trying to start a new generation
     /// while one is due, so that other servers stop serving entries this one
     /// could not delete as soon as Redis is reachable again.
-    pub fn spawn_repair(self: &Arc<Self>) {
+    pub(crate) fn spawn_repair(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

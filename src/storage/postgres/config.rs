@@ -10,6 +10,7 @@ const LIBPQ_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 
 /// How to reach PostgreSQL.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct PostgresConfig {
     /// A libpq-style URL or key=value string; it may name several hosts
     /// (the nodes of a replicated cluster), of which kvstore uses the one

@@ -40,8 +40,8 @@ mod sql;
 mod watch;
 
 pub use config::{Pooler, PostgresConfig};
-pub use errors::RETRIES;
-pub use notify::Invalidation;
+pub(crate) use errors::RETRIES;
+pub(crate) use notify::Invalidation;
 
 use config::redact;
 use connect::{Connector, PoolConnect};
@@ -134,7 +134,7 @@ struct Shared {
 
 impl PostgresStore {
     /// The schema holding kvstore's table and sequence.
-    pub fn schema(&self) -> &str {
+    pub(crate) fn schema(&self) -> &str {
         &self.shared.config.schema
     }
 
@@ -243,7 +243,7 @@ impl PostgresStore {
     /// Listens for the writes of every server (which must run with `notify`)
     /// and hands them to `on` until the store is closed. When the listening
     /// connection breaks, `on` gets `Lost`, and `Resumed` once it listens again.
-    pub fn listen(&self, on: Arc<dyn Fn(Invalidation) + Send + Sync>) -> StoreResult<()> {
+    pub(crate) fn listen(&self, on: Arc<dyn Fn(Invalidation) + Send + Sync>) -> StoreResult<()> {
         let task = tokio::spawn(keep_listening(
             Arc::clone(&self.shared.listener),
             self.shared.config.channel(),

@@ -506,7 +506,7 @@ impl TestServer {
             let resp = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind RESP");
-            Some((resp, kvstore::resp::RespConfig::default()))
+            Some((resp, kvstore::server::RespConfig::default()))
         } else {
             None
         };
