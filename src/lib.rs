@@ -8,11 +8,12 @@
 //! - [`storage`]: the [`storage::Store`] trait every backend implements;
 //!   [`storage::embedded`], the default engine (fjall with our own group
 //!   commit, one file per job); [`storage::postgres`], the PostgreSQL
-//!   backend, for many servers on one database; [`storage::feed`], the live
-//!   change feed that watchers follow; and [`storage::layer`], the
-//!   stores over a store: the read cache that never serves a version older
-//!   than one acknowledged, the same cache shared in Redis, and the guard
-//!   (storage timeout and latency).
+//!   backend, for many servers on one database; [`storage::rules`], what a
+//!   write does (conditions, versions, timestamps, expiry), decided once for
+//!   both; [`storage::feed`], the live change feed that watchers follow; and
+//!   [`storage::layer`], the stores over a store: the read cache that never
+//!   serves a version older than one acknowledged, the same cache shared in
+//!   Redis, and the guard (storage timeout and latency).
 //! - [`stack`]: the store that `kvstore serve` serves, built in one place:
 //!   the engine, the guard and the cache, for the server and the tests alike.
 //! - [`resp`]: the Redis protocol (RESP2 and RESP3) on the same store.
