@@ -2,15 +2,17 @@
 //! the current metadata of their keys and the clock, which conditions fail,
 //! or else what each op leaves on its key and what it answers.
 //!
-//! No I/O and no engine types: the embedded writer ([`super::embedded`])
-//! and the PostgreSQL batch path ([`super::postgres`]) read the current
-//! metadata their own way, call [`decide`], and store what it says.
+//! No I/O and no engine types: the embedded writer ([`super::embedded`]),
+//! the PostgreSQL batch path ([`super::postgres`]) and a RESP transaction's
+//! view of its own writes (`resp/transaction.rs`) read the current metadata
+//! their own way, call [`decide`], and store what it says.
 //!
 //! The rules:
 //!
-//! - **Conditions** ([`Condition::holds`](super::Condition::holds)): checked against the key's live
-//!   version (`None` for an absent or expired key); when one fails, nothing
-//!   is written and every failure is reported with the version found.
+//! - **Conditions** ([`Condition::holds`](super::Condition::holds)):
+//!   checked against the key's live version (`None` for an absent or
+//!   expired key); when one fails, nothing is written and every failure is
+//!   reported with the version found.
 //! - **Versions**: a put makes version 1 of an absent key and the current
 //!   version plus one of a live one.
 //! - **Timestamps**: a put of an absent key sets `created_at` and
@@ -30,15 +32,19 @@
 //! statements (in `postgres/sql.rs`) restate the rules in SQL:
 //!
 //! - `put`: the condition (the `go` CTE, on the locked row's state and
-//!   version), version 1 or plus one, `created_at` kept,
-//!   `updated_at = greatest(previous, now)` (the `upd` and `ins` CTEs), and
-//!   the expiry (the `deadline` CTE; `Keep` from the locked row);
-//! - `delete`: the condition (the `ok` CTE) and whether the key existed.
+//!   version), version 1 or plus one, `created_at` kept and
+//!   `updated_at = greatest(previous, now)` (the `upd` and `ins` CTEs), the
+//!   expiry (the `deadline` CTE; `Keep` from the locked row), and the result
+//!   (`done`: the effective deadline, the lease's for a key on one);
+//! - `delete`: the condition (the `ok` CTE) and whether the key existed
+//!   (`del`).
 //!
-//! Everything else, batches included, goes through [`decide`]. The
-//! conformance suite (`tests/it/model.rs`) runs the same random writes on
-//! every backend and cache mode against a model built on [`decide`], so it
-//! is what shows that the statements and this module agree.
+//! Everything else goes through [`decide`], PostgreSQL's batches included:
+//! their `apply` statement writes what it decided, and updates a row only at
+//! the version it decided from. The conformance suite (`tests/it/model.rs`)
+//! runs the same random writes on every backend and cache mode against a
+//! model built on [`decide`], so it is what shows that the statements and
+//! this module agree.
 
 use super::{Expiry, FailedCondition, LeaseId, OpResult, WriteOp};
 
