@@ -14,9 +14,8 @@
 //!   condition reports the locked version and takes no revision.
 //! - A batch is one transaction: it locks the rows that exist in key order
 //!   (reading their metadata and the database clock), lets
-//!   [`rules::decide`](super::rules::decide) check every condition and decide
-//!   each key's new metadata, takes one revision, and writes everything in
-//!   one statement. A key that a concurrent write created after the lock was
+//!   [`rules::decide`] check every condition and decide each key's new
+//!   metadata, takes one revision, and writes everything in one statement. A key that a concurrent write created after the lock was
 //!   taken is noticed (the statement leaves it alone) and the transaction is
 //!   rolled back and tried again, so conditions and revisions stay exact.
 //! - Batch reads and each range page are one statement, so one snapshot.
