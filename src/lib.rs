@@ -17,7 +17,9 @@
 //! - [`storage`]: the [`Store`] trait and its types; the engines
 //!   ([`storage::embedded`], fjall with our own group commit, and
 //!   [`storage::postgres`], for many servers on one database) and their
-//!   configurations; and [`storage::layer`], the read caches over a store.
+//!   configurations; [`storage::rules`], what a write does (conditions,
+//!   versions, timestamps, expiry), decided once for both engines; and
+//!   [`storage::layer`], the read caches over a store.
 //! - [`types`]: the JSON bodies of the API, as the server writes them and the
 //!   client reads them, with the error codes both sides share.
 //! - [`tls`]: rustls configurations of the server and the client.

@@ -23,9 +23,10 @@ use super::commands::{
 use super::frame::Reply;
 use super::{Context, Session};
 use crate::error::{StoreError, StoreResult};
+use crate::storage::rules::{self, Effect, KeyMeta};
 use crate::storage::{
-    Change, Condition, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId, OpResult,
-    Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+    Change, Condition, Entry, Expiry, Feed, Found, Lease, LeaseId, Revoked, ScanPage, ScanRequest,
+    Store, WriteOp, WriteOutcome,
 };
 
 /// A connection's transaction state.
@@ -340,56 +341,46 @@ impl Store for Overlay {
         for op in &ops {
             current.push(self.current(op.key()).await?);
         }
-        let failed: Vec<FailedCondition> = ops
+        let metas: Vec<Option<KeyMeta>> = current
             .iter()
-            .zip(&current)
-            .enumerate()
-            .filter(|(_, (op, entry))| !op.condition().holds(entry.as_ref().map(|e| e.version)))
-            .map(|(index, (_, entry))| FailedCondition {
-                index,
-                current_version: entry.as_ref().map(|e| e.version),
+            .map(|entry| {
+                entry.as_ref().map(|e| KeyMeta {
+                    version: e.version,
+                    created_at_us: e.created_at_us,
+                    updated_at_us: e.updated_at_us,
+                    expires_at_us: e.expires_at_us,
+                    lease: e.lease,
+                })
             })
             .collect();
-        if !failed.is_empty() {
-            return Ok(WriteOutcome::Rejected { failed });
-        }
-        let now = self.inner.now_us();
+        let effects = match rules::decide(&ops, &metas, self.inner.now_us()) {
+            Ok(effects) => effects,
+            Err(failed) => return Ok(WriteOutcome::Rejected { failed }),
+        };
         let mut state = self.state();
         let mut results = Vec::with_capacity(ops.len());
-        for (op, old) in ops.into_iter().zip(current) {
-            match op {
-                WriteOp::Put {
-                    key, value, expiry, ..
-                } => {
-                    let (expires_at_us, lease) =
-                        expiry.applied(now, old.as_ref().map(|e| (e.expires_at_us, e.lease)));
+        for (op, effect) in ops.into_iter().zip(effects) {
+            // What the overlay holds already carries a lease's deadline as
+            // its own, so it answers that deadline.
+            results.push(effect.result(|_| None));
+            match (op, effect) {
+                (WriteOp::Put { key, value, .. }, Effect::Put { meta, .. }) => {
                     let entry = Entry {
                         key: key.clone(),
                         value,
-                        version: old.as_ref().map_or(1, |e| e.version + 1),
+                        version: meta.version,
                         revision: 0,
-                        created_at_us: old.as_ref().map_or(now, |e| e.created_at_us),
-                        updated_at_us: old.as_ref().map_or(now, |e| now.max(e.updated_at_us)),
-                        expires_at_us,
-                        lease,
+                        created_at_us: meta.created_at_us,
+                        updated_at_us: meta.updated_at_us,
+                        expires_at_us: meta.expires_at_us,
+                        lease: meta.lease,
                     };
-                    results.push(OpResult::Put {
-                        version: entry.version,
-                        created: old.is_none(),
-                        created_at_us: entry.created_at_us,
-                        updated_at_us: entry.updated_at_us,
-                        expires_at_us,
-                        lease,
-                    });
                     state.written.insert(key, Some(entry));
                 }
-                WriteOp::Delete { key, .. } => {
-                    results.push(OpResult::Deleted {
-                        existed: old.is_some(),
-                    });
+                (WriteOp::Delete { key, .. }, _) => {
                     state.written.insert(key, None);
                 }
-                WriteOp::Check { .. } => results.push(OpResult::Checked),
+                _ => {}
             }
         }
         Ok(WriteOutcome::Applied {

@@ -10,6 +10,7 @@
 
 use crate::error::{StoreError, StoreResult};
 use crate::storage::LeaseId;
+use crate::storage::rules::KeyMeta;
 
 const FORMAT_V1: u8 = 1;
 const FORMAT_V2: u8 = 2;
@@ -27,6 +28,31 @@ pub(crate) struct RecordMeta {
     /// The key's own deadline (a key on a lease has none: it has the lease's).
     pub expires_at_us: Option<i64>,
     pub lease: Option<LeaseId>,
+}
+
+impl RecordMeta {
+    /// The record of a key whose metadata the rules decided, written at `revision`.
+    pub(crate) fn new(meta: KeyMeta, revision: u64) -> Self {
+        RecordMeta {
+            version: meta.version,
+            revision,
+            created_at_us: meta.created_at_us,
+            updated_at_us: meta.updated_at_us,
+            expires_at_us: meta.expires_at_us,
+            lease: meta.lease,
+        }
+    }
+
+    /// The metadata the rules decide from.
+    pub(crate) fn key_meta(&self) -> KeyMeta {
+        KeyMeta {
+            version: self.version,
+            created_at_us: self.created_at_us,
+            updated_at_us: self.updated_at_us,
+            expires_at_us: self.expires_at_us,
+            lease: self.lease,
+        }
+    }
 }
 
 pub(crate) fn encode(meta: &RecordMeta, value: &[u8]) -> Vec<u8> {

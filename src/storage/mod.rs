@@ -10,6 +10,7 @@ pub mod embedded;
 mod feed;
 pub mod layer;
 pub mod postgres;
+pub mod rules;
 
 use std::ops::Bound;
 use std::sync::Arc;

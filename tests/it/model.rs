@@ -1,10 +1,22 @@
-//! Model-based test of the storage contract: random sequences of puts,
-//! conditional puts, deletes, batches, reads and scans, with the store closed
-//! and reopened in between, checked step by step against a `BTreeMap` model,
-//! on every backend (PostgreSQL when `KVSTORE_TEST_POSTGRES_URL` is set).
-//! Watchers check the change feed against the model's history: one follows
-//! everything from revision 1 and resumes after every reopen, and others
-//! start at random past revisions on random ranges.
+//! The conformance suite: random sequences of puts, conditional puts,
+//! deletes, batches, reads and scans, with the store closed and reopened in
+//! between, checked step by step against a `BTreeMap` model, on every
+//! backend (PostgreSQL when `KVSTORE_TEST_POSTGRES_URL` is set) under every
+//! cache mode (off, local, and the Redis-shared cache when
+//! `KVSTORE_TEST_REDIS_URL` is set), each store built as `serve` builds it
+//! ([`Stack::build`]). Watchers check the change feed against the model's
+//! history: one follows everything from revision 1 and resumes after every
+//! reopen, and others start at random past revisions on random ranges.
+//!
+//! The model decides each write with the rules every backend shares
+//! ([`kvstore::storage::rules::decide`]): where PostgreSQL restates them in
+//! SQL (its single puts and deletes), this is what shows that they agree.
+//! Timestamps are checked on their own too: a put of a live key keeps its
+//! `created_at` and never moves `updated_at` back, a put of an absent key is
+//! stamped anew, and every stamp lies within the clock's readings around the
+//! call: the model's clock on the embedded engine, the real clock on
+//! PostgreSQL (so the tests' PostgreSQL must share the tests' clock, as a
+//! local one does). Reads and watchers must then show exactly those stamps.
 //!
 //! On the embedded engine the store runs on a clock the test controls, and
 //! the steps add expiry: puts with a TTL, `keep_ttl` or a lease, leases
@@ -19,10 +31,14 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use kvstore::StoreError;
-use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use kvstore::stack::{Backend, Layers, Stack, StackConfig};
+use kvstore::storage::embedded::EmbeddedConfig;
+use kvstore::storage::layer::cache::CacheMode;
+use kvstore::storage::layer::redis_cache::RedisConfig;
+use kvstore::storage::rules::{self, Effect, KeyMeta};
 use kvstore::storage::{
-    Change, Condition, DeleteReason, Event, Expiry, FailedCondition, KeyRange, LeaseId, OpResult,
-    ScanRequest, Store, Watcher, WriteOp, WriteOutcome,
+    Change, Condition, DeleteReason, Entry, Event, Expiry, KeyRange, LeaseId, OpResult,
+    ScanRequest, Store, Watcher, WriteOp, WriteOutcome, system_now_us,
 };
 use proptest::prelude::*;
 
@@ -50,6 +66,11 @@ enum Step {
     },
     /// Move the clock on by this many milliseconds.
     Advance(u64),
+    /// A write made while the clock reads this many milliseconds before the
+    /// model's time (a clock that stepped back), which then steps forward
+    /// again. Its puts name no lease: one that has just expired may not be
+    /// ended yet, and would still be live to the store at the earlier time.
+    Past(u64, Vec<StepOp>),
     Grant(u64),
     KeepAlive(usize),
     Revoke(usize),
@@ -76,14 +97,18 @@ const UNKNOWN_LEASE: LeaseId = 0x00ab_cdef;
 const EPOCH_US: i64 = 1_800_000_000_000_000;
 
 /// What one revision did to one key, as the model sees it: the key, what
-/// happened (`put`, or a delete's reason), and the version written or removed.
-type ModelEvent = (Vec<u8>, &'static str, u64);
+/// happened (`put`, or a delete's reason), the version written or removed,
+/// and a put's `created_at` and `updated_at`.
+type ModelEvent = (Vec<u8>, &'static str, u64, Option<(i64, i64)>);
 
 #[derive(Debug, Clone, PartialEq)]
 struct ModelEntry {
     value: Vec<u8>,
     version: u64,
     revision: u64,
+    /// As the store stamped them, once checked.
+    created_at_us: i64,
+    updated_at_us: i64,
     /// The key's own deadline.
     expires_at_us: Option<i64>,
     lease: Option<LeaseId>,
@@ -102,6 +127,8 @@ struct Seen {
     value: Vec<u8>,
     version: u64,
     revision: u64,
+    created_at_us: i64,
+    updated_at_us: i64,
     expires_at_us: Option<i64>,
     lease: Option<LeaseId>,
 }
@@ -119,6 +146,32 @@ struct Model {
     ids: Vec<LeaseId>,
 }
 
+impl ModelEntry {
+    fn meta(&self) -> KeyMeta {
+        KeyMeta {
+            version: self.version,
+            created_at_us: self.created_at_us,
+            updated_at_us: self.updated_at_us,
+            expires_at_us: self.expires_at_us,
+            lease: self.lease,
+        }
+    }
+}
+
+impl Seen {
+    fn of(e: Entry) -> Self {
+        Seen {
+            value: e.value,
+            version: e.version,
+            revision: e.revision,
+            created_at_us: e.created_at_us,
+            updated_at_us: e.updated_at_us,
+            expires_at_us: e.expires_at_us,
+            lease: e.lease,
+        }
+    }
+}
+
 impl Model {
     fn lease_id(&self, index: usize) -> LeaseId {
         self.ids.get(index).copied().unwrap_or(UNKNOWN_LEASE)
@@ -133,6 +186,8 @@ impl Model {
             value: entry.value.clone(),
             version: entry.version,
             revision: entry.revision,
+            created_at_us: entry.created_at_us,
+            updated_at_us: entry.updated_at_us,
             expires_at_us: entry.expires_at_us.or_else(|| {
                 entry
                     .lease
@@ -161,7 +216,7 @@ impl Model {
         if !keys.is_empty() {
             let events = keys
                 .iter()
-                .map(|k| (k.clone(), reason, self.entries[k].version))
+                .map(|k| (k.clone(), reason, self.entries[k].version, None))
                 .collect();
             for key in &keys {
                 self.entries.remove(key);
@@ -195,120 +250,164 @@ impl Model {
         for (_, key) in keys {
             let version = self.entries[&key].version;
             self.entries.remove(&key);
-            self.record(vec![(key, "expired", version)]);
+            self.record(vec![(key, "expired", version, None)]);
         }
     }
 
-    fn write(&mut self, ops: &[WriteOp]) -> Result<WriteOutcome, LeaseId> {
-        for op in ops {
-            if let WriteOp::Put {
+    /// Checks what the store answered to a write against the rules, decided
+    /// over the model's entries with the clock read at `lo` (and read again
+    /// at `hi` once the store answered), and applies it to the model.
+    fn write(
+        &mut self,
+        ops: &[WriteOp],
+        (lo, hi): (i64, i64),
+        got: Result<WriteOutcome, StoreError>,
+        n: usize,
+    ) {
+        let missing = ops.iter().find_map(|op| match op {
+            WriteOp::Put {
                 expiry: Expiry::Lease(id),
                 ..
-            } = op
-                && self.live_lease(*id).is_none()
-            {
-                return Err(*id);
+            } if self.live_lease(*id).is_none() => Some(*id),
+            _ => None,
+        });
+        let got = match (got, missing) {
+            (Err(StoreError::LeaseNotFound(got)), Some(want)) => {
+                assert_eq!(got, want, "step {n}");
+                return;
             }
-        }
-        Ok(self.apply(ops))
-    }
-
-    fn apply(&mut self, ops: &[WriteOp]) -> WriteOutcome {
-        let failed: Vec<FailedCondition> = ops
+            (Ok(got), None) => got,
+            (got, missing) => {
+                panic!("step {n}: {ops:?}: got {got:?}, want an outcome unless {missing:?}")
+            }
+        };
+        let current: Vec<Option<ModelEntry>> = ops
             .iter()
-            .enumerate()
-            .filter_map(|(index, op)| {
-                let current = self.entries.get(op.key()).map(|e| e.version);
-                (!op.condition().holds(current)).then_some(FailedCondition {
-                    index,
-                    current_version: current,
-                })
-            })
+            .map(|op| self.entries.get(op.key()).cloned())
             .collect();
-        if !failed.is_empty() {
-            return WriteOutcome::Rejected { failed };
-        }
+        let metas: Vec<Option<KeyMeta>> = current
+            .iter()
+            .map(|e| e.as_ref().map(ModelEntry::meta))
+            .collect();
+        let effects = match rules::decide(ops, &metas, lo) {
+            Ok(effects) => effects,
+            Err(failed) => {
+                assert_eq!(got, WriteOutcome::Rejected { failed }, "step {n}: {ops:?}");
+                return;
+            }
+        };
+        let WriteOutcome::Applied { revision, results } = got else {
+            panic!("step {n}: {ops:?}: got {got:?}, want it applied");
+        };
         self.revision += 1;
-        let revision = self.revision;
+        assert_eq!(revision, self.revision, "step {n}: {ops:?}: revision");
+        assert_eq!(results.len(), ops.len(), "step {n}: {ops:?}: {results:?}");
         let mut events = Vec::new();
-        for op in ops {
-            match op {
-                WriteOp::Put { key, .. } => {
-                    let version = self.entries.get(key).map_or(1, |e| e.version + 1);
-                    events.push((key.clone(), "put", version));
+        for (((op, effect), got), previous) in ops.iter().zip(effects).zip(results).zip(current) {
+            let mut want = effect.result(|id| self.live_lease(id).map(|l| l.expires_at_us));
+            if let (
+                OpResult::Put {
+                    created_at_us,
+                    updated_at_us,
+                    ..
+                },
+                OpResult::Put {
+                    created_at_us: stamped_created,
+                    updated_at_us: stamped_updated,
+                    ..
+                },
+            ) = (&mut want, &got)
+            {
+                let stamps = (*stamped_created, *stamped_updated);
+                check_stamps(n, op.key(), previous.as_ref(), stamps, (lo, hi));
+                (*created_at_us, *updated_at_us) = stamps;
+            }
+            assert_eq!(got, want, "step {n}: {op:?}");
+            match (op, effect, got) {
+                (
+                    WriteOp::Put { key, value, .. },
+                    Effect::Put { meta, .. },
+                    OpResult::Put {
+                        created_at_us,
+                        updated_at_us,
+                        ..
+                    },
+                ) => {
+                    events.push((
+                        key.clone(),
+                        "put",
+                        meta.version,
+                        Some((created_at_us, updated_at_us)),
+                    ));
+                    self.entries.insert(
+                        key.clone(),
+                        ModelEntry {
+                            value: value.clone(),
+                            version: meta.version,
+                            revision,
+                            created_at_us,
+                            updated_at_us,
+                            expires_at_us: meta.expires_at_us,
+                            lease: meta.lease,
+                        },
+                    );
                 }
-                WriteOp::Delete { key, .. } => {
-                    if let Some(entry) = self.entries.get(key) {
-                        events.push((key.clone(), "deleted", entry.version));
-                    }
+                (
+                    WriteOp::Delete { key, .. },
+                    Effect::Delete {
+                        removed: Some(removed),
+                    },
+                    _,
+                ) => {
+                    events.push((key.clone(), "deleted", removed.version, None));
+                    self.entries.remove(key);
                 }
-                WriteOp::Check { .. } => {}
+                _ => {}
             }
         }
         self.history.push((revision, events));
-        let results = ops
-            .iter()
-            .map(|op| match op {
-                WriteOp::Put {
-                    key, value, expiry, ..
-                } => {
-                    let previous = self.entries.get(key).cloned();
-                    let version = previous.as_ref().map_or(1, |e| e.version + 1);
-                    let (expires_at_us, lease) = match expiry {
-                        Expiry::Never => (None, None),
-                        Expiry::Ttl(ms) => {
-                            (Some(self.now_us + i64::try_from(*ms).unwrap() * 1000), None)
-                        }
-                        Expiry::At(deadline) => (Some(*deadline), None),
-                        Expiry::Keep => previous
-                            .as_ref()
-                            .map_or((None, None), |e| (e.expires_at_us, e.lease)),
-                        Expiry::Lease(id) => (None, Some(*id)),
-                    };
-                    let entry = ModelEntry {
-                        value: value.clone(),
-                        version,
-                        revision,
-                        expires_at_us,
-                        lease,
-                    };
-                    let seen = self.seen(&entry);
-                    self.entries.insert(key.clone(), entry);
-                    OpResult::Put {
-                        version,
-                        created: previous.is_none(),
-                        created_at_us: 0,
-                        updated_at_us: 0,
-                        expires_at_us: seen.expires_at_us,
-                        lease,
-                    }
-                }
-                WriteOp::Delete { key, .. } => OpResult::Deleted {
-                    existed: self.entries.remove(key).is_some(),
-                },
-                WriteOp::Check { .. } => OpResult::Checked,
-            })
-            .collect();
-        WriteOutcome::Applied { revision, results }
     }
 }
 
-/// The model has no clock: compare outcomes with the timestamps zeroed.
-fn without_timestamps(mut outcome: WriteOutcome) -> WriteOutcome {
-    if let WriteOutcome::Applied { results, .. } = &mut outcome {
-        for result in results {
-            if let OpResult::Put {
-                created_at_us,
-                updated_at_us,
-                ..
-            } = result
-            {
-                *created_at_us = 0;
-                *updated_at_us = 0;
-            }
+/// The timestamp rules, checked on their own: a put of a live key keeps its
+/// `created_at` and never moves `updated_at` back; a put of an absent key
+/// (new, or created again) is stamped with the clock; and the clock was read
+/// between `lo` and `hi`.
+fn check_stamps(
+    n: usize,
+    key: &[u8],
+    previous: Option<&ModelEntry>,
+    (created, updated): (i64, i64),
+    (lo, hi): (i64, i64),
+) {
+    let key = String::from_utf8_lossy(key);
+    match previous {
+        Some(previous) => {
+            assert_eq!(
+                created, previous.created_at_us,
+                "step {n}: {key}: created_at_us must be kept"
+            );
+            assert!(
+                updated >= previous.updated_at_us,
+                "step {n}: {key}: updated_at_us went back from {} to {updated}",
+                previous.updated_at_us
+            );
+            assert!(
+                (lo..=hi.max(previous.updated_at_us)).contains(&updated),
+                "step {n}: {key}: updated_at_us {updated} outside the clock's {lo}..={hi}"
+            );
+        }
+        None => {
+            assert_eq!(
+                created, updated,
+                "step {n}: {key}: a new key's stamps must be equal"
+            );
+            assert!(
+                (lo..=hi).contains(&created),
+                "step {n}: {key}: created_at_us {created} outside the clock's {lo}..={hi}"
+            );
         }
     }
-    outcome
 }
 
 fn key(i: usize) -> Vec<u8> {
@@ -399,14 +498,20 @@ fn bound() -> impl Strategy<Value = Bound<usize>> {
     ]
 }
 
+/// One op, or a batch of ops that names each key at most once.
+fn write(clocked: bool) -> impl Strategy<Value = Vec<StepOp>> {
+    prop_oneof![
+        2 => op(clocked).prop_map(|op| vec![op]),
+        1 => proptest::collection::vec(op(clocked), 1..5).prop_map(|ops| {
+            let mut seen = std::collections::HashSet::new();
+            ops.into_iter().filter(|op| seen.insert(op.op.key().to_vec())).collect()
+        }),
+    ]
+}
+
 fn step(clocked: bool) -> BoxedStrategy<Step> {
     let storage = prop_oneof![
-        6 => op(clocked).prop_map(|op| Step::Write(vec![op])),
-        3 => proptest::collection::vec(op(clocked), 1..5).prop_map(|ops| {
-            // A batch names each key at most once.
-            let mut seen = std::collections::HashSet::new();
-            Step::Write(ops.into_iter().filter(|op| seen.insert(op.op.key().to_vec())).collect())
-        }),
+        9 => write(clocked).prop_map(Step::Write),
         2 => (0..KEYS.len()).prop_map(Step::Get),
         1 => proptest::collection::vec(0..KEYS.len(), 0..5).prop_map(Step::GetMany),
         2 => (bound(), bound(), any::<bool>(), 1usize..6, any::<bool>()).prop_map(
@@ -424,6 +529,8 @@ fn step(clocked: bool) -> BoxedStrategy<Step> {
         1 => prop_oneof![Just(500u64), Just(3000)].prop_map(Step::Grant),
         1 => (0usize..3).prop_map(Step::KeepAlive),
         1 => (0usize..3).prop_map(Step::Revoke),
+        1 => (prop_oneof![Just(1u64), Just(700), Just(4000)], write(clocked))
+            .prop_map(|(ms, ops)| Step::Past(ms, ops)),
     ]
     .boxed()
 }
@@ -434,12 +541,23 @@ fn model_events(change: &Change) -> Vec<ModelEvent> {
         .events
         .iter()
         .map(|event| match event {
-            Event::Put { key, version, .. } => (key.clone(), "put", *version),
+            Event::Put {
+                key,
+                version,
+                created_at_us,
+                updated_at_us,
+                ..
+            } => (
+                key.clone(),
+                "put",
+                *version,
+                Some((*created_at_us, *updated_at_us)),
+            ),
             Event::Delete {
                 key,
                 version,
                 reason,
-            } => (key.clone(), reason.name(), *version),
+            } => (key.clone(), reason.name(), *version, None),
         })
         .collect();
     events.sort();
@@ -490,32 +608,77 @@ fn key_bound(b: &Bound<usize>) -> Bound<Vec<u8>> {
 }
 
 /// Where the store under test keeps its data, so it can be reopened.
-enum Place {
+enum Data {
     /// A data directory, the bytes of the writer's key directory, and the
     /// clock the store runs on.
     Dir(tempfile::TempDir, u64, Arc<AtomicI64>),
     Schema(crate::harness::PgSchema),
 }
 
+/// The store under test: its data, and the layers over the engine.
+struct Place {
+    data: Data,
+    layers: Layers,
+}
+
 impl Place {
+    /// The layers `serve` builds for `cache`; a Redis cache gets a prefix of
+    /// its own, so that runs sharing the tests' Redis do not meet.
+    fn new(data: Data, cache: CacheMode) -> Self {
+        use std::sync::atomic::AtomicU64;
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let mut layers = Layers::new(cache);
+        layers.metrics = false;
+        if cache == CacheMode::Redis {
+            let mut redis = RedisConfig::new(crate::harness::redis_url());
+            redis.prefix = format!(
+                "kvstore_model:{}:{}:{}:",
+                std::process::id(),
+                system_now_us(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            );
+            redis.ttl = Duration::from_secs(60);
+            layers.redis = Some(redis);
+        }
+        Place { data, layers }
+    }
+
     async fn open(&self) -> Arc<dyn Store> {
-        match self {
-            Place::Dir(dir, key_directory_bytes, clock) => {
+        let backend = match &self.data {
+            Data::Dir(dir, key_directory_bytes, clock) => {
                 let mut config = EmbeddedConfig::new(dir.path());
                 config.key_directory_bytes = *key_directory_bytes;
                 let clock = Arc::clone(clock);
                 config.clock = Some(Arc::new(move || clock.load(Ordering::SeqCst)));
-                Arc::new(EmbeddedStore::open(config).expect("open store"))
+                Backend::Embedded(config)
             }
-            Place::Schema(schema) => schema.open().await,
-        }
+            Data::Schema(schema) => Backend::Postgres(schema.config()),
+        };
+        let mut config = StackConfig::new(backend);
+        config.layers = self.layers.clone();
+        Stack::build(config).await.expect("the store stack").store
     }
 
     fn clock(&self) -> Option<&AtomicI64> {
-        match self {
-            Place::Dir(_, _, clock) => Some(clock),
-            Place::Schema(_) => None,
+        match &self.data {
+            Data::Dir(_, _, clock) => Some(clock),
+            Data::Schema(_) => None,
         }
+    }
+
+    /// A reading of the clock the store stamps writes with.
+    fn now_us(&self) -> i64 {
+        self.clock()
+            .map_or_else(system_now_us, |clock| clock.load(Ordering::SeqCst))
+    }
+}
+
+/// The expirer's round at the model's time, on the model and the store.
+async fn expire(model: &mut Model, store: &Arc<dyn Store>, n: usize) {
+    let before = model.revision;
+    model.expire();
+    if model.revision > before {
+        reach(store, model.revision, n).await;
     }
 }
 
@@ -563,25 +726,34 @@ async fn check(steps: Vec<Step>, place: Place) {
         match step {
             Step::Write(ops) => {
                 let ops = resolve(&ops, &model);
-                match (store.write(ops.clone()).await, model.write(&ops)) {
-                    (Ok(got), Ok(want)) => {
-                        assert_eq!(without_timestamps(got), want, "step {n}: {ops:?}")
-                    }
-                    (Err(StoreError::LeaseNotFound(got)), Err(want)) => {
-                        assert_eq!(got, want, "step {n}")
-                    }
-                    (got, want) => panic!("step {n}: {ops:?}: got {got:?}, want {want:?}"),
-                }
+                let lo = place.now_us();
+                let got = store.write(ops.clone()).await;
+                let hi = place.now_us();
+                model.write(&ops, (lo, hi), got, n);
             }
             Step::Advance(ms) => {
                 let clock = place.clock().expect("a clock");
                 model.now_us += i64::try_from(ms).unwrap() * 1000;
                 clock.store(model.now_us, Ordering::SeqCst);
-                let before = model.revision;
-                model.expire();
-                if model.revision > before {
-                    reach(&store, model.revision, n).await;
+                expire(&mut model, &store, n).await;
+            }
+            Step::Past(ms, mut ops) => {
+                for op in &mut ops {
+                    if let StepExpiry::Lease(_) = op.expiry {
+                        op.expiry = StepExpiry::Never;
+                    }
                 }
+                let clock = place.clock().expect("a clock");
+                let present = model.now_us;
+                model.now_us -= i64::try_from(ms).unwrap() * 1000;
+                clock.store(model.now_us, Ordering::SeqCst);
+                let ops = resolve(&ops, &model);
+                let got = store.write(ops.clone()).await;
+                model.write(&ops, (model.now_us, model.now_us), got, n);
+                model.now_us = present;
+                clock.store(present, Ordering::SeqCst);
+                // A deadline counted from the earlier time may have passed.
+                expire(&mut model, &store, n).await;
             }
             Step::Grant(ttl_ms) => {
                 let lease = store.grant_lease(ttl_ms, None).await.expect("grant");
@@ -632,32 +804,18 @@ async fn check(steps: Vec<Step>, place: Place) {
             Step::Get(i) => {
                 let got = store.get(&key(i)).await.expect("get");
                 let want = model.entries.get(&key(i)).map(|e| model.seen(e));
-                assert_eq!(
-                    got.map(|e| Seen {
-                        value: e.value,
-                        version: e.version,
-                        revision: e.revision,
-                        expires_at_us: e.expires_at_us,
-                        lease: e.lease,
-                    }),
-                    want,
-                    "step {n}: get {}",
-                    KEYS[i]
-                );
+                assert_eq!(got.map(Seen::of), want, "step {n}: get {}", KEYS[i]);
             }
             Step::GetMany(keys) => {
                 let got = store
                     .get_many(keys.iter().map(|i| key(*i)).collect())
                     .await
                     .expect("get_many");
-                let got: Vec<Option<u64>> = got
-                    .entries
+                let got: Vec<Option<Seen>> =
+                    got.entries.into_iter().map(|e| e.map(Seen::of)).collect();
+                let want: Vec<Option<Seen>> = keys
                     .iter()
-                    .map(|e| e.as_ref().map(|e| e.version))
-                    .collect();
-                let want: Vec<Option<u64>> = keys
-                    .iter()
-                    .map(|i| model.entries.get(&key(*i)).map(|e| e.version))
+                    .map(|i| model.entries.get(&key(*i)).map(|e| model.seen(e)))
                     .collect();
                 assert_eq!(got, want, "step {n}: get_many");
             }
@@ -711,18 +869,7 @@ async fn check(steps: Vec<Step>, place: Place) {
                 let got: Vec<(Vec<u8>, Seen)> = page
                     .entries
                     .into_iter()
-                    .map(|e| {
-                        (
-                            e.key,
-                            Seen {
-                                value: e.value,
-                                version: e.version,
-                                revision: e.revision,
-                                expires_at_us: e.expires_at_us,
-                                lease: e.lease,
-                            },
-                        )
-                    })
+                    .map(|e| (e.key.clone(), Seen::of(e)))
                     .collect();
                 if keys_only {
                     for (_, e) in &mut want {
@@ -779,29 +926,86 @@ async fn check(steps: Vec<Step>, place: Place) {
     store.close().await.expect("close");
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+/// The model on the embedded engine, running on the model's clock, under
+/// `cache`. On a multi-threaded runtime most writes commit themselves; on a
+/// single-threaded one every write goes through the committer thread. A
+/// tiny key directory holds about one key, so versions keep being read back
+/// from the engine.
+fn embedded_matches_model(
+    steps: Vec<Step>,
+    multi_threaded: bool,
+    tiny_key_directory: bool,
+    cache: CacheMode,
+) {
+    let runtime = if multi_threaded {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+    .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_directory_bytes = if tiny_key_directory {
+        100
+    } else {
+        EmbeddedConfig::new("").key_directory_bytes
+    };
+    let clock = Arc::new(AtomicI64::new(EPOCH_US));
+    let place = Place::new(Data::Dir(dir, key_directory_bytes, clock), cache);
+    runtime.block_on(check(steps, place));
+}
 
-    /// On a multi-threaded runtime most writes commit themselves; on a
-    /// single-threaded one every write goes through the committer thread. A
-    /// tiny key directory holds about one key, so versions keep being read
-    /// back from the engine.
+/// The model on PostgreSQL, on the real clock (so without expiry steps),
+/// under `cache`.
+fn postgres_matches_model(steps: Vec<Step>, cache: CacheMode) {
+    let schema = crate::harness::PgSchema::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(check(steps, Place::new(Data::Schema(schema), cache)));
+}
+
+// Case counts keep the whole suite under about a minute of a debug build on
+// two busy cores.
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
     #[test]
-    fn store_matches_model(
+    fn embedded_cache_off(
         steps in proptest::collection::vec(step(true), 1..40),
         multi_threaded in any::<bool>(),
         tiny_key_directory in any::<bool>(),
     ) {
-        let runtime = if multi_threaded {
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
-        } else {
-            tokio::runtime::Builder::new_current_thread().enable_all().build()
-        }
-        .expect("runtime");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let key_directory_bytes = if tiny_key_directory { 100 } else { EmbeddedConfig::new("").key_directory_bytes };
-        let clock = Arc::new(AtomicI64::new(EPOCH_US));
-        runtime.block_on(check(steps, Place::Dir(dir, key_directory_bytes, clock)));
+        embedded_matches_model(steps, multi_threaded, tiny_key_directory, CacheMode::Off);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn embedded_cache_local(
+        steps in proptest::collection::vec(step(true), 1..40),
+        multi_threaded in any::<bool>(),
+        tiny_key_directory in any::<bool>(),
+    ) {
+        embedded_matches_model(steps, multi_threaded, tiny_key_directory, CacheMode::Local);
+    }
+
+    #[test]
+    #[cfg_attr(not(kvstore_test_redis), ignore = "set KVSTORE_TEST_REDIS_URL to run it")]
+    fn embedded_cache_redis(
+        steps in proptest::collection::vec(step(true), 1..40),
+        multi_threaded in any::<bool>(),
+        tiny_key_directory in any::<bool>(),
+    ) {
+        embedded_matches_model(steps, multi_threaded, tiny_key_directory, CacheMode::Redis);
     }
 }
 
@@ -810,9 +1014,22 @@ proptest! {
 
     #[test]
     #[cfg_attr(not(kvstore_test_postgres), ignore = "set KVSTORE_TEST_POSTGRES_URL to run it")]
-    fn postgres_store_matches_model(steps in proptest::collection::vec(step(false), 1..40)) {
-        let schema = crate::harness::PgSchema::new();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        runtime.block_on(check(steps, Place::Schema(schema)));
+    fn postgres_cache_off(steps in proptest::collection::vec(step(false), 1..40)) {
+        postgres_matches_model(steps, CacheMode::Off);
+    }
+
+    #[test]
+    #[cfg_attr(not(kvstore_test_postgres), ignore = "set KVSTORE_TEST_POSTGRES_URL to run it")]
+    fn postgres_cache_local(steps in proptest::collection::vec(step(false), 1..40)) {
+        postgres_matches_model(steps, CacheMode::Local);
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(all(kvstore_test_postgres, kvstore_test_redis)),
+        ignore = "set KVSTORE_TEST_POSTGRES_URL and KVSTORE_TEST_REDIS_URL to run it"
+    )]
+    fn postgres_cache_redis(steps in proptest::collection::vec(step(false), 1..40)) {
+        postgres_matches_model(steps, CacheMode::Redis);
     }
 }

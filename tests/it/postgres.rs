@@ -47,12 +47,13 @@ async fn two_first_writes_of_a_key_cannot_both_create_it() {
                 } else {
                     Condition::Any
                 };
-                tokio::spawn(async move {
-                    store
-                        .write(vec![put(&key, "v", condition)])
-                        .await
-                        .expect("write")
-                })
+                // Some write it in a batch, whose insert meets the others'
+                // after its locks were taken.
+                let mut ops = vec![put(&key, "v", condition)];
+                if i % 4 == 3 {
+                    ops.push(put(&format!("{key}-{i}"), "w", Condition::Any));
+                }
+                tokio::spawn(async move { store.write(ops).await.expect("write") })
             })
             .collect();
         let mut created = 0;

@@ -85,9 +85,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::Entry;
 use super::codec;
 use super::{
-    Change, Clock, DeleteReason, FailedCondition, Feed, Found, History, Lease, LeaseId, OpResult,
-    Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome, deadline_after, new_lease_id,
-    system_now_us,
+    Change, Clock, DeleteReason, Feed, Found, History, Lease, LeaseId, OpResult, Revoked, ScanPage,
+    ScanRequest, Store, WriteOp, WriteOutcome, deadline_after, new_lease_id, system_now_us,
 };
 use crate::error::{StoreError, StoreResult};
 use crate::timing;

@@ -22,11 +22,12 @@ use super::expiry::{
 use super::full_disk::Failure;
 use super::key_directory::KeyDirectory;
 use super::{
-    COMMIT_SECONDS, CommitEvent, FailedCondition, GROUP_KEYS, GROUP_WRITES, OpResult, REVISION_KEY,
-    Reply, Shared, WriteOp, WriteOutcome,
+    COMMIT_SECONDS, CommitEvent, GROUP_KEYS, GROUP_WRITES, OpResult, REVISION_KEY, Reply, Shared,
+    WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
 use crate::storage::changes::{DeleteReason, RecordBuilder, Stamp, count_expired, record_key};
+use crate::storage::rules::{self, Effect, KeyMeta};
 use crate::storage::{Expiry, Lease, LeaseId, Revoked};
 
 /// The state of the engine's one writer.
@@ -379,92 +380,64 @@ impl Writer {
             }
             *meta = None;
         }
-        let failed: Vec<FailedCondition> = ops
+        let live: Vec<Option<KeyMeta>> = current
             .iter()
-            .zip(&current)
-            .enumerate()
-            .filter(|(_, (op, meta))| !op.condition().holds(meta.map(|m| m.version)))
-            .map(|(index, (_, meta))| FailedCondition {
-                index,
-                current_version: meta.map(|m| m.version),
-            })
+            .map(|meta| meta.map(|m| m.key_meta()))
             .collect();
-        if !failed.is_empty() {
-            return Ok(WriteOutcome::Rejected { failed });
-        }
+        let effects = match rules::decide(&ops, &live, now) {
+            Ok(effects) => effects,
+            Err(failed) => return Ok(WriteOutcome::Rejected { failed }),
+        };
 
         self.revision += 1;
         let revision = self.revision;
+        group
+            .record
+            .revision(revision, effects.iter().filter(|e| e.changes()).count());
         let mut results = Vec::with_capacity(ops.len());
-        let changed = ops
-            .iter()
-            .zip(&current)
-            .filter(|(op, meta)| match op {
-                WriteOp::Put { .. } => true,
-                WriteOp::Delete { .. } => meta.is_some(),
-                WriteOp::Check { .. } => false,
-            })
-            .count();
-        group.record.revision(revision, changed);
-        for (op, meta) in ops.into_iter().zip(current) {
-            match op {
-                WriteOp::Put {
-                    key, value, expiry, ..
-                } => {
-                    let (expires_at_us, lease) =
-                        expiry.applied(now, meta.map(|m| (m.expires_at_us, m.lease)));
-                    let new = RecordMeta {
-                        version: meta.map_or(1, |m| m.version + 1),
-                        revision,
-                        created_at_us: meta.map_or(now, |m| m.created_at_us),
-                        // Never before the previous write, even if the clock steps back.
-                        updated_at_us: meta.map_or(now, |m| now.max(m.updated_at_us)),
-                        expires_at_us,
-                        lease,
-                    };
-                    let effective = expires_at_us.or_else(|| {
-                        lease.and_then(|id| {
-                            lease_deadlines
-                                .get(&id)
-                                .copied()
-                                .or_else(|| shared.leases.deadline(id))
-                        })
-                    });
-                    results.push(OpResult::Put {
-                        version: new.version,
-                        created: meta.is_none(),
-                        created_at_us: new.created_at_us,
-                        updated_at_us: new.updated_at_us,
-                        expires_at_us: effective,
-                        lease,
-                    });
+        for ((op, effect), old) in ops.into_iter().zip(effects).zip(current) {
+            let result = effect.result(|id| {
+                lease_deadlines
+                    .get(&id)
+                    .copied()
+                    .or_else(|| shared.leases.deadline(id))
+            });
+            match (op, effect, &result) {
+                (
+                    WriteOp::Put { key, value, .. },
+                    Effect::Put { meta, .. },
+                    OpResult::Put { expires_at_us, .. },
+                ) => {
                     group.record.put(
                         &key,
                         &value,
                         &Stamp {
-                            version: new.version,
-                            created_at_us: new.created_at_us,
-                            updated_at_us: new.updated_at_us,
-                            expires_at_us: effective,
-                            lease,
+                            version: meta.version,
+                            created_at_us: meta.created_at_us,
+                            updated_at_us: meta.updated_at_us,
+                            expires_at_us: *expires_at_us,
+                            lease: meta.lease,
                         },
                     );
+                    let new = RecordMeta::new(meta, revision);
                     let stored = codec::encode(&new, &value);
-                    group.set(key, meta, Some((new, stored)));
+                    group.set(key, old, Some((new, stored)));
                 }
-                WriteOp::Check { .. } => results.push(OpResult::Checked),
-                WriteOp::Delete { key, .. } => {
-                    results.push(OpResult::Deleted {
-                        existed: meta.is_some(),
-                    });
-                    if let Some(meta) = meta {
-                        group
-                            .record
-                            .delete(&key, meta.version, DeleteReason::Deleted);
-                        group.set(key, Some(meta), None);
-                    }
+                (
+                    WriteOp::Delete { key, .. },
+                    Effect::Delete {
+                        removed: Some(removed),
+                    },
+                    _,
+                ) => {
+                    group
+                        .record
+                        .delete(&key, removed.version, DeleteReason::Deleted);
+                    group.set(key, old, None);
                 }
+                _ => {}
             }
+            results.push(result);
         }
         Ok(WriteOutcome::Applied { revision, results })
     }

@@ -12,11 +12,12 @@
 //!   the lock) or inserts it (`INSERT .. ON CONFLICT (key) DO UPDATE ..
 //!   RETURNING`, so two first writes of a key cannot both create it). A failed
 //!   condition reports the locked version and takes no revision.
-//! - A batch is one transaction: it locks the rows that exist in key order,
-//!   checks every condition against them, takes one revision, and writes
-//!   everything in one statement. A key that a concurrent write created after
-//!   the lock was taken is noticed (its version is not 1) and the transaction
-//!   is rolled back and tried again, so conditions and revisions stay exact.
+//! - A batch is one transaction: it locks the rows that exist in key order
+//!   (reading their metadata and the database clock), lets
+//!   [`rules::decide`] check every condition and decide each key's new
+//!   metadata, takes one revision, and writes everything in one statement. A key that a concurrent write created after the lock was
+//!   taken is noticed (the statement leaves it alone) and the transaction is
+//!   rolled back and tried again, so conditions and revisions stay exact.
 //! - Batch reads and each range page are one statement, so one snapshot.
 //! - Every write also logs its changes, for watchers (see `watch.rs`).
 //! - Keys may expire, by their own deadline or their lease's, judged by the
@@ -52,8 +53,8 @@ use rows::{column, first_row, row_entry, to_u64};
 use run::{Param, Runner};
 use schema::migrate;
 use sql::{
-    ENTRY_COLUMNS, EXPIRED, EXPIRY_AT, EXPIRY_LEASE, EXPIRY_NEVER, LEASE_ENDED, Sql,
-    condition_params, expiry_params, lease_id, lease_param,
+    ENTRY_COLUMNS, EXPIRED, LEASE_ENDED, Sql, condition_params, expiry_params, lease_id,
+    lease_param,
 };
 use watch::{Poller, run_trimmer, settled_at_open};
 
@@ -68,6 +69,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
+use super::rules::{self, Effect, KeyMeta};
 use super::{
     Change, Condition, DeleteReason, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId,
     OpResult, Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
@@ -101,6 +103,32 @@ enum Attempt {
     },
     /// It attaches keys to a lease that does not exist or has expired.
     NoLease(LeaseId),
+}
+
+/// A batch's puts as the `apply` statement takes them, a column each: the
+/// key, the value, and the metadata the rules decided.
+#[derive(Default)]
+struct PutColumns<'a> {
+    keys: Vec<&'a [u8]>,
+    values: Vec<&'a [u8]>,
+    versions: Vec<i64>,
+    created: Vec<i64>,
+    updated: Vec<i64>,
+    deadlines: Vec<Option<i64>>,
+    leases: Vec<Option<i64>>,
+}
+
+impl<'a> PutColumns<'a> {
+    fn push(&mut self, key: &'a [u8], value: &'a [u8], meta: &KeyMeta) {
+        self.keys.push(key);
+        self.values.push(value);
+        self.versions
+            .push(i64::try_from(meta.version).unwrap_or(i64::MAX));
+        self.created.push(meta.created_at_us);
+        self.updated.push(meta.updated_at_us);
+        self.deadlines.push(meta.expires_at_us);
+        self.leases.push(meta.lease.map(lease_param));
+    }
 }
 
 /// The PostgreSQL backend.
@@ -510,20 +538,31 @@ impl PostgresStore {
         let locked = run
             .query_in(&tx, &sql.lock, &[(&keys, Type::BYTEA_ARRAY)])
             .await?;
-        // The live rows' versions, and their own deadlines and leases (what
-        // a `Keep` keeps).
+        // The live rows' metadata, and the database clock once every row is
+        // locked: what the rules decide from.
         let mut current = std::collections::HashMap::with_capacity(locked.len());
-        let mut kept = std::collections::HashMap::with_capacity(locked.len());
         let (mut expired, mut ended) = (Vec::new(), Vec::new());
+        let mut now_us: Option<i64> = None;
         for row in &locked {
-            let key: &[u8] = row.try_get(0)?;
-            let lease: Option<i64> = row.try_get(3)?;
-            match (row.try_get::<_, i32>(4)?, lease) {
+            now_us = now_us.max(Some(row.try_get(0)?));
+            let Some(key) = row.try_get::<_, Option<&[u8]>>(1)? else {
+                continue;
+            };
+            let lease: Option<i64> = row.try_get(4)?;
+            match (row.try_get::<_, i32>(5)?, lease) {
                 (EXPIRED, _) => expired.push(key.to_vec()),
                 (LEASE_ENDED, Some(lease)) => ended.push(lease),
                 _ => {
-                    current.insert(key, row.try_get::<_, i64>(1)?);
-                    kept.insert(key, (row.try_get::<_, Option<i64>>(2)?, lease));
+                    current.insert(
+                        key,
+                        KeyMeta {
+                            version: u64::try_from(row.try_get::<_, i64>(2)?).unwrap_or_default(),
+                            created_at_us: row.try_get(6)?,
+                            updated_at_us: row.try_get(7)?,
+                            expires_at_us: row.try_get(3)?,
+                            lease: lease.map(lease_id),
+                        },
+                    );
                 }
             }
         }
@@ -536,6 +575,11 @@ impl PostgresStore {
                 leases: ended,
             });
         }
+        // The statement gives a row even when no key exists.
+        let Some(now_us) = now_us else {
+            tx.rollback().await?;
+            return Ok(Attempt::Again);
+        };
         // The leases the batch attaches keys to, held until it commits.
         let mut wanted: Vec<LeaseId> = ops
             .iter()
@@ -562,47 +606,25 @@ impl PostgresStore {
                 return Ok(Attempt::NoLease(*missing));
             }
         }
-        let failed: Vec<FailedCondition> = ops
-            .iter()
-            .enumerate()
-            .filter_map(|(index, op)| {
-                let version = current
-                    .get(op.key())
-                    .map(|v| u64::try_from(*v).unwrap_or_default());
-                (!op.condition().holds(version)).then_some(FailedCondition {
-                    index,
-                    current_version: version,
-                })
-            })
-            .collect();
-        if !failed.is_empty() {
-            tx.rollback().await?;
-            return Ok(Attempt::Done(WriteOutcome::Rejected { failed }));
-        }
+        let live: Vec<Option<KeyMeta>> = keys.iter().map(|k| current.get(k).copied()).collect();
+        let effects = match rules::decide(ops, &live, now_us) {
+            Ok(effects) => effects,
+            Err(failed) => {
+                tx.rollback().await?;
+                return Ok(Attempt::Done(WriteOutcome::Rejected { failed }));
+            }
+        };
         let deletes: Vec<&[u8]> = ops
             .iter()
-            .filter(|op| matches!(op, WriteOp::Delete { .. }) && current.contains_key(op.key()))
-            .map(WriteOp::key)
+            .zip(&effects)
+            .filter(|(_, effect)| matches!(effect, Effect::Delete { removed: Some(_) }))
+            .map(|(op, _)| op.key())
             .collect();
-        let (mut put_keys, mut put_values, mut put_kinds, mut put_args) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for op in ops {
-            let WriteOp::Put {
-                key, value, expiry, ..
-            } = op
-            else {
-                continue;
-            };
-            let (kind, arg) = match (expiry, kept.get(key.as_slice())) {
-                (Expiry::Keep, Some((Some(at), _))) => (EXPIRY_AT, *at),
-                (Expiry::Keep, Some((None, Some(lease)))) => (EXPIRY_LEASE, *lease),
-                (Expiry::Keep, _) => (EXPIRY_NEVER, 0),
-                (expiry, _) => expiry_params(*expiry),
-            };
-            put_keys.push(key.as_slice());
-            put_values.push(value.as_slice());
-            put_kinds.push(kind);
-            put_args.push(arg);
+        let mut puts = PutColumns::default();
+        for (op, effect) in ops.iter().zip(&effects) {
+            if let (WriteOp::Put { key, value, .. }, Effect::Put { meta, .. }) = (op, effect) {
+                puts.push(key, value, meta);
+            }
         }
         let rows = run
             .query_in(
@@ -610,10 +632,13 @@ impl PostgresStore {
                 &sql.apply,
                 &[
                     (&deletes, Type::BYTEA_ARRAY),
-                    (&put_keys, Type::BYTEA_ARRAY),
-                    (&put_values, Type::BYTEA_ARRAY),
-                    (&put_kinds, Type::INT4_ARRAY),
-                    (&put_args, Type::INT8_ARRAY),
+                    (&puts.keys, Type::BYTEA_ARRAY),
+                    (&puts.values, Type::BYTEA_ARRAY),
+                    (&puts.versions, Type::INT8_ARRAY),
+                    (&puts.created, Type::INT8_ARRAY),
+                    (&puts.updated, Type::INT8_ARRAY),
+                    (&puts.deadlines, Type::INT8_ARRAY),
+                    (&puts.leases, Type::INT8_ARRAY),
                 ],
             )
             .await?;
@@ -622,34 +647,24 @@ impl PostgresStore {
         };
         let revision: i64 = first.try_get(0)?;
         let written_at_us: i64 = first.try_get(1)?;
+        // The effective deadline of each key put (its lease's for a key on
+        // a lease).
         let mut written = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
-            let Some(key) = row.try_get::<_, Option<&[u8]>>(3)? else {
-                continue;
-            };
-            let version: i64 = row.try_get(4)?;
-            // A key that was absent under the locks but is not new now was
-            // created by a concurrent write: its revision may be above ours.
-            if version != 1 && !current.contains_key(key) {
-                tx.rollback().await?;
-                // The revision this attempt took is settled as a gap at once,
-                // rather than left as a hole that watchers wait for until the
-                // poller fills it.
-                run.query(client, &sql.fill, &[(&vec![revision], Type::INT8_ARRAY)])
-                    .await?;
-                return Ok(Attempt::Again);
+            if let Some(key) = row.try_get::<_, Option<&[u8]>>(3)? {
+                written.insert(key, row.try_get::<_, Option<i64>>(7)?);
             }
-            written.insert(
-                key.to_vec(),
-                OpResult::Put {
-                    version: u64::try_from(version).unwrap_or_default(),
-                    created: version == 1,
-                    created_at_us: row.try_get(5)?,
-                    updated_at_us: row.try_get(6)?,
-                    expires_at_us: row.try_get(7)?,
-                    lease: row.try_get::<_, Option<i64>>(8)?.map(lease_id),
-                },
-            );
+        }
+        // A key that was absent under the locks but that a concurrent write
+        // created since: its revision may be above ours.
+        if written.len() < puts.keys.len() {
+            tx.rollback().await?;
+            // The revision this attempt took is settled as a gap at once,
+            // rather than left as a hole that watchers wait for until the
+            // poller fills it.
+            run.query(client, &sql.fill, &[(&vec![revision], Type::INT8_ARRAY)])
+                .await?;
+            return Ok(Attempt::Again);
         }
         if let Some(notify) = &sql.notify {
             let keys: Vec<&[u8]> = ops
@@ -664,22 +679,8 @@ impl PostgresStore {
         tx.commit().await?;
         let results = ops
             .iter()
-            .map(|op| match op {
-                // The apply statement returns a row for every put.
-                WriteOp::Put { key, .. } => written.remove(key).unwrap_or(OpResult::Put {
-                    version: 0,
-                    created: false,
-                    created_at_us: 0,
-                    updated_at_us: 0,
-                    expires_at_us: None,
-                    lease: None,
-                }),
-                WriteOp::Delete { key, .. } => OpResult::Deleted {
-                    existed: current.contains_key(key.as_slice()),
-                },
-                // Checked with the other conditions, under the same locks.
-                WriteOp::Check { .. } => OpResult::Checked,
-            })
+            .zip(&effects)
+            .map(|(op, effect)| effect.result(|_| written.get(op.key()).copied().flatten()))
             .collect();
         Ok(Attempt::Done(WriteOutcome::Applied {
             revision: u64::try_from(revision).unwrap_or_default(),

@@ -1,5 +1,6 @@
-//! The statements, with the schema's names filled in: the one place where
-//! the PostgreSQL backend keeps its rules in SQL.
+//! The statements, with the schema's names filled in. The single `put` and
+//! `delete` restate the write rules in SQL; which parts restate which rule
+//! is listed in one place, the module docs of [`crate::storage::rules`].
 
 use super::super::{Condition, DeleteReason, Expiry, LeaseId, MAX_TTL_MS, capped_ttl_us};
 use super::PostgresConfig;
@@ -23,15 +24,15 @@ pub(super) const EXPIRED: i32 = 1;
 pub(super) const LEASE_ENDED: i32 = 2;
 const LIVE: i32 = 3;
 
-/// What a put does to the key's deadline, as the statements take it (with
-/// an argument).
-pub(super) const EXPIRY_NEVER: i32 = 0;
+/// What a single put does to the key's deadline, as the `put` statement
+/// takes it (with an argument).
+const EXPIRY_NEVER: i32 = 0;
 /// The argument is the ttl in µs, counted from the write.
 const EXPIRY_TTL: i32 = 1;
-/// The argument is the deadline in µs (`Expiry::At`, or a batch's `Keep` of a locked row).
-pub(super) const EXPIRY_AT: i32 = 2;
+/// The argument is the deadline in µs.
+const EXPIRY_AT: i32 = 2;
 /// The argument is the lease.
-pub(super) const EXPIRY_LEASE: i32 = 3;
+const EXPIRY_LEASE: i32 = 3;
 /// A single put's `Keep`: the locked row's deadline and lease.
 const EXPIRY_KEEP: i32 = 4;
 
@@ -50,9 +51,8 @@ pub(super) fn lease_id(stored: i64) -> LeaseId {
     u64::from_ne_bytes(stored.to_ne_bytes())
 }
 
-/// A put's expiry as the statements take it (kind, argument). `Keep` is
-/// resolved by the statement (a single put) or from the locked rows (a
-/// batch).
+/// A single put's expiry as the `put` statement takes it (kind, argument);
+/// the statement resolves `Keep` from the locked row.
 pub(super) fn expiry_params(expiry: Expiry) -> (i32, i64) {
     match expiry {
         Expiry::Never => (EXPIRY_NEVER, 0),
@@ -356,32 +356,45 @@ impl Sql {
                        (SELECT state FROM found) AS state, (SELECT lease FROM cur) AS lease
             ) result"
         );
-        // A batch: lock what exists in key order, then write everything.
+        // A batch: lock what exists in key order, then write everything. The
+        // clock is read once each row is locked, so that the latest reading
+        // (which the rules stamp the batch with) is after every lock; a
+        // batch whose keys are all absent gives one row with a null key.
         let lock = format!(
-            "SELECT e.key, e.version, e.expires_at_us, e.lease, {state}
-             FROM {kv} e LEFT JOIN {leases} l ON l.id = e.lease
-             WHERE e.key = ANY($1) ORDER BY e.key FOR UPDATE OF e",
+            "WITH locked AS MATERIALIZED (
+                SELECT e.key, e.version, e.expires_at_us, e.lease, {state} AS state,
+                       e.created_at_us, e.updated_at_us
+                FROM {kv} e LEFT JOIN {leases} l ON l.id = e.lease
+                WHERE e.key = ANY($1) ORDER BY e.key FOR UPDATE OF e
+            )
+            SELECT {NOW_US}, locked.* FROM (SELECT 1) one LEFT JOIN locked ON true",
             state = row_state(NOW_US),
         );
         // $1 keys to delete (all locked), $2 keys to put, $3 their values,
-        // $4 their expiry kinds (never, ttl, at or lease), $5 the arguments.
+        // then what the rules decided for each put: $4 its version, $5 its
+        // created_at_us, $6 its updated_at_us, $7 its own deadline, $8 its
+        // lease. A row to update must still hold the version the rules
+        // decided from; a key that a concurrent write created after the
+        // locks were taken is left alone (no row comes back for it), and the
+        // batch is made again.
         let apply = format!(
             "WITH rev AS MATERIALIZED (SELECT nextval({seq}) AS r, {NOW_US} AS us),
             del AS (DELETE FROM {kv} WHERE key = ANY($1) RETURNING key, version),
             ins AS (
                 INSERT INTO {kv}
                     (key, value, version, revision, created_at_us, updated_at_us, expires_at_us, lease)
-                SELECT t.k, t.v, 1, rev.r, rev.us, rev.us,
-                       CASE t.kind WHEN {EXPIRY_TTL} THEN rev.us + t.arg
-                                   WHEN {EXPIRY_AT} THEN t.arg END,
-                       CASE t.kind WHEN {EXPIRY_LEASE} THEN t.arg END
-                FROM unnest($2::bytea[], $3::bytea[], $4::int4[], $5::int8[]) AS t(k, v, kind, arg),
+                SELECT t.k, t.v, t.version, rev.r, t.created, t.updated, t.expires, t.lease
+                FROM unnest($2::bytea[], $3::bytea[], $4::int8[], $5::int8[], $6::int8[],
+                            $7::int8[], $8::int8[])
+                         AS t(k, v, version, created, updated, expires, lease),
                      rev
                 ORDER BY t.k
                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value,
-                    version = {kv}.version + 1, revision = EXCLUDED.revision,
-                    updated_at_us = greatest({kv}.updated_at_us, EXCLUDED.updated_at_us),
+                    version = EXCLUDED.version, revision = EXCLUDED.revision,
+                    created_at_us = EXCLUDED.created_at_us,
+                    updated_at_us = EXCLUDED.updated_at_us,
                     expires_at_us = EXCLUDED.expires_at_us, lease = EXCLUDED.lease
+                WHERE {kv}.version = EXCLUDED.version - 1
                 RETURNING key, value, version, created_at_us, updated_at_us, expires_at_us, lease
             ), written AS (
                 SELECT key, value, version, created_at_us, updated_at_us, lease,
