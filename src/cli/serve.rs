@@ -300,8 +300,10 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             Some((listener, resp_config))
         }
     };
-    // Logged once every listener is bound (the RESP one too): scripts and
-    // tests wait for this line before they connect.
+    let stop = super::stop_signal();
+    // Logged once every listener is bound (the RESP one too) and the signals
+    // are handled: scripts and tests wait for this line before they connect
+    // or signal.
     match args.backend {
         Backend::Embedded => tracing::info!(
             %address,
@@ -321,14 +323,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             "kvstore listening"
         ),
     }
-    server::run_all(
-        listener,
-        resp,
-        store,
-        config,
-        security,
-        super::stop_signal(),
-    )
-    .await
-    .map_err(|e| format!("shutdown: {e}"))
+    server::run_all(listener, resp, store, config, security, stop)
+        .await
+        .map_err(|e| format!("shutdown: {e}"))
 }
