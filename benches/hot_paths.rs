@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the hot paths, without the network: a whole request
-//! through the server's service and through the router (key decoding, query
+//! through the server's service (routing, key decoding, query
 //! and body parsing, cache, JSON), the JSON
 //! rendering of an entry, cache lookups, and the write path of the committer
 //! without its sync (buffered durability).
@@ -22,7 +22,6 @@ use kvstore::server::{CursorKey, Limits};
 use kvstore::storage::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::layer::cache::{CacheConfig, CachedStore};
 use kvstore::storage::{Condition, Entry, Expiry, ScanRequest, Store, WriteOp};
-use tower::ServiceExt as _;
 
 /// The server's allocator, so that allocation costs are the server's.
 #[global_allocator]
@@ -96,8 +95,6 @@ fn request_path(c: &mut Criterion) {
         shutdown: tokio::sync::watch::channel(false).1,
         ui: false,
     };
-    let router = api::router(state.clone());
-    // The server's own path for a key: past the router, into the handler.
     let direct = api::service::<Body>(state);
     let get_request = || {
         Request::get("/v1/kv/users/42")
@@ -133,34 +130,22 @@ fn request_path(c: &mut Criterion) {
             .body(Body::from(batch_body.clone()))
             .expect("request")
     };
-    answers_ok(&rt, router.clone().oneshot(batch_request()));
-    c.bench_function("router: POST /v1/batch of 100 puts (no sync)", |b| {
+    answers_ok(&rt, direct.call(batch_request()));
+    c.bench_function("service: POST /v1/batch of 100 puts (no sync)", |b| {
         b.to_async(&rt).iter(|| async {
-            let response = router
-                .clone()
-                .oneshot(batch_request())
-                .await
-                .expect("response");
+            let response = direct.call(batch_request()).await.expect("response");
             black_box(axum::body::to_bytes(response.into_body(), usize::MAX).await)
-        });
-    });
-    c.bench_function("router: GET /v1/kv/users/42 (cache hit)", |b| {
-        b.to_async(&rt).iter(|| async {
-            let request = Request::get("/v1/kv/users/42")
-                .body(Body::empty())
-                .expect("request");
-            black_box(router.clone().oneshot(request).await.expect("response"))
         });
     });
     for limit in [1, 100] {
         c.bench_function(
-            &format!("router: GET /v1/kv?prefix=r/&limit={limit}"),
+            &format!("service: GET /v1/kv?prefix=r/&limit={limit}"),
             |b| {
                 b.to_async(&rt).iter(|| async {
                     let request = Request::get(format!("/v1/kv?prefix=r%2F&limit={limit}"))
                         .body(Body::empty())
                         .expect("request");
-                    let response = router.clone().oneshot(request).await.expect("response");
+                    let response = direct.call(request).await.expect("response");
                     // The body is part of the answer's cost: render it all.
                     black_box(axum::body::to_bytes(response.into_body(), usize::MAX).await)
                 });

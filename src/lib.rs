@@ -32,7 +32,7 @@
 //! Beside the public modules above, private ones:
 //!
 //! - `api`: the HTTP contract (routes, request parsing, limits, the error
-//!   shape); `api::router` lists every route, `api::types` is [`types`].
+//!   shape); `api::routes` lists every route, `api::types` is [`types`].
 //! - `resp`: the Redis protocol (RESP2 and RESP3) on the same store.
 //! - `storage` also holds, privately, the change records (`changes`), the
 //!   live feed watchers follow (`feed`), and the guard layer (storage timeout
@@ -145,7 +145,7 @@ pub mod fuzzing {
 #[cfg(feature = "internals")]
 pub mod internals {
     pub use crate::api::console::CONTENT_SECURITY_POLICY;
-    pub use crate::api::{AppState, EntryView, Observe, router, service};
+    pub use crate::api::{AppState, EntryView, Observe, service};
 }
 
 #[cfg(test)]

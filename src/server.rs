@@ -1,4 +1,4 @@
-//! The process lifecycle: accept connections, serve the router, drain on
+//! The process lifecycle: accept connections, serve the API, drain on
 //! shutdown, close the store.
 
 use std::future::Future;

@@ -3,7 +3,7 @@
 //! The token file (`--auth-file`, TOML, or JSON when its name ends in
 //! `.json`) lists tokens, each stored as the SHA-256 of the token (or, for
 //! development, as the plain token) with the key prefixes it may read and
-//! write. [`authenticate`] resolves the `Authorization: Bearer` header once
+//! write. [`admit`] resolves the `Authorization: Bearer` header once
 //! per request and puts the [`Access`] it grants in the request's extensions;
 //! handlers ask it about every key they touch.
 //!
@@ -18,9 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
@@ -307,7 +306,7 @@ impl Auth {
     }
 }
 
-/// What the request may do, put in its extensions by [`authenticate`].
+/// What the request may do, put in its extensions by [`admit`].
 #[derive(Debug, Clone)]
 pub(crate) enum Access {
     /// Auth is off: everything is allowed.
@@ -431,24 +430,13 @@ fn is_open_path(path: &str, auth: &Auth, ui: bool) -> bool {
         || (ui && (path == "/ui" || path.starts_with(super::console::ROOT)))
 }
 
-/// Resolves the token once per request and puts the [`Access`] it grants in
-/// the request's extensions; 401 `unauthenticated` without a known token.
-pub(crate) async fn authenticate(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    match admit(&state, &mut request) {
-        None => next.run(request).await,
-        Some(refusal) => refusal,
-    }
-}
-
-/// Gives `request` the access its token grants; or, when it has no known token
-/// and its path is not open, the 401 answer refusing it.
+/// Resolves the token once per request and gives `request` the [`Access`]
+/// it grants, in its extensions; or, when it has no known token and its path
+/// is not open, the 401 `unauthenticated` answer refusing it. With auth off
+/// it does nothing: [`access_of`] then answers open.
 pub(crate) fn admit(state: &AppState, request: &mut Request) -> Option<Response> {
     let access = match &state.auth {
-        None => Access::Open,
+        None => return None,
         Some(auth) => match bearer(request).and_then(|t| auth.resolve(t)) {
             Some(rights) => Access::Token(rights),
             None if is_open_path(request.uri().path(), auth, state.ui) => Access::Open,
@@ -471,10 +459,8 @@ pub(crate) fn admit(state: &AppState, request: &mut Request) -> Option<Response>
     None
 }
 
-/// The access of a request: open when the server has no token rules (the
-/// router then has no [`authenticate`] layer at all, which saves every request
-/// its cost), else what [`authenticate`] granted, refusing, never allowing,
-/// when it is missing.
+/// The access of a request: open when the server has no token rules, else
+/// what [`admit`] granted, refusing, never allowing, when it is missing.
 pub(crate) fn access_of(
     state: &AppState,
     extensions: &axum::http::Extensions,

@@ -12,13 +12,13 @@
 
 use std::sync::LazyLock;
 
-use axum::extract::Path;
-use axum::extract::rejection::PathRejection;
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use sha2::{Digest as _, Sha256};
 
 use super::error::ApiError;
+use super::request::percent_decode_strict;
 
 /// The path the console is served under.
 pub(crate) const ROOT: &str = "/ui/";
@@ -82,19 +82,17 @@ pub(crate) async fn redirect() -> Redirect {
 }
 
 /// `GET /ui/`: the console's page.
-pub(crate) async fn index(headers: HeaderMap) -> Response {
-    serve("index.html", &headers)
+pub(crate) async fn index(request: Request) -> Response {
+    serve("index.html", request.headers())
 }
 
 /// `GET /ui/{file}`: one of the console's files, or 404 in the API's error
 /// shape (a name that is not UTF-8 once decoded is no file's either).
-pub(crate) async fn file(
-    name: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-) -> Response {
-    match name {
-        Ok(Path(name)) => serve(&name, &headers),
-        Err(_) => ApiError::not_found("the console has no such file").into_response(),
+pub(crate) async fn file(request: Request) -> Response {
+    let name = request.uri().path().strip_prefix(ROOT).unwrap_or_default();
+    match percent_decode_strict(name, false) {
+        Some(name) => serve(&name, request.headers()),
+        None => ApiError::not_found("the console has no such file").into_response(),
     }
 }
 

@@ -570,14 +570,10 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> ApiResult {
     }
 }
 
-pub(crate) async fn no_route(request: Request) -> ApiError {
+pub(crate) fn no_route(request: &Request) -> ApiError {
     ApiError::not_found(format!(
         "no such endpoint: {} {}; see the API documentation",
         request.method(),
         request.uri().path()
     ))
-}
-
-pub(crate) async fn method_not_allowed() -> ApiError {
-    ApiError::method_not_allowed()
 }

@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics::SharedString;
 
 use super::AppState;
 use super::error::ApiError;
+use super::routes::Route;
 use crate::telemetry::Metrics;
 use crate::timing;
 
@@ -27,89 +27,51 @@ pub struct Observe {
     pub metrics: Option<Arc<Metrics>>,
 }
 
-/// The metric label of `/v1/kv/{key}`, whichever path answered it.
-pub(crate) const KEY_ROUTE: &str = "/v1/kv/{key}";
-
-/// Routes that wait for changes on purpose: never slow requests.
-const WATCH_ROUTE: &str = "/v1/watch";
-const CHANGES_ROUTE: &str = "/v1/changes";
-
 /// Longest key shown in the slow-request log.
 const LOGGED_KEY_CHARS: usize = 64;
-
-/// The route as a metric label: a fixed set, whatever the path.
-fn route_label(request: &Request) -> &'static str {
-    match request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str)
-    {
-        Some("/v1/kv/{*key}" | "/v1/kv/") => KEY_ROUTE,
-        Some("/v1/kv") => "/v1/kv",
-        Some("/v1/batch") => "/v1/batch",
-        Some("/v1/batch/get") => "/v1/batch/get",
-        Some("/v1/watch") => WATCH_ROUTE,
-        Some("/v1/changes") => CHANGES_ROUTE,
-        Some("/healthz") => "/healthz",
-        Some("/readyz") => "/readyz",
-        Some("/metrics") => "/metrics",
-        Some("/ui" | "/ui/" | "/ui/{file}") => "/ui",
-        _ => "unmatched",
-    }
-}
-
-pub(crate) async fn observe(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let route = route_label(&request);
-    let method = request.method().clone();
-    let uri = request.uri().clone();
-    observed(&state, route, &method, &uri, next.run(request)).await
-}
 
 /// Times `answer`, the answer to a request of `method` to `uri` on `route`,
 /// and counts and logs it.
 pub(crate) async fn observed(
     state: &AppState,
-    route: &'static str,
+    route: &Route,
     method: &Method,
     uri: &Uri,
     answer: impl Future<Output = Response>,
 ) -> Response {
     let start = Instant::now();
     let method = method_label(method);
+    let (label, waits) = (route.label, route.waits);
     let (response, timings) = timing::scope(answer).await;
     let elapsed = start.elapsed();
     let status = response.status();
     if state.observe.metrics.is_some() {
         metrics::counter!(
             "kvstore_http_requests_total",
-            "route" => route,
+            "route" => label,
             "method" => method,
             "status" => status_label(status)
         )
         .increment(1);
         metrics::histogram!(
             "kvstore_http_request_duration_seconds",
-            "route" => route,
+            "route" => label,
             "method" => method
         )
         .record(elapsed.as_secs_f64());
     }
     tracing::debug!(
         method = %method,
-        route,
+        route = label,
         key = logged_key(uri),
         status = status.as_u16(),
         micros = elapsed.as_micros() as u64,
         "request"
     );
-    if elapsed > state.observe.slow_request && !matches!(route, WATCH_ROUTE | CHANGES_ROUTE) {
+    if elapsed > state.observe.slow_request && !waits {
         tracing::warn!(
             method = %method,
-            route,
+            route = label,
             key = logged_key(uri),
             status = status.as_u16(),
             total_ms = millis(elapsed),

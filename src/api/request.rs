@@ -35,7 +35,7 @@ pub(crate) fn check_key(key: &str, limits: &Limits) -> Result<(), ApiError> {
 /// Strictly percent-decodes `raw` into UTF-8: every `%` must start a valid
 /// two-digit hex escape, and the bytes must be UTF-8. With `plus_is_space`,
 /// `+` means a space (query strings).
-fn percent_decode_strict(raw: &str, plus_is_space: bool) -> Option<String> {
+pub(crate) fn percent_decode_strict(raw: &str, plus_is_space: bool) -> Option<String> {
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -6,7 +6,6 @@ use crate::harness::{Backend, TestServer};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use std::sync::Arc;
 
 use crate::requests::*;
 use kvstore::client::Client;
@@ -916,61 +915,6 @@ async fn metrics_in_prometheus_text_format() {
         ] {
             assert!(text.contains(series), "missing {series} in:\n{text}");
         }
-    }
-}
-
-/// Every answer to `/v1/kv/{key}` without the router is the router's own:
-/// status, headers and body.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn direct_key_requests_answer_exactly_as_the_router_does() {
-    let server = TestServer::start().await;
-    put_text(&server.client, "plain", "hello").await;
-    put_text(&server.client, "a/b c", "spaced \"quoted\"").await;
-    put_raw(&server.client, "bin", vec![0u8, 159, 146, 150]).await;
-    let router = router_over(Arc::clone(&server.store), None);
-    let raw = [(header::ACCEPT, "application/octet-stream")];
-    let stale = [(header::IF_MATCH, "\"99\"")];
-    let text = [(header::CONTENT_TYPE, "text/plain")];
-    let cases: [(Method, &str, Headers, &'static str); 17] = [
-        (Method::GET, "/v1/kv/plain", &[], ""),
-        (Method::GET, "/v1/kv/plain?raw=1", &[], ""),
-        (Method::GET, "/v1/kv/plain", &raw, ""),
-        (Method::GET, "/v1/kv/a/b%20c", &[], ""),
-        (Method::GET, "/v1/kv/bin", &[], ""),
-        (Method::GET, "/v1/kv/bin?raw=true", &[], ""),
-        (Method::GET, "/v1/kv/missing", &[], ""),
-        (Method::GET, "/v1/kv/", &[], ""),
-        (Method::GET, "/v1/kv/%ff", &[], ""),
-        (Method::GET, "/v1/kv/plain?what=1", &[], ""),
-        // Writes that are refused change nothing, so both ways see the same.
-        (Method::PUT, "/v1/kv/plain", &[JSON], "{not json"),
-        (Method::PUT, "/v1/kv/plain", &text, "x"),
-        (Method::PUT, "/v1/kv/plain", &stale, "{\"value\":\"x\"}"),
-        (Method::PUT, "/v1/kv/", &[JSON], "{\"value\":\"x\"}"),
-        (Method::DELETE, "/v1/kv/missing", &[], ""),
-        (Method::DELETE, "/v1/kv/plain", &stale, ""),
-        (Method::DELETE, "/v1/kv/plain?x=1", &[], ""),
-    ];
-    for (method, path, headers, body) in cases {
-        let [direct, routed] =
-            direct_and_routed(&server.client, &router, method.clone(), [path; 2], headers, body).await;
-        assert_eq!(direct, routed, "{method} {path}");
-    }
-    // Writes that succeed, to a new key each way: the same answers but for
-    // the key and the revision.
-    let paths = ["/v1/kv/new-1", "/v1/kv/new-2"];
-    for method in [Method::PUT, Method::DELETE] {
-        let answers = direct_and_routed(&server.client, &router, method.clone(), paths, &[JSON], "{\"value\":\"v\"}")
-            .await;
-        let [direct, routed] = answers.map(|(status, headers, body)| {
-            let mut body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            if let Some(fields) = body.as_object_mut() {
-                fields.remove("key");
-                fields.remove("revision");
-            }
-            (status, headers, body)
-        });
-        assert_eq!(direct, routed, "{method} {paths:?}");
     }
 }
 

@@ -125,48 +125,6 @@ async fn no_or_unknown_token_is_401_and_probes_stay_open() {
     open.stop().await;
 }
 
-/// With tokens, requests to `/v1/kv/{key}` still skip the router; their
-/// refusals and answers must be the router's own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn direct_key_requests_are_authenticated_as_by_the_router() {
-    let security = security(false);
-    let auth = security.auth.clone();
-    let mut options = ClientOptions::default();
-    options.token = Some("admin-token".into());
-    let server = TestServer::start_secured(ServerConfig::default(), security, &options).await;
-    seed(&server.client, &[("users/1", "u1"), ("secret/x", "s")]).await;
-    let router = router_over(Arc::clone(&server.store), auth);
-    let anonymous = client_with(&server, None);
-    let app = [(header::AUTHORIZATION, "Bearer app-token")];
-    let reader = [(header::AUTHORIZATION, "Bearer reader-token")];
-    let stranger = [(header::AUTHORIZATION, "Bearer not-a-token")];
-    let basic = [(header::AUTHORIZATION, "Basic YWRtaW4tdG9rZW4=")];
-    let cases: [(Method, &str, Headers); 9] = [
-        (Method::GET, "/v1/kv/users/1", &[]),
-        (Method::GET, "/v1/kv/users/1", &stranger),
-        (Method::GET, "/v1/kv/users/1", &basic),
-        (Method::GET, "/v1/kv/users/1", &app),
-        (Method::GET, "/v1/kv/secret/x", &app),
-        (Method::GET, "/v1/kv/users/absent", &reader),
-        (Method::PUT, "/v1/kv/users/1", &reader),
-        (Method::DELETE, "/v1/kv/secret/x", &app),
-        (Method::DELETE, "/v1/kv/users/1", &[]),
-    ];
-    for (method, path, headers) in cases {
-        let [direct, routed] = direct_and_routed(
-            &anonymous,
-            &router,
-            method.clone(),
-            [path; 2],
-            headers,
-            "{\"value\":\"x\"}",
-        )
-        .await;
-        assert_eq!(direct, routed, "{method} {path} {headers:?}");
-    }
-    server.stop().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_keys_need_the_right_to_read_or_write_them() {
     let server = server(false).await;

@@ -5,9 +5,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
@@ -16,12 +14,7 @@ pub use hyper::header::{self, HeaderName};
 pub use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use kvstore::client::{Client, RawResponse};
-use kvstore::internals::{self as api, AppState, Observe};
-use kvstore::server::Auth;
-use kvstore::server::{CursorKey, Limits};
-use kvstore::storage::Store;
 pub use serde_json::{Map, Value, json};
-use tower::ServiceExt as _;
 
 pub type Headers<'a> = &'a [(HeaderName, &'a str)];
 
@@ -484,59 +477,4 @@ pub async fn walk(client: &Client, query: &str) -> Vec<Vec<String>> {
         }
         assert!(pages.len() < 10_000, "the walk does not end");
     }
-}
-
-/// A router over `store`, as a server with these token rules builds it.
-pub fn router_over(store: Arc<dyn Store>, auth: Option<Arc<Auth>>) -> axum::Router {
-    api::router(AppState {
-        store,
-        limits: Limits::default(),
-        observe: Observe {
-            request_timeout: Duration::from_secs(5),
-            slow_request: Duration::from_secs(1),
-            metrics: None,
-        },
-        auth,
-        cursor_key: CursorKey::random().expect("cursor key"),
-        shutdown: tokio::sync::watch::channel(false).1,
-        ui: true,
-    })
-}
-
-/// The same request sent to a server, which answers requests to
-/// `/v1/kv/{key}` without its router, at `paths[0]`, and to the router itself
-/// at `paths[1]`.
-pub async fn direct_and_routed(
-    client: &Client,
-    router: &axum::Router,
-    method: Method,
-    paths: [&str; 2],
-    headers: Headers<'_>,
-    body: &'static str,
-) -> [(StatusCode, hyper::HeaderMap, Bytes); 2] {
-    let direct = send(client, method.clone(), paths[0], headers, body).await;
-    let mut request = axum::http::Request::builder().method(method).uri(paths[1]);
-    for (name, value) in headers {
-        request = request.header(name, *value);
-    }
-    let routed = router
-        .clone()
-        .oneshot(request.body(axum::body::Body::from(body)).expect("request"))
-        .await
-        .expect("router");
-    let status = routed.status();
-    let routed_headers = routed.headers().clone();
-    let routed_body = axum::body::to_bytes(routed.into_body(), usize::MAX)
-        .await
-        .expect("body");
-    [
-        (direct.status, direct.headers, direct.body),
-        (status, routed_headers, routed_body),
-    ]
-    .map(|(status, mut headers, body)| {
-        // The connection adds these on the wire.
-        headers.remove(header::DATE);
-        headers.remove(header::CONTENT_LENGTH);
-        (status, headers, body)
-    })
 }
