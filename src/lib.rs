@@ -47,7 +47,8 @@
 //!   bench`), not part of the library.
 //!
 //! The `fuzzing` and `internals` features expose entry points for `fuzz/`,
-//! `benches/` and `tests/` (the parsers, the service without a listener):
+//! `benches/` and `tests/` (the parsers, the service without a listener,
+//! the embedded engine's commit hook and clock):
 //! they are not part of the library's API.
 
 /// An enum whose variants a flag names (`--durability fsync`): the list of

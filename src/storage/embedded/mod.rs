@@ -150,9 +150,11 @@ pub struct EmbeddedConfig {
     /// How much change history to keep for watchers.
     pub history: History,
     /// Called at every commit and sync (tests use it to prove ordering).
+    #[cfg(feature = "internals")]
     pub commit_hook: Option<CommitHook>,
     /// The clock deadlines are kept by; `None` is the wall clock. Tests set
     /// one they control.
+    #[cfg(feature = "internals")]
     pub clock: Option<Clock>,
 }
 
@@ -170,9 +172,20 @@ impl EmbeddedConfig {
             key_directory_bytes: 32 << 20,
             min_free: MinFree::default(),
             history: History::default(),
+            #[cfg(feature = "internals")]
             commit_hook: None,
+            #[cfg(feature = "internals")]
             clock: None,
         }
+    }
+
+    /// The commit hook and the clock: a test's (they are set only with the
+    /// `internals` feature), else none and the wall clock.
+    fn test_hooks(&self) -> (Option<CommitHook>, Option<Clock>) {
+        #[cfg(feature = "internals")]
+        return (self.commit_hook.clone(), self.clock.clone());
+        #[cfg(not(feature = "internals"))]
+        (None, None)
     }
 }
 
@@ -391,6 +404,7 @@ impl EmbeddedStore {
         crate::files::create_dir_all_durably(&config.path)?;
         let (engine, revision) = Engine::open(&config.path)?;
         let leases = Leases::load(&engine)?;
+        let (hook, clock) = config.test_hooks();
         let shared = Arc::new(Shared {
             engine: ArcSwapOption::from_pointee(engine),
             space: SpaceGuard::new(&config.path, config.min_free),
@@ -398,7 +412,7 @@ impl EmbeddedStore {
             failure: Mutex::new(None),
             committed_revision: AtomicU64::new(revision),
             closed: AtomicBool::new(false),
-            hook: config.commit_hook.clone(),
+            hook,
             feed: Feed::start(revision)?,
             history: config.history,
             writer: Mutex::new(Writer {
@@ -417,7 +431,7 @@ impl EmbeddedStore {
             quiet_before_inline_us: u64::try_from(config.quiet_before_inline.as_micros())
                 .unwrap_or(u64::MAX),
             leases,
-            clock: config.clock.clone(),
+            clock,
         });
 
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
