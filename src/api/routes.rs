@@ -21,9 +21,7 @@ use axum::response::{IntoResponse, Response};
 use super::error::ApiError;
 use super::{AppState, auth, console, handlers, leases, observe, watch};
 
-/// A handler's answer. Boxed, so that the future hyper keeps on every
-/// connection stays small whichever handler runs (inline, the key route's
-/// made every connection, and every open watch, 8 KiB larger).
+/// A handler's answer, boxed so that every handler's has one type.
 type Answer = Pin<Box<dyn Future<Output = Response> + Send>>;
 
 type Handler = fn(AppState, Request) -> Answer;
