@@ -2,6 +2,7 @@
 //! shape. [`router`] is the only place routes are listed.
 
 pub(crate) mod auth;
+mod consistency;
 pub(crate) mod console;
 mod cursor;
 pub(crate) mod error;
