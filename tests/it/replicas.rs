@@ -114,7 +114,12 @@ impl Server {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// Stops the server (immediately, as a crash would), unless it is
+    /// stopped already.
     fn stop(&self) {
+        if !self.data.join("postmaster.pid").exists() {
+            return;
+        }
         let data = self.data.display().to_string();
         if let Err(err) = as_postgres(
             &self.bin,
