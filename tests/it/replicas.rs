@@ -392,6 +392,13 @@ async fn replica_reads_lag_and_revision_tokens() {
     }
     let page = expect_json(&get(client, "/v1/kv?prefix=a").await, StatusCode::OK);
     assert_eq!(page["items"][0]["value"], "two");
+    // A key the replica has not replayed: its 404 says who answered.
+    put_text(client, "new", "x").await;
+    let missing = read(client, Method::GET, "/v1/kv/new?consistency=replica", None).await;
+    let error = expect_error(&missing, StatusCode::NOT_FOUND, "not_found");
+    assert_eq!(error["served_by"], "replica");
+    let found = expect_json(&get(client, "/v1/kv/new").await, StatusCode::OK);
+    assert_eq!(found["value"], "x");
 
     // A revision token above the replica's revision: served by the primary.
     let response = read(
