@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 D=${1:-20s}
-BIN=$PWD/target/release/kvstore
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/kvstore
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 DIR=$(mktemp -d)
 chown postgres: "$DIR"
@@ -64,10 +64,12 @@ sample() {
 sample >"$DIR/samples" &
 SAMPLER=$!
 "$BIN" bench write --url "$KVSTORE_URL" --records 20000 --duration "$D" --concurrency 16 |
-  grep -iE 'ops/s|throughput|write' | head -n 3
+  grep -E '^(operation|update|write|put) '
 kill "$SAMPLER"
 summary() {
-  sort -g | awk '{v[NR]=$1} END{printf "median %s, p99 %s, max %s (%d samples)\n", v[int((NR+1)/2)], v[int(NR*0.99)>0?int(NR*0.99):1], v[NR], NR}'
+  sort -g | awk '{v[NR] = $1}
+    END {p99 = int(NR * 0.99); if (p99 < 1) p99 = 1
+         printf "median %s, p99 %s, max %s (%d samples)\n", v[int((NR + 1) / 2)], v[p99], v[NR], NR}'
 }
 echo "lag, seconds:   $(cut -d' ' -f1 "$DIR/samples" | summary)"
 echo "lag, revisions: $(cut -d' ' -f2 "$DIR/samples" | summary)"
