@@ -398,144 +398,6 @@ impl Shared {
     }
 }
 
-/// The reads, on the primary or on a replica (`from`): the same statements.
-impl Shared {
-    async fn get_on<C: Connections>(&self, from: &C, key: &[u8]) -> StoreResult<Option<Entry>> {
-        let (run, sql) = (&self.run, &self.sql.get);
-        let rows = Self::read_on(from, |client| async move {
-            run.query(&client, sql, &[(&key, Type::BYTEA)]).await
-        })
-        .await?;
-        rows.first()
-            .map(|row| row_entry(key.to_vec(), row, 0))
-            .transpose()
-    }
-
-    async fn get_many_on<C: Connections>(&self, from: &C, keys: &[Vec<u8>]) -> StoreResult<Found> {
-        let (run, sql) = (&self.run, &self.sql.get_many);
-        let (rows, revision) = Self::read_at(from, |client| async move {
-            run.query(&client, sql, &[(&keys, Type::BYTEA_ARRAY)]).await
-        })
-        .await?;
-        let mut found = std::collections::HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let key: Vec<u8> = column(row, 0)?;
-            let entry = row_entry(key.clone(), row, 1)?;
-            found.insert(key, entry);
-        }
-        Ok(Found {
-            entries: keys.iter().map(|k| found.get(k).cloned()).collect(),
-            revision,
-        })
-    }
-
-    async fn scan_on<C: Connections>(
-        &self,
-        from: &C,
-        request: &ScanRequest,
-    ) -> StoreResult<ScanPage> {
-        let sql = self.scan_sql(request);
-        let limit = i64::try_from(request.limit.saturating_add(1)).unwrap_or(i64::MAX);
-        let max_bytes = i64::try_from(request.max_value_bytes).unwrap_or(i64::MAX);
-        let keys_only = request.keys_only;
-        let mut bounds: Vec<&[u8]> = Vec::new();
-        for bound in [&request.lower, &request.upper] {
-            if let Bound::Included(k) | Bound::Excluded(k) = bound {
-                bounds.push(k);
-            }
-        }
-        let (run, sql, bounds) = (&self.run, &sql, &bounds);
-        let (rows, revision) = Self::read_at(from, |client| async move {
-            let mut params: Vec<Param<'_>> = vec![
-                (&limit, Type::INT8),
-                (&keys_only, Type::BOOL),
-                (&max_bytes, Type::INT8),
-            ];
-            for bound in bounds {
-                params.push((bound, Type::BYTEA));
-            }
-            run.query(&client, sql, &params).await
-        })
-        .await?;
-        let mut entries = Vec::with_capacity(rows.len().min(request.limit));
-        for row in &rows {
-            if entries.len() == request.limit {
-                return Ok(ScanPage {
-                    entries,
-                    more: true,
-                    revision,
-                });
-            }
-            let running: i64 = column(row, 8)?;
-            if !entries.is_empty()
-                && !request.keys_only
-                && usize::try_from(running).unwrap_or(usize::MAX) > request.max_value_bytes
-            {
-                return Ok(ScanPage {
-                    entries,
-                    more: true,
-                    revision,
-                });
-            }
-            let key: Vec<u8> = column(row, 0)?;
-            entries.push(row_entry(key, row, 1)?);
-        }
-        Ok(ScanPage {
-            entries,
-            more: false,
-            revision,
-        })
-    }
-
-    fn scan_sql(&self, request: &ScanRequest) -> String {
-        let mut filters = Vec::new();
-        let mut n = 3;
-        for (bound, above) in [(&request.lower, true), (&request.upper, false)] {
-            let op = match (bound, above) {
-                (Bound::Included(_), true) => ">=",
-                (Bound::Excluded(_), true) => ">",
-                (Bound::Included(_), false) => "<=",
-                (Bound::Excluded(_), false) => "<",
-                (Bound::Unbounded, _) => continue,
-            };
-            n += 1;
-            filters.push(format!("AND e.key {op} ${n}"));
-        }
-        let filter = filters.join(" ");
-        let order = if request.reverse { "DESC" } else { "ASC" };
-        // $1 limit (one more than the page, to know whether more follow),
-        // $2 keys only, $3 the page's value bytes. The running sum lets the
-        // database leave out the values of rows the page will not return.
-        let rows = format!(
-            "SELECT key, CASE WHEN $2 OR (running > $3 AND n > 1) THEN NULL ELSE value END,
-                    version, revision, created_at_us, updated_at_us, expires_at_us, lease,
-                    running, n
-             FROM (
-                SELECT e.key, {ENTRY_COLUMNS},
-                       (sum(octet_length(e.value)) OVER w)::int8 AS running,
-                       row_number() OVER w AS n
-                FROM {live} {filter}
-                WINDOW w AS (ORDER BY e.key {order} ROWS UNBOUNDED PRECEDING)
-                ORDER BY e.key {order}
-                LIMIT $1
-             ) page",
-            live = self.sql.live_entries()
-        );
-        self.sql.at_revision(&rows, "ORDER BY page.n")
-    }
-}
-
-/// Where a read gets its connection: the primary's pool, or a replica's.
-trait Connections: Sync {
-    fn connection(&self) -> impl Future<Output = StoreResult<deadpool_postgres::Object>> + Send;
-}
-
-impl Connections for Shared {
-    async fn connection(&self) -> StoreResult<deadpool_postgres::Object> {
-        self.client().await
-    }
-}
-
 impl PostgresStore {
     async fn put_one(
         &self,
@@ -965,5 +827,143 @@ impl Store for PostgresStore {
             self.shared.config.schema,
             self.shared.config.pool_size
         )
+    }
+}
+
+/// The reads, on the primary or on a replica (`from`): the same statements.
+impl Shared {
+    async fn get_on<C: Connections>(&self, from: &C, key: &[u8]) -> StoreResult<Option<Entry>> {
+        let (run, sql) = (&self.run, &self.sql.get);
+        let rows = Self::read_on(from, |client| async move {
+            run.query(&client, sql, &[(&key, Type::BYTEA)]).await
+        })
+        .await?;
+        rows.first()
+            .map(|row| row_entry(key.to_vec(), row, 0))
+            .transpose()
+    }
+
+    async fn get_many_on<C: Connections>(&self, from: &C, keys: &[Vec<u8>]) -> StoreResult<Found> {
+        let (run, sql) = (&self.run, &self.sql.get_many);
+        let (rows, revision) = Self::read_at(from, |client| async move {
+            run.query(&client, sql, &[(&keys, Type::BYTEA_ARRAY)]).await
+        })
+        .await?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let key: Vec<u8> = column(row, 0)?;
+            let entry = row_entry(key.clone(), row, 1)?;
+            found.insert(key, entry);
+        }
+        Ok(Found {
+            entries: keys.iter().map(|k| found.get(k).cloned()).collect(),
+            revision,
+        })
+    }
+
+    async fn scan_on<C: Connections>(
+        &self,
+        from: &C,
+        request: &ScanRequest,
+    ) -> StoreResult<ScanPage> {
+        let sql = self.scan_sql(request);
+        let limit = i64::try_from(request.limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let max_bytes = i64::try_from(request.max_value_bytes).unwrap_or(i64::MAX);
+        let keys_only = request.keys_only;
+        let mut bounds: Vec<&[u8]> = Vec::new();
+        for bound in [&request.lower, &request.upper] {
+            if let Bound::Included(k) | Bound::Excluded(k) = bound {
+                bounds.push(k);
+            }
+        }
+        let (run, sql, bounds) = (&self.run, &sql, &bounds);
+        let (rows, revision) = Self::read_at(from, |client| async move {
+            let mut params: Vec<Param<'_>> = vec![
+                (&limit, Type::INT8),
+                (&keys_only, Type::BOOL),
+                (&max_bytes, Type::INT8),
+            ];
+            for bound in bounds {
+                params.push((bound, Type::BYTEA));
+            }
+            run.query(&client, sql, &params).await
+        })
+        .await?;
+        let mut entries = Vec::with_capacity(rows.len().min(request.limit));
+        for row in &rows {
+            if entries.len() == request.limit {
+                return Ok(ScanPage {
+                    entries,
+                    more: true,
+                    revision,
+                });
+            }
+            let running: i64 = column(row, 8)?;
+            if !entries.is_empty()
+                && !request.keys_only
+                && usize::try_from(running).unwrap_or(usize::MAX) > request.max_value_bytes
+            {
+                return Ok(ScanPage {
+                    entries,
+                    more: true,
+                    revision,
+                });
+            }
+            let key: Vec<u8> = column(row, 0)?;
+            entries.push(row_entry(key, row, 1)?);
+        }
+        Ok(ScanPage {
+            entries,
+            more: false,
+            revision,
+        })
+    }
+
+    fn scan_sql(&self, request: &ScanRequest) -> String {
+        let mut filters = Vec::new();
+        let mut n = 3;
+        for (bound, above) in [(&request.lower, true), (&request.upper, false)] {
+            let op = match (bound, above) {
+                (Bound::Included(_), true) => ">=",
+                (Bound::Excluded(_), true) => ">",
+                (Bound::Included(_), false) => "<=",
+                (Bound::Excluded(_), false) => "<",
+                (Bound::Unbounded, _) => continue,
+            };
+            n += 1;
+            filters.push(format!("AND e.key {op} ${n}"));
+        }
+        let filter = filters.join(" ");
+        let order = if request.reverse { "DESC" } else { "ASC" };
+        // $1 limit (one more than the page, to know whether more follow),
+        // $2 keys only, $3 the page's value bytes. The running sum lets the
+        // database leave out the values of rows the page will not return.
+        let rows = format!(
+            "SELECT key, CASE WHEN $2 OR (running > $3 AND n > 1) THEN NULL ELSE value END,
+                    version, revision, created_at_us, updated_at_us, expires_at_us, lease,
+                    running, n
+             FROM (
+                SELECT e.key, {ENTRY_COLUMNS},
+                       (sum(octet_length(e.value)) OVER w)::int8 AS running,
+                       row_number() OVER w AS n
+                FROM {live} {filter}
+                WINDOW w AS (ORDER BY e.key {order} ROWS UNBOUNDED PRECEDING)
+                ORDER BY e.key {order}
+                LIMIT $1
+             ) page",
+            live = self.sql.live_entries()
+        );
+        self.sql.at_revision(&rows, "ORDER BY page.n")
+    }
+}
+
+/// Where a read gets its connection: the primary's pool, or a replica's.
+trait Connections: Sync {
+    fn connection(&self) -> impl Future<Output = StoreResult<deadpool_postgres::Object>> + Send;
+}
+
+impl Connections for Shared {
+    async fn connection(&self) -> StoreResult<deadpool_postgres::Object> {
+        self.client().await
     }
 }

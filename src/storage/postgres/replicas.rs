@@ -30,7 +30,7 @@ use super::connect::Connector;
 use super::errors::map_pool;
 use super::rows::{column, first_row, to_u64};
 use super::{Connections, Shared, build_pool};
-use crate::error::StoreResult;
+use crate::error::{StoreError, StoreResult};
 use crate::storage::{Entry, Found, ReplicaReads, ScanPage, ScanRequest};
 
 /// How often each replica's revision and lag are read.
@@ -164,7 +164,7 @@ impl Replicas {
                 // A replica that hangs: its connections would hold reads
                 // until TCP gives up on them.
                 replica.connector.condemn_all();
-                Err(crate::error::StoreError::Unavailable(
+                Err(StoreError::Unavailable(
                     "the replica did not answer in time".into(),
                 ))
             }
