@@ -343,3 +343,38 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     .await
     .map_err(|e| format!("shutdown: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ServeArgs;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn replica_urls_repeat_and_split_on_commas() {
+        let parsed = Serve::try_parse_from([
+            "serve",
+            "--postgres-replica-url",
+            "postgres://kv@db2/kv",
+            "--postgres-replica-url",
+            "postgres://kv@db3/kv,postgres://kv@db4/kv",
+        ])
+        .unwrap();
+        assert_eq!(
+            parsed.args.postgres_replica_urls,
+            [
+                "postgres://kv@db2/kv",
+                "postgres://kv@db3/kv",
+                "postgres://kv@db4/kv"
+            ]
+        );
+        let none = Serve::try_parse_from(["serve"]).unwrap();
+        assert!(none.args.postgres_replica_urls.is_empty());
+    }
+}
