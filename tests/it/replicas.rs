@@ -110,6 +110,28 @@ impl Server {
         Ok(server)
     }
 
+    /// Sends `signal` to the server's postmaster and every process it
+    /// started (SIGSTOP: a frozen machine, whose connections hang).
+    fn signal_all(&self, signal: libc::c_int) {
+        let pid = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
+            .expect("the postmaster's pid");
+        let children = Command::new("pgrep")
+            .args(["-P", &pid.to_string()])
+            .output()
+            .expect("pgrep");
+        let mut pids = vec![pid];
+        pids.extend(
+            String::from_utf8_lossy(&children.stdout)
+                .lines()
+                .filter_map(|line| line.trim().parse::<u32>().ok()),
+        );
+        for pid in pids {
+            let _ = crate::harness::send_signal(pid, signal);
+        }
+    }
+
     fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
@@ -134,6 +156,16 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Thaws a server frozen with SIGSTOP when dropped, also when the test
+/// fails (a frozen server would not stop).
+struct Thaw<'a>(&'a Server);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        self.0.signal_all(libc::SIGCONT);
     }
 }
 
@@ -496,6 +528,36 @@ async fn a_replica_that_is_down_leaves_its_reads_to_the_primary() {
     let written = put_text(client, "k", "v").await["revision"]
         .as_u64()
         .expect("revision");
+    until_replayed(client, "k", written);
+
+    // A frozen replica (its connections hang): reads that opted in are
+    // answered by the primary once the replica's read runs out of time
+    // (the connect timeout, 2 s here), and the probe takes it out.
+    cluster.replica.signal_all(libc::SIGSTOP);
+    let thaw = Thaw(&cluster.replica);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let response = read(client, Method::GET, "/v1/kv/k?consistency=replica", None).await;
+        assert_eq!(served_by(&response), "primary");
+        assert_eq!(response.status, StatusCode::OK);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    poll_until(
+        Duration::from_secs(10),
+        "the frozen replica to be down",
+        || {
+            let up = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current()
+                    .block_on(metric(client, "kvstore_postgres_replica_up"))
+            });
+            up == Some(0.0)
+        },
+    );
+    drop(thaw);
     until_replayed(client, "k", written);
 
     cluster.replica.stop();
