@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::auth::{self, access_of};
+use super::consistency::{READ_PARAMS, ReadFrom};
 use super::cursor::CursorScope;
 use super::error::ApiError;
 use super::leases;
@@ -86,13 +87,21 @@ fn wants_raw(query: &Query, headers: &HeaderMap) -> Result<bool, ApiError> {
 pub(crate) async fn get_key(State(state): State<AppState>, request: Request) -> ApiResult {
     let key = key_from_path(request.uri().path(), &state.limits)?;
     access_of(&state, request.extensions())?.check_read(&key, "")?;
-    let query = Query::parse(request.uri().query(), &["raw"])?;
+    let query = Query::parse(
+        request.uri().query(),
+        &["raw", READ_PARAMS[0], READ_PARAMS[1]],
+    )?;
     let raw = wants_raw(&query, request.headers())?;
-    let entry = state
-        .store
-        .get(&key)
-        .await?
-        .ok_or_else(|| ApiError::not_found("the key does not exist"))?;
+    let read_from = ReadFrom::parse(&query)?;
+    let from_replica = match read_from.replicas(&state) {
+        Some((replicas, min_revision)) => replicas.get(&key, min_revision).await,
+        None => None,
+    };
+    let (entry, served) = read_from
+        .or_primary(from_replica, state.store.get(&key))
+        .await?;
+    let entry =
+        entry.ok_or_else(|| served.mark_error(ApiError::not_found("the key does not exist")))?;
     let version = entry.version;
     let response = if raw {
         let mut response = (StatusCode::OK, entry.value).into_response();
@@ -104,7 +113,7 @@ pub(crate) async fn get_key(State(state): State<AppState>, request: Request) -> 
     } else {
         json_response(StatusCode::OK, &EntryView::new(&entry, false))?
     };
-    Ok(with_etag(response, version))
+    Ok(served.mark(with_etag(response, version)))
 }
 
 pub(crate) async fn put_key(State(state): State<AppState>, request: Request) -> ApiResult {
@@ -267,8 +276,11 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
             "cursor",
             "keys_only",
             "reverse",
+            READ_PARAMS[0],
+            READ_PARAMS[1],
         ],
     )?;
+    let read_from = ReadFrom::parse(&query)?;
     let (start, end, prefix) = range_params(&query, &state)?;
     let limit = page_limit(&query, DEFAULT_PAGE_LIMIT)?;
     let keys_only = query.flag("keys_only")?;
@@ -316,16 +328,20 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
         ),
         None => (auth::lower_bound(low), auth::upper_bound(high)),
     };
-    let page = state
-        .store
-        .scan(ScanRequest {
-            lower,
-            upper,
-            reverse,
-            limit,
-            keys_only,
-            max_value_bytes: MAX_PAGE_VALUE_BYTES,
-        })
+    let scan = ScanRequest {
+        lower,
+        upper,
+        reverse,
+        limit,
+        keys_only,
+        max_value_bytes: MAX_PAGE_VALUE_BYTES,
+    };
+    let from_replica = match read_from.replicas(&state) {
+        Some((replicas, min_revision)) => replicas.scan(&scan, min_revision).await,
+        None => None,
+    };
+    let (page, served) = read_from
+        .or_primary(from_replica, state.store.scan(scan))
         .await?;
     let next_cursor = match page.entries.last() {
         Some(last) if page.more => Some(scope.encode(&state.cursor_key, &last.key)),
@@ -346,18 +362,21 @@ pub(crate) async fn list(State(state): State<AppState>, request: Request) -> Api
         },
         capacity,
     )
+    .map(|response| served.mark(response))
 }
 
-/// Reads and parses a JSON body of one of the POST endpoints.
+/// Reads and parses a JSON body of one of the POST endpoints, and its
+/// query parameters, of which it takes `known`.
 async fn json_body<T: serde::de::DeserializeOwned>(
     request: Request,
     state: &AppState,
-) -> Result<T, ApiError> {
+    known: &[&str],
+) -> Result<(T, Query), ApiError> {
     let (parts, body) = request.into_parts();
-    Query::parse(parts.uri.query(), &[])?;
+    let query = Query::parse(parts.uri.query(), known)?;
     body_kind(&parts.headers, false)?;
     let body = read_body(&parts.headers, body, state).await?;
-    parse_json(&body)
+    Ok((parse_json(&body)?, query))
 }
 
 /// The value and expiry of a JSON `PUT` body.
@@ -448,7 +467,7 @@ pub(crate) fn batch_ops(request: BatchRequest, limits: &Limits) -> Result<Vec<Wr
 
 pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> ApiResult {
     let access = access_of(&state, request.extensions())?;
-    let body: BatchRequest = json_body(request, &state).await?;
+    let (body, _): (BatchRequest, _) = json_body(request, &state, &[]).await?;
     let ops = batch_ops(body, &state.limits)?;
     // All or nothing here too: one forbidden op refuses the whole batch.
     for (index, op) in ops.iter().enumerate() {
@@ -502,7 +521,8 @@ pub(crate) async fn batch(State(state): State<AppState>, request: Request) -> Ap
 
 pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -> ApiResult {
     let access = access_of(&state, request.extensions())?;
-    let body: BatchGetRequest = json_body(request, &state).await?;
+    let (body, query): (BatchGetRequest, _) = json_body(request, &state, &READ_PARAMS).await?;
+    let read_from = ReadFrom::parse(&query)?;
     check_batch_get(&body, &state.limits)?;
     for (index, key) in body.keys.iter().enumerate() {
         access
@@ -510,7 +530,13 @@ pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -
             .map_err(|err| err.with_detail("index", json!(index)))?;
     }
     let keys: Vec<Vec<u8>> = body.keys.iter().map(|k| k.as_bytes().to_vec()).collect();
-    let found = state.store.get_many(keys).await?;
+    let from_replica = match read_from.replicas(&state) {
+        Some((replicas, min_revision)) => replicas.get_many(&keys, min_revision).await,
+        None => None,
+    };
+    let (found, served) = read_from
+        .or_primary(from_replica, state.store.get_many(keys))
+        .await?;
     let mut items = Vec::with_capacity(found.entries.len());
     let mut missing = Vec::new();
     for (key, entry) in body.keys.into_iter().zip(&found.entries) {
@@ -529,6 +555,7 @@ pub(crate) async fn batch_get(State(state): State<AppState>, request: Request) -
         },
         capacity,
     )
+    .map(|response| served.mark(response))
 }
 
 /// About how many bytes of JSON a page of entries renders to, with the

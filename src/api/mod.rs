@@ -2,6 +2,7 @@
 //! shape. [`routes`] lists every route and answers every request.
 
 pub(crate) mod auth;
+mod consistency;
 pub(crate) mod console;
 mod cursor;
 pub(crate) mod error;

@@ -59,7 +59,7 @@ fn watched_range(query: &Query, state: &AppState, request: &Request) -> Result<K
 }
 
 /// A revision parameter: a whole number.
-fn revision_param(query: &Query, name: &str) -> Result<Option<u64>, ApiError> {
+pub(crate) fn revision_param(query: &Query, name: &str) -> Result<Option<u64>, ApiError> {
     query
         .get(name)
         .map(|text| {

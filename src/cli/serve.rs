@@ -88,6 +88,16 @@ pub(crate) struct ServeArgs {
         required_if_eq("postgres_pooler", "transaction")
     )]
     postgres_listen_url: Option<String>,
+    /// A read replica (a streaming standby of the primary) that reads may
+    /// opt into with `?consistency=replica`; repeat the flag for more. In
+    /// the environment, a comma-separated list.
+    #[arg(
+        long = "postgres-replica-url",
+        env = "KVSTORE_POSTGRES_REPLICA_URL",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    postgres_replica_urls: Vec<String>,
     /// PostgreSQL schema of kvstore's table and sequence; created if missing.
     #[arg(long, env = "KVSTORE_POSTGRES_SCHEMA", default_value = "public")]
     postgres_schema: String,
@@ -238,6 +248,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             config.schema.clone_from(&args.postgres_schema);
             config.pooler = args.postgres_pooler;
             config.listen_url.clone_from(&args.postgres_listen_url);
+            config.replica_urls.clone_from(&args.postgres_replica_urls);
             config.history = history;
             stack::Backend::Postgres(config)
         }
@@ -326,4 +337,39 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     server::run_all(listener, resp, store, config, security, stop)
         .await
         .map_err(|e| format!("shutdown: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ServeArgs;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn replica_urls_repeat_and_split_on_commas() {
+        let parsed = Serve::try_parse_from([
+            "serve",
+            "--postgres-replica-url",
+            "postgres://kv@db2/kv",
+            "--postgres-replica-url",
+            "postgres://kv@db3/kv,postgres://kv@db4/kv",
+        ])
+        .unwrap();
+        assert_eq!(
+            parsed.args.postgres_replica_urls,
+            [
+                "postgres://kv@db2/kv",
+                "postgres://kv@db3/kv",
+                "postgres://kv@db4/kv"
+            ]
+        );
+        let none = Serve::try_parse_from(["serve"]).unwrap();
+        assert!(none.args.postgres_replica_urls.is_empty());
+    }
 }

@@ -440,6 +440,32 @@ pub trait Store: Send + Sync {
         layer::cache::CacheMode::Off
     }
 
+    /// The read replicas that reads may opt into; `None` when the backend
+    /// has none (the embedded engine, PostgreSQL without replicas). Layers
+    /// hand out their engine's, so that what a replica serves never enters
+    /// a cache (which holds only what the primary serves, never stale).
+    fn replicas(&self) -> Option<Arc<dyn ReplicaReads>> {
+        None
+    }
+
     /// A short name for logs.
     fn describe(&self) -> String;
+}
+
+/// Reads served by a read replica, which may lag the primary. Each gives
+/// `None` when no replica can serve it: none is up, none has replayed
+/// `min_revision` yet, or the one asked failed (each counted in the
+/// metrics); the caller then reads from the [`Store`] as usual.
+#[async_trait]
+pub trait ReplicaReads: Send + Sync {
+    /// [`Store::get`] on a replica that holds `min_revision`.
+    async fn get(&self, key: &[u8], min_revision: u64) -> Option<Option<Entry>>;
+
+    /// [`Store::get_many`] on a replica that holds `min_revision`; the
+    /// revision is the replica's.
+    async fn get_many(&self, keys: &[Vec<u8>], min_revision: u64) -> Option<Found>;
+
+    /// [`Store::scan`] on a replica that holds `min_revision`; the revision
+    /// is the replica's.
+    async fn scan(&self, request: &ScanRequest, min_revision: u64) -> Option<ScanPage>;
 }

@@ -41,6 +41,7 @@ mod model;
 mod multi_server;
 mod ops;
 mod postgres;
+mod replicas;
 mod resp;
 mod robustness;
 mod tls;

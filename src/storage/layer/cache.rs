@@ -42,8 +42,8 @@ use quick_cache::Weighter;
 
 use crate::error::StoreResult;
 use crate::storage::{
-    Change, Entry, Feed, Found, Lease, LeaseId, OpResult, Revoked, ScanPage, ScanRequest, Store,
-    WriteOp, WriteOutcome,
+    Change, Entry, Feed, Found, Lease, LeaseId, OpResult, ReplicaReads, Revoked, ScanPage,
+    ScanRequest, Store, WriteOp, WriteOutcome,
 };
 
 /// A write's keys, each with its value when it may be cached.
@@ -538,6 +538,10 @@ impl Store for CachedStore {
 
     async fn close(&self) -> StoreResult<()> {
         self.inner.close().await
+    }
+
+    fn replicas(&self) -> Option<Arc<dyn ReplicaReads>> {
+        self.inner.replicas()
     }
 
     fn cache_mode(&self) -> CacheMode {

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 
 use crate::error::{StoreError, StoreResult};
 use crate::storage::{
-    Change, Entry, Feed, Found, Lease, LeaseId, Revoked, ScanPage, ScanRequest, Store, WriteOp,
-    WriteOutcome,
+    Change, Entry, Feed, Found, Lease, LeaseId, ReplicaReads, Revoked, ScanPage, ScanRequest,
+    Store, WriteOp, WriteOutcome,
 };
 use crate::timing;
 
@@ -138,6 +138,10 @@ impl Store for GuardedStore {
 
     fn report_metrics(&self) {
         self.inner.report_metrics();
+    }
+
+    fn replicas(&self) -> Option<Arc<dyn ReplicaReads>> {
+        self.inner.replicas()
     }
 
     fn describe(&self) -> String {

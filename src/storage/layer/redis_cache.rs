@@ -32,8 +32,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::error::StoreResult;
 use crate::storage::layer::cache::CacheMode;
 use crate::storage::{
-    Change, Entry, Feed, Found, Lease, LeaseId, Revoked, ScanPage, ScanRequest, Store, WriteOp,
-    WriteOutcome,
+    Change, Entry, Feed, Found, Lease, LeaseId, ReplicaReads, Revoked, ScanPage, ScanRequest,
+    Store, WriteOp, WriteOutcome,
 };
 
 /// After a failure, Redis is left alone this long before it is tried again,
@@ -572,6 +572,10 @@ impl Store for RedisCachedStore {
 
     fn cache_mode(&self) -> CacheMode {
         CacheMode::Redis
+    }
+
+    fn replicas(&self) -> Option<Arc<dyn ReplicaReads>> {
+        self.inner.replicas()
     }
 
     fn report_metrics(&self) {

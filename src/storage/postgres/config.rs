@@ -37,6 +37,9 @@ pub struct PostgresConfig {
     /// A direct connection for LISTEN, needed behind a pooler in transaction
     /// mode (see [`Pooler::Transaction`]); `url` when unset.
     pub listen_url: Option<String>,
+    /// Read replicas (streaming standbys of the primary), one URL each, that
+    /// reads may opt into (see `replicas.rs`); none by default.
+    pub replica_urls: Vec<String>,
 }
 
 named_enum! {
@@ -73,6 +76,14 @@ impl std::fmt::Debug for PostgresConfig {
             .field("history", &self.history)
             .field("pooler", &self.pooler)
             .field("listen_url", &self.listen_url.as_deref().map(redact))
+            .field(
+                "replica_urls",
+                &self
+                    .replica_urls
+                    .iter()
+                    .map(|u| redact(u))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -92,6 +103,7 @@ impl PostgresConfig {
             history: History::default(),
             pooler: Pooler::None,
             listen_url: None,
+            replica_urls: Vec::new(),
         }
     }
 
@@ -130,6 +142,16 @@ impl PostgresConfig {
             config.options(options.join(" ").trim_start());
         }
         Ok(config)
+    }
+
+    /// The connection settings of the connections to the replica at `url`:
+    /// the primary's, but for the URL.
+    pub(super) fn replica_config(&self, url: &str) -> StoreResult<tokio_postgres::Config> {
+        PostgresConfig {
+            url: url.to_owned(),
+            ..self.clone()
+        }
+        .pg_config()
     }
 
     /// The connection settings of the connections that LISTEN: direct ones

@@ -77,6 +77,21 @@ impl Connector {
     /// One attempt per host of `config`, each at most `timeout`; every
     /// session must accept writes.
     pub(super) fn new(config: &Config, timeout: Duration) -> StoreResult<Self> {
+        Self::with_sessions(config, timeout, TargetSessionAttrs::ReadWrite)
+    }
+
+    /// One attempt per host of a read replica's `config`, each at most
+    /// `timeout`: any session will do (a standby refuses writes, and one
+    /// promoted since serves reads as well).
+    pub(super) fn for_replica(config: &Config, timeout: Duration) -> StoreResult<Self> {
+        Self::with_sessions(config, timeout, TargetSessionAttrs::Any)
+    }
+
+    fn with_sessions(
+        config: &Config,
+        timeout: Duration,
+        sessions: TargetSessionAttrs,
+    ) -> StoreResult<Self> {
         let count = config.get_hosts().len().max(config.get_hostaddrs().len());
         if count == 0 {
             return Err(StoreError::Unavailable(
@@ -85,7 +100,7 @@ impl Connector {
         }
         let hosts = (0..count)
             .map(|i| Node {
-                config: only_host(config, i),
+                config: only_host(config, i, sessions),
                 condemned: watch::Sender::new(0),
                 suspect_since: Mutex::new(None),
             })
@@ -140,6 +155,22 @@ impl Connector {
             self.suspect(host);
             node.condemned.send_modify(|generation| *generation += 1);
         }
+    }
+
+    /// Ends every connection to every host.
+    pub(super) fn condemn_all(&self) {
+        for host in 0..self.hosts.len() {
+            self.condemn(host);
+        }
+    }
+
+    /// The hosts, `host:port` each, for logs and metrics.
+    pub(super) fn describe_hosts(&self) -> String {
+        self.hosts
+            .iter()
+            .map(|node| describe(&node.config))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     fn suspect(&self, host: usize) {
@@ -205,7 +236,7 @@ impl deadpool_postgres::Connect for PoolConnect {
 }
 
 /// `config` with only its `i`th host (and that host's address and port).
-fn only_host(config: &Config, i: usize) -> Config {
+fn only_host(config: &Config, i: usize, sessions: TargetSessionAttrs) -> Config {
     let mut one = Config::new();
     if let Some(user) = config.get_user() {
         one.user(user);
@@ -239,9 +270,9 @@ fn only_host(config: &Config, i: usize) -> Config {
         .channel_binding(config.get_channel_binding())
         .keepalives(config.get_keepalives())
         .keepalives_idle(config.get_keepalives_idle())
-        // Every connection writes, and reads must see every acknowledged
-        // write: only the primary will do.
-        .target_session_attrs(TargetSessionAttrs::ReadWrite);
+        // Every connection to the primary writes, and its reads must see
+        // every acknowledged write: only the primary will do there.
+        .target_session_attrs(sessions);
     match config.get_hosts().get(i) {
         Some(Host::Tcp(host)) => {
             one.host(host);

@@ -34,6 +34,7 @@ mod connect;
 mod errors;
 mod expiry;
 mod notify;
+mod replicas;
 mod rows;
 mod run;
 mod schema;
@@ -49,6 +50,7 @@ use connect::{Connector, PoolConnect};
 use errors::{is_lost_connection, is_retryable, map_pg, map_pool};
 use expiry::run_expirer;
 use notify::{Hearing, invalidations, keep_listening, notification_payloads};
+use replicas::Replicas;
 use rows::{column, first_row, row_entry, to_u64};
 use run::{Param, Runner};
 use schema::migrate;
@@ -72,7 +74,7 @@ use tokio_postgres::types::Type;
 use super::rules::{self, Effect, KeyMeta};
 use super::{
     Change, Condition, DeleteReason, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId,
-    OpResult, Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+    OpResult, ReplicaReads, Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
 };
 use crate::error::{StoreError, StoreResult};
 
@@ -135,8 +137,10 @@ impl<'a> PutColumns<'a> {
 pub struct PostgresStore {
     shared: Arc<Shared>,
     listener: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The read replicas, when any are configured.
+    replicas: Option<Arc<Replicas>>,
     /// The watermark poller, the history trimmer, the feed's listener and
-    /// the expirer.
+    /// the expirer, and the replicas' probes.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -190,22 +194,7 @@ impl PostgresStore {
             )?),
             None => Arc::clone(&connector),
         };
-        let manager = Manager::from_connect(
-            pg_config,
-            PoolConnect(Arc::clone(&connector)),
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(config.connect_timeout))
-            // The connector bounds each host's attempt.
-            .create_timeout(None)
-            .recycle_timeout(Some(config.connect_timeout))
-            .build()
-            .map_err(|e| StoreError::Internal(format!("building the pool: {e}")))?;
+        let pool = build_pool(pg_config, &connector, &config)?;
         let sql = Sql::new(&config);
         let run = Runner::new(&config);
         // The feed starts at the watermark; when it cannot be read, the
@@ -240,6 +229,7 @@ impl PostgresStore {
             kick: tokio::sync::Notify::new(),
         };
         let shared = Arc::new(shared);
+        let replicas = Replicas::open(&shared)?;
         // A watermark advanced by another server wakes the poller at once;
         // without the connection, it still polls.
         let (listening, heard) = (Arc::clone(&shared), Arc::clone(&shared));
@@ -250,7 +240,7 @@ impl PostgresStore {
                 |err| tracing::debug!(error = %err, "the feed's notification connection broke"),
             ),
         };
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(Poller::new(Arc::clone(&shared), settled).run()),
             tokio::spawn(run_trimmer(Arc::clone(&shared))),
             tokio::spawn(run_expirer(Arc::clone(&shared))),
@@ -261,8 +251,10 @@ impl PostgresStore {
                 feed_wakeups,
             )),
         ];
+        tasks.extend(replicas.iter().flat_map(|r| r.spawn_probes()));
         Ok(PostgresStore {
             shared,
+            replicas,
             listener: std::sync::Mutex::new(None),
             tasks: std::sync::Mutex::new(tasks),
         })
@@ -296,36 +288,30 @@ impl PostgresStore {
         }
         self.shared.feed.close();
     }
+}
 
-    /// Runs a read made by [`Sql::at_revision`] and gives its rows (without
-    /// the placeholder of an empty read) and the revision it was read at:
-    /// the revision up to which every write is visible to it, which is also
-    /// at least every revision it shows unless a lower one was still
-    /// committing after a few tries.
-    async fn read_at<F, Fut>(&self, work: F) -> StoreResult<(Vec<Row>, u64)>
-    where
-        F: Fn(deadpool_postgres::Object) -> Fut,
-        Fut: Future<Output = Result<Vec<Row>, tokio_postgres::Error>>,
-    {
-        let mut pause = Duration::from_millis(1);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut rows = self.shared.read(&work).await?;
-            let first = rows
-                .first()
-                .ok_or_else(|| StoreError::Internal("the watermark row is missing".into()))?;
-            let number = |i: usize| to_u64(column(first, first.len().saturating_sub(2) + i)?);
-            let (shown, settled) = (number(0)?, number(1)?);
-            if settled >= shown || attempt == READ_ATTEMPTS {
-                rows.retain(|row| matches!(row.try_get::<_, Option<&[u8]>>(0), Ok(Some(_))));
-                return Ok((rows, settled));
-            }
-            // A write below the highest revision shown is still committing.
-            tokio::time::sleep(pause).await;
-            pause *= 4;
-        }
-    }
+/// A pool of connections opened by `connector`, bounded as `config` says.
+fn build_pool(
+    pg_config: tokio_postgres::Config,
+    connector: &Arc<Connector>,
+    config: &PostgresConfig,
+) -> StoreResult<Pool> {
+    let manager = Manager::from_connect(
+        pg_config,
+        PoolConnect(Arc::clone(connector)),
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.pool_size.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(config.connect_timeout))
+        // The connector bounds each host's attempt.
+        .create_timeout(None)
+        .recycle_timeout(Some(config.connect_timeout))
+        .build()
+        .map_err(|e| StoreError::Internal(format!("building the pool: {e}")))
 }
 
 impl Drop for PostgresStore {
@@ -350,23 +336,64 @@ impl Shared {
         self.client().await
     }
 
-    /// Runs a read; when the pooled connection turns out to be dead (the
-    /// server restarted, an administrator ended it), tries once more on a
-    /// new one.
+    /// Runs a read on the primary; see [`Shared::read_on`].
     async fn read<T, F, Fut>(&self, work: F) -> StoreResult<T>
     where
+        F: Fn(deadpool_postgres::Object) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        Self::read_on(self, work).await
+    }
+
+    /// Runs a read on a connection of `from`; when the pooled connection
+    /// turns out to be dead (the server restarted, an administrator ended
+    /// it), tries once more on a new one.
+    async fn read_on<C, T, F, Fut>(from: &C, work: F) -> StoreResult<T>
+    where
+        C: Connections,
         F: Fn(deadpool_postgres::Object) -> Fut,
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let client = self.client().await?;
+            let client = from.connection().await?;
             match work(client).await {
                 Ok(value) => return Ok(value),
                 Err(err) if attempt < 2 && is_lost_connection(&err) => continue,
                 Err(err) => return Err(map_pg(&err)),
             }
+        }
+    }
+
+    /// Runs a read made by [`Sql::at_revision`] and gives its rows (without
+    /// the placeholder of an empty read) and the revision it was read at:
+    /// the revision up to which every write is visible to it, which is also
+    /// at least every revision it shows unless a lower one was still
+    /// committing after a few tries.
+    async fn read_at<C, F, Fut>(from: &C, work: F) -> StoreResult<(Vec<Row>, u64)>
+    where
+        C: Connections,
+        F: Fn(deadpool_postgres::Object) -> Fut,
+        Fut: Future<Output = Result<Vec<Row>, tokio_postgres::Error>>,
+    {
+        let mut pause = Duration::from_millis(1);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut rows = Self::read_on(from, &work).await?;
+            let first = rows
+                .first()
+                .ok_or_else(|| StoreError::Internal("the watermark row is missing".into()))?;
+            let number = |i: usize| to_u64(column(first, first.len().saturating_sub(2) + i)?);
+            let (shown, settled) = (number(0)?, number(1)?);
+            if settled >= shown || attempt == READ_ATTEMPTS {
+                rows.retain(|row| matches!(row.try_get::<_, Option<&[u8]>>(0), Ok(Some(_))));
+                return Ok((rows, settled));
+            }
+            // A write below the highest revision shown is still committing.
+            tokio::time::sleep(pause).await;
+            pause *= 4;
         }
     }
 }
@@ -687,77 +714,16 @@ impl PostgresStore {
             results,
         }))
     }
-
-    fn scan_sql(&self, request: &ScanRequest) -> String {
-        let mut filters = Vec::new();
-        let mut n = 3;
-        for (bound, above) in [(&request.lower, true), (&request.upper, false)] {
-            let op = match (bound, above) {
-                (Bound::Included(_), true) => ">=",
-                (Bound::Excluded(_), true) => ">",
-                (Bound::Included(_), false) => "<=",
-                (Bound::Excluded(_), false) => "<",
-                (Bound::Unbounded, _) => continue,
-            };
-            n += 1;
-            filters.push(format!("AND e.key {op} ${n}"));
-        }
-        let filter = filters.join(" ");
-        let order = if request.reverse { "DESC" } else { "ASC" };
-        // $1 limit (one more than the page, to know whether more follow),
-        // $2 keys only, $3 the page's value bytes. The running sum lets the
-        // database leave out the values of rows the page will not return.
-        let rows = format!(
-            "SELECT key, CASE WHEN $2 OR (running > $3 AND n > 1) THEN NULL ELSE value END,
-                    version, revision, created_at_us, updated_at_us, expires_at_us, lease,
-                    running, n
-             FROM (
-                SELECT e.key, {ENTRY_COLUMNS},
-                       (sum(octet_length(e.value)) OVER w)::int8 AS running,
-                       row_number() OVER w AS n
-                FROM {live} {filter}
-                WINDOW w AS (ORDER BY e.key {order} ROWS UNBOUNDED PRECEDING)
-                ORDER BY e.key {order}
-                LIMIT $1
-             ) page",
-            live = self.shared.sql.live_entries()
-        );
-        self.shared.sql.at_revision(&rows, "ORDER BY page.n")
-    }
 }
 
 #[async_trait]
 impl Store for PostgresStore {
     async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
-        let (run, sql) = (&self.shared.run, &self.shared.sql.get);
-        let rows = self
-            .shared
-            .read(|client| async move { run.query(&client, sql, &[(&key, Type::BYTEA)]).await })
-            .await?;
-        rows.first()
-            .map(|row| row_entry(key.to_vec(), row, 0))
-            .transpose()
+        self.shared.get_on(&*self.shared, key).await
     }
 
     async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
-        let (run, sql) = (&self.shared.run, &self.shared.sql.get_many);
-        let keys_ref = &keys;
-        let (rows, revision) = self
-            .read_at(|client| async move {
-                run.query(&client, sql, &[(keys_ref, Type::BYTEA_ARRAY)])
-                    .await
-            })
-            .await?;
-        let mut found = std::collections::HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let key: Vec<u8> = column(row, 0)?;
-            let entry = row_entry(key.clone(), row, 1)?;
-            found.insert(key, entry);
-        }
-        Ok(Found {
-            entries: keys.iter().map(|k| found.get(k).cloned()).collect(),
-            revision,
-        })
+        self.shared.get_many_on(&*self.shared, &keys).await
     }
 
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
@@ -781,58 +747,7 @@ impl Store for PostgresStore {
     }
 
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {
-        let sql = self.scan_sql(&request);
-        let limit = i64::try_from(request.limit.saturating_add(1)).unwrap_or(i64::MAX);
-        let max_bytes = i64::try_from(request.max_value_bytes).unwrap_or(i64::MAX);
-        let keys_only = request.keys_only;
-        let mut bounds: Vec<&[u8]> = Vec::new();
-        for bound in [&request.lower, &request.upper] {
-            if let Bound::Included(k) | Bound::Excluded(k) = bound {
-                bounds.push(k);
-            }
-        }
-        let (run, sql, bounds) = (&self.shared.run, &sql, &bounds);
-        let (rows, revision) = self
-            .read_at(|client| async move {
-                let mut params: Vec<Param<'_>> = vec![
-                    (&limit, Type::INT8),
-                    (&keys_only, Type::BOOL),
-                    (&max_bytes, Type::INT8),
-                ];
-                for bound in bounds {
-                    params.push((bound, Type::BYTEA));
-                }
-                run.query(&client, sql, &params).await
-            })
-            .await?;
-        let mut entries = Vec::with_capacity(rows.len().min(request.limit));
-        for row in &rows {
-            if entries.len() == request.limit {
-                return Ok(ScanPage {
-                    entries,
-                    more: true,
-                    revision,
-                });
-            }
-            let running: i64 = column(row, 8)?;
-            if !entries.is_empty()
-                && !request.keys_only
-                && usize::try_from(running).unwrap_or(usize::MAX) > request.max_value_bytes
-            {
-                return Ok(ScanPage {
-                    entries,
-                    more: true,
-                    revision,
-                });
-            }
-            let key: Vec<u8> = column(row, 0)?;
-            entries.push(row_entry(key, row, 1)?);
-        }
-        Ok(ScanPage {
-            entries,
-            more: false,
-            revision,
-        })
+        self.shared.scan_on(&*self.shared, &request).await
     }
 
     async fn changes(&self, after: u64, limit: usize) -> StoreResult<Vec<Change>> {
@@ -895,12 +810,160 @@ impl Store for PostgresStore {
         metrics::gauge!("kvstore_postgres_pool_waiting").set(status.waiting as f64);
     }
 
+    fn replicas(&self) -> Option<Arc<dyn ReplicaReads>> {
+        self.replicas
+            .clone()
+            .map(|replicas| replicas as Arc<dyn ReplicaReads>)
+    }
+
     fn describe(&self) -> String {
+        let replicas = match self.shared.config.replica_urls.len() {
+            0 => String::new(),
+            n => format!(", {n} read replica(s)"),
+        };
         format!(
-            "postgres ({}, schema {}, pool {})",
+            "postgres ({}, schema {}, pool {}{replicas})",
             redact(&self.shared.config.url),
             self.shared.config.schema,
             self.shared.config.pool_size
         )
+    }
+}
+
+/// The reads, on the primary or on a replica (`from`): the same statements.
+impl Shared {
+    async fn get_on<C: Connections>(&self, from: &C, key: &[u8]) -> StoreResult<Option<Entry>> {
+        let (run, sql) = (&self.run, &self.sql.get);
+        let rows = Self::read_on(from, |client| async move {
+            run.query(&client, sql, &[(&key, Type::BYTEA)]).await
+        })
+        .await?;
+        rows.first()
+            .map(|row| row_entry(key.to_vec(), row, 0))
+            .transpose()
+    }
+
+    async fn get_many_on<C: Connections>(&self, from: &C, keys: &[Vec<u8>]) -> StoreResult<Found> {
+        let (run, sql) = (&self.run, &self.sql.get_many);
+        let (rows, revision) = Self::read_at(from, |client| async move {
+            run.query(&client, sql, &[(&keys, Type::BYTEA_ARRAY)]).await
+        })
+        .await?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let key: Vec<u8> = column(row, 0)?;
+            let entry = row_entry(key.clone(), row, 1)?;
+            found.insert(key, entry);
+        }
+        Ok(Found {
+            entries: keys.iter().map(|k| found.get(k).cloned()).collect(),
+            revision,
+        })
+    }
+
+    async fn scan_on<C: Connections>(
+        &self,
+        from: &C,
+        request: &ScanRequest,
+    ) -> StoreResult<ScanPage> {
+        let sql = self.scan_sql(request);
+        let limit = i64::try_from(request.limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let max_bytes = i64::try_from(request.max_value_bytes).unwrap_or(i64::MAX);
+        let keys_only = request.keys_only;
+        let mut bounds: Vec<&[u8]> = Vec::new();
+        for bound in [&request.lower, &request.upper] {
+            if let Bound::Included(k) | Bound::Excluded(k) = bound {
+                bounds.push(k);
+            }
+        }
+        let (run, sql, bounds) = (&self.run, &sql, &bounds);
+        let (rows, revision) = Self::read_at(from, |client| async move {
+            let mut params: Vec<Param<'_>> = vec![
+                (&limit, Type::INT8),
+                (&keys_only, Type::BOOL),
+                (&max_bytes, Type::INT8),
+            ];
+            for bound in bounds {
+                params.push((bound, Type::BYTEA));
+            }
+            run.query(&client, sql, &params).await
+        })
+        .await?;
+        let mut entries = Vec::with_capacity(rows.len().min(request.limit));
+        for row in &rows {
+            if entries.len() == request.limit {
+                return Ok(ScanPage {
+                    entries,
+                    more: true,
+                    revision,
+                });
+            }
+            let running: i64 = column(row, 8)?;
+            if !entries.is_empty()
+                && !request.keys_only
+                && usize::try_from(running).unwrap_or(usize::MAX) > request.max_value_bytes
+            {
+                return Ok(ScanPage {
+                    entries,
+                    more: true,
+                    revision,
+                });
+            }
+            let key: Vec<u8> = column(row, 0)?;
+            entries.push(row_entry(key, row, 1)?);
+        }
+        Ok(ScanPage {
+            entries,
+            more: false,
+            revision,
+        })
+    }
+
+    fn scan_sql(&self, request: &ScanRequest) -> String {
+        let mut filters = Vec::new();
+        let mut n = 3;
+        for (bound, above) in [(&request.lower, true), (&request.upper, false)] {
+            let op = match (bound, above) {
+                (Bound::Included(_), true) => ">=",
+                (Bound::Excluded(_), true) => ">",
+                (Bound::Included(_), false) => "<=",
+                (Bound::Excluded(_), false) => "<",
+                (Bound::Unbounded, _) => continue,
+            };
+            n += 1;
+            filters.push(format!("AND e.key {op} ${n}"));
+        }
+        let filter = filters.join(" ");
+        let order = if request.reverse { "DESC" } else { "ASC" };
+        // $1 limit (one more than the page, to know whether more follow),
+        // $2 keys only, $3 the page's value bytes. The running sum lets the
+        // database leave out the values of rows the page will not return.
+        let rows = format!(
+            "SELECT key, CASE WHEN $2 OR (running > $3 AND n > 1) THEN NULL ELSE value END,
+                    version, revision, created_at_us, updated_at_us, expires_at_us, lease,
+                    running, n
+             FROM (
+                SELECT e.key, {ENTRY_COLUMNS},
+                       (sum(octet_length(e.value)) OVER w)::int8 AS running,
+                       row_number() OVER w AS n
+                FROM {live} {filter}
+                WINDOW w AS (ORDER BY e.key {order} ROWS UNBOUNDED PRECEDING)
+                ORDER BY e.key {order}
+                LIMIT $1
+             ) page",
+            live = self.sql.live_entries()
+        );
+        self.sql.at_revision(&rows, "ORDER BY page.n")
+    }
+}
+
+/// Where a read gets its connection: the primary's pool, or a replica's.
+trait Connections: Sync {
+    fn connection(&self) -> impl Future<Output = StoreResult<deadpool_postgres::Object>> + Send;
+}
+
+impl Connections for Shared {
+    async fn connection(&self) -> StoreResult<deadpool_postgres::Object> {
+        self.client().await
     }
 }
