@@ -128,9 +128,10 @@ pub(super) struct Sql {
     pub(super) trim_candidates: String,
     /// Deletes the history after $1 up to $2.
     pub(super) trim: String,
-    /// The watermark, and the revisions that exist above it.
-    pub(super) above_watermark: String,
-    pub(super) advance: String,
+    /// Advances the watermark over the run of revisions above it that have
+    /// their rows (looking at up to $1 of them), and gives where it ended
+    /// and the revisions that exist above that.
+    pub(super) settle: String,
     pub(super) fill: String,
 }
 
@@ -516,20 +517,42 @@ impl Sql {
                 FROM w LEFT JOIN (revs LEFT JOIN {changes} c ON c.revision = revs.revision) ON true
                 ORDER BY revs.revision, c.key"
             ),
-            above_watermark: format!(
-                "SELECT w.settled, w.trimmed, r.revision FROM (SELECT * FROM {watermark} LIMIT 1) w
-                 LEFT JOIN LATERAL (
-                     SELECT revision FROM {revisions} WHERE revision > w.settled
-                     ORDER BY revision LIMIT $1
-                 ) r ON true ORDER BY r.revision"
-            ),
-            // Other servers' pollers listen on the feed channel: an advance
-            // wakes them at once instead of at their next poll. One
-            // notification per advance, not per write, so that NOTIFY's
-            // commit-time lock stays off the write path.
-            advance: format!(
-                "WITH moved AS (UPDATE {watermark} SET settled = $1 WHERE settled < $1 RETURNING 1)
-                 SELECT pg_notify({feed_channel}, '') FROM moved"
+            // One round trip per poll: the run of logged revisions right
+            // above the watermark (where a revision equals the watermark
+            // plus its rank) is read and the watermark moved to its end in
+            // one statement. Other servers' pollers listen on the feed
+            // channel: an advance wakes them at once instead of at their
+            // next poll. One notification per advance, not per write, so
+            // that NOTIFY's commit-time lock stays off the write path. The
+            // advance commits without waiting for its WAL flush
+            // (`synchronous_commit` off for its transaction): it records
+            // only what committed writes already made durable, so one lost
+            // in a crash is made again by the next poll, and it adds no
+            // flush for the writes to queue behind (at one writer, a poll
+            // follows nearly every write). Another server's advance is
+            // waited for and never undone (`settled < ..` is checked again
+            // on the row it committed).
+            settle: format!(
+                "WITH w AS MATERIALIZED (SELECT settled FROM {watermark} LIMIT 1),
+                revs AS MATERIALIZED (
+                    SELECT revision FROM {revisions}
+                    WHERE revision > (SELECT settled FROM w) ORDER BY revision LIMIT $1
+                ),
+                run AS MATERIALIZED (
+                    SELECT coalesce(max(revision), (SELECT settled FROM w)) AS head
+                    FROM (SELECT revision, row_number() OVER (ORDER BY revision) AS n FROM revs) r
+                    WHERE revision = (SELECT settled FROM w) + n
+                ),
+                moved AS (
+                    UPDATE {watermark} SET settled = (SELECT head FROM run)
+                    WHERE settled < (SELECT head FROM run)
+                    RETURNING pg_notify({feed_channel}, ''),
+                              set_config('synchronous_commit', 'off', true)
+                )
+                SELECT (SELECT head FROM run), revs.revision
+                FROM (SELECT 1) one
+                LEFT JOIN revs ON revs.revision > (SELECT head FROM run)
+                ORDER BY revs.revision"
             ),
             // A revision taken by a write that has not logged it yet is
             // settled as a gap: the write then fails on the primary key and

@@ -225,34 +225,24 @@ impl Poller {
         let sql = &self.shared.sql;
         let run = &self.shared.run;
         let rows = run
-            .query(&client, &sql.above_watermark, &[(&LOOK_AHEAD, Type::INT8)])
+            .query(&client, &sql.settle, &[(&LOOK_AHEAD, Type::INT8)])
             .await
             .map_err(|e| map_pg(&e))?;
         let first = rows
             .first()
             .ok_or_else(|| StoreError::Internal("the watermark row is missing".into()))?;
-        let stored = to_u64(column(first, 0)?)?;
-        let mut settled = stored;
-        let mut next = stored + 1;
+        let settled = to_u64(column(first, 0)?)?;
+        // The revisions missing between those logged above the watermark.
+        let mut next = settled + 1;
         let mut missing = Vec::new();
         for row in &rows {
-            let Some(revision) = column::<Option<i64>>(row, 2)? else {
+            let Some(revision) = column::<Option<i64>>(row, 1)? else {
                 break;
             };
             let revision = to_u64(revision)?;
-            if missing.is_empty() && revision == next {
-                settled = revision;
-            } else {
-                let room = usize::try_from(LOOK_AHEAD).unwrap_or(usize::MAX) - missing.len();
-                missing.extend((next..revision).take(room));
-            }
+            let room = usize::try_from(LOOK_AHEAD).unwrap_or(usize::MAX) - missing.len();
+            missing.extend((next..revision).take(room));
             next = revision + 1;
-        }
-        if settled > stored {
-            let through = i64::try_from(settled).unwrap_or(i64::MAX);
-            run.query(&client, &sql.advance, &[(&through, Type::INT8)])
-                .await
-                .map_err(|e| map_pg(&e))?;
         }
         let now = Instant::now();
         self.missing.retain(|revision, _| *revision > settled);
