@@ -4,10 +4,9 @@
 //! stops and removes it when done, also when the test fails.
 //!
 //! The primary is the tests' PostgreSQL when it accepts replication
-//! connections (a `replication` line in its pg_hba.conf, which `.ci/run`
-//! adds); otherwise a PostgreSQL of the test's own (initdb in the same
-//! temporary directory), so that the machine's configuration is never
-//! changed. Needs root (to run PostgreSQL as `postgres`) and
+//! connections (a `replication` line in its pg_hba.conf); otherwise a
+//! PostgreSQL of the test's own (initdb in the same temporary directory),
+//! so that the machine's configuration is never changed. Needs root (to run PostgreSQL as `postgres`) and
 //! `KVSTORE_TEST_POSTGRES_URL`.
 
 use std::path::{Path, PathBuf};
