@@ -2,7 +2,8 @@
 # One round of the README's benchmark table, with the floors measured in the
 # same round: the bare HTTP server (benches/floors/http_floor.rs) under wrk, and
 # fdatasync on the data directory's disk (benches/floors/fsync_floor.rs), and Redis
-# with every write synced, when it is installed. Hot GETs, durable PUTs and a
+# with every write synced and synced once a second, when it is installed (the
+# durable PUT rows give their ratio to it). Hot GETs, durable PUTs and a
 # range of 100 are also measured with wrk, the floor's own client, for
 # like-for-like ratios.
 #
@@ -37,18 +38,44 @@ echo "HTTP floor, 1 connection: $(wrk_row -t1 -c1 -d"$D" http://127.0.0.1:7099/)
 echo "HTTP floor, 16 connections: $(wrk_row -t2 -c16 -d"$D" http://127.0.0.1:7099/)"
 kill $FLOOR
 
-# Another durable store on the same disk, when Redis is installed: SETs of 100
-# bytes with every write synced (appendfsync always) at 16 connections.
+# The durable store users would otherwise pick, on the same disk, when Redis
+# is installed: SETs of 100 bytes to 100,000 keys with redis-benchmark, with
+# every write synced (appendfsync always) and synced once a second
+# (everysec), at 1, 16 and 64 connections. The durable PUT rows below give
+# their ratio to these.
+declare -A REDIS
 if command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null; then
-  mkdir "$DATA/redis"
-  redis-server --port 7098 --bind 127.0.0.1 --dir "$DATA/redis" --appendonly yes \
-    --appendfsync always --save "" --daemonize yes --logfile "$DATA/redis/log"
-  sleep 0.3
-  printf 'Redis, appendfsync always, 16 connections: '
-  redis-benchmark -p 7098 -c 16 -n 150000 -t set -d 100 -r 100000 -q | tr '\r' '\n' | grep 'per second' | tail -1
-  redis-cli -p 7098 shutdown nosave >/dev/null 2>&1 || true
-  rm -rf "$DATA/redis"
+  for policy in always everysec; do
+    mkdir "$DATA/redis"
+    redis-server --port 7098 --bind 127.0.0.1 --dir "$DATA/redis" --appendonly yes \
+      --appendfsync $policy --save "" --daemonize yes --logfile "$DATA/redis/log"
+    sleep 0.3
+    for c in 1 16 64; do
+      # CSV: "SET",rps,avg,min,p50,p95,p99,max (milliseconds).
+      row=$(redis-benchmark -p 7098 -c $c -n $((c == 1 ? 20000 : 150000)) -t set -d 100 -r 100000 --csv \
+        | awk -F'"' '/^"SET"/{print $4, $10, $14}')
+      read -r rps p50 p99 <<<"$row"
+      REDIS[$policy,$c]=$rps
+      echo "Redis, appendfsync $policy, $c connection$( ((c > 1)) && echo s): $rps SETs/s, p50 ${p50} ms, p99 ${p99} ms"
+    done
+    redis-cli -p 7098 shutdown nosave >/dev/null 2>&1 || true
+    rm -rf "$DATA/redis"
+  done
 fi
+
+# A durable PUT row under wrk at C connections, with its ratio to Redis's
+# rows of the same connections.
+put_row() {
+  local c=$1 row rps
+  row=$(wrk_row -t$((c == 1 ? 1 : 2)) -c"$c" -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")
+  rps=${row%% req/s*}
+  for policy in always everysec; do
+    if [ -n "${REDIS[$policy,$c]:-}" ]; then
+      row="$row, $(awk -v a="$rps" -v b="${REDIS[$policy,$c]}" 'BEGIN{printf "%.2f", a / b}')x Redis $policy"
+    fi
+  done
+  echo "durable PUT under wrk, $c connection$( ((c > 1)) && echo s): $row"
+}
 
 "$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:$PORT 2>/dev/null & SERVER=$!
 wait_ready
@@ -65,8 +92,7 @@ echo "GET under wrk, 16 connections: $(wrk_row -t2 -c16 -d"$D" "$KVSTORE_URL/v1/
 # own encoding and decoding.
 PUT_SCRIPT="$DATA.put.lua"
 put_script "$PUT_SCRIPT"
-echo "durable PUT under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
-echo "durable PUT under wrk, 16 connections: $(wrk_row -t2 -c16 -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")"
+for c in 1 16 64; do put_row $c; done
 rm -f "$PUT_SCRIPT"
 echo "range of 100 under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" "$KVSTORE_URL/v1/kv?start=bench/user0&limit=100")"
 bench_row "GET, 1 connection" read --concurrency 1 --duration "$D"
