@@ -378,7 +378,7 @@ pub trait Store: Send + Sync {
     /// commit.
     ///
     /// # Errors
-    /// [`StoreError::Compacted`](crate::error::StoreError::Compacted) when
+    /// [`StoreError::Compacted`] when
     /// `after + 1` is older than the history kept.
     async fn changes(&self, after: u64, limit: usize) -> StoreResult<Vec<Change>>;
 
