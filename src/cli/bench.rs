@@ -37,9 +37,12 @@ pub(crate) struct BenchArgs {
     /// E, F; latest for D; uniform for the scenarios].
     #[arg(long, value_enum)]
     distribution: Option<Distribution>,
-    /// Seed of the random choices (keys, values, operations).
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    /// Seed of the random choices (keys, values, operations) [default: a
+    /// new one each run, printed in the report]. Runs with one seed read the
+    /// same keys: a run after another would find them in the server's read
+    /// cache.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Puts per batch (`batch`) and keys per range read (`range`).
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
@@ -69,7 +72,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
         concurrency: args.concurrency,
         value_size: args.value_size,
         batch_size: args.batch_size,
-        seed: args.seed,
+        seed: args.seed.unwrap_or_else(rand::random),
     };
     config.validate().map_err(Failure::usage)?;
     let load = if args.skip_load {

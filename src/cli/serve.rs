@@ -115,6 +115,11 @@ pub(crate) struct ServeArgs {
     /// off. Default: 256 MiB or 10% of the file system, whichever is smaller.
     #[arg(long, env = "KVSTORE_MIN_FREE_BYTES")]
     min_free_bytes: Option<MinFree>,
+    /// Bytes of memory for the embedded engine's cache of table blocks, which
+    /// reads that miss the memtable go through.
+    #[arg(long, env = "KVSTORE_BLOCK_CACHE_BYTES", default_value_t = EmbeddedConfig::new("").block_cache_bytes,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    block_cache_bytes: u64,
     /// Background sync interval of buffered durability, in milliseconds.
     #[arg(long, env = "KVSTORE_SYNC_INTERVAL_MS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -232,6 +237,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             engine.durability = args.durability;
             engine.sync_interval = Duration::from_millis(args.sync_interval_ms);
             engine.min_free = args.min_free_bytes.unwrap_or_default();
+            engine.block_cache_bytes = args.block_cache_bytes;
             engine.history = history;
             stack::Backend::Embedded(engine)
         }
@@ -371,5 +377,14 @@ mod tests {
         );
         let none = Serve::try_parse_from(["serve"]).unwrap();
         assert!(none.args.postgres_replica_urls.is_empty());
+    }
+
+    #[test]
+    fn the_block_cache_defaults_to_the_engines_and_cannot_be_zero() {
+        let default = Serve::try_parse_from(["serve"]).unwrap();
+        assert_eq!(default.args.block_cache_bytes, 32 << 20);
+        let set = Serve::try_parse_from(["serve", "--block-cache-bytes", "1073741824"]).unwrap();
+        assert_eq!(set.args.block_cache_bytes, 1 << 30);
+        assert!(Serve::try_parse_from(["serve", "--block-cache-bytes", "0"]).is_err());
     }
 }

@@ -318,13 +318,14 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} ({}), {} keys; {} records of {} bytes, {} connections",
+            "{} ({}), {} keys; {} records of {} bytes, {} connections, seed {}",
             self.workload.name(),
             self.mix,
             self.distribution.name(),
             self.records,
             self.value_size,
-            self.concurrency
+            self.concurrency,
+            self.seed
         )?;
         if let Some(load) = &self.load {
             writeln!(

@@ -25,9 +25,11 @@ pub(super) struct Engine {
 }
 
 impl Engine {
-    /// Opens the engine in `path`; also gives the revision it holds.
-    pub(super) fn open(path: &Path) -> StoreResult<(Self, u64)> {
+    /// Opens the engine in `path`, with a block cache of this size; also
+    /// gives the revision it holds.
+    pub(super) fn open(path: &Path, block_cache_bytes: u64) -> StoreResult<(Self, u64)> {
         let db = Database::builder(path)
+            .cache_size(block_cache_bytes)
             .manual_journal_persist(true)
             .max_journaling_size(MAX_JOURNALING_BYTES)
             .open()

@@ -101,7 +101,7 @@ fn reopen_after_full_disk(shared: &Shared) {
             }
         }
     }
-    let (engine, revision) = match Engine::open(&shared.path) {
+    let (engine, revision) = match Engine::open(&shared.path, shared.block_cache_bytes) {
         Ok(opened) => opened,
         Err(err) => {
             // Out of space again: the next poll with room tries again. Reads
