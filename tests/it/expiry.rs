@@ -288,6 +288,33 @@ async fn expired_keys_are_invisible_before_they_are_deleted() {
     );
 }
 
+/// The read cache is not told when the expirer deletes a key: it takes an
+/// entry past its deadline for a miss. A wall clock that steps back after
+/// the delete (an NTP correction) must not bring the cached entry back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_stepping_back_does_not_bring_an_expired_key_back_from_the_cache() {
+    let now = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1_800_000_000_000_000));
+    let clock = std::sync::Arc::clone(&now);
+    let server = TestServer::start_with(ServerConfig::default(), move |engine| {
+        engine.clock = Some(std::sync::Arc::new(move || {
+            clock.load(std::sync::atomic::Ordering::SeqCst)
+        }));
+    })
+    .await;
+    let c = &server.client;
+    let written = revision_of(&put_with(c, "k", json!({"value": "v", "ttl_ms": 1000})).await);
+    // Read while live, which puts the entry in the cache.
+    expect_json(&get(c, "/v1/kv/k").await, StatusCode::OK);
+    now.fetch_add(2_000_000, std::sync::atomic::Ordering::SeqCst);
+    deletion_of(c, "k", written).await;
+    now.fetch_sub(2_000_000, std::sync::atomic::Ordering::SeqCst);
+    expect_error(
+        &get(c, "/v1/kv/k").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+}
+
 /// Deadlines are stored with the data: keys and a lease that expire while
 /// the server is down (killed with SIGKILL) are gone for every read as soon
 /// as it is back, and are then deleted, each with its event.

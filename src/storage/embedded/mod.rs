@@ -71,7 +71,7 @@ use syncer::run_syncer;
 use writer::Writer;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -270,6 +270,8 @@ struct Shared {
     /// The leases, in memory (see [`expiry`]).
     leases: Leases,
     clock: Option<Clock>,
+    /// The latest reading of `clock` (see [`EmbeddedStore::now_us`]).
+    latest_now_us: AtomicI64,
 }
 
 impl Shared {
@@ -366,10 +368,14 @@ impl Shared {
         (quiet >= self.quiet_before_inline_us, in_flight)
     }
 
+    /// The clock's reading now, which the store's own decisions use.
     fn now_us(&self) -> i64 {
-        self.clock
+        let now = self
+            .clock
             .as_ref()
-            .map_or_else(system_now_us, |clock| clock())
+            .map_or_else(system_now_us, |clock| clock());
+        self.latest_now_us.fetch_max(now, Ordering::AcqRel);
+        now
     }
 
     /// Whether a key with this metadata is there at `now_us`: before its
@@ -444,6 +450,7 @@ impl EmbeddedStore {
                 .unwrap_or(u64::MAX),
             leases,
             clock,
+            latest_now_us: AtomicI64::new(i64::MIN),
         });
 
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
@@ -745,8 +752,16 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    /// Never goes back: the latest reading of the clock any decision of the
+    /// store was based on. A cache is not told when the expirer deletes a
+    /// key at its deadline, and takes an entry past its deadline for a miss;
+    /// were the wall clock to step back after such a delete (an NTP
+    /// correction), the clock's own reading would put the entry before its
+    /// deadline again, and the cache would serve a key the store no longer
+    /// holds.
     fn now_us(&self) -> i64 {
-        self.shared.now_us()
+        let now = self.shared.now_us();
+        self.shared.latest_now_us.load(Ordering::Acquire).max(now)
     }
 
     async fn ready(&self) -> StoreResult<()> {
