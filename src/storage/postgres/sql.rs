@@ -505,6 +505,10 @@ impl Sql {
             ),
             kv,
             leases,
+            // The bounds on `c.revision` restate the join's: without them
+            // the generic plan, which cannot see how few revisions `revs`
+            // holds, hashes the whole change log, on every page the poller
+            // publishes (28 ms at 135,000 changes, against 0.5 ms).
             changes: format!(
                 "WITH w AS MATERIALIZED (SELECT settled, trimmed FROM {watermark} LIMIT 1),
                 revs AS MATERIALIZED (
@@ -514,7 +518,10 @@ impl Sql {
                 )
                 SELECT w.settled, w.trimmed, revs.revision, c.key, c.value, c.version,
                        c.created_at_us, c.updated_at_us, c.reason, c.expires_at_us, c.lease
-                FROM w LEFT JOIN (revs LEFT JOIN {changes} c ON c.revision = revs.revision) ON true
+                FROM w LEFT JOIN (
+                    revs LEFT JOIN {changes} c ON c.revision = revs.revision
+                        AND c.revision > $1 AND c.revision <= (SELECT max(revision) FROM revs)
+                ) ON true
                 ORDER BY revs.revision, c.key"
             ),
             // One round trip per poll: the run of logged revisions right

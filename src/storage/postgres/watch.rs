@@ -39,6 +39,8 @@ use crate::storage::{Change, DeleteReason, Event};
 /// How often the poller looks for new revisions when this server wrote
 /// nothing (its own writes wake it at once).
 pub(super) const POLL_EVERY: Duration = Duration::from_millis(10);
+/// The least time from one round's start to the next one's.
+const ROUND_SPACING: Duration = Duration::from_millis(2);
 /// How long a revision may stay missing below an existing one before it is
 /// filled as a gap: far longer than a write takes between its `nextval` and
 /// its commit, so that a fill rarely makes a write start again.
@@ -189,7 +191,14 @@ impl Poller {
     pub(super) async fn run(mut self) {
         let mut failing = false;
         loop {
-            match self.round().await {
+            let started = tokio::time::Instant::now();
+            let round = self.round().await;
+            // Under steady writes every round finds work and the next one
+            // would start at once: one connection busy polling, taking the
+            // database's CPU from the writes. Spaced rounds take what came
+            // meanwhile in one page.
+            tokio::time::sleep_until(started + ROUND_SPACING).await;
+            match round {
                 Ok(more) => {
                     if failing {
                         tracing::info!("publishing PostgreSQL's changes to watchers again");
