@@ -29,13 +29,14 @@
 //!
 //! A single put or delete on PostgreSQL is one statement, so that it costs
 //! one round trip and takes the row lock only for that statement; these
-//! statements (in `postgres/sql.rs`) restate the rules in SQL:
+//! (in `postgres/sql.rs`) restate the rules in SQL:
 //!
-//! - `put`: the condition (the `go` CTE, on the locked row's state and
-//!   version), version 1 or plus one, `created_at` kept and
-//!   `updated_at = greatest(previous, now)` (the `upd` and `ins` CTEs), the
-//!   expiry (the `deadline` CTE; `Keep` from the locked row), and the result
-//!   (`done`: the effective deadline, the lease's for a key on one);
+//! - the put function (`put_function`, which the `put` statement calls):
+//!   the condition (`ok`, on the locked row's state and version), version 1
+//!   or plus one, `created_at` kept and `updated_at = greatest(previous,
+//!   now)` (its UPDATE and INSERT), the expiry (`own` and `attached`;
+//!   `Keep` from the locked row), and the result (the effective deadline,
+//!   the lease's for a key on one);
 //! - `delete`: the condition (the `ok` CTE) and whether the key existed
 //!   (`del`).
 //!

@@ -5,7 +5,7 @@ use deadpool_postgres::Pool;
 
 use super::errors::{map_pg, map_pool};
 use super::run::Runner;
-use super::sql::ident;
+use super::sql::{ident, put_function};
 use super::{PostgresConfig, SCHEMA_VERSION, Shared};
 use crate::error::{StoreError, StoreResult};
 
@@ -74,7 +74,13 @@ pub(super) async fn migrate(pool: &Pool, config: &PostgresConfig) -> StoreResult
                     .await
                     .map_err(|e| map_pg(&e))?;
             }
-            tx.batch_execute(&expiry_ddl(&schema))
+            if older.unwrap_or(1) < 3 {
+                tx.batch_execute(&expiry_ddl(&schema))
+                    .await
+                    .map_err(|e| map_pg(&e))?;
+            }
+            // Version 4: the put function.
+            tx.batch_execute(&put_function(&schema))
                 .await
                 .map_err(|e| map_pg(&e))?;
             tx.batch_execute(&format!(
