@@ -571,13 +571,10 @@ async fn what_expired_while_no_server_ran_is_gone_at_start_and_deleted_soon() {
     assert_eq!(rows_in_table(&schema).await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(kvstore_test_postgres),
-    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
-)]
-async fn a_version_2_schema_is_upgraded_with_its_data() {
-    let schema = PgSchema::new();
+/// A store on `schema` holding "old" at version 1, taken back to an older
+/// schema version by `downgrade` (with `{s}` for the schema's name), then
+/// opened, which must upgrade it to version 4.
+async fn upgraded_from(schema: &PgSchema, downgrade: &str) -> Arc<PostgresStore> {
     let store = schema.open().await;
     write(&store, vec![put("old", "v", Expiry::Never)]).await;
     store.close().await.expect("close");
@@ -586,28 +583,43 @@ async fn a_version_2_schema_is_upgraded_with_its_data() {
         .await
         .expect("connect");
     tokio::spawn(connection);
-    let s = &schema.name;
     client
-        .batch_execute(&format!(
-            "DROP FUNCTION \"{s}\".kv_put_1;
-             DROP TABLE \"{s}\".leases;
-             ALTER TABLE \"{s}\".kv DROP COLUMN expires_at_us, DROP COLUMN lease;
-             ALTER TABLE \"{s}\".kv_changes DROP COLUMN expires_at_us, DROP COLUMN lease;
-             UPDATE \"{s}\".kvstore_schema SET version = 2;"
-        ))
+        .batch_execute(&downgrade.replace("{s}", &schema.name))
         .await
-        .expect("back to version 2");
+        .expect("downgrade");
     let store = Arc::new(PostgresStore::open(schema.config()).await.expect("upgrade"));
-    let entry = store.get(b"old").await.expect("get").expect("kept");
-    assert_eq!((entry.version, entry.expires_at_us), (1, None));
-    let (_, results) = write(&store, vec![put("new", "v", Expiry::Ttl(60_000))]).await;
-    deadline(&results[0]);
     let version: i32 = client
-        .query_one(&format!("SELECT version FROM \"{s}\".kvstore_schema"), &[])
+        .query_one(
+            &format!("SELECT version FROM \"{}\".kvstore_schema", schema.name),
+            &[],
+        )
         .await
         .expect("version")
         .get(0);
     assert_eq!(version, 4);
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn a_version_2_schema_is_upgraded_with_its_data() {
+    let schema = PgSchema::new();
+    let store = upgraded_from(
+        &schema,
+        "DROP FUNCTION \"{s}\".kv_put_1;
+         DROP TABLE \"{s}\".leases;
+         ALTER TABLE \"{s}\".kv DROP COLUMN expires_at_us, DROP COLUMN lease;
+         ALTER TABLE \"{s}\".kv_changes DROP COLUMN expires_at_us, DROP COLUMN lease;
+         UPDATE \"{s}\".kvstore_schema SET version = 2;",
+    )
+    .await;
+    let entry = store.get(b"old").await.expect("get").expect("kept");
+    assert_eq!((entry.version, entry.expires_at_us), (1, None));
+    let (_, results) = write(&store, vec![put("new", "v", Expiry::Ttl(60_000))]).await;
+    deadline(&results[0]);
 }
 
 /// Version 4 adds the put function, which a version-3 schema lacks: every
@@ -619,33 +631,16 @@ async fn a_version_2_schema_is_upgraded_with_its_data() {
 )]
 async fn a_version_3_schema_is_upgraded_with_the_put_function() {
     let schema = PgSchema::new();
-    let store = schema.open().await;
-    write(&store, vec![put("old", "v", Expiry::Never)]).await;
-    store.close().await.expect("close");
-    drop(store);
-    let (client, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
-    let s = &schema.name;
-    client
-        .batch_execute(&format!(
-            "DROP FUNCTION \"{s}\".kv_put_1;
-             UPDATE \"{s}\".kvstore_schema SET version = 3;"
-        ))
-        .await
-        .expect("back to version 3");
-    let store = Arc::new(PostgresStore::open(schema.config()).await.expect("upgrade"));
+    let store = upgraded_from(
+        &schema,
+        "DROP FUNCTION \"{s}\".kv_put_1;
+         UPDATE \"{s}\".kvstore_schema SET version = 3;",
+    )
+    .await;
     let (_, results) = write(&store, vec![put("old", "w", Expiry::Ttl(60_000))]).await;
     deadline(&results[0]);
     let entry = store.get(b"old").await.expect("get").expect("kept");
     assert_eq!((entry.version, entry.value.as_ref()), (2, &b"w"[..]));
-    let version: i32 = client
-        .query_one(&format!("SELECT version FROM \"{s}\".kvstore_schema"), &[])
-        .await
-        .expect("version")
-        .get(0);
-    assert_eq!(version, 4);
 }
 
 /// A lease ended while puts attach keys to it takes its locks in the order
