@@ -248,7 +248,8 @@ impl Feed {
     /// Forgets what the feed holds and goes on from `revision`: every
     /// watcher reads from the change log again (and so learns whether its
     /// position is still kept). For a backend that could not tell where its
-    /// history ended when the feed started, or whose position was trimmed.
+    /// history ended when the feed started, whose position was trimmed, or
+    /// that has no watcher to read its changes for.
     pub fn restart(&self, revision: u64) {
         let mut inbox = lock(&self.inbox);
         inbox.forget();
@@ -303,6 +304,13 @@ impl Feed {
         self.open_watchers.load(Ordering::Acquire)
     }
 
+    /// Whether a watcher is open: without one, what is published is not
+    /// kept, so a backend need not read its changes to publish them (it can
+    /// [`Feed::restart`] instead).
+    pub fn watched(&self) -> bool {
+        self.watchers() > 0
+    }
+
     /// The changes after `position` that the ring holds, at most `max`;
     /// `None` when the ring no longer reaches back that far. Also gives the
     /// revision up to which the answer covers.
@@ -355,6 +363,22 @@ impl Feed {
     /// Takes what was published, up to revision `latest`, decodes it, and
     /// hands it out.
     fn dispatch(&self, items: Vec<Published>, overflowed: bool, latest: u64) {
+        // With no watcher open, nothing is decoded or kept, as after an
+        // overflow: one that opens later reads from the change log, and one
+        // that opens meanwhile is moved there.
+        if overflowed || !self.watched() {
+            // What was dropped is only in the change log now.
+            let mut state = lock(&self.state);
+            state.ring.clear();
+            state.ring_bytes = 0;
+            state.covered_from = latest;
+            state.head = latest;
+            let lagged = state.watchers.len();
+            state.watchers.clear();
+            metrics::counter!(LAGGED).increment(lagged as u64);
+            self.dispatched.store(latest, Ordering::Release);
+            return;
+        }
         let mut changes = Vec::new();
         for item in items {
             match item {
@@ -369,18 +393,6 @@ impl Feed {
             }
         }
         let mut state = lock(&self.state);
-        if overflowed {
-            // What was dropped is only in the change log now.
-            state.ring.clear();
-            state.ring_bytes = 0;
-            state.covered_from = latest;
-            state.head = latest;
-            let lagged = state.watchers.len();
-            state.watchers.clear();
-            metrics::counter!(LAGGED).increment(lagged as u64);
-            self.dispatched.store(latest, Ordering::Release);
-            return;
-        }
         let mut dropped = Vec::new();
         for change in changes {
             if change.revision <= state.head {

@@ -360,6 +360,51 @@ async fn resuming_gives_exactly_the_rest() {
     assert_eq!(rest.iter().map(change_revision).collect::<Vec<_>>(), revisions[4..]);
 }
 
+/// Watchers that come and go one at a time, each resuming where the one
+/// before stopped, while a writer goes on: between two of them nobody
+/// watches and the feed keeps nothing, and together they still see every
+/// revision once, in order.
+async fn watchers_coming_and_going_miss_nothing() {
+    let server = TestServer::start().await;
+    let mut written = Vec::new();
+    for i in 0..20 {
+        let body = put_text(&server.client, &format!("k{}", i % 7), "v").await;
+        written.push(revision_of(&body));
+    }
+    let writer = {
+        let client = server.client.clone();
+        tokio::spawn(async move {
+            let mut revisions = Vec::new();
+            for i in 0..100 {
+                let body = put_text(&client, &format!("k{}", i % 7), &i.to_string()).await;
+                revisions.push(revision_of(&body));
+            }
+            revisions
+        })
+    };
+    let mut seen: Vec<u64> = Vec::new();
+    let all = written.len() + 100;
+    within(60, "every revision, watcher after watcher", async {
+        while seen.len() < all {
+            let from = seen.last().map_or(written[0], |last| last + 1);
+            let mut stream = watch(server.addr, &format!("from_revision={from}")).await;
+            let mut taken = 0;
+            while taken < 7 && seen.len() < all {
+                let Some(message) = stream.next_within(5).await else {
+                    break;
+                };
+                if message.event != "progress" {
+                    seen.push(change_revision(&message));
+                    taken += 1;
+                }
+            }
+        }
+    })
+    .await;
+    written.extend(within(30, "the writer", writer).await.expect("writer"));
+    assert_eq!(seen, written, "missing, repeated or out of order");
+}
+
 /// List a range, then watch it from the list's `revision + 1`: the keys
 /// and versions the list showed, updated by the events, are the range's
 /// final state, with writers running throughout.
