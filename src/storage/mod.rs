@@ -361,11 +361,7 @@ pub trait Store: Send + Sync {
     /// order given; gives their outcomes in that order. A backend may commit
     /// them together, under one sync: a RESP client's pipeline of writes.
     async fn write_many(&self, writes: Vec<Vec<WriteOp>>) -> Vec<StoreResult<WriteOutcome>> {
-        let mut outcomes = Vec::with_capacity(writes.len());
-        for ops in writes {
-            outcomes.push(self.write(ops).await);
-        }
-        outcomes
+        write_each(self, writes).await
     }
 
     /// One page of entries in key order, read from one snapshot.
@@ -468,4 +464,17 @@ pub trait ReplicaReads: Send + Sync {
     /// [`Store::scan`] on a replica that holds `min_revision`; the revision
     /// is the replica's.
     async fn scan(&self, request: &ScanRequest, min_revision: u64) -> Option<ScanPage>;
+}
+
+/// Makes `writes` one after the other, each with [`Store::write`]: what
+/// [`Store::write_many`] does unless a backend commits them together.
+pub(crate) async fn write_each<S: Store + ?Sized>(
+    store: &S,
+    writes: Vec<Vec<WriteOp>>,
+) -> Vec<StoreResult<WriteOutcome>> {
+    let mut outcomes = Vec::with_capacity(writes.len());
+    for ops in writes {
+        outcomes.push(store.write(ops).await);
+    }
+    outcomes
 }

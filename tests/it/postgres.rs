@@ -465,3 +465,192 @@ async fn a_transaction_pooler_without_a_listen_url_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--postgres-listen-url"), "{stderr}");
 }
+
+fn delete(key: &str, condition: Condition) -> WriteOp {
+    WriteOp::Delete {
+        key: key.as_bytes().to_vec(),
+        condition,
+    }
+}
+
+fn revision(outcome: &kvstore::StoreResult<WriteOutcome>) -> u64 {
+    match outcome {
+        Ok(WriteOutcome::Applied { revision, .. }) => *revision,
+        other => panic!("not applied: {other:?}"),
+    }
+}
+
+/// The transactions that logged `revisions`, told apart by their rows' xmin.
+async fn transactions_of(schema: &PgSchema, revisions: &[u64]) -> i64 {
+    let (client, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let revisions: Vec<i64> = revisions.iter().map(|r| *r as i64).collect();
+    client
+        .query_one(
+            &format!(
+                "SELECT count(DISTINCT xmin::text) FROM \"{}\".kv_revisions WHERE revision = ANY($1)",
+                schema.name
+            ),
+            &[&revisions],
+        )
+        .await
+        .expect("xmin")
+        .get(0)
+}
+
+/// A RESP pipeline's single puts and deletes go in one transaction, each
+/// under a revision of its own, in order, each seeing the ones before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn a_pipeline_of_single_writes_commits_once_in_order() {
+    let schema = PgSchema::new();
+    let store = schema.open().await;
+    let outcomes = store
+        .write_many(vec![
+            vec![put("k", "1", Condition::Any)],
+            vec![put("k", "2", Condition::Absent)],
+            vec![put("k", "3", Condition::Version(1))],
+            vec![delete("k", Condition::Any)],
+            vec![put("k", "4", Condition::Absent)],
+            vec![put("other", "x", Condition::Any)],
+        ])
+        .await;
+    match &outcomes[1] {
+        Ok(WriteOutcome::Rejected { failed }) => assert_eq!(failed[0].current_version, Some(1)),
+        other => panic!("a create-only put of an existing key: {other:?}"),
+    }
+    let applied: Vec<u64> = [0, 2, 3, 4, 5]
+        .iter()
+        .map(|&i| revision(&outcomes[i]))
+        .collect();
+    assert!(applied.windows(2).all(|w| w[0] < w[1]), "{applied:?}");
+    match &outcomes[4] {
+        Ok(WriteOutcome::Applied { results, .. }) => assert!(
+            matches!(
+                results[0],
+                OpResult::Put {
+                    version: 1,
+                    created: true,
+                    ..
+                }
+            ),
+            "{results:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(transactions_of(&schema, &applied).await, 1);
+    let entry = store.get(b"k").await.expect("get").expect("k");
+    assert_eq!((entry.value.as_slice(), entry.version), (&b"4"[..], 1));
+}
+
+/// A pipeline that meets a key past its deadline is made one write at a
+/// time, the expired key deleted under a revision of its own first; the
+/// revisions its first try took are settled at once, not left as holes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn a_pipeline_meeting_an_expired_key_is_made_one_write_at_a_time() {
+    let schema = PgSchema::new();
+    let store = schema.open().await;
+    let short = WriteOp::Put {
+        key: b"e".to_vec(),
+        value: b"old".to_vec(),
+        condition: Condition::Any,
+        expiry: Expiry::Ttl(1),
+    };
+    let before = revision(&store.write(vec![short]).await);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let outcomes = store
+        .write_many(vec![
+            vec![put("a", "1", Condition::Any)],
+            vec![put("e", "new", Condition::Absent)],
+            vec![put("b", "1", Condition::Any)],
+        ])
+        .await;
+    let revisions: Vec<u64> = outcomes.iter().map(revision).collect();
+    assert_eq!(transactions_of(&schema, &revisions).await, 3);
+    // What the first try took is settled as a gap before the answer, not
+    // left for the poller to fill after 250 ms.
+    let (client, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let gaps: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM \"{}\".kv_revisions WHERE gap AND revision > $1 AND revision < $2",
+                schema.name
+            ),
+            &[&(before as i64), &(revisions[0] as i64)],
+        )
+        .await
+        .expect("gaps")
+        .get(0);
+    assert!(gaps >= 1, "no gap row for the first try's revision");
+    let changes = within(10, "the change log", async {
+        loop {
+            let changes = store.changes(before, 100).await.expect("changes");
+            if changes.last().is_some_and(|c| c.revision >= revisions[2]) {
+                return changes;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let keys: Vec<(u64, String)> = changes
+        .iter()
+        .flat_map(|c| {
+            c.events
+                .iter()
+                .map(move |e| (c.revision, String::from_utf8_lossy(e.key()).into_owned()))
+        })
+        .collect();
+    let e: Vec<&(u64, String)> = keys.iter().filter(|(_, k)| k == "e").collect();
+    assert_eq!(e.len(), 2, "the expiry's delete, then the put: {keys:?}");
+    assert_eq!(e[1].0, revisions[1]);
+}
+
+/// Two clients pipelining writes to the same keys in opposite orders: their
+/// transactions would deadlock; they wait at most briefly for a lock and
+/// are then made one write at a time, and every write is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn pipelines_taking_rows_in_opposite_orders_all_complete() {
+    let schema = PgSchema::new();
+    let store = schema.open().await;
+    let rounds = 40;
+    let clients: Vec<_> = [["x", "y"], ["y", "x"]]
+        .into_iter()
+        .map(|order| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                for _ in 0..rounds {
+                    let writes = order
+                        .iter()
+                        .map(|key| vec![put(key, "v", Condition::Any)])
+                        .collect();
+                    for outcome in store.write_many(writes).await {
+                        revision(&outcome);
+                    }
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        within(30, "the pipelines", client).await.expect("client");
+    }
+    for key in [&b"x"[..], b"y"] {
+        let entry = store.get(key).await.expect("get").expect("written");
+        assert_eq!(entry.version, 2 * rounds);
+    }
+}

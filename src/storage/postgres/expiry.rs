@@ -75,6 +75,25 @@ async fn expire_round(shared: &Shared) -> StoreResult<()> {
     }
 }
 
+/// What a single write found in its way and left alone: its key past its
+/// own deadline, or on a lease that has ended.
+pub(super) enum Stale {
+    Key,
+    Lease(i64),
+}
+
+impl Stale {
+    /// From the key's `state` and lease, as a single write's statement
+    /// reports them.
+    pub(super) fn of(state: i32, lease: Option<i64>) -> Option<Stale> {
+        match (state, lease) {
+            (EXPIRED, _) => Some(Stale::Key),
+            (LEASE_ENDED, Some(lease)) => Some(Stale::Lease(lease)),
+            _ => None,
+        }
+    }
+}
+
 impl Shared {
     /// Runs an expiry delete (`Sql::expire_due` or `Sql::expire_keys`) with
     /// its one parameter; gives how many keys it deleted.
@@ -122,21 +141,13 @@ impl Shared {
         Ok(())
     }
 
-    /// Whether a single write found its key expired (`state` as its
-    /// statement reports it, with the row's lease); if so, deletes the key
-    /// (or ends its lease), and the write is to be made again.
-    pub(super) async fn found_expired(
-        &self,
-        state: i32,
-        key: &[u8],
-        lease: Option<i64>,
-    ) -> StoreResult<bool> {
-        match (state, lease) {
-            (EXPIRED, _) => self.clear_expired(&[key], &[]).await?,
-            (LEASE_ENDED, Some(lease)) => self.clear_expired(&[], &[lease]).await?,
-            _ => return Ok(false),
+    /// Deletes what stood expired in a single write's way, so that the
+    /// write can be made again.
+    pub(super) async fn clear_stale(&self, key: &[u8], stale: Stale) -> StoreResult<()> {
+        match stale {
+            Stale::Key => self.clear_expired(&[key], &[]).await,
+            Stale::Lease(lease) => self.clear_expired(&[], &[lease]).await,
         }
-        Ok(true)
     }
 
     /// Up to [`LEASE_BATCH`] leases whose deadline passed.

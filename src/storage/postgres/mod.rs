@@ -48,7 +48,7 @@ pub(crate) use notify::Invalidation;
 use config::redact;
 use connect::{Connector, PoolConnect};
 use errors::{is_lost_connection, is_retryable, map_pg, map_pool};
-use expiry::run_expirer;
+use expiry::{Stale, run_expirer};
 use notify::{Hearing, invalidations, keep_listening, notification_payloads};
 use replicas::Replicas;
 use rows::{column, first_row, row_entry, to_u64};
@@ -75,6 +75,7 @@ use super::rules::{self, Effect, KeyMeta};
 use super::{
     Change, Condition, DeleteReason, Entry, Expiry, FailedCondition, Feed, Found, Lease, LeaseId,
     OpResult, ReplicaReads, Revoked, ScanPage, ScanRequest, Store, WriteOp, WriteOutcome,
+    write_each,
 };
 use crate::error::{StoreError, StoreResult};
 
@@ -89,6 +90,12 @@ const MAX_ATTEMPTS: usize = 10;
 /// 1 and 4 ms: enough for a commit under light load, and bounded under heavy
 /// load, where some write is always committing).
 const READ_ATTEMPTS: u32 = 3;
+
+/// How long a pipeline's writes made together wait for a row lock: they
+/// take their rows in the pipeline's order, not in key order as a batch
+/// does, so two pipelines can deadlock, and PostgreSQL would take a second
+/// to tell. Past this wait they are made one at a time instead.
+const TOGETHER_LOCK_TIMEOUT: &str = "SELECT set_config('lock_timeout', '50ms', true)";
 
 /// How one attempt at a batch ended.
 enum Attempt {
@@ -398,137 +405,278 @@ impl Shared {
     }
 }
 
+/// A single put's parameters, as the put function takes them.
+struct PutArgs<'a> {
+    key: &'a [u8],
+    value: &'a [u8],
+    condition: Condition,
+    expiry: Expiry,
+    condition_params: (i32, i64),
+    expiry_params: (i32, i64),
+}
+
+impl<'a> PutArgs<'a> {
+    fn new(key: &'a [u8], value: &'a [u8], condition: Condition, expiry: Expiry) -> Self {
+        PutArgs {
+            key,
+            value,
+            condition,
+            expiry,
+            condition_params: condition_params(condition),
+            expiry_params: expiry_params(expiry),
+        }
+    }
+
+    fn params(&self) -> [Param<'_>; 6] {
+        [
+            (&self.key, Type::BYTEA),
+            (&self.value, Type::BYTEA),
+            (&self.condition_params.0, Type::INT4),
+            (&self.condition_params.1, Type::INT8),
+            (&self.expiry_params.0, Type::INT4),
+            (&self.expiry_params.1, Type::INT8),
+        ]
+    }
+
+    /// What the put function's row says.
+    fn outcome(&self, row: &Row) -> StoreResult<Single> {
+        let applied: bool = column(row, 0)?;
+        let version: Option<i64> = column(row, 1)?;
+        let lease: Option<i64> = column(row, 6)?;
+        if applied {
+            let version = to_u64(version.unwrap_or_default())?;
+            let revision: i64 = column(row, 2)?;
+            return Ok(Single::Done(Ok(WriteOutcome::Applied {
+                revision: to_u64(revision)?,
+                results: vec![OpResult::Put {
+                    version,
+                    created: version == 1,
+                    created_at_us: column(row, 3)?,
+                    updated_at_us: column(row, 4)?,
+                    expires_at_us: column(row, 5)?,
+                    lease: lease.map(lease_id),
+                }],
+            })));
+        }
+        if let Some(stale) = Stale::of(column(row, 7)?, lease) {
+            return Ok(Single::Stale(stale));
+        }
+        if let (false, Expiry::Lease(id)) = (column(row, 8)?, self.expiry) {
+            return Ok(Single::Done(Err(StoreError::LeaseNotFound(id))));
+        }
+        // A create-only put found no row but lost the race to insert one:
+        // made again, to report the version of the row that won.
+        if self.condition == Condition::Absent && version.is_none() {
+            return Ok(Single::Again);
+        }
+        Ok(Single::Done(Ok(rejected(version)?)))
+    }
+}
+
+/// A single delete's parameters, as its statement takes them.
+struct DeleteArgs<'a> {
+    key: &'a [u8],
+    condition_params: (i32, i64),
+}
+
+impl<'a> DeleteArgs<'a> {
+    fn new(key: &'a [u8], condition: Condition) -> Self {
+        DeleteArgs {
+            key,
+            condition_params: condition_params(condition),
+        }
+    }
+
+    fn params(&self) -> [Param<'_>; 3] {
+        [
+            (&self.key, Type::BYTEA),
+            (&self.condition_params.0, Type::INT4),
+            (&self.condition_params.1, Type::INT8),
+        ]
+    }
+
+    /// What the delete statement's row says.
+    fn outcome(row: &Row) -> StoreResult<Single> {
+        let ok: bool = column(row, 0)?;
+        if !ok {
+            if let Some(stale) = Stale::of(column(row, 4)?, column(row, 5)?) {
+                return Ok(Single::Stale(stale));
+            }
+            return Ok(Single::Done(Ok(rejected(column(row, 1)?)?)));
+        }
+        let revision: i64 = column(row, 2)?;
+        Ok(Single::Done(Ok(WriteOutcome::Applied {
+            revision: to_u64(revision)?,
+            results: vec![OpResult::Deleted {
+                existed: column(row, 3)?,
+            }],
+        })))
+    }
+}
+
+/// How the row of a single put or delete ends it.
+enum Single {
+    Done(StoreResult<WriteOutcome>),
+    /// Something expired stood in its way: it is deleted as expired, and
+    /// the write made again.
+    Stale(Stale),
+    /// It is to be made again.
+    Again,
+}
+
+/// A single write's failed condition, with the key's current version.
+fn rejected(current: Option<i64>) -> StoreResult<WriteOutcome> {
+    Ok(WriteOutcome::Rejected {
+        failed: vec![FailedCondition {
+            index: 0,
+            current_version: current.map(to_u64).transpose()?,
+        }],
+    })
+}
+
+/// A write of one put or one delete: one statement.
+enum SingleWrite<'a> {
+    Put(PutArgs<'a>),
+    Delete(DeleteArgs<'a>),
+}
+
+impl<'a> SingleWrite<'a> {
+    fn of(ops: &'a [WriteOp]) -> Option<Self> {
+        match ops {
+            [
+                WriteOp::Put {
+                    key,
+                    value,
+                    condition,
+                    expiry,
+                },
+            ] => Some(SingleWrite::Put(PutArgs::new(
+                key, value, *condition, *expiry,
+            ))),
+            [WriteOp::Delete { key, condition }] => {
+                Some(SingleWrite::Delete(DeleteArgs::new(key, *condition)))
+            }
+            _ => None,
+        }
+    }
+
+    fn key(&self) -> &[u8] {
+        match self {
+            SingleWrite::Put(args) => args.key,
+            SingleWrite::Delete(args) => args.key,
+        }
+    }
+
+    fn statement<'s>(&self, sql: &'s Sql) -> &'s str {
+        match self {
+            SingleWrite::Put(_) => &sql.put,
+            SingleWrite::Delete(_) => &sql.delete,
+        }
+    }
+
+    fn params(&self) -> Vec<Param<'_>> {
+        match self {
+            SingleWrite::Put(args) => args.params().to_vec(),
+            SingleWrite::Delete(args) => args.params().to_vec(),
+        }
+    }
+
+    fn outcome(&self, row: &Row) -> StoreResult<Single> {
+        match self {
+            SingleWrite::Put(args) => args.outcome(row),
+            SingleWrite::Delete(_) => DeleteArgs::outcome(row),
+        }
+    }
+}
+
 impl PostgresStore {
-    async fn put_one(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        condition: Condition,
-        expiry: Expiry,
-    ) -> StoreResult<WriteOutcome> {
-        let (kind, expected) = condition_params(condition);
-        let (expiry_kind, expiry_arg) = expiry_params(expiry);
+    /// Runs a single write's statement until its row says it is done.
+    async fn write_single(&self, write: &SingleWrite<'_>) -> StoreResult<WriteOutcome> {
+        let (sql, params) = (write.statement(&self.shared.sql), write.params());
         for _ in 0..MAX_ATTEMPTS {
             let client = self.shared.writer().await?;
-            let rows = match self
-                .shared
-                .run
-                .query(
-                    &client,
-                    &self.shared.sql.put,
-                    &[
-                        (&key, Type::BYTEA),
-                        (&value, Type::BYTEA),
-                        (&kind, Type::INT4),
-                        (&expected, Type::INT8),
-                        (&expiry_kind, Type::INT4),
-                        (&expiry_arg, Type::INT8),
-                    ],
-                )
-                .await
-            {
+            let rows = match self.shared.run.query(&client, sql, &params).await {
                 Ok(rows) => rows,
                 Err(err) if is_retryable(&err) => continue,
                 Err(err) => return Err(map_pg(&err)),
             };
             drop(client);
-            let row = first_row(rows)?;
-            let applied: bool = column(&row, 0)?;
-            let version: Option<i64> = column(&row, 1)?;
-            let lease: Option<i64> = column(&row, 6)?;
-            if applied {
-                let version = to_u64(version.unwrap_or_default())?;
-                let revision: i64 = column(&row, 2)?;
-                return Ok(WriteOutcome::Applied {
-                    revision: to_u64(revision)?,
-                    results: vec![OpResult::Put {
-                        version,
-                        created: version == 1,
-                        created_at_us: column(&row, 3)?,
-                        updated_at_us: column(&row, 4)?,
-                        expires_at_us: column(&row, 5)?,
-                        lease: lease.map(lease_id),
-                    }],
-                });
+            match write.outcome(&first_row(rows)?)? {
+                Single::Done(outcome) => return outcome,
+                Single::Stale(stale) => self.shared.clear_stale(write.key(), stale).await?,
+                Single::Again => {}
             }
-            if self
-                .shared
-                .found_expired(column(&row, 7)?, key, lease)
-                .await?
-            {
-                continue;
-            }
-            if let (false, Expiry::Lease(id)) = (column(&row, 8)?, expiry) {
-                return Err(StoreError::LeaseNotFound(id));
-            }
-            // A create-only put found no row but lost the race to insert one:
-            // try again, to report the version of the row that won.
-            if condition == Condition::Absent && version.is_none() {
-                continue;
-            }
-            return Ok(WriteOutcome::Rejected {
-                failed: vec![FailedCondition {
-                    index: 0,
-                    current_version: version.map(to_u64).transpose()?,
-                }],
-            });
         }
         Err(StoreError::Unavailable(
             "too much contention on one key; try again".into(),
         ))
     }
 
-    async fn delete_one(&self, key: &[u8], condition: Condition) -> StoreResult<WriteOutcome> {
-        let (kind, expected) = condition_params(condition);
-        for _ in 0..MAX_ATTEMPTS {
-            let client = self.shared.writer().await?;
-            let rows = match self
-                .shared
-                .run
-                .query(
-                    &client,
-                    &self.shared.sql.delete,
-                    &[
-                        (&key, Type::BYTEA),
-                        (&kind, Type::INT4),
-                        (&expected, Type::INT8),
-                    ],
-                )
-                .await
-            {
-                Ok(rows) => rows,
-                Err(err) if is_retryable(&err) => continue,
-                Err(err) => return Err(map_pg(&err)),
-            };
-            drop(client);
-            let row = first_row(rows)?;
-            let ok: bool = column(&row, 0)?;
-            let current: Option<i64> = column(&row, 1)?;
-            if !ok {
-                if self
-                    .shared
-                    .found_expired(column(&row, 4)?, key, column(&row, 5)?)
-                    .await?
-                {
-                    continue;
-                }
-                return Ok(WriteOutcome::Rejected {
-                    failed: vec![FailedCondition {
-                        index: 0,
-                        current_version: current.map(to_u64).transpose()?,
-                    }],
-                });
+    /// A pipeline's single writes in one transaction, their statements sent
+    /// together: one round trip and one commit for all of them, each still
+    /// under a revision of its own, in order. `None`, with nothing written,
+    /// when one of them is not a single write, needs more than its
+    /// statement (something expired in its way, a lost race), or failed
+    /// before the commit: the caller then makes them one at a time. The
+    /// revisions taken are settled as gaps at once, as a batch's are.
+    async fn write_together(
+        &self,
+        writes: &[Vec<WriteOp>],
+    ) -> Option<Vec<StoreResult<WriteOutcome>>> {
+        let singles: Vec<SingleWrite> = writes
+            .iter()
+            .map(|ops| SingleWrite::of(ops))
+            .collect::<Option<_>>()?;
+        let (run, sql) = (&self.shared.run, &self.shared.sql);
+        let mut client = self.shared.writer().await.ok()?;
+        let tx = run.begin(&mut client).await.ok()?;
+        let params: Vec<Vec<Param>> = singles.iter().map(SingleWrite::params).collect();
+        let statements: Vec<(&str, &[Param])> = std::iter::once((TOGETHER_LOCK_TIMEOUT, &[][..]))
+            .chain(
+                singles
+                    .iter()
+                    .zip(&params)
+                    .map(|(write, params)| (write.statement(sql), params.as_slice())),
+            )
+            .collect();
+        let results = run.query_all_in(&tx, &statements).await;
+        let mut outcomes = Vec::with_capacity(singles.len());
+        let mut complete = results
+            .as_ref()
+            .is_ok_and(|all| all.first().is_some_and(Result::is_ok));
+        for (write, rows) in singles
+            .iter()
+            .zip(results.unwrap_or_default().into_iter().skip(1))
+        {
+            match rows.map_err(|e| map_pg(&e)).and_then(first_row) {
+                Ok(row) => match write.outcome(&row) {
+                    Ok(Single::Done(outcome)) => outcomes.push(outcome),
+                    Ok(_) | Err(_) => complete = false,
+                },
+                Err(_) => complete = false,
             }
-            let revision: i64 = column(&row, 2)?;
-            let deleted: bool = column(&row, 3)?;
-            return Ok(WriteOutcome::Applied {
-                revision: to_u64(revision)?,
-                results: vec![OpResult::Deleted { existed: deleted }],
+        }
+        if complete {
+            // Not made again if the commit fails: it may have committed.
+            return Some(match tx.commit().await {
+                Ok(()) => outcomes,
+                Err(err) => writes.iter().map(|_| Err(map_pg(&err))).collect(),
             });
         }
-        Err(StoreError::Unavailable(
-            "too much contention on one key; try again".into(),
-        ))
+        let _ = tx.rollback().await;
+        let taken: Vec<i64> = outcomes
+            .iter()
+            .filter_map(|outcome| match outcome {
+                Ok(WriteOutcome::Applied { revision, .. }) => i64::try_from(*revision).ok(),
+                _ => None,
+            })
+            .collect();
+        if !taken.is_empty() {
+            let _ = run
+                .query(&client, &sql.fill, &[(&taken, Type::INT8_ARRAY)])
+                .await;
+        }
+        None
     }
 
     async fn write_batch(&self, ops: &[WriteOp]) -> StoreResult<WriteOutcome> {
@@ -727,23 +875,30 @@ impl Store for PostgresStore {
     }
 
     async fn write(&self, ops: Vec<WriteOp>) -> StoreResult<WriteOutcome> {
-        let outcome = match ops.as_slice() {
-            [] => Err(StoreError::Internal("a write without ops".into())),
-            [
-                WriteOp::Put {
-                    key,
-                    value,
-                    condition,
-                    expiry,
-                },
-            ] => self.put_one(key, value, *condition, *expiry).await,
-            [WriteOp::Delete { key, condition }] => self.delete_one(key, *condition).await,
-            _ => self.write_batch(&ops).await,
+        let outcome = match SingleWrite::of(&ops) {
+            _ if ops.is_empty() => Err(StoreError::Internal("a write without ops".into())),
+            Some(single) => self.write_single(&single).await,
+            None => self.write_batch(&ops).await,
         }?;
         if matches!(outcome, WriteOutcome::Applied { .. }) {
             self.shared.kick.notify_one();
         }
         Ok(outcome)
+    }
+
+    /// Together in one transaction when each is a single put or delete
+    /// (see [`PostgresStore::write_together`]), else one at a time.
+    async fn write_many(&self, writes: Vec<Vec<WriteOp>>) -> Vec<StoreResult<WriteOutcome>> {
+        let Some(outcomes) = self.write_together(&writes).await else {
+            return write_each(self, writes).await;
+        };
+        if outcomes
+            .iter()
+            .any(|outcome| matches!(outcome, Ok(WriteOutcome::Applied { .. })))
+        {
+            self.shared.kick.notify_one();
+        }
+        outcomes
     }
 
     async fn scan(&self, request: ScanRequest) -> StoreResult<ScanPage> {

@@ -4,7 +4,7 @@
 //! settings, behind a pooler in transaction mode.
 
 use deadpool_postgres::{ClientWrapper, Transaction};
-use futures_util::future::join3;
+use futures_util::future::{join_all, join3};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Error, Row};
 
@@ -74,6 +74,36 @@ impl Runner {
         let (types, values) = split(params);
         let statement = tx.prepare_typed_cached(sql, &types).await?;
         tx.query(&statement, &values).await
+    }
+
+    /// Runs `statements` in `tx`, in order, sent together: one round trip
+    /// for all of them once each is prepared. Gives each one's rows.
+    pub(super) async fn query_all_in(
+        &self,
+        tx: &Transaction<'_>,
+        statements: &[(&str, &[Param<'_>])],
+    ) -> Result<Vec<Result<Vec<Row>, Error>>, Error> {
+        if self.local_settings.is_some() {
+            return Ok(join_all(
+                statements
+                    .iter()
+                    .map(|(sql, params)| tx.query_typed(sql, params)),
+            )
+            .await);
+        }
+        // Prepared first, so that every query below is sent when first
+        // polled, and `join_all` polls them in order.
+        let mut prepared = Vec::with_capacity(statements.len());
+        for (sql, params) in statements {
+            let (types, values) = split(params);
+            prepared.push((tx.prepare_typed_cached(sql, &types).await?, values));
+        }
+        Ok(join_all(
+            prepared
+                .iter()
+                .map(|(statement, values)| tx.query(statement, values)),
+        )
+        .await)
     }
 
     /// Runs `sql`, which gives exactly one row, in `tx`.
