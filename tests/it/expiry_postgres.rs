@@ -128,10 +128,7 @@ async fn deletes_within(
 
 /// Rows still in the table, deleted or not, as a plain connection sees them.
 async fn rows_in_table(schema: &PgSchema) -> i64 {
-    let (client, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
+    let client = schema.client().await;
     client
         .query_one(&format!("SELECT count(*) FROM \"{}\".kv", schema.name), &[])
         .await
@@ -279,10 +276,7 @@ async fn a_write_that_finds_an_expired_row_logs_its_delete_first() {
     let store = schema.open().await;
     let (_, old) = write(&store, vec![put("k", "old", Expiry::Ttl(60_000))]).await;
     write(&store, vec![put("b", "old", Expiry::Ttl(60_000))]).await;
-    let (client, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
+    let client = schema.client().await;
     // Both deadlines pass now; the writes below come well before the next
     // round of the expirer (every 200 ms) most of the time, and must give
     // the same history either way.
@@ -579,10 +573,7 @@ async fn upgraded_from(schema: &PgSchema, downgrade: &str) -> Arc<PostgresStore>
     write(&store, vec![put("old", "v", Expiry::Never)]).await;
     store.close().await.expect("close");
     drop(store);
-    let (client, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
+    let client = schema.client().await;
     client
         .batch_execute(&downgrade.replace("{s}", &schema.name))
         .await

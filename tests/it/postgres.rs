@@ -405,10 +405,7 @@ async fn connections_ended_under_load_are_replaced() {
             })
         })
         .collect();
-    let (admin, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
-        .await
-        .expect("admin connection");
-    tokio::spawn(connection);
+    let admin = schema.client().await;
     let mut ended = 0;
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -482,10 +479,7 @@ fn revision(outcome: &kvstore::StoreResult<WriteOutcome>) -> u64 {
 
 /// The transactions that logged `revisions`, told apart by their rows' xmin.
 async fn transactions_of(schema: &PgSchema, revisions: &[u64]) -> i64 {
-    let (client, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
+    let client = schema.client().await;
     let revisions: Vec<i64> = revisions.iter().map(|r| *r as i64).collect();
     client
         .query_one(
@@ -578,10 +572,7 @@ async fn a_pipeline_meeting_an_expired_key_is_made_one_write_at_a_time() {
     assert_eq!(transactions_of(&schema, &revisions).await, 3);
     // What the first try took is settled as a gap before the answer, not
     // left for the poller to fill after 250 ms.
-    let (client, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
+    let client = schema.client().await;
     let gaps: i64 = client
         .query_one(
             &format!(

@@ -72,15 +72,6 @@ async fn collect(
     changes
 }
 
-/// A plain connection to the tests' PostgreSQL.
-async fn connect(schema: &PgSchema) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
-    client
-}
-
 fn scan_everything() -> ScanRequest {
     ScanRequest {
         lower: std::ops::Bound::Unbounded,
@@ -159,13 +150,13 @@ async fn revisions_rolled_back_or_held_do_not_stall_watchers() {
     let store = schema.open().await;
     let mut watcher = watch(&store, None).await;
     let sequence = format!("\"{}\".kv_revision", schema.name);
-    let raw = connect(&schema).await;
+    let raw = schema.client().await;
     // A revision taken and rolled back, and one taken by a transaction that
     // stays open: both are holes below the next write.
     raw.batch_execute(&format!("BEGIN; SELECT nextval('{sequence}'); ROLLBACK;"))
         .await
         .expect("rolled back");
-    let holder = connect(&schema).await;
+    let holder = schema.client().await;
     holder.batch_execute("BEGIN").await.expect("begin");
     let held: i64 = holder
         .query_one(&format!("SELECT nextval('{sequence}')"), &[])
@@ -206,7 +197,7 @@ async fn a_write_that_logs_its_revision_too_late_is_retried_under_a_new_one() {
     let schema = PgSchema::new();
     let store = schema.open().await;
     let mut watcher = watch(&store, None).await;
-    let raw = connect(&schema).await;
+    let raw = schema.client().await;
     // The first write to log a revision stalls for a second between taking
     // its revision and logging it, long enough for its revision to be filled.
     let s = &schema.name;
@@ -437,7 +428,7 @@ async fn a_page_and_a_watch_from_its_revision_miss_nothing() {
 )]
 async fn a_version_1_schema_is_upgraded() {
     let schema = PgSchema::new();
-    let raw = connect(&schema).await;
+    let raw = schema.client().await;
     let s = &schema.name;
     // What kvstore made before the change log, with two writes in it.
     raw.batch_execute(&format!(

@@ -289,6 +289,16 @@ impl PgSchema {
         }
     }
 
+    /// A plain connection to the schema's database, for a test to look at
+    /// or change what a store wrote.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(connection);
+        client
+    }
+
     /// A store configuration on this schema.
     pub fn config(&self) -> PostgresConfig {
         let mut config = PostgresConfig::new(&self.url);
