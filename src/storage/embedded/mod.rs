@@ -38,7 +38,8 @@
 //! them back. With fjall's default limit of 512 MiB, a crash at the peak left
 //! half a gigabyte to replay: opening took 4.4 s with 100,000 keys. The limit
 //! is set to fjall's smallest, so the `meta` keyspace is flushed each time a
-//! journal fills, and at most about two journals are kept.
+//! journal fills, and at most about two journals are kept (docs/durability.md
+//! gives their size).
 //!
 //! A full disk: the free-space guard (`space`) refuses writes before
 //! the disk fills. If the engine runs out of space all the same (the guard
