@@ -567,7 +567,7 @@ async fn what_expired_while_no_server_ran_is_gone_at_start_and_deleted_soon() {
 
 /// A store on `schema` holding "old" at version 1, taken back to an older
 /// schema version by `downgrade` (with `{s}` for the schema's name), then
-/// opened, which must upgrade it to version 4.
+/// opened, which must upgrade it to version 5.
 async fn upgraded_from(schema: &PgSchema, downgrade: &str) -> Arc<PostgresStore> {
     let store = schema.open().await;
     write(&store, vec![put("old", "v", Expiry::Never)]).await;
@@ -587,7 +587,7 @@ async fn upgraded_from(schema: &PgSchema, downgrade: &str) -> Arc<PostgresStore>
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     store
 }
 
@@ -632,6 +632,37 @@ async fn a_version_3_schema_is_upgraded_with_the_put_function() {
     deadline(&results[0]);
     let entry = store.get(b"old").await.expect("get").expect("kept");
     assert_eq!((entry.version, entry.value.as_ref()), (2, &b"w"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn a_version_4_schema_is_upgraded_with_the_delete_function() {
+    let schema = PgSchema::new();
+    let store = upgraded_from(
+        &schema,
+        "DROP FUNCTION \"{s}\".kv_delete_1;
+         UPDATE \"{s}\".kvstore_schema SET version = 4;",
+    )
+    .await;
+    let outcome = store
+        .write(vec![WriteOp::Delete {
+            key: b"old".to_vec(),
+            condition: Condition::Version(1),
+        }])
+        .await
+        .expect("delete");
+    assert!(
+        matches!(
+            outcome,
+            WriteOutcome::Applied { ref results, .. }
+                if results[0] == OpResult::Deleted { existed: true }
+        ),
+        "{outcome:?}"
+    );
+    assert!(store.get(b"old").await.expect("get").is_none());
 }
 
 /// A lease ended while puts attach keys to it takes its locks in the order

@@ -450,7 +450,7 @@ async fn a_version_1_schema_is_upgraded() {
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let old = store.get(b"old").await.expect("get").expect("old");
     assert_eq!((old.version, old.revision), (3, 41));
     let found = store

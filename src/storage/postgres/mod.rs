@@ -80,7 +80,7 @@ use super::{
 use crate::error::{StoreError, StoreResult};
 
 /// The schema version this build creates and understands.
-const SCHEMA_VERSION: i32 = 4;
+const SCHEMA_VERSION: i32 = 5;
 /// How often a batch is tried again after a concurrent write created one of
 /// its keys, or after a deadlock or serialization failure.
 const MAX_ATTEMPTS: usize = 10;

@@ -5,7 +5,7 @@ use deadpool_postgres::Pool;
 
 use super::errors::{map_pg, map_pool};
 use super::run::Runner;
-use super::sql::{ident, put_function};
+use super::sql::{delete_function, ident, put_function};
 use super::{PostgresConfig, SCHEMA_VERSION, Shared};
 use crate::error::{StoreError, StoreResult};
 
@@ -79,10 +79,11 @@ pub(super) async fn migrate(pool: &Pool, config: &PostgresConfig) -> StoreResult
                     .await
                     .map_err(|e| map_pg(&e))?;
             }
-            // Version 4: the put function.
-            tx.batch_execute(&put_function(&schema))
-                .await
-                .map_err(|e| map_pg(&e))?;
+            // Versions 4 and 5: the put function, then the delete function
+            // (`CREATE OR REPLACE`, so made again from any older version).
+            for function in [put_function(&schema), delete_function(&schema)] {
+                tx.batch_execute(&function).await.map_err(|e| map_pg(&e))?;
+            }
             tx.batch_execute(&format!(
                 "DELETE FROM {schema}.kvstore_schema;
                  INSERT INTO {schema}.kvstore_schema VALUES ({SCHEMA_VERSION});"

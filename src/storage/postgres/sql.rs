@@ -289,6 +289,68 @@ pub(super) fn put_function(schema: &str) -> String {
     )
 }
 
+/// The name of the schema's delete function, versioned as the put's is.
+pub(super) const DELETE_FUNCTION: &str = "kv_delete_1";
+
+/// Creates the schema's delete function (schema version 5), which the
+/// `delete` statement calls, for the reason the put is a function: the row,
+/// locked, with its lease, and what it finds there (a row past its deadline
+/// or on a lapsed lease changes nothing and says so, as for the put); the
+/// condition; and only when the delete goes ahead, the revision (so that a
+/// failed condition takes none), its row, the delete, and the change-log
+/// row of what was deleted. An unconditional delete of an absent key takes
+/// a revision and logs no change, as on the embedded engine.
+pub(super) fn delete_function(schema: &str) -> String {
+    let kv = format!("{schema}.kv");
+    let leases = format!("{schema}.leases");
+    let revisions = format!("{schema}.kv_revisions");
+    let changes = format!("{schema}.kv_changes");
+    let seq = literal(&format!("{schema}.kv_revision"));
+    let state = row_state("us");
+    let deleted = DeleteReason::Deleted.code();
+    format!(
+        "CREATE OR REPLACE FUNCTION {schema}.{DELETE_FUNCTION}(
+             p_key bytea, p_condition int4, p_expected int8,
+             OUT o_ok bool, OUT o_current int8, OUT o_revision int8, OUT o_deleted bool,
+             OUT o_state int4, OUT o_lease int8)
+         LANGUAGE plpgsql AS $delete$
+         DECLARE
+             us int8 := {NOW_US};
+             cur record;
+             gone int8;
+         BEGIN
+             SELECT e.version, e.lease, {state} AS state INTO cur
+             FROM {kv} e LEFT JOIN {leases} l ON l.id = e.lease
+             WHERE e.key = p_key FOR UPDATE OF e;
+             o_state := {ABSENT};
+             IF FOUND THEN
+                 o_state := cur.state;
+                 o_current := cur.version;
+                 o_lease := cur.lease;
+             END IF;
+             o_ok := CASE
+                 WHEN o_state IN ({EXPIRED}, {LEASE_ENDED}) THEN false
+                 WHEN p_condition = 0 THEN true
+                 WHEN p_condition = 1 THEN o_state = {LIVE} AND o_current = p_expected
+                 WHEN p_condition = 2 THEN o_state = {ABSENT}
+                 ELSE o_state = {LIVE} END;
+             o_deleted := false;
+             IF NOT o_ok THEN
+                 RETURN;
+             END IF;
+             o_revision := nextval({seq});
+             INSERT INTO {revisions} (revision, written_at_us) VALUES (o_revision, us);
+             DELETE FROM {kv} WHERE key = p_key RETURNING version INTO gone;
+             o_deleted := FOUND;
+             IF o_deleted THEN
+                 INSERT INTO {changes} (revision, key, version, reason)
+                 VALUES (o_revision, p_key, gone, {deleted});
+             END IF;
+         END
+         $delete$"
+    )
+}
+
 impl Sql {
     pub(super) fn new(config: &PostgresConfig) -> Self {
         let mut sql = Self::statements(config);
@@ -353,24 +415,6 @@ impl Sql {
         } else {
             String::new()
         };
-        // A single write's view of its key $1: the clock, then the row,
-        // locked, with its lease; and what the write finds there. A write
-        // that finds an expired row changes nothing and says so: the row is
-        // deleted as expired first (under a revision of its own, logged
-        // before the write's), and the write is made again.
-        let locked_row = format!(
-            "now AS MATERIALIZED (SELECT {NOW_US} AS us),
-            cur AS MATERIALIZED (
-                SELECT e.version, e.expires_at_us, e.lease, l.expires_at_us AS lease_expires_at_us,
-                       {state} AS state
-                FROM {kv} e LEFT JOIN {leases} l ON l.id = e.lease
-                WHERE e.key = $1 FOR UPDATE OF e
-            ),
-            found AS MATERIALIZED (
-                SELECT coalesce((SELECT state FROM cur), {ABSENT}) AS state
-            )",
-            state = row_state("(SELECT us FROM now)"),
-        );
         // $1 key, $2 value, $3 condition kind, $4 expected version, $5
         // expiry kind, $6 its argument: a call of the schema's put function
         // (see `put_function`).
@@ -383,32 +427,13 @@ impl Sql {
                 FROM {schema}.{PUT_FUNCTION}($1, $2, $3, $4, $5, $6)
             ) result"
         );
-        // $1 key, $2 condition kind, $3 expected version. The revision is
-        // taken only when the delete goes ahead, after the row is locked.
+        // $1 key, $2 condition kind, $3 expected version: a call of the
+        // schema's delete function (see `delete_function`).
         let delete = format!(
-            "WITH {locked_row},
-            ok AS MATERIALIZED (
-                SELECT CASE WHEN state IN ({EXPIRED}, {LEASE_ENDED}) THEN false
-                    ELSE CASE $2
-                        WHEN 0 THEN true
-                        WHEN 1 THEN state = {LIVE} AND (SELECT version FROM cur) = $3
-                        WHEN 2 THEN state = {ABSENT}
-                        ELSE state = {LIVE} END END AS ok
-                FROM found
-            ), rev AS MATERIALIZED (
-                SELECT nextval({seq}) AS r, us FROM ok, now WHERE ok
-            ), del AS (
-                DELETE FROM {kv} WHERE key = $1 AND EXISTS (SELECT 1 FROM rev) RETURNING version
-            ), marked AS (
-                INSERT INTO {revisions} (revision, written_at_us) SELECT r, us FROM rev
-            ), logged AS (
-                INSERT INTO {changes} (revision, key, version, reason)
-                SELECT rev.r, $1, del.version, {deleted} FROM rev, del
-            )
-            SELECT ok, current, revision, deleted, state, lease {delete_notify} FROM (
-                SELECT (SELECT ok FROM ok) AS ok, (SELECT version FROM cur) AS current,
-                       (SELECT r FROM rev) AS revision, (SELECT count(*) FROM del) > 0 AS deleted,
-                       (SELECT state FROM found) AS state, (SELECT lease FROM cur) AS lease
+            "SELECT * {delete_notify} FROM (
+                SELECT o_ok AS ok, o_current AS current, o_revision AS revision,
+                       o_deleted AS deleted, o_state AS state, o_lease AS lease
+                FROM {schema}.{DELETE_FUNCTION}($1, $2, $3)
             ) result"
         );
         // A batch: lock what exists in key order, then write everything. The
