@@ -37,8 +37,9 @@
 //!   now)` (its UPDATE and INSERT), the expiry (`own` and `attached`;
 //!   `Keep` from the locked row), and the result (the effective deadline,
 //!   the lease's for a key on one);
-//! - `delete`: the condition (the `ok` CTE) and whether the key existed
-//!   (`del`).
+//! - the delete function (`delete_function`, which the `delete` statement
+//!   calls): the condition (`o_ok`) and whether the key existed
+//!   (`o_deleted`).
 //!
 //! Everything else goes through [`decide`], PostgreSQL's batches included:
 //! their `apply` statement writes what it decided, and updates a row only at

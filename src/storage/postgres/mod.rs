@@ -6,12 +6,15 @@
 //! revision only once it holds the row's lock, so that per key the revision
 //! goes up with the version, whichever server wrote:
 //!
-//! - A single put or delete is one autocommitted statement: it locks the row
-//!   (`SELECT .. FOR UPDATE`), checks the condition against the locked
-//!   version, then updates the row (`revision = nextval(..)`, evaluated after
-//!   the lock) or inserts it (`INSERT .. ON CONFLICT (key) DO UPDATE ..
-//!   RETURNING`, so two first writes of a key cannot both create it). A failed
+//! - A single put or delete is one autocommitted statement, a call of the
+//!   schema's put or delete function: it locks the row (`SELECT .. FOR
+//!   UPDATE`), checks the condition against the locked version, then
+//!   updates the row (`revision = nextval(..)`, evaluated after the lock) or
+//!   inserts it (`INSERT .. ON CONFLICT (key) DO UPDATE .. RETURNING`, so two
+//!   first writes of a key cannot both create it), or deletes it. A failed
 //!   condition reports the locked version and takes no revision.
+//! - A RESP pipeline's single writes are made in one transaction, each with
+//!   its own statement, all sent together (see `write_together`).
 //! - A batch is one transaction: it locks the rows that exist in key order
 //!   (reading their metadata and the database clock), lets
 //!   [`rules::decide`] check every condition and decide each key's new
