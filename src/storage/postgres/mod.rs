@@ -621,7 +621,7 @@ impl PostgresStore {
     /// when one of them is not a single write, needs more than its
     /// statement (something expired in its way, a lost race), or failed
     /// before the commit: the caller then makes them one at a time. The
-    /// revisions taken are settled as gaps at once, as a batch's are.
+    /// revisions its writes took are settled as gaps at once, as a batch's are.
     async fn write_together(
         &self,
         writes: &[Vec<WriteOp>],
