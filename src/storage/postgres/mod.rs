@@ -890,7 +890,7 @@ impl Store for PostgresStore {
     }
 
     /// Together in one transaction when each is a single put or delete
-    /// (see [`PostgresStore::write_together`]), else one at a time.
+    /// (see `write_together`), else one at a time.
     async fn write_many(&self, writes: Vec<Vec<WriteOp>>) -> Vec<StoreResult<WriteOutcome>> {
         let Some(outcomes) = self.write_together(&writes).await else {
             return write_each(self, writes).await;
