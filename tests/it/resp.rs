@@ -442,6 +442,41 @@ async fn a_pipeline_of_writes_shares_one_sync() {
     );
 }
 
+/// On PostgreSQL a pipeline whose writes cannot all go in one transaction
+/// (here one meets an expired key) is answered all the same, write by
+/// write, and counted as a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn on_postgres_a_pipeline_made_one_write_at_a_time_is_counted() {
+    crate::harness::Backend::Postgres
+        .run(async {
+            let server = TestServer::start_with_resp(Security::default(), |_| {}).await;
+            let retries = || async {
+                let text = crate::requests::get(&server.client, "/metrics").await;
+                String::from_utf8_lossy(&text.body)
+                    .lines()
+                    .find_map(|line| {
+                        line.strip_prefix("kvstore_postgres_retries_total{cause=\"pipeline\"} ")
+                    })
+                    .map_or(0.0, |n| n.parse::<f64>().expect("a count"))
+            };
+            let expected = "+OK\r\n";
+            let got = raw(&server, b"SET e old PX 1\r\n", expected.len()).await;
+            assert_eq!(String::from_utf8_lossy(&got), expected);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let before = retries().await;
+            let request = b"SET a 1\r\nSET e new NX\r\nSET b 1\r\nGET e\r\n";
+            let expected = "+OK\r\n+OK\r\n+OK\r\n$3\r\nnew\r\n";
+            let got = raw(&server, request, expected.len()).await;
+            assert_eq!(String::from_utf8_lossy(&got), expected);
+            assert!(retries().await > before, "the fallback was not counted");
+        })
+        .await;
+}
+
 /// SCAN, KEYS, RANDOMKEY, RENAME, COPY, GETRANGE, SETRANGE, FLUSHDB
 /// (`src/resp/keyspace.rs`).
 mod keyspace {

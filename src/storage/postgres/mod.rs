@@ -667,6 +667,7 @@ impl PostgresStore {
             });
         }
         let _ = tx.rollback().await;
+        metrics::counter!(RETRIES, "cause" => "pipeline").increment(1);
         let taken: Vec<i64> = outcomes
             .iter()
             .filter_map(|outcome| match outcome {
