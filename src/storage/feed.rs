@@ -373,9 +373,11 @@ impl Feed {
             state.ring_bytes = 0;
             state.covered_from = latest;
             state.head = latest;
-            let lagged = state.watchers.len();
-            state.watchers.clear();
-            metrics::counter!(LAGGED).increment(lagged as u64);
+            // Unwatched, this runs after every commit: no metric to touch.
+            if state.watchers.len() > 0 {
+                metrics::counter!(LAGGED).increment(state.watchers.len() as u64);
+                state.watchers.clear();
+            }
             self.dispatched.store(latest, Ordering::Release);
             return;
         }

@@ -161,6 +161,28 @@ fn row_state(now: &str) -> String {
     )
 }
 
+/// The schema's objects that the writes name, qualified by the schema
+/// (itself an identifier, quoted); the sequence as a literal, for `nextval`.
+struct Tables {
+    kv: String,
+    leases: String,
+    revisions: String,
+    changes: String,
+    seq: String,
+}
+
+impl Tables {
+    fn of(schema: &str) -> Self {
+        Tables {
+            kv: format!("{schema}.kv"),
+            leases: format!("{schema}.leases"),
+            revisions: format!("{schema}.kv_revisions"),
+            changes: format!("{schema}.kv_changes"),
+            seq: literal(&format!("{schema}.kv_revision")),
+        }
+    }
+}
+
 /// The name of the schema's put function, versioned so that servers of two
 /// releases never run each other's.
 pub(super) const PUT_FUNCTION: &str = "kv_put_1";
@@ -188,11 +210,13 @@ pub(super) const PUT_FUNCTION: &str = "kv_put_1";
 /// one, rather than a hole for the poller to fill); the change-log row; and
 /// the answer, with the effective deadline (the lease's for a key on one).
 pub(super) fn put_function(schema: &str) -> String {
-    let kv = format!("{schema}.kv");
-    let leases = format!("{schema}.leases");
-    let revisions = format!("{schema}.kv_revisions");
-    let changes = format!("{schema}.kv_changes");
-    let seq = literal(&format!("{schema}.kv_revision"));
+    let Tables {
+        kv,
+        leases,
+        revisions,
+        changes,
+        seq,
+    } = Tables::of(schema);
     let state = row_state("us");
     format!(
         "CREATE OR REPLACE FUNCTION {schema}.{PUT_FUNCTION}(
@@ -301,11 +325,13 @@ pub(super) const DELETE_FUNCTION: &str = "kv_delete_1";
 /// row of what was deleted. An unconditional delete of an absent key takes
 /// a revision and logs no change, as on the embedded engine.
 pub(super) fn delete_function(schema: &str) -> String {
-    let kv = format!("{schema}.kv");
-    let leases = format!("{schema}.leases");
-    let revisions = format!("{schema}.kv_revisions");
-    let changes = format!("{schema}.kv_changes");
-    let seq = literal(&format!("{schema}.kv_revision"));
+    let Tables {
+        kv,
+        leases,
+        revisions,
+        changes,
+        seq,
+    } = Tables::of(schema);
     let state = row_state("us");
     let deleted = DeleteReason::Deleted.code();
     format!(
@@ -381,14 +407,16 @@ impl Sql {
 
     fn statements(config: &PostgresConfig) -> Self {
         let schema = ident(&config.schema);
-        let kv = format!("{schema}.kv");
-        let leases = format!("{schema}.leases");
-        let revisions = format!("{schema}.kv_revisions");
-        let changes = format!("{schema}.kv_changes");
+        let Tables {
+            kv,
+            leases,
+            revisions,
+            changes,
+            seq,
+        } = Tables::of(&schema);
         let watermark = format!("{schema}.kv_watermark");
         let deleted = DeleteReason::Deleted.code();
         let expired = DeleteReason::Expired.code();
-        let seq = literal(&format!("{schema}.kv_revision"));
         let channel = literal(&config.channel());
         let feed_channel = literal(&config.feed_channel());
         // The put's notification: `revision:written_at_us:hex(key)`.

@@ -313,8 +313,9 @@ impl Poller {
             return Ok(false);
         }
         // A page read with no watcher open would be thrown away: under
-        // steady writes that read, with every value written, was a fifth of
-        // a batch's time on two cores.
+        // steady batches of 100 that read, with every value written, cost
+        // about 0.45 ms of PostgreSQL's CPU and 0.25 ms of the server's per
+        // batch (docs/postgres.md).
         if !self.shared.feed.watched() {
             self.skip_to(settled);
             return Ok(false);
