@@ -124,6 +124,12 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "KVSTORE_SYNC_INTERVAL_MS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..))]
     sync_interval_ms: u64,
+    /// Milliseconds without a write after which the embedded engine flushes
+    /// its memtables of 1 MiB or more to tables, so that reads stop
+    /// searching them; 0 leaves a memtable in memory until it is full.
+    #[arg(long, env = "KVSTORE_FLUSH_WHEN_QUIET_MS",
+          default_value_t = EmbeddedConfig::new("").flush_when_quiet.map_or(0, |quiet| quiet.as_millis() as u64))]
+    flush_when_quiet_ms: u64,
     /// Change history kept for watchers, in revisions: a revision is kept
     /// while it is among the last this many, or younger than
     /// --watch-history-secs, whichever keeps more.
@@ -238,6 +244,8 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             engine.sync_interval = Duration::from_millis(args.sync_interval_ms);
             engine.min_free = args.min_free_bytes.unwrap_or_default();
             engine.block_cache_bytes = args.block_cache_bytes;
+            engine.flush_when_quiet = (args.flush_when_quiet_ms > 0)
+                .then(|| Duration::from_millis(args.flush_when_quiet_ms));
             engine.history = history;
             stack::Backend::Embedded(engine)
         }
@@ -386,5 +394,13 @@ mod tests {
         let set = Serve::try_parse_from(["serve", "--block-cache-bytes", "1073741824"]).unwrap();
         assert_eq!(set.args.block_cache_bytes, 1 << 30);
         assert!(Serve::try_parse_from(["serve", "--block-cache-bytes", "0"]).is_err());
+    }
+
+    #[test]
+    fn memtables_are_flushed_after_the_engines_quiet_spell_unless_zero() {
+        let default = Serve::try_parse_from(["serve"]).unwrap();
+        assert_eq!(default.args.flush_when_quiet_ms, 2000);
+        let off = Serve::try_parse_from(["serve", "--flush-when-quiet-ms", "0"]).unwrap();
+        assert_eq!(off.args.flush_when_quiet_ms, 0);
     }
 }

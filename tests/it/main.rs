@@ -41,6 +41,7 @@ mod model;
 mod multi_server;
 mod ops;
 mod postgres;
+mod quiet_flush;
 mod replicas;
 mod resp;
 mod robustness;

@@ -14,14 +14,10 @@ use crate::error::{StoreError, StoreResult};
 /// The thread that commits the writes that queued while another commit ran.
 pub(super) struct Committer {
     pub(super) shared: Arc<Shared>,
-    /// Dropped on close, which stops the buffered-mode syncer.
-    pub(super) syncer_stop: Option<std::sync::mpsc::Sender<()>>,
-    /// Dropped on close, which stops the watcher.
-    pub(super) watcher_stop: Option<std::sync::mpsc::Sender<()>>,
-    /// Dropped on close, which stops the history's trimmer.
-    pub(super) trimmer_stop: Option<std::sync::mpsc::Sender<()>>,
-    /// Dropped on close, which stops the expirer.
-    pub(super) expirer_stop: Option<std::sync::mpsc::Sender<()>>,
+    /// Dropped on close, which stops the background threads (the
+    /// buffered-mode syncer, the watcher, the trimmer, the expirer, the
+    /// flusher).
+    pub(super) stops: Vec<std::sync::mpsc::Sender<()>>,
 }
 
 impl Committer {
@@ -95,10 +91,7 @@ impl Committer {
     /// Called with the writer held, so no write commits itself after this.
     fn close(&mut self) -> StoreResult<()> {
         self.shared.closed.store(true, Ordering::Release);
-        self.syncer_stop.take();
-        self.watcher_stop.take();
-        self.trimmer_stop.take();
-        self.expirer_stop.take();
+        self.stops.clear();
         self.shared
             .with_engine(|engine| Ok(engine.db.persist(PersistMode::SyncAll)?))
     }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable};
+use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, Readable};
 
 use super::{KEYSPACES_DIR, MAX_JOURNALING_BYTES, REVISION_KEY};
 use crate::error::{StoreError, StoreResult};
@@ -57,6 +57,25 @@ impl Engine {
         };
         let revision = engine.revision_in(&engine.db.snapshot())?;
         Ok((engine, revision))
+    }
+
+    /// Hands every keyspace's memtable of at least `min_bytes` to fjall's
+    /// flush (see [`super::quiet`]); gives how many it handed over.
+    pub(super) fn flush_memtables(&self, min_bytes: u64) -> StoreResult<usize> {
+        let mut flushed = 0;
+        for keyspace in [
+            &self.kv,
+            &self.changes,
+            &self.deadlines,
+            &self.lease_keys,
+            &self.leases,
+            &self.meta,
+        ] {
+            if keyspace.tree.active_memtable().size() >= min_bytes && keyspace.rotate_memtable()? {
+                flushed += 1;
+            }
+        }
+        Ok(flushed)
     }
 
     /// The store revision a snapshot (or the engine itself) holds.

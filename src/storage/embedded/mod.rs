@@ -56,6 +56,7 @@ mod expiry;
 mod full_disk;
 mod history;
 mod key_directory;
+mod quiet;
 mod reads;
 mod space;
 mod syncer;
@@ -67,6 +68,7 @@ use expiry::{Leases, count_lease_keys, run_expirer};
 use full_disk::{Failure, ran_out_of_space, run_watcher};
 use history::{read_changes, run_trimmer};
 use key_directory::KeyDirectory;
+use quiet::run_flusher;
 use reads::{get_snapshot, range_is_empty, scan_snapshot, to_entry};
 use syncer::run_syncer;
 use writer::Writer;
@@ -153,6 +155,11 @@ pub struct EmbeddedConfig {
     pub min_free: MinFree,
     /// How much change history to keep for watchers.
     pub history: History,
+    /// Once no write has been committed for this long, memtables of at least
+    /// 1 MiB are flushed to tables, so that reads stop searching them (see
+    /// `quiet.rs`); `None` leaves flushing to fjall, which flushes a memtable
+    /// when it is full.
+    pub flush_when_quiet: Option<Duration>,
     /// Called at every commit and sync (tests use it to prove ordering).
     #[cfg(feature = "internals")]
     pub commit_hook: Option<CommitHook>,
@@ -166,7 +173,8 @@ impl EmbeddedConfig {
     /// Defaults: `fsync` durability, a 10 ms sync interval, 1 ms of quiet
     /// before a write commits itself, 32 MiB of key directory (about 250,000
     /// keys of 30 bytes), 32 MiB of block cache, the default free space to
-    /// keep ([`MinFree`]), the default history ([`History`]), no hook.
+    /// keep ([`MinFree`]), the default history ([`History`]), memtables
+    /// flushed after 2 s without writes, no hook.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         EmbeddedConfig {
             path: path.into(),
@@ -177,6 +185,7 @@ impl EmbeddedConfig {
             block_cache_bytes: DEFAULT_BLOCK_CACHE_BYTES,
             min_free: MinFree::default(),
             history: History::default(),
+            flush_when_quiet: Some(Duration::from_secs(2)),
             #[cfg(feature = "internals")]
             commit_hook: None,
             #[cfg(feature = "internals")]
@@ -216,6 +225,10 @@ const MAX_JOURNALING_BYTES: u64 = 64 << 20;
 /// costs 25-30 µs of thread wake-up on this kind of machine (measured with
 /// `cargo bench --bench hot_paths`). Larger reads go to a blocking thread.
 const INLINE_READ_ITEMS: usize = 128;
+
+/// A background thread's work, given the store and the channel whose
+/// closing stops it.
+type Background = Box<dyn FnOnce(&Shared, &std::sync::mpsc::Receiver<()>) + Send>;
 
 /// A write's outcome, and how long the commit of its group took (zero when
 /// it was not committed).
@@ -456,52 +469,43 @@ impl EmbeddedStore {
 
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
         let mut threads = Vec::new();
-        let (syncer_stop, syncer) = match config.durability {
-            Durability::Fsync => (None, None),
-            Durability::Buffered => {
-                let (stop, stopped) = std::sync::mpsc::channel::<()>();
-                let shared = Arc::clone(&shared);
-                let interval = config.sync_interval;
-                let handle = std::thread::Builder::new()
-                    .name("kvstore-syncer".into())
-                    .spawn(move || run_syncer(&shared, interval, &stopped, revision))?;
-                (Some(stop), Some(handle))
-            }
+        let mut stops = Vec::new();
+        let mut background = |name: &str, run: Background| -> std::io::Result<()> {
+            let (stop, stopped) = std::sync::mpsc::channel::<()>();
+            let shared = Arc::clone(&shared);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || run(&shared, &stopped))?,
+            );
+            stops.push(stop);
+            Ok(())
         };
-        let (watcher_stop, stopped) = std::sync::mpsc::channel::<()>();
-        let watched = Arc::clone(&shared);
-        threads.push(
-            std::thread::Builder::new()
-                .name("kvstore-watcher".into())
-                .spawn(move || run_watcher(&watched, &stopped))?,
-        );
-        let (trimmer_stop, stopped) = std::sync::mpsc::channel::<()>();
-        let trimmed = Arc::clone(&shared);
-        threads.push(
-            std::thread::Builder::new()
-                .name("kvstore-trimmer".into())
-                .spawn(move || run_trimmer(&trimmed, &stopped))?,
-        );
-        let (expirer_stop, stopped) = std::sync::mpsc::channel::<()>();
-        let expiring = Arc::clone(&shared);
-        threads.push(
-            std::thread::Builder::new()
-                .name("kvstore-expirer".into())
-                .spawn(move || run_expirer(&expiring, &stopped))?,
-        );
+        if config.durability == Durability::Buffered {
+            let interval = config.sync_interval;
+            background(
+                "kvstore-syncer",
+                Box::new(move |shared, stop| run_syncer(shared, interval, stop, revision)),
+            )?;
+        }
+        background("kvstore-watcher", Box::new(run_watcher))?;
+        background("kvstore-trimmer", Box::new(run_trimmer))?;
+        background("kvstore-expirer", Box::new(run_expirer))?;
+        if let Some(quiet) = config.flush_when_quiet {
+            background(
+                "kvstore-flusher",
+                Box::new(move |shared, stop| run_flusher(shared, quiet, stop)),
+            )?;
+        }
         let committer = Committer {
             shared: Arc::clone(&shared),
-            syncer_stop,
-            watcher_stop: Some(watcher_stop),
-            trimmer_stop: Some(trimmer_stop),
-            expirer_stop: Some(expirer_stop),
+            stops,
         };
         threads.push(
             std::thread::Builder::new()
                 .name("kvstore-committer".into())
                 .spawn(move || committer.run(queue))?,
         );
-        threads.extend(syncer);
 
         Ok(EmbeddedStore {
             shared,

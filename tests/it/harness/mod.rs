@@ -178,6 +178,23 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// The table files of the embedded engine in `data_dir`, of every keyspace:
+/// fjall writes one when it flushes a memtable.
+pub fn table_files(data_dir: &Path) -> Vec<PathBuf> {
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .collect()
+    };
+    entries(&data_dir.join("keyspaces"))
+        .iter()
+        .flat_map(|keyspace| entries(&keyspace.join("tables")))
+        .collect()
+}
+
 /// The storage backend a test body runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
