@@ -608,6 +608,60 @@ async fn a_pipeline_meeting_an_expired_key_is_made_one_write_at_a_time() {
     assert_eq!(e[1].0, revisions[1]);
 }
 
+/// A pipeline that finds a row locked by another transaction waits for it
+/// only briefly (its lock timeout), then makes its writes one at a time:
+/// the write before the locked row is visible while the lock is still held,
+/// which a pipeline waiting in its one transaction could not show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_postgres),
+    ignore = "set KVSTORE_TEST_POSTGRES_URL to run it"
+)]
+async fn a_pipeline_meeting_a_held_row_lock_gives_up_its_transaction() {
+    let schema = PgSchema::new();
+    let store = schema.open().await;
+    revision(&store.write(vec![put("held", "0", Condition::Any)]).await);
+    let holder = schema.client().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM \"{}\".kv WHERE key = 'held'::bytea FOR UPDATE",
+            schema.name
+        ))
+        .await
+        .expect("lock the row");
+    let pipeline = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            store
+                .write_many(vec![
+                    vec![put("before", "1", Condition::Any)],
+                    vec![put("held", "1", Condition::Any)],
+                    vec![put("after", "1", Condition::Any)],
+                ])
+                .await
+        })
+    };
+    within(10, "the write before the locked row, alone", async {
+        while store.get(b"before").await.expect("get").is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        store.get(b"after").await.expect("get").is_none(),
+        "a write behind the locked row went ahead of it"
+    );
+    holder.batch_execute("COMMIT").await.expect("release");
+    let outcomes = within(10, "the pipeline", pipeline)
+        .await
+        .expect("pipeline");
+    let revisions: Vec<u64> = outcomes.iter().map(revision).collect();
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");
+    assert_eq!(transactions_of(&schema, &revisions).await, 3);
+    let held = store.get(b"held").await.expect("get").expect("held");
+    assert_eq!((held.value.as_slice(), held.version), (&b"1"[..], 2));
+}
+
 /// Two clients pipelining writes to the same keys in opposite orders: their
 /// transactions would deadlock; they wait at most briefly for a lock and
 /// are then made one write at a time, and every write is applied.
