@@ -164,6 +164,10 @@ fn describe() {
         "kvstore_commit_queue_depth",
         "Writes waiting for the committer."
     );
+    describe_counter!(
+        crate::storage::embedded::QUIET_FLUSHES,
+        "Memtables the embedded engine flushed to tables because writes had gone quiet (--flush-when-quiet-ms)."
+    );
     describe_gauge!(
         "kvstore_storage_free_bytes",
         Unit::Bytes,

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::harness::plfs::Plfs;
-use crate::harness::{Binary, eventually, table_files, within};
+use crate::harness::{Binary, eventually, metric_value, table_files, within};
 use kvstore::client::{ChangesRequest, Client, Event, WatchRange};
 use kvstore::storage::Condition;
 use kvstore::types::{BatchOp, BatchOpKind, BatchRequest};
@@ -334,6 +334,16 @@ async fn acknowledged_writes_survive_a_power_cut_after_a_quiet_flush() {
         table_files(&data_dir).len() > tables
     })
     .await;
+    let metrics = server
+        .client
+        .send(hyper::Method::GET, "/metrics", &[], bytes::Bytes::new())
+        .await
+        .expect("metrics");
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        metric_value(&metrics, "kvstore_quiet_flushes_total").is_some_and(|n| n >= 1.0),
+        "the flush is not counted: {metrics}"
+    );
     put_values(&server.client, &ledger, "after", 20, 8 << 10).await;
     fs.ctl("cut");
     server.child.kill().expect("SIGKILL");

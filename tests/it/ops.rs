@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::harness::{Binary, Gate, TestServer, within};
+use crate::harness::{Binary, Gate, TestServer, metric_value, within};
 use hyper::{Method, StatusCode};
 use kvstore::server::ServerConfig;
 use kvstore::storage::Condition;
@@ -287,12 +287,6 @@ async fn cursors_survive_a_restart_through_the_secret_in_the_data_dir() {
         .unwrap_err();
     assert!(err.to_string().contains("invalid_request"), "{err}");
     assert!(other.terminate());
-}
-
-/// The value of the unlabelled series `name` in a `/metrics` text.
-fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// `/metrics` of `server` (a process of its own: the counters of other

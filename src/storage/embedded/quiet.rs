@@ -21,7 +21,7 @@ use super::Shared;
 const MIN_FLUSH_BYTES: u64 = 1 << 20;
 
 /// Memtables handed to fjall's flush because writes had gone quiet.
-pub(super) const QUIET_FLUSHES: &str = "kvstore_quiet_flushes_total";
+pub(crate) const QUIET_FLUSHES: &str = "kvstore_quiet_flushes_total";
 
 /// Every `quiet`, flushes the memtables of at least [`MIN_FLUSH_BYTES`] if
 /// no write was committed since the last look.

@@ -178,6 +178,12 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// The value of the unlabelled series `name` in a `/metrics` text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// The table files of the embedded engine in `data_dir`, of every keyspace:
 /// fjall writes one when it flushes a memtable.
 pub fn table_files(data_dir: &Path) -> Vec<PathBuf> {
