@@ -73,14 +73,43 @@ pub(super) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// Condition kinds as the put and delete functions take them.
+const IF_ANY: i32 = 0;
+const IF_VERSION: i32 = 1;
+const IF_ABSENT: i32 = 2;
+const IF_EXISTS: i32 = 3;
+
 /// Condition kinds as the statements take them.
 pub(super) fn condition_params(condition: Condition) -> (i32, i64) {
     match condition {
-        Condition::Any => (0, 0),
-        Condition::Version(v) => (1, i64::try_from(v).unwrap_or(i64::MAX)),
-        Condition::Absent => (2, 0),
-        Condition::Exists => (3, 0),
+        Condition::Any => (IF_ANY, 0),
+        Condition::Version(v) => (IF_VERSION, i64::try_from(v).unwrap_or(i64::MAX)),
+        Condition::Absent => (IF_ABSENT, 0),
+        Condition::Exists => (IF_EXISTS, 0),
     }
+}
+
+/// Whether a single write's condition (`p_condition`, `p_expected`) holds
+/// for a key whose row is live (`live`, a SQL boolean) at `version`: the
+/// rule of `storage/rules.rs`, restated for the put and delete functions.
+fn condition_holds(live: &str, version: &str) -> String {
+    format!(
+        "CASE WHEN {live}
+              THEN p_condition IN ({IF_ANY}, {IF_EXISTS})
+                   OR (p_condition = {IF_VERSION} AND {version} = p_expected)
+              ELSE p_condition IN ({IF_ANY}, {IF_ABSENT}) END"
+    )
+}
+
+/// The put and delete functions' first step: the key's row into `cur`
+/// (version, deadline, lease and [`row_state`]), locked, with its lease.
+fn lock_row(kv: &str, leases: &str) -> String {
+    let state = row_state("us");
+    format!(
+        "SELECT e.version, e.expires_at_us, e.lease, {state} AS state INTO cur
+         FROM {kv} e LEFT JOIN {leases} l ON l.id = e.lease
+         WHERE e.key = p_key FOR UPDATE OF e;"
+    )
 }
 
 /// The statements, with the schema's names filled in.
@@ -217,7 +246,8 @@ pub(super) fn put_function(schema: &str) -> String {
         changes,
         seq,
     } = Tables::of(schema);
-    let state = row_state("us");
+    let lock_row = lock_row(&kv, &leases);
+    let holds = condition_holds(&format!("o_state = {LIVE}"), "cur.version");
     format!(
         "CREATE OR REPLACE FUNCTION {schema}.{PUT_FUNCTION}(
              p_key bytea, p_value bytea, p_condition int4, p_expected int8,
@@ -235,9 +265,7 @@ pub(super) fn put_function(schema: &str) -> String {
              own int8;
              attached int8;
          BEGIN
-             SELECT e.version, e.expires_at_us, e.lease, {state} AS state INTO cur
-             FROM {kv} e LEFT JOIN {leases} l ON l.id = e.lease
-             WHERE e.key = p_key FOR UPDATE OF e;
+             {lock_row}
              found_row := FOUND;
              o_state := CASE WHEN found_row THEN cur.state ELSE {ABSENT} END;
              o_lease_found := true;
@@ -248,10 +276,7 @@ pub(super) fn put_function(schema: &str) -> String {
              ok := CASE
                  WHEN o_state IN ({EXPIRED}, {LEASE_ENDED}) THEN false
                  WHEN NOT o_lease_found THEN false
-                 WHEN o_state = {LIVE}
-                     THEN p_condition = 0 OR p_condition = 3
-                          OR (p_condition = 1 AND cur.version = p_expected)
-                 ELSE p_condition = 0 OR p_condition = 2 END;
+                 ELSE {holds} END;
              IF NOT ok THEN
                  o_applied := false;
                  IF found_row THEN
@@ -287,7 +312,7 @@ pub(super) fn put_function(schema: &str) -> String {
                                           ELSE EXCLUDED.expires_at_us END,
                      lease = CASE WHEN p_expiry = {EXPIRY_KEEP} THEN e.lease
                                   ELSE EXCLUDED.lease END
-                 WHERE p_condition = 0
+                 WHERE p_condition = {IF_ANY}
                  RETURNING e.version, e.revision, e.created_at_us, e.updated_at_us,
                            e.expires_at_us, e.lease
                  INTO o_version, o_revision, o_created_at_us, o_updated_at_us,
@@ -332,7 +357,8 @@ pub(super) fn delete_function(schema: &str) -> String {
         changes,
         seq,
     } = Tables::of(schema);
-    let state = row_state("us");
+    let lock_row = lock_row(&kv, &leases);
+    let holds = condition_holds(&format!("o_state = {LIVE}"), "o_current");
     let deleted = DeleteReason::Deleted.code();
     format!(
         "CREATE OR REPLACE FUNCTION {schema}.{DELETE_FUNCTION}(
@@ -345,9 +371,7 @@ pub(super) fn delete_function(schema: &str) -> String {
              cur record;
              gone int8;
          BEGIN
-             SELECT e.version, e.lease, {state} AS state INTO cur
-             FROM {kv} e LEFT JOIN {leases} l ON l.id = e.lease
-             WHERE e.key = p_key FOR UPDATE OF e;
+             {lock_row}
              o_state := {ABSENT};
              IF FOUND THEN
                  o_state := cur.state;
@@ -356,10 +380,7 @@ pub(super) fn delete_function(schema: &str) -> String {
              END IF;
              o_ok := CASE
                  WHEN o_state IN ({EXPIRED}, {LEASE_ENDED}) THEN false
-                 WHEN p_condition = 0 THEN true
-                 WHEN p_condition = 1 THEN o_state = {LIVE} AND o_current = p_expected
-                 WHEN p_condition = 2 THEN o_state = {ABSENT}
-                 ELSE o_state = {LIVE} END;
+                 ELSE {holds} END;
              o_deleted := false;
              IF NOT o_ok THEN
                  RETURN;
