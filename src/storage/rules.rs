@@ -31,14 +31,16 @@
 //! one round trip and takes the row lock only for that statement; these
 //! (in `postgres/sql.rs`) restate the rules in SQL:
 //!
+//! - the condition of a single write (`condition_holds`, on the locked
+//!   row's state and version), which both functions below use;
 //! - the put function (`put_function`, which the `put` statement calls):
-//!   the condition (`ok`, on the locked row's state and version), version 1
+//!   a stale row or a lapsed lease fails it (`ok`), version 1
 //!   or plus one, `created_at` kept and `updated_at = greatest(previous,
 //!   now)` (its UPDATE and INSERT), the expiry (`own` and `attached`;
 //!   `Keep` from the locked row), and the result (the effective deadline,
 //!   the lease's for a key on one);
 //! - the delete function (`delete_function`, which the `delete` statement
-//!   calls): the condition (`o_ok`) and whether the key existed
+//!   calls): a stale row fails it (`o_ok`), and whether the key existed
 //!   (`o_deleted`).
 //!
 //! Everything else goes through [`decide`], PostgreSQL's batches included:
