@@ -46,6 +46,10 @@ pub(crate) struct ServeArgs {
     /// it: one mistyped command would empty the store).
     #[arg(long, env = "KVSTORE_RESP_ALLOW_FLUSH")]
     resp_allow_flush: bool,
+    /// Close a RESP connection that sends nothing for this many seconds
+    /// (0: never, as Redis's own default `timeout 0`).
+    #[arg(long, env = "KVSTORE_RESP_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    resp_idle_timeout_secs: u64,
     /// Storage backend.
     #[arg(long, env = "KVSTORE_BACKEND", value_enum, default_value_t = Backend::Embedded)]
     backend: Backend,
@@ -322,6 +326,10 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             resp_config.fsync_every_write =
                 args.backend == Backend::Postgres || args.durability == Durability::Fsync;
             resp_config.allow_flush = args.resp_allow_flush;
+            resp_config.idle_timeout = match args.resp_idle_timeout_secs {
+                0 => Duration::MAX,
+                secs => Duration::from_secs(secs),
+            };
             Some((listener, resp_config))
         }
     };

@@ -10,8 +10,8 @@ use redis::AsyncCommands as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::harness::{TestServer, tool, within};
-use kvstore::server::Security;
 use kvstore::server::{Auth, TokenRules};
+use kvstore::server::{RespConfig, Security};
 
 async fn connection(server: &TestServer, resp3: bool) -> redis::aio::MultiplexedConnection {
     let addr = server.resp_addr.expect("a RESP address");
@@ -1168,6 +1168,39 @@ mod transactions {
     }
 
     }
+}
+
+/// A connection that sends nothing for the idle timeout is closed; one that
+/// keeps sending stays open, for however long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let mut resp = RespConfig::default();
+    resp.idle_timeout = Duration::from_secs(1);
+    let server = TestServer::start_with_resp_config(Security::default(), |_| {}, resp).await;
+    let addr = server.resp_addr.expect("a RESP address");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 64];
+    // Three times the timeout, a PING every quarter of it.
+    for ping in 0..12 {
+        if ping > 0 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        stream.write_all(b"PING\r\n").await.expect("write");
+        let n = within(10, "a PONG", stream.read(&mut buf))
+            .await
+            .expect("read");
+        assert_eq!(&buf[..n], b"+PONG\r\n", "still open after {ping} PINGs");
+    }
+    let quiet = std::time::Instant::now();
+    let n = within(10, "the idle connection to close", stream.read(&mut buf))
+        .await
+        .expect("read");
+    assert_eq!(n, 0, "closed, without a reply");
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(500),
+        "closed {:?} after the last reply",
+        quiet.elapsed()
+    );
 }
 
 /// Each command is counted and timed under its own name in `/metrics`

@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvstore::client::{Client, ClientOptions};
-use kvstore::server::{self, Security, ServerConfig};
+use kvstore::server::{self, RespConfig, Security, ServerConfig};
 use kvstore::stack::{self, Stack, StackConfig};
 use kvstore::storage::Store;
 use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
@@ -465,7 +465,7 @@ impl TestServer {
                 let backend = stack::Backend::Postgres(schema.config());
                 let options = ClientOptions::default();
                 let mut server =
-                    Self::serve(backend, config, Security::default(), &options, false).await;
+                    Self::serve(backend, config, Security::default(), &options, None).await;
                 server.schema = Some(schema);
                 server
             }
@@ -506,7 +506,7 @@ impl TestServer {
         let mut engine_config = EmbeddedConfig::new(&path);
         engine(&mut engine_config);
         let backend = stack::Backend::Embedded(engine_config);
-        let mut server = Self::serve(backend, config, security, options, false).await;
+        let mut server = Self::serve(backend, config, security, options, None).await;
         server.dir = dir;
         server.path = path;
         server
@@ -519,7 +519,7 @@ impl TestServer {
         config: ServerConfig,
         security: Security,
         options: &ClientOptions,
-        resp: bool,
+        resp: Option<RespConfig>,
     ) -> Self {
         let mut stack_config = StackConfig::new(backend);
         stack_config.layers.request_timeout = config.request_timeout;
@@ -535,13 +535,14 @@ impl TestServer {
         } else {
             "http"
         };
-        let resp = if resp {
-            let resp = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind RESP");
-            Some((resp, kvstore::server::RespConfig::default()))
-        } else {
-            None
+        let resp = match resp {
+            Some(resp) => {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind RESP");
+                Some((listener, resp))
+            }
+            None => None,
         };
         let resp_addr = resp
             .as_ref()
@@ -579,6 +580,15 @@ impl TestServer {
         security: Security,
         engine: impl FnOnce(&mut EmbeddedConfig),
     ) -> Self {
+        Self::start_with_resp_config(security, engine, RespConfig::default()).await
+    }
+
+    /// [`TestServer::start_with_resp`], with the RESP front door's `resp`.
+    pub async fn start_with_resp_config(
+        security: Security,
+        engine: impl FnOnce(&mut EmbeddedConfig),
+        resp: RespConfig,
+    ) -> Self {
         let options = ClientOptions::default();
         match Backend::current() {
             Backend::Embedded => {
@@ -587,8 +597,14 @@ impl TestServer {
                 let mut engine_config = EmbeddedConfig::new(&path);
                 engine(&mut engine_config);
                 let backend = stack::Backend::Embedded(engine_config);
-                let mut server =
-                    Self::serve(backend, ServerConfig::default(), security, &options, true).await;
+                let mut server = Self::serve(
+                    backend,
+                    ServerConfig::default(),
+                    security,
+                    &options,
+                    Some(resp),
+                )
+                .await;
                 server.dir = Some(dir);
                 server.path = path;
                 server
@@ -596,8 +612,14 @@ impl TestServer {
             Backend::Postgres | Backend::Pgbouncer => {
                 let schema = PgSchema::new();
                 let backend = stack::Backend::Postgres(schema.config());
-                let mut server =
-                    Self::serve(backend, ServerConfig::default(), security, &options, true).await;
+                let mut server = Self::serve(
+                    backend,
+                    ServerConfig::default(),
+                    security,
+                    &options,
+                    Some(resp),
+                )
+                .await;
                 server.schema = Some(schema);
                 server
             }
