@@ -355,7 +355,9 @@ async fn connection(
         idle_since = tokio::time::Instant::now();
         let read = loop {
             tokio::select! {
+                // A client that never stops sending still sees the shutdown.
                 biased;
+                () = &mut stop => return Ok(()),
                 read = stream.read_buf(&mut input) => break read,
                 () = &mut idle => {
                     let deadline = idle_since + idle_timeout;
@@ -364,7 +366,6 @@ async fn connection(
                     }
                     idle.as_mut().reset(deadline);
                 }
-                () = &mut stop => return Ok(()),
             }
         };
         match read {
