@@ -589,41 +589,31 @@ impl TestServer {
         engine: impl FnOnce(&mut EmbeddedConfig),
         resp: RespConfig,
     ) -> Self {
-        let options = ClientOptions::default();
-        match Backend::current() {
+        let (backend, dir, schema) = match Backend::current() {
             Backend::Embedded => {
                 let dir = tempfile::tempdir().expect("temp dir");
-                let path = dir.path().to_path_buf();
-                let mut engine_config = EmbeddedConfig::new(&path);
+                let mut engine_config = EmbeddedConfig::new(dir.path());
                 engine(&mut engine_config);
-                let backend = stack::Backend::Embedded(engine_config);
-                let mut server = Self::serve(
-                    backend,
-                    ServerConfig::default(),
-                    security,
-                    &options,
-                    Some(resp),
-                )
-                .await;
-                server.dir = Some(dir);
-                server.path = path;
-                server
+                (stack::Backend::Embedded(engine_config), Some(dir), None)
             }
             Backend::Postgres | Backend::Pgbouncer => {
                 let schema = PgSchema::new();
-                let backend = stack::Backend::Postgres(schema.config());
-                let mut server = Self::serve(
-                    backend,
-                    ServerConfig::default(),
-                    security,
-                    &options,
-                    Some(resp),
+                (
+                    stack::Backend::Postgres(schema.config()),
+                    None,
+                    Some(schema),
                 )
-                .await;
-                server.schema = Some(schema);
-                server
             }
+        };
+        let options = ClientOptions::default();
+        let config = ServerConfig::default();
+        let mut server = Self::serve(backend, config, security, &options, Some(resp)).await;
+        if let Some(dir) = &dir {
+            server.path = dir.path().to_path_buf();
         }
+        server.dir = dir;
+        server.schema = schema;
+        server
     }
 
     /// The embedded engine (the test must run on it).
