@@ -133,21 +133,18 @@ pub async fn run_all(
         None
     };
     let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
-    let resp = resp.map(|(resp_listener, resp_config)| {
-        let (store, shutdown) = (Arc::clone(&store), shutdown_seen.clone());
-        tokio::spawn(async move {
-            crate::resp::serve(
-                resp_listener,
-                store,
-                config.limits,
-                &resp_security,
-                resp_config,
-                shutdown,
-                config.shutdown_timeout,
-            )
-            .await;
-        })
-    });
+    let mut resp = match resp {
+        Some((resp_listener, resp_config)) => Some(crate::resp::start(
+            resp_listener,
+            Arc::clone(&store),
+            config.limits,
+            resp_security,
+            resp_config,
+            shutdown_seen.clone(),
+            config.shutdown_timeout,
+        )?),
+        None => None,
+    };
     let service = api::service(AppState {
         store: Arc::clone(&store),
         limits: config.limits,
@@ -249,13 +246,13 @@ pub async fn run_all(
             "in-flight requests did not finish in time; closing anyway"
         );
     }
-    if let Some(resp) = resp {
-        let _ = resp.await;
+    if let Some(resp) = &mut resp {
+        resp.stopped().await;
     }
-    store
-        .close()
-        .await
-        .map_err(|err| io::Error::other(err.to_string()))?;
+    let closed = store.close().await;
+    // Its runtime goes only now: it drives what the store opened from it.
+    drop(resp);
+    closed.map_err(|err| io::Error::other(err.to_string()))?;
     tracing::info!("store closed; bye");
     Ok(())
 }

@@ -50,6 +50,11 @@ pub(crate) struct ServeArgs {
     /// (0: never, as Redis's own default `timeout 0`).
     #[arg(long, env = "KVSTORE_RESP_IDLE_TIMEOUT_SECS", default_value_t = 300)]
     resp_idle_timeout_secs: u64,
+    /// Threads that serve RESP connections, apart from HTTP's (1: every
+    /// connection on one thread, as Redis serves them).
+    #[arg(long, env = "KVSTORE_RESP_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    resp_threads: u64,
     /// Storage backend.
     #[arg(long, env = "KVSTORE_BACKEND", value_enum, default_value_t = Backend::Embedded)]
     backend: Backend,
@@ -326,6 +331,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             resp_config.fsync_every_write =
                 args.backend == Backend::Postgres || args.durability == Durability::Fsync;
             resp_config.allow_flush = args.resp_allow_flush;
+            resp_config.threads = usize::try_from(args.resp_threads).map_err(|e| e.to_string())?;
             resp_config.idle_timeout = match args.resp_idle_timeout_secs {
                 0 => Duration::MAX,
                 secs => Duration::from_secs(secs),
