@@ -173,7 +173,7 @@ impl RespServer {
 /// by one thread, as Redis serves them: sharing the server's runtime, whose
 /// workers are one per core, a commit's replies woke tasks on every worker
 /// and each worker parked and woke again per commit group, which cost a SET
-/// 14% more CPU on two cores (see docs/resp.md). The runtime outlives
+/// about 11% more CPU on two cores (see docs/resp.md). The runtime outlives
 /// [`serve`] until the [`RespServer`] is dropped, after the store is closed:
 /// connections the store opened from it (PostgreSQL's pool) are driven by it.
 ///
