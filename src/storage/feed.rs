@@ -98,6 +98,16 @@ struct State {
     next_id: u64,
 }
 
+impl State {
+    /// Empties the ring, which then covers nothing up to `revision`.
+    fn start_over(&mut self, revision: u64) {
+        self.ring.clear();
+        self.ring_bytes = 0;
+        self.covered_from = revision;
+        self.head = revision;
+    }
+}
+
 /// The live watchers, indexed so that a change finds the ones its keys
 /// concern without a look at every watcher: single keys and prefixes by
 /// hash (as etcd keeps its key watchers in a map), any other range in a
@@ -391,11 +401,8 @@ impl Feed {
             // starts over after it, and a watcher registered below it reads
             // it from the log.
             let mut state = lock(&self.state);
-            state.ring.clear();
-            state.ring_bytes = 0;
             let from = state.head.max(forgotten);
-            state.covered_from = from;
-            state.head = from;
+            state.start_over(from);
             let behind: Vec<u64> = state
                 .watchers
                 .all
@@ -415,10 +422,7 @@ impl Feed {
         // moved there.
         if !self.watched() {
             let mut state = lock(&self.state);
-            state.ring.clear();
-            state.ring_bytes = 0;
-            state.covered_from = latest;
-            state.head = latest;
+            state.start_over(latest);
             if state.watchers.len() > 0 {
                 metrics::counter!(LAGGED).increment(state.watchers.len() as u64);
                 state.watchers.clear();
