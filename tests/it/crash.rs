@@ -241,7 +241,7 @@ async fn crash_cycles(data_dir: &Path, durability: &str, cycles: u64, mut crash:
         };
         tokio::time::sleep(Duration::from_millis(delay)).await;
         if let Crash::PowerCut(fs) = &crash {
-            fs.ctl("cut");
+            fs.cut();
         }
         server.child.kill().expect("SIGKILL");
         server.wait();
@@ -345,7 +345,7 @@ async fn acknowledged_writes_survive_a_power_cut_after_a_quiet_flush() {
         "the flush is not counted: {metrics}"
     );
     put_values(&server.client, &ledger, "after", 20, 8 << 10).await;
-    fs.ctl("cut");
+    fs.cut();
     server.child.kill().expect("SIGKILL");
     server.wait();
     drop(server);

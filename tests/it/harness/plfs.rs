@@ -5,7 +5,7 @@
 //! let Some(mut fs) = Plfs::mount(false) else { return }; // skipped, reason printed
 //! let server = Binary::start(&fs.data_dir(), &[]);       // declare `fs` first:
 //! // ... write ...                                       // the server must be
-//! fs.ctl("cut");                                         // dropped before the mount
+//! fs.cut();                                              // dropped before the mount
 //! drop(server);
 //! fs.remount();                                          // power on
 //! ```
@@ -103,6 +103,14 @@ impl Plfs {
             .unwrap_or_else(|err| panic!("plfs ctl {command}: {err}"));
         assert!(reply.starts_with("ok"), "plfs ctl {command}: {reply}");
         reply
+    }
+
+    /// The power cut: drops everything not durable and freezes the mount.
+    /// What it dropped (the files created but never made durable among
+    /// them) goes to the test's output, beside any failure after it.
+    pub fn cut(&self) {
+        let reply = self.ctl("cut");
+        eprintln!("plfs {reply}");
     }
 
     /// One number of `ctl status` (`dirty_bytes`, `fsyncs`, `failed_fsyncs`, ...).
