@@ -134,15 +134,18 @@ pub async fn run_all(
     };
     let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
     let mut resp = match resp {
-        Some((resp_listener, resp_config)) => Some(crate::resp::start(
-            resp_listener,
-            Arc::clone(&store),
-            config.limits,
-            resp_security,
-            resp_config,
-            shutdown_seen.clone(),
-            config.shutdown_timeout,
-        )?),
+        Some((resp_listener, resp_config)) => Some(
+            crate::resp::start(
+                resp_listener,
+                Arc::clone(&store),
+                config.limits,
+                resp_security,
+                resp_config,
+                shutdown_seen.clone(),
+                config.shutdown_timeout,
+            )
+            .await?,
+        ),
         None => None,
     };
     let service = api::service(AppState {

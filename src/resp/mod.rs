@@ -177,10 +177,14 @@ impl RespServer {
 /// [`serve`] until the [`RespServer`] is dropped, after the store is closed:
 /// connections the store opened from it (PostgreSQL's pool) are driven by it.
 ///
+/// The runtime is built on its thread, which owns it from the start: a
+/// runtime dropped where this is called, inside the server's own runtime,
+/// would panic instead of returning the error.
+///
 /// # Errors
-/// When the listener cannot be moved to the new runtime, or the thread
-/// cannot start.
-pub(crate) fn start(
+/// When the listener cannot be moved to the new runtime, the runtime cannot
+/// be built, or the thread cannot start.
+pub(crate) async fn start(
     listener: TcpListener,
     store: Arc<dyn Store>,
     limits: Limits,
@@ -190,28 +194,42 @@ pub(crate) fn start(
     drain: Duration,
 ) -> io::Result<RespServer> {
     let listener = listener.into_std()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.threads.max(1))
-        .thread_name("kvstore-resp")
-        .enable_all()
-        .build()?;
+    let (started_tx, started) = tokio::sync::oneshot::channel::<io::Result<()>>();
     let (stopped_tx, stopped) = tokio::sync::oneshot::channel();
     let (release, released) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("kvstore-resp".into())
         .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.threads.max(1))
+                .thread_name("kvstore-resp")
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    let _ = started_tx.send(Err(err));
+                    return;
+                }
+            };
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
                     Ok(listener) => {
+                        let _ = started_tx.send(Ok(()));
                         serve(listener, store, limits, &security, config, shutdown, drain).await;
                     }
-                    Err(err) => tracing::error!(error = %err, "the RESP listener cannot be served"),
+                    Err(err) => {
+                        let _ = started_tx.send(Err(err));
+                    }
                 }
             });
             let _ = stopped_tx.send(());
             let _ = released.recv();
             runtime.shutdown_timeout(Duration::from_secs(1));
         })?;
+    started
+        .await
+        .unwrap_or_else(|_| Err(io::Error::other("the RESP thread ended before serving")))?;
     Ok(RespServer {
         stopped: Some(stopped),
         _release: release,
