@@ -1,6 +1,7 @@
 //! A process kill cannot see a missing sync (the operating system keeps the
-//! data), so these tests watch the committer through its commit hook and prove
-//! that no write is answered before the sync that covers it, and that
+//! data), so these tests watch the writer and the sync thread through the
+//! commit hook and prove that no write is answered before the sync that
+//! covers it, that writes are committed while a sync runs, and that
 //! concurrent writes share one sync.
 
 use std::sync::Arc;
@@ -8,53 +9,80 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::harness::{Gate, TestServer, eventually, within};
+use kvstore::client::ListParams;
 use kvstore::server::ServerConfig;
 use kvstore::storage::embedded::{CommitEvent, Durability, EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{Condition, Expiry, Store, WriteOp, WriteOutcome};
 use tokio::sync::mpsc;
 
-/// A server whose commit hook reports every event on a channel, then waits at
-/// the gate.
-async fn gated_server(gate: Arc<Gate>) -> (TestServer, mpsc::UnboundedReceiver<CommitEvent>) {
+/// A server whose commit hook reports every event on a channel, and holds
+/// each sync's at the gate, with the writes that sync covers.
+async fn gated_server(
+    gate: Arc<Gate>,
+    quiet_before_inline: Duration,
+) -> (TestServer, mpsc::UnboundedReceiver<CommitEvent>) {
     let (events, received) = mpsc::unbounded_channel();
     let server = TestServer::start_with(ServerConfig::default(), move |engine| {
+        engine.quiet_before_inline = quiet_before_inline;
         engine.commit_hook = Some(Arc::new(move |event: &CommitEvent| {
             let _ = events.send(*event);
-            gate.wait();
+            if let CommitEvent::Synced { .. } = event {
+                gate.wait();
+            }
         }));
     })
     .await;
     (server, received)
 }
 
+/// The next event the hook reported.
+async fn next_event(events: &mut mpsc::UnboundedReceiver<CommitEvent>) -> CommitEvent {
+    within(60, "a commit event", events.recv())
+        .await
+        .expect("a commit event")
+}
+
+/// The default: a write alone commits itself, and syncs on its own thread.
+const INLINE_AFTER: Duration = Duration::from_millis(1);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_is_not_answered_while_its_sync_is_held() {
     let gate = Arc::new(Gate::default());
-    let (server, mut events) = gated_server(Arc::clone(&gate)).await;
+    let (server, mut events) = gated_server(Arc::clone(&gate), INLINE_AFTER).await;
 
     let client = server.client.clone();
     let put = tokio::spawn(async move { client.put("k", "v", Condition::Any).await });
-    let event = within(60, "the commit event", events.recv())
-        .await
-        .expect("commit event");
     assert_eq!(
-        event,
-        CommitEvent::Committed {
-            last_revision: 1,
-            synced: true
-        }
+        next_event(&mut events).await,
+        CommitEvent::Committed { last_revision: 1 }
     );
-    // The commit, sync included, is done, but the hook holds the committer:
-    // the answer must not have gone out.
+    assert_eq!(
+        next_event(&mut events).await,
+        CommitEvent::Synced { revision: 1 }
+    );
+    // The sync is done, but the hook holds it: the answer must not have
+    // gone out.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !put.is_finished(),
         "the write was answered before its sync was reported"
     );
+    // Nor may any reader see it: it is in fjall's memtable, but readers
+    // read as of the last sync that was reported.
+    assert_eq!(server.client.get("k").await.expect("get"), None);
+    let page = server
+        .client
+        .list(&ListParams::default())
+        .await
+        .expect("list");
+    assert!(page.items.is_empty(), "listed before its sync: {page:?}");
+    assert_eq!(page.revision, 0);
 
     gate.set(true);
     let answer = within(60, "the answer", put).await.unwrap().expect("put");
     assert_eq!(answer.revision, 1);
+    let entry = server.client.get("k").await.expect("get").expect("k");
+    assert_eq!(entry.version, 1);
     server.stop().await;
 }
 
@@ -63,20 +91,18 @@ async fn a_write_is_not_answered_while_its_sync_is_held() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_is_not_delivered_before_its_sync() {
     let gate = Arc::new(Gate::default());
-    let (server, mut events) = gated_server(Arc::clone(&gate)).await;
+    let (server, mut events) = gated_server(Arc::clone(&gate), INLINE_AFTER).await;
     let mut watch = crate::watch::watch(server.addr, "").await;
 
     let client = server.client.clone();
     let put = tokio::spawn(async move { client.put("k", "v", Condition::Any).await });
-    let event = within(60, "the commit event", events.recv())
-        .await
-        .expect("commit event");
     assert_eq!(
-        event,
-        CommitEvent::Committed {
-            last_revision: 1,
-            synced: true
-        }
+        next_event(&mut events).await,
+        CommitEvent::Committed { last_revision: 1 }
+    );
+    assert_eq!(
+        next_event(&mut events).await,
+        CommitEvent::Synced { revision: 1 }
     );
     // Held at the hook: nothing may reach the watcher yet (a progress
     // message would come after 5 s at the earliest).
@@ -93,19 +119,28 @@ async fn a_change_is_not_delivered_before_its_sync() {
     server.stop().await;
 }
 
+/// The sync thread syncs a group while the writer commits the next ones:
+/// writes that arrive during a sync are committed (not answered) meanwhile,
+/// and the next sync covers them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_queued_during_a_sync_share_the_next_one() {
+async fn writes_committed_during_a_sync_share_the_next_one() {
     let gate = Arc::new(Gate::default());
-    let (server, mut events) = gated_server(Arc::clone(&gate)).await;
+    // Every write goes to the committer thread, which hands its syncs over.
+    let (server, mut events) = gated_server(Arc::clone(&gate), Duration::from_secs(3600)).await;
 
-    // The first write's commit is held at the hook ...
+    // The first write's sync is held at the hook ...
     let client = server.client.clone();
     let first = tokio::spawn(async move { client.put("first", "v", Condition::Any).await });
-    within(60, "the first commit", events.recv())
-        .await
-        .expect("first commit");
+    assert_eq!(
+        next_event(&mut events).await,
+        CommitEvent::Committed { last_revision: 1 }
+    );
+    assert_eq!(
+        next_event(&mut events).await,
+        CommitEvent::Synced { revision: 1 }
+    );
 
-    // ... while ten more writes queue up behind it.
+    // ... while ten more writes are committed behind it.
     let mut queued = Vec::new();
     for i in 0..10 {
         let client = server.client.clone();
@@ -113,21 +148,24 @@ async fn writes_queued_during_a_sync_share_the_next_one() {
             client.put(&format!("k{i}"), "v", Condition::Any).await
         }));
     }
-    eventually(60, "ten writes queued", || {
-        server.embedded().queue_depth() >= 10
-    })
-    .await;
+    let mut committed = 1;
+    while committed < 11 {
+        match next_event(&mut events).await {
+            CommitEvent::Committed { last_revision } => committed = last_revision,
+            other => panic!("{other:?} while the first sync was held"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !first.is_finished() && queued.iter().all(|put| !put.is_finished()),
+        "a write was answered while the sync was held"
+    );
     gate.set(true);
 
-    // All ten go out in one commit with one sync.
+    // All ten go out after one more sync.
     assert_eq!(
-        within(60, "the second commit", events.recv())
-            .await
-            .expect("second commit"),
-        CommitEvent::Committed {
-            last_revision: 11,
-            synced: true
-        }
+        next_event(&mut events).await,
+        CommitEvent::Synced { revision: 11 }
     );
     within(60, "the first answer", first)
         .await
@@ -149,12 +187,8 @@ async fn every_acknowledged_write_was_synced_first() {
     let seen = Arc::clone(&synced);
     let server = TestServer::start_with(ServerConfig::default(), move |engine| {
         engine.commit_hook = Some(Arc::new(move |event: &CommitEvent| {
-            if let CommitEvent::Committed {
-                last_revision,
-                synced: true,
-            } = event
-            {
-                seen.fetch_max(*last_revision, Ordering::SeqCst);
+            if let CommitEvent::Synced { revision } = event {
+                seen.fetch_max(*revision, Ordering::SeqCst);
             }
         }));
     })
@@ -206,7 +240,6 @@ async fn buffered_mode_syncs_in_the_background() {
         within(60, "the commit event", received.recv()).await,
         Some(CommitEvent::Committed {
             last_revision: answer.revision,
-            synced: false
         })
     );
     assert_eq!(
@@ -237,9 +270,11 @@ impl CommitThreads {
         let mut config = EmbeddedConfig::new(dir.path());
         config.quiet_before_inline = quiet_before_inline;
         let at_hook = Arc::clone(&gate);
-        config.commit_hook = Some(Arc::new(move |_: &CommitEvent| {
-            let _ = threads.send(std::thread::current().name().map(str::to_owned));
-            at_hook.wait();
+        config.commit_hook = Some(Arc::new(move |event: &CommitEvent| {
+            if let CommitEvent::Committed { .. } = event {
+                let _ = threads.send(std::thread::current().name().map(str::to_owned));
+                at_hook.wait();
+            }
         }));
         CommitThreads {
             store: Arc::new(EmbeddedStore::open(config).unwrap()),

@@ -407,7 +407,7 @@ async fn acknowledged_resp_writes_survive_sigkill() {
 }
 
 /// A pipeline of writes reaches the store in one call and is committed in
-/// one group, under one sync: the commit hook counts the synced commits.
+/// one group, under one sync: the commit hook counts the syncs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_of_writes_shares_one_sync() {
     use kvstore::storage::embedded::CommitEvent;
@@ -416,7 +416,7 @@ async fn a_pipeline_of_writes_shares_one_sync() {
     let counted = Arc::clone(&commits);
     let server = TestServer::start_with_resp(Security::default(), move |engine| {
         engine.commit_hook = Some(Arc::new(move |event: &CommitEvent| {
-            if matches!(event, CommitEvent::Committed { synced: true, .. }) {
+            if matches!(event, CommitEvent::Synced { .. }) {
                 counted.fetch_add(1, Ordering::SeqCst);
             }
         }));
@@ -438,7 +438,7 @@ async fn a_pipeline_of_writes_shares_one_sync() {
     // give a few. One per write would be 50.
     assert!(
         (1..=3).contains(&used),
-        "{used} synced commits for a pipeline of 50 writes"
+        "{used} syncs for a pipeline of 50 writes"
     );
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use fjall::PersistMode;
 use tokio::sync::mpsc;
 
+use super::full_disk::Failure;
 use super::{Job, MAX_GROUP_BYTES, MAX_GROUP_KEYS, Shared, WriteOp};
 use crate::error::{StoreError, StoreResult};
 
@@ -16,7 +17,7 @@ pub(super) struct Committer {
     pub(super) shared: Arc<Shared>,
     /// Dropped on close, which stops the background threads (the
     /// buffered-mode syncer, the watcher, the trimmer, the expirer, the
-    /// flusher).
+    /// flusher; the sync thread stops when the lane closes).
     pub(super) stops: Vec<std::sync::mpsc::Sender<()>>,
 }
 
@@ -66,7 +67,7 @@ impl Committer {
                 next = queue.try_recv().ok();
             }
             if !writes.is_empty() {
-                writer.commit_group(&shared, writes);
+                writer.commit_group(&shared, writes, true);
             }
             if let Some(reply) = close {
                 let _ = reply.send(self.close());
@@ -91,8 +92,21 @@ impl Committer {
     /// Called with the writer held, so no write commits itself after this.
     fn close(&mut self) -> StoreResult<()> {
         self.shared.closed.store(true, Ordering::Release);
+        // The groups committed before the close are synced and answered
+        // before the sync thread stops.
+        self.shared.lane.drain(&self.shared);
+        self.shared.lane.close();
         self.stops.clear();
-        self.shared
-            .with_engine(|engine| Ok(engine.db.persist(PersistMode::SyncAll)?))
+        // After a failed sync, a sync that "succeeds" may have lost pages
+        // (see `syncer`): none is tried.
+        if let Some(fatal @ Failure::Fatal(_)) = self.shared.failure() {
+            return Err(fatal.error());
+        }
+        match self.shared.engine.load().as_deref() {
+            Some(engine) => Ok(engine.db.persist(PersistMode::SyncAll)?),
+            None => Err(StoreError::Unavailable(
+                "the engine is being reopened after its disk filled up".into(),
+            )),
+        }
     }
 }

@@ -29,6 +29,7 @@ use fjall::Readable;
 
 use super::Shared;
 use super::engine::Engine;
+use super::reads::View;
 use crate::error::{StoreError, StoreResult};
 use crate::storage::{Lease, LeaseId};
 
@@ -195,13 +196,12 @@ pub(super) fn lease_keys(engine: &Engine, lease: LeaseId) -> StoreResult<Vec<Vec
         .collect()
 }
 
-/// How many keys are attached to `lease`, from one snapshot.
-pub(super) fn count_lease_keys(engine: &Engine, lease: LeaseId) -> StoreResult<u64> {
+/// How many keys are attached to `lease`, as readers see them.
+pub(super) fn count_lease_keys(view: &View, lease: LeaseId) -> StoreResult<u64> {
     let mut count = 0;
-    for item in engine
-        .db
-        .snapshot()
-        .prefix(&engine.lease_keys, lease.to_be_bytes())
+    for item in view
+        .snapshot
+        .prefix(&view.engine.lease_keys, lease.to_be_bytes())
     {
         item.key()?;
         count += 1;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use fjall::PersistMode;
 
 use super::engine::Engine;
+use super::reads::View;
 use super::{Shared, space};
 use crate::error::StoreError;
 
@@ -77,6 +78,12 @@ fn reopen_after_full_disk(shared: &Shared) {
     }
     tracing::info!(data_dir = %shared.path.display(), free_bytes = shared.space.free(),
         "space is back: reopening the engine that ran out of space");
+    // Groups committed before the failure are synced and answered first (or
+    // refused, if a sync failed), which lets go of the old engine's
+    // snapshots; so does the readers' view.
+    shared.lane.drain(shared);
+    shared.lane.reopened();
+    shared.view.store(None);
     if let Some(mut old) = shared.engine.swap(None) {
         // Reads that loaded the old engine finish within their request time.
         let deadline = Instant::now() + RELEASE_TIMEOUT;
@@ -91,10 +98,17 @@ fn reopen_after_full_disk(shared: &Shared) {
                     old = still_used;
                     std::thread::sleep(Duration::from_millis(1));
                 }
+                // Readers get the engine back as it is: after a failed sync it
+                // may show groups refused since, whose writers were told it
+                // failed.
                 Err(still_used) => {
                     tracing::warn!(
                         "reads kept the old engine for {RELEASE_TIMEOUT:?}; reopening it later"
                     );
+                    shared.view.store(Some(Arc::new(View::now(
+                        Arc::clone(&still_used),
+                        shared.committed_revision.load(Ordering::Acquire),
+                    ))));
                     shared.engine.store(Some(still_used));
                     return;
                 }
@@ -120,7 +134,11 @@ fn reopen_after_full_disk(shared: &Shared) {
     // are in the page cache (fjall wrote them to the journal before the disk
     // filled); they are synced now.
     let synced = engine.db.persist(PersistMode::SyncData);
-    shared.engine.store(Some(Arc::new(engine)));
+    let engine = Arc::new(engine);
+    shared
+        .view
+        .store(Some(Arc::new(View::now(Arc::clone(&engine), revision))));
+    shared.engine.store(Some(engine));
     if let Err(err) = synced {
         shared.fail("syncing the engine reopened after a full disk", err);
         return;

@@ -17,6 +17,7 @@ use fjall::Readable;
 
 use super::Shared;
 use super::engine::Engine;
+use super::reads::View;
 use crate::error::{StoreError, StoreResult};
 use crate::storage::changes::{
     Change, OLDEST_GAUGE, REVISIONS_GAUGE, decode_record, record_first, record_header, record_key,
@@ -32,10 +33,10 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 const TRIM_BATCH: usize = 1000;
 const TRIM_ROUND: usize = 20_000;
 
-/// The revisions after `after`, from one snapshot.
-pub(super) fn read_changes(engine: &Engine, after: u64, limit: usize) -> StoreResult<Vec<Change>> {
-    let snapshot = engine.db.snapshot();
-    let current = engine.revision_in(&snapshot)?;
+/// The revisions after `after`, from the readers' view: a revision whose
+/// sync is not done is not given.
+pub(super) fn read_changes(view: &View, after: u64, limit: usize) -> StoreResult<Vec<Change>> {
+    let (engine, snapshot, current) = (&view.engine, &view.snapshot, view.revision);
     if after >= current || limit == 0 {
         return Ok(Vec::new());
     }
@@ -128,7 +129,12 @@ fn trim(shared: &Shared, engine: &Engine) -> StoreResult<()> {
             }
         }
     }
-    delete(engine, &mut doomed)?;
+    deleted += delete(engine, &mut doomed)?;
+    if deleted > 0 {
+        // Readers see the records gone now, not at the next write.
+        let writer = shared.lock_writer();
+        shared.lane.republish(shared, writer.revision);
+    }
     shared.feed.forget_through(oldest.saturating_sub(1));
     metrics::gauge!(OLDEST_GAUGE).set(oldest as f64);
     metrics::gauge!(REVISIONS_GAUGE).set((current + 1).saturating_sub(oldest) as f64);

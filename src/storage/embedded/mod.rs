@@ -23,9 +23,11 @@
 //! small cousin of Bitcask's key directory. It is exact, not a hint: nothing
 //! writes the engine but the writer, which updates the map after each commit.
 //!
-//! fjall's batch with a sync durability writes its journal, syncs it, and only
-//! then makes the batch visible to readers, so no reader sees a write that a
-//! crash could still take away.
+//! A group is committed to fjall's journal without a sync, and synced by the
+//! sync thread while the next group is written: the writer never waits for
+//! the disk (see [`syncer`]). Readers read a snapshot taken after the last
+//! group synced, so none sees a write that a crash could still take away
+//! (see [`reads::View`]).
 //!
 //! The store-wide revision is kept in a `meta` keyspace and written in the same
 //! batch as the entries it orders, so it never goes back, across restarts and
@@ -70,8 +72,8 @@ use history::{read_changes, run_trimmer};
 use key_directory::KeyDirectory;
 pub(crate) use quiet::QUIET_FLUSHES;
 use quiet::run_flusher;
-use reads::{get_snapshot, range_is_empty, scan_snapshot, to_entry};
-use syncer::run_syncer;
+use reads::{View, get_snapshot, range_is_empty, scan_snapshot, to_entry};
+use syncer::{Lane, run_syncer};
 use writer::Writer;
 
 use std::path::PathBuf;
@@ -82,7 +84,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
-use fjall::PersistMode;
+use fjall::Readable;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{mpsc, oneshot};
 
@@ -113,23 +115,24 @@ named_enum! {
 /// What the committer reports to a [`CommitHook`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitEvent {
-    /// A group of writes was committed to the engine; no write of it has been
-    /// answered yet. `synced` is true when the commit included the sync.
+    /// A group of writes was committed to the engine's journal, not yet
+    /// synced; no write of it has been answered yet.
     Committed {
         /// The revision of the group's last write.
         last_revision: u64,
-        /// Whether the commit included the sync.
-        synced: bool,
     },
-    /// A background sync (buffered mode) made everything up to `revision` durable.
+    /// A sync made everything up to `revision` durable: in `fsync`
+    /// durability, before any write it covers is answered; in buffered mode,
+    /// in the background.
     Synced {
         /// Everything up to this revision is durable.
         revision: u64,
     },
 }
 
-/// Called by the committer thread before it answers a group, and by the
-/// background syncer after each sync. It may block: the writes it covers wait.
+/// Called by the writer after each commit and by the sync threads after each
+/// sync, before the writes they cover are answered. It may block: the writes
+/// it covers wait.
 /// Tests use it to prove that nothing is answered before its sync.
 pub type CommitHook = Arc<dyn Fn(&CommitEvent) + Send + Sync>;
 
@@ -255,15 +258,20 @@ enum Job {
 /// watcher.
 struct Shared {
     /// `None` only while the engine is being reopened after a full disk (or
-    /// when reopening it failed).
+    /// when reopening it failed). The writer's: readers go through `view`.
     engine: ArcSwapOption<Engine>,
+    /// What readers see: the engine as of the last sync; `None` when
+    /// `engine` is.
+    view: ArcSwapOption<View>,
+    /// Committed groups on their way to their sync.
+    lane: Lane,
     path: PathBuf,
     /// fjall's block cache, to open the engine with again after a full disk.
     block_cache_bytes: u64,
     space: SpaceGuard,
     /// Set once a commit or sync fails; writes are refused from then on.
     failure: Mutex<Option<Failure>>,
-    /// The last revision committed to the engine.
+    /// The last revision committed to the engine (maybe not yet synced).
     committed_revision: AtomicU64,
     closed: AtomicBool,
     hook: Option<CommitHook>,
@@ -290,10 +298,10 @@ struct Shared {
 }
 
 impl Shared {
-    /// Runs a read on the engine; 503 while it is being reopened.
-    fn with_engine<T>(&self, read: impl FnOnce(&Engine) -> StoreResult<T>) -> StoreResult<T> {
-        match self.engine.load().as_deref() {
-            Some(engine) => read(engine),
+    /// Runs a read on the readers' view; 503 while the engine is being reopened.
+    fn with_view<T>(&self, read: impl FnOnce(&View) -> StoreResult<T>) -> StoreResult<T> {
+        match self.view.load().as_deref() {
+            Some(view) => read(view),
             None => Err(StoreError::Unavailable(
                 "the engine is being reopened after its disk filled up; retry in a moment".into(),
             )),
@@ -437,8 +445,11 @@ impl EmbeddedStore {
         let (engine, revision) = Engine::open(&config.path, config.block_cache_bytes)?;
         let leases = Leases::load(&engine)?;
         let (hook, clock) = config.test_hooks();
+        let engine = Arc::new(engine);
         let shared = Arc::new(Shared {
-            engine: ArcSwapOption::from_pointee(engine),
+            view: ArcSwapOption::from_pointee(View::now(Arc::clone(&engine), revision)),
+            engine: ArcSwapOption::new(Some(engine)),
+            lane: Lane::new(config.durability == Durability::Fsync),
             space: SpaceGuard::new(&config.path, config.min_free),
             path: config.path.clone(),
             block_cache_bytes: config.block_cache_bytes,
@@ -449,10 +460,6 @@ impl EmbeddedStore {
             feed: Feed::start(revision)?,
             history: config.history,
             writer: Mutex::new(Writer {
-                persist: match config.durability {
-                    Durability::Fsync => PersistMode::SyncData,
-                    Durability::Buffered => PersistMode::Buffer,
-                },
                 revision,
                 directory: KeyDirectory::new(config.key_directory_bytes),
                 expire_from: Vec::new(),
@@ -482,12 +489,20 @@ impl EmbeddedStore {
             stops.push(stop);
             Ok(())
         };
-        if config.durability == Durability::Buffered {
-            let interval = config.sync_interval;
-            background(
+        match config.durability {
+            // Stopped by closing the lane, once the groups before the close
+            // are published.
+            Durability::Fsync => background(
                 "kvstore-syncer",
-                Box::new(move |shared, stop| run_syncer(shared, interval, stop, revision)),
-            )?;
+                Box::new(|shared, _| shared.lane.run(shared)),
+            )?,
+            Durability::Buffered => {
+                let interval = config.sync_interval;
+                background(
+                    "kvstore-syncer",
+                    Box::new(move |shared, stop| run_syncer(shared, interval, stop, revision)),
+                )?;
+            }
         }
         background("kvstore-watcher", Box::new(run_watcher))?;
         background("kvstore-trimmer", Box::new(run_trimmer))?;
@@ -515,11 +530,6 @@ impl EmbeddedStore {
             path: config.path,
             threads: Mutex::new(threads),
         })
-    }
-
-    /// The last revision committed to the engine.
-    pub(crate) fn committed_revision(&self) -> u64 {
-        self.shared.committed_revision.load(Ordering::Acquire)
     }
 
     /// Writes waiting for the committer thread to take them into a group.
@@ -559,7 +569,9 @@ impl EmbeddedStore {
             ));
             return None;
         }
-        tokio::task::block_in_place(|| writer.commit_group(&self.shared, vec![(ops, reply)]));
+        tokio::task::block_in_place(|| {
+            writer.commit_group(&self.shared, vec![(ops, reply)], false);
+        });
         None
     }
 
@@ -593,16 +605,17 @@ impl Store for EmbeddedStore {
     async fn get(&self, key: &[u8]) -> StoreResult<Option<Entry>> {
         // A point read is a memtable or block-cache lookup (under a
         // microsecond), far cheaper than handing it to a blocking thread.
-        self.shared.with_engine(|engine| match engine.kv.get(key)? {
-            Some(record) => to_entry(
-                &self.shared,
-                self.shared.now_us(),
-                key.to_vec(),
-                &record,
-                false,
-            ),
-            None => Ok(None),
-        })
+        self.shared
+            .with_view(|view| match view.snapshot.get(&view.engine.kv, key)? {
+                Some(record) => to_entry(
+                    &self.shared,
+                    self.shared.now_us(),
+                    key.to_vec(),
+                    &record,
+                    false,
+                ),
+                None => Ok(None),
+            })
     }
 
     async fn get_many(&self, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
@@ -678,7 +691,7 @@ impl Store for EmbeddedStore {
             return Ok(ScanPage {
                 entries: Vec::new(),
                 more: false,
-                revision: self.committed_revision(),
+                revision: self.shared.with_view(|view| Ok(view.revision))?,
             });
         }
         if request.limit <= INLINE_READ_ITEMS {
@@ -692,12 +705,10 @@ impl Store for EmbeddedStore {
         if limit <= INLINE_READ_ITEMS {
             return self
                 .shared
-                .with_engine(|engine| read_changes(engine, after, limit));
+                .with_view(|view| read_changes(view, after, limit));
         }
-        self.run_blocking(move |shared| {
-            shared.with_engine(|engine| read_changes(engine, after, limit))
-        })
-        .await
+        self.run_blocking(move |shared| shared.with_view(|view| read_changes(view, after, limit)))
+            .await
     }
 
     fn feed(&self) -> Arc<Feed> {
@@ -742,7 +753,7 @@ impl Store for EmbeddedStore {
         if self.shared.leases.live(id, self.shared.now_us()).is_none() {
             return Ok(0);
         }
-        self.run_blocking(move |shared| shared.with_engine(|engine| count_lease_keys(engine, id)))
+        self.run_blocking(move |shared| shared.with_view(|view| count_lease_keys(view, id)))
             .await
     }
 
@@ -778,7 +789,7 @@ impl Store for EmbeddedStore {
             Some(fatal @ Failure::Fatal(_)) => Err(fatal.error()),
             // Out of space, reads are still served (see `read_only`), unless
             // the engine is being reopened.
-            _ => self.shared.with_engine(|_| Ok(())),
+            _ => self.shared.with_view(|_| Ok(())),
         }
     }
 

@@ -1,8 +1,9 @@
-//! Batch reads and ranges, each from one snapshot of the engine. A key past
-//! its deadline (or on a lease that is gone) is left out at once, whether or
-//! not the expirer has deleted it yet.
+//! What readers see, and batch reads and ranges from it. A key past its
+//! deadline (or on a lease that is gone) is left out at once, whether or not
+//! the expirer has deleted it yet.
 
 use std::ops::Bound;
+use std::sync::Arc;
 
 use fjall::Readable;
 
@@ -11,20 +12,44 @@ use super::engine::Engine;
 use super::{Entry, Found, ScanPage, ScanRequest, Shared};
 use crate::error::StoreResult;
 
+/// The engine as of the last sync: every read goes through one. fjall makes
+/// a group visible as soon as it is in the journal, before the sync that the
+/// sync thread runs while the next group is written (see [`super::syncer`]);
+/// a snapshot taken right after the group, and handed to readers only once
+/// that sync is done, keeps every reader from seeing a write that a crash
+/// could still take away.
+pub(super) struct View {
+    pub(super) engine: Arc<Engine>,
+    pub(super) snapshot: fjall::Snapshot,
+    /// The store revision the snapshot holds.
+    pub(super) revision: u64,
+}
+
+impl View {
+    /// The engine as it is now, which holds `revision`; only the writer may
+    /// take one, after its commit and before the next.
+    pub(super) fn now(engine: Arc<Engine>, revision: u64) -> Self {
+        View {
+            snapshot: engine.db.snapshot(),
+            engine,
+            revision,
+        }
+    }
+}
+
 pub(super) fn get_snapshot(shared: &Shared, keys: Vec<Vec<u8>>) -> StoreResult<Found> {
-    shared.with_engine(|engine| {
-        let snapshot = engine.db.snapshot();
+    shared.with_view(|view| {
         let now = shared.now_us();
         let entries = keys
             .into_iter()
-            .map(|key| match snapshot.get(&engine.kv, &key)? {
+            .map(|key| match view.snapshot.get(&view.engine.kv, &key)? {
                 Some(record) => to_entry(shared, now, key, &record, false),
                 None => Ok(None),
             })
             .collect::<StoreResult<_>>()?;
         Ok(Found {
             entries,
-            revision: engine.revision_in(&snapshot)?,
+            revision: view.revision,
         })
     })
 }
@@ -71,14 +96,16 @@ pub(super) fn range_is_empty(lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> 
 }
 
 pub(super) fn scan_snapshot(shared: &Shared, request: &ScanRequest) -> StoreResult<ScanPage> {
-    shared.with_engine(|engine| scan_engine(shared, engine, request))
+    shared.with_view(|view| scan_view(shared, view, request))
 }
 
-fn scan_engine(shared: &Shared, engine: &Engine, request: &ScanRequest) -> StoreResult<ScanPage> {
-    let snapshot = engine.db.snapshot();
+fn scan_view(shared: &Shared, view: &View, request: &ScanRequest) -> StoreResult<ScanPage> {
     let now = shared.now_us();
-    let revision = engine.revision_in(&snapshot)?;
-    let range = snapshot.range(&engine.kv, (request.lower.clone(), request.upper.clone()));
+    let revision = view.revision;
+    let range = view.snapshot.range(
+        &view.engine.kv,
+        (request.lower.clone(), request.upper.clone()),
+    );
     let items: Box<dyn Iterator<Item = fjall::Guard>> = if request.reverse {
         Box::new(range.rev())
     } else {

@@ -1,5 +1,6 @@
 //! The engine's one writer: it checks a group's conditions, assigns versions
-//! and revisions, commits one fjall batch with its sync, and answers.
+//! and revisions, and commits one fjall batch, which the sync that covers it
+//! answers (see [`super::syncer`]).
 //!
 //! Expiry goes through here too (see [`super::expiry`]): a key past its
 //! deadline is absent to conditions, and the first write to find it deletes
@@ -9,6 +10,7 @@
 //! and the lease's end are ordered.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,8 @@ use super::expiry::{
 };
 use super::full_disk::Failure;
 use super::key_directory::KeyDirectory;
+use super::reads::View;
+use super::syncer::Written;
 use super::{
     COMMIT_SECONDS, CommitEvent, GROUP_KEYS, GROUP_WRITES, OpResult, REVISION_KEY, Reply, Shared,
     WriteOp, WriteOutcome,
@@ -32,7 +36,6 @@ use crate::storage::{Expiry, Lease, LeaseId, Revoked};
 
 /// The state of the engine's one writer.
 pub(super) struct Writer {
-    pub(super) persist: PersistMode,
     /// The last revision assigned.
     pub(super) revision: u64,
     pub(super) directory: KeyDirectory,
@@ -43,12 +46,6 @@ pub(super) struct Writer {
     /// once made each round slower than the last). A write that indexes a
     /// deadline below it moves it back.
     pub(super) expire_from: Vec<u8>,
-}
-
-/// A write of the current group that passed its conditions, waiting for the commit.
-struct Accepted {
-    reply: Reply,
-    outcome: WriteOutcome,
 }
 
 /// Where an index entry lives.
@@ -165,18 +162,24 @@ impl Writer {
     }
 
     /// The engine, unless writes are refused (then why, see [`refusal`]).
-    fn engine_for<'a>(shared: &Shared, loaded: Option<&'a Engine>) -> StoreResult<&'a Engine> {
-        match (shared.failure(), loaded) {
+    fn engine_for(shared: &Shared) -> StoreResult<Arc<Engine>> {
+        match (shared.failure(), shared.engine.load_full()) {
             (None, Some(engine)) if !shared.space.is_low() => Ok(engine),
             _ => Err(refusal(shared)),
         }
     }
 
-    pub(super) fn commit_group(&mut self, shared: &Shared, writes: Vec<(Vec<WriteOp>, Reply)>) {
-        let loaded = shared.engine.load();
+    /// Commits `writes` as one group; the sync thread answers them after
+    /// its sync (`hand_over`), or this thread does, now.
+    pub(super) fn commit_group(
+        &mut self,
+        shared: &Shared,
+        writes: Vec<(Vec<WriteOp>, Reply)>,
+        hand_over: bool,
+    ) {
         // Writes queued before the guard saw the disk nearly full are refused
         // here too, so that at most one group runs past the threshold.
-        let Ok(engine) = Self::engine_for(shared, loaded.as_deref()) else {
+        let Ok(engine) = Self::engine_for(shared) else {
             for (_, reply) in writes {
                 let _ = reply.send((Err(refusal(shared)), Duration::ZERO));
             }
@@ -186,11 +189,11 @@ impl Writer {
         let mut group = Group::new(self.revision);
         let mut accepted = Vec::with_capacity(writes.len());
         for (ops, reply) in writes {
-            match self.apply(shared, engine, ops, now, &mut group) {
+            match self.apply(shared, &engine, ops, now, &mut group) {
                 Ok(WriteOutcome::Rejected { failed }) => {
                     let _ = reply.send((Ok(WriteOutcome::Rejected { failed }), Duration::ZERO));
                 }
-                Ok(outcome) => accepted.push(Accepted { reply, outcome }),
+                Ok(outcome) => accepted.push((reply, outcome)),
                 // Reading a current version failed (an I/O error, a corrupt
                 // record), or a lease is gone: this write fails alone; it
                 // added nothing to the group.
@@ -202,33 +205,21 @@ impl Writer {
         if self.revision == group.first_revision {
             return;
         }
-        match self.commit(shared, engine, group, accepted.len()) {
-            Ok((commit, record)) => {
-                for Accepted { reply, outcome } in accepted {
-                    let _ = reply.send((Ok(outcome), commit));
-                }
-                // After the commit's sync, so that no watcher sees a write a
-                // crash could take away.
-                shared.feed.publish_record(record, self.revision);
-            }
-            Err(failure) => {
-                for Accepted { reply, .. } in accepted {
-                    let _ = reply.send((Err(failure.error()), Duration::ZERO));
-                }
-            }
+        if self.commit(shared, engine, group, accepted).is_ok() {
+            shared.lane.finish(shared, hand_over);
         }
     }
 
-    /// Commits a group in one fjall batch and updates the directory and the
-    /// leases; gives how long the commit took and the group's change record
-    /// (to publish when the group took revisions).
+    /// Commits a group in one fjall batch, updates the directory and the
+    /// leases, and queues the group for its sync with the answers it owes.
+    /// If the commit fails, the answers are that failure.
     fn commit(
         &mut self,
         shared: &Shared,
-        engine: &Engine,
+        engine: Arc<Engine>,
         group: Group,
-        writes: usize,
-    ) -> Result<(Duration, Vec<u8>), Failure> {
+        answers: Vec<(Reply, WriteOutcome)>,
+    ) -> Result<(), Failure> {
         let Group {
             first_revision,
             pending,
@@ -239,13 +230,16 @@ impl Writer {
             revoked,
         } = group;
         let keys_written = pending.len();
+        let writes = answers.len();
         let record = record.finish(self.revision, shared.now_us());
         let mut bytes_written = record.len();
         let mut batch = fjall::OwnedWriteBatch::with_capacity(
             engine.db.clone(),
             keys_written + index.len() + leases.len() + 2,
         )
-        .durability(Some(self.persist));
+        // To the operating system, not to the disk: the sync thread syncs it
+        // (see `syncer`).
+        .durability(Some(PersistMode::Buffer));
         for (key, write) in &pending {
             bytes_written += key.len();
             match write {
@@ -286,19 +280,18 @@ impl Writer {
         }
         let start = Instant::now();
         let committed = batch.commit();
-        let commit = start.elapsed();
-        metrics::histogram!(COMMIT_SECONDS).record(commit.as_secs_f64());
+        metrics::histogram!(COMMIT_SECONDS).record(start.elapsed().as_secs_f64());
         metrics::histogram!(GROUP_WRITES).record(writes as f64);
         metrics::histogram!(GROUP_KEYS).record(keys_written as f64);
         if let Err(err) = committed {
             self.revision = first_revision;
             // The directory and the leases hold no write of this group: they
             // are updated below, after a commit that succeeded.
-            let what = match self.persist {
-                PersistMode::Buffer => "commit (journal write)",
-                PersistMode::SyncData | PersistMode::SyncAll => "commit (journal write and sync)",
-            };
-            return Err(shared.engine_failed(what, &err));
+            let failure = shared.engine_failed("commit (journal write)", &err);
+            for (reply, _) in answers {
+                let _ = reply.send((Err(failure.error()), Duration::ZERO));
+            }
+            return Err(failure);
         }
         shared.space.committed(bytes_written as u64);
         for (reason, keys) in [
@@ -323,9 +316,14 @@ impl Writer {
             .store(self.revision, Ordering::Release);
         shared.notify(CommitEvent::Committed {
             last_revision: self.revision,
-            synced: matches!(self.persist, PersistMode::SyncData | PersistMode::SyncAll),
         });
-        Ok((commit, record))
+        shared.lane.push(Written {
+            view: View::now(engine, self.revision),
+            answers,
+            record: (self.revision > first_revision).then_some(record),
+            started: start,
+        });
+        Ok(())
     }
 
     /// Checks one write's conditions and, when they hold, adds its ops to the
@@ -442,32 +440,30 @@ impl Writer {
         Ok(WriteOutcome::Applied { revision, results })
     }
 
-    /// Commits a group that answers no write (the expirer's, a lease's end)
-    /// and hands its revisions, if it took any, to the feed.
+    /// Commits a group that answers no write (a lease's, the expirer's), and
+    /// syncs and publishes it before returning.
     fn commit_and_publish(
         &mut self,
         shared: &Shared,
-        engine: &Engine,
+        engine: Arc<Engine>,
         group: Group,
     ) -> StoreResult<()> {
-        let first = group.first_revision;
-        let (_, record) = self
-            .commit(shared, engine, group, 0)
+        self.commit(shared, engine, group, Vec::new())
             .map_err(|failure| failure.error())?;
-        if self.revision > first {
-            shared.feed.publish_record(record, self.revision);
+        shared.lane.drain(shared);
+        // The drain's sync may have failed.
+        match shared.failure() {
+            Some(failure) => Err(failure.error()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Stores a new or renewed lease (no revision: a lease is not a key).
     pub(super) fn store_lease(&mut self, shared: &Shared, lease: Lease) -> StoreResult<Lease> {
-        let loaded = shared.engine.load();
-        let engine = Self::engine_for(shared, loaded.as_deref())?;
+        let engine = Self::engine_for(shared)?;
         let mut group = Group::new(self.revision);
         group.leases.push((lease.id, Some(lease.clone())));
-        self.commit(shared, engine, group, 0)
-            .map_err(|failure| failure.error())?;
+        self.commit_and_publish(shared, engine, group)?;
         Ok(lease)
     }
 
@@ -482,10 +478,9 @@ impl Writer {
         if !shared.leases.contains(id) {
             return Ok(None);
         }
-        let loaded = shared.engine.load();
-        let engine = Self::engine_for(shared, loaded.as_deref())?;
+        let engine = Self::engine_for(shared)?;
         let mut group = Group::new(self.revision);
-        let keys = self.end_lease_in(engine, &mut group, id, reason)?;
+        let keys = self.end_lease_in(&engine, &mut group, id, reason)?;
         self.commit_and_publish(shared, engine, group)?;
         Ok(Some(Revoked {
             revision: self.revision,
@@ -537,8 +532,7 @@ impl Writer {
         for id in shared.leases.due(now) {
             self.end_lease(shared, id, DeleteReason::Expired)?;
         }
-        let loaded = shared.engine.load();
-        let engine = Self::engine_for(shared, loaded.as_deref())?;
+        let engine = Self::engine_for(shared)?;
         let mut group = Group::new(self.revision);
         let mut more = false;
         let snapshot = engine.db.snapshot();
@@ -556,7 +550,7 @@ impl Writer {
             let (raw, version) = item.into_inner()?;
             last = Some(raw.to_vec());
             let (deadline, key) = split_deadline_key(&raw)?;
-            match self.current(engine, &group, key)? {
+            match self.current(&engine, &group, key)? {
                 Some(meta)
                     if meta.expires_at_us == Some(deadline)
                         && *version == meta.version.to_le_bytes() =>

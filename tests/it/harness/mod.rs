@@ -13,7 +13,7 @@ use kvstore::client::{Client, ClientOptions};
 use kvstore::server::{self, RespConfig, Security, ServerConfig};
 use kvstore::stack::{self, Stack, StackConfig};
 use kvstore::storage::Store;
-use kvstore::storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use kvstore::storage::embedded::EmbeddedConfig;
 use kvstore::storage::postgres::{Pooler, PostgresConfig, PostgresStore};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -430,7 +430,6 @@ pub struct TestServer {
     pub client: Client,
     /// The backend itself, under the metering and the cache.
     pub store: Arc<dyn Store>,
-    embedded: Option<Arc<EmbeddedStore>>,
     dir: Option<TempDir>,
     path: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
@@ -563,7 +562,6 @@ impl TestServer {
             client: Client::with_options(&base, options).expect("client"),
             base,
             store: stack.engine,
-            embedded: stack.embedded,
             dir: None,
             path: PathBuf::new(),
             shutdown: Some(tx),
@@ -614,13 +612,6 @@ impl TestServer {
         server.dir = dir;
         server.schema = schema;
         server
-    }
-
-    /// The embedded engine (the test must run on it).
-    pub fn embedded(&self) -> &EmbeddedStore {
-        self.embedded
-            .as_deref()
-            .expect("this test needs the embedded engine")
     }
 
     /// Shuts the server down gracefully; returns the data directory so a test
