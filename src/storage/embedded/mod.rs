@@ -25,9 +25,9 @@
 //!
 //! A group is committed to fjall's journal without a sync, and synced by the
 //! sync thread while the next group is written: the writer never waits for
-//! the disk (see [`syncer`]). Readers read a snapshot taken after the last
+//! the disk (see `syncer`). Readers read a snapshot taken after the last
 //! group synced, so none sees a write that a crash could still take away
-//! (see [`reads::View`]).
+//! (see `reads::View`).
 //!
 //! The store-wide revision is kept in a `meta` keyspace and written in the same
 //! batch as the entries it orders, so it never goes back, across restarts and
