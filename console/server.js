@@ -75,7 +75,7 @@ export class ServerPanel {
     this.charts.p99.push(pick('p99'));
     this.charts.cache.push({ 'hit rate': now.cacheHitRate });
     this.charts.group.push({ writes: now.groupWrites, keys: now.groupKeys });
-    this.charts.sync.push({ commit: now.commitP99, 'background sync': now.syncP99 });
+    this.charts.sync.push({ commit: now.commitP99, sync: now.syncP99 });
     const total = routes.reduce((sum, [, r]) => sum + r.rate, 0);
     this.status.textContent = `Live: ${perSecond(total)} in all, as of ${new Date().toLocaleTimeString()}.`;
     this.status.className = 'status';
