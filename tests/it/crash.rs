@@ -354,6 +354,108 @@ async fn acknowledged_writes_survive_a_power_cut_after_a_quiet_flush() {
     verify_after_restart(&server.client, &ledger).await;
 }
 
+/// The numbers of fjall's journals (`<n>.jnl`) in `data_dir`.
+fn journals(data_dir: &Path) -> Vec<u64> {
+    std::fs::read_dir(data_dir)
+        .expect("the data directory")
+        .filter_map(|entry| {
+            let name = entry.expect("an entry").file_name();
+            name.to_str()?.strip_suffix(".jnl")?.parse().ok()
+        })
+        .collect()
+}
+
+/// Four writers at once, 25 writes of 1 KiB each, so that their writes meet
+/// at the committer and the sync thread syncs them (and opens the journal).
+async fn writers_at_once(client: &Client, ledger: &Arc<Mutex<Ledger>>, prefix: &str) {
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (client, ledger) = (client.clone(), Arc::clone(ledger));
+        let prefix = format!("{prefix}{w}");
+        writers.push(tokio::spawn(async move {
+            put_values(&client, &ledger, &prefix, 25, 1 << 10).await;
+        }));
+    }
+    for writer in writers {
+        within(600, "a writer", writer).await.unwrap();
+    }
+}
+
+/// fjall moves on to a new journal once the current one passes 64 MB, and
+/// the sync thread syncs the journal through a handle of its own: it must
+/// follow. A power cut after writes to the new journal loses nothing
+/// acknowledged, before the move or after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_a_power_cut_after_the_journal_moves_on() {
+    let Some(mut fs) = Plfs::mount(true) else {
+        return;
+    };
+    let data_dir = fs.data_dir().join("store");
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let mut server = start(&data_dir, "fsync");
+    let first = journals(&data_dir).into_iter().max();
+    // The sync thread opens the first journal ...
+    writers_at_once(&server.client, &ledger, "before").await;
+    // ... which large writes, one at a time, fill until fjall moves on.
+    within(600, "a new journal", async {
+        // Values that fjall's journal compression cannot shrink: random hex.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut round = 0;
+        while journals(&data_dir).into_iter().max() == first {
+            assert!(
+                round < 400,
+                "no new journal after {round} values of 512 KiB"
+            );
+            let value: String = (0..(512 << 10) / 16)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    format!("{state:016x}")
+                })
+                .collect();
+            let key = format!("big/{round}");
+            let answer = within(
+                60,
+                "a large put",
+                server.client.put(&key, value.clone(), Condition::Any),
+            )
+            .await
+            .expect("put");
+            let mut ledger = ledger.lock().unwrap();
+            ledger.max_revision = ledger.max_revision.max(answer.revision);
+            ledger.acked.insert(key, (value, answer.version));
+            round += 1;
+        }
+    })
+    .await;
+    // Writers at once, cut off mid-stream: the sync thread syncs their
+    // writes, in the new journal, until the cut.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            tokio::spawn(single_writer(
+                server.client.clone(),
+                Arc::clone(&ledger),
+                w,
+                1,
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    fs.cut();
+    server.child.kill().expect("SIGKILL");
+    server.wait();
+    for writer in writers {
+        within(60, "a writer to see the server gone", writer)
+            .await
+            .unwrap();
+    }
+    drop(server);
+    fs.remount();
+    let server = start(&data_dir, "fsync");
+    verify_after_restart(&server.client, &ledger).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_cleanly() {
     let dir = tempfile::tempdir().expect("temp dir");
