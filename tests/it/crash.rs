@@ -200,6 +200,25 @@ enum Crash<'a> {
     PowerCut(&'a mut Plfs),
 }
 
+/// Cuts the power (when given the file system), kills the server with
+/// SIGKILL, and waits for its writers to see it gone.
+async fn crash_under(
+    server: &mut Binary,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+    cut: Option<&Plfs>,
+) {
+    if let Some(fs) = cut {
+        fs.cut();
+    }
+    server.child.kill().expect("SIGKILL");
+    server.wait();
+    for writer in writers {
+        within(60, "a writer to see the server gone", writer)
+            .await
+            .unwrap();
+    }
+}
+
 async fn crash_cycles(data_dir: &Path, durability: &str, cycles: u64, mut crash: Crash<'_>) {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut cursor_secret = None;
@@ -240,16 +259,11 @@ async fn crash_cycles(data_dir: &Path, durability: &str, cycles: u64, mut crash:
             Crash::PowerCut(_) => 1000 + (cycle * 700) % 2000,
         };
         tokio::time::sleep(Duration::from_millis(delay)).await;
-        if let Crash::PowerCut(fs) = &crash {
-            fs.cut();
-        }
-        server.child.kill().expect("SIGKILL");
-        server.wait();
-        for writer in writers {
-            within(60, "a writer to see the server gone", writer)
-                .await
-                .unwrap();
-        }
+        let cut = match &crash {
+            Crash::PowerCut(fs) => Some(&**fs),
+            Crash::Kill => None,
+        };
+        crash_under(&mut server, writers, cut).await;
         if let Crash::PowerCut(fs) = &mut crash {
             drop(server);
             fs.remount();
@@ -442,14 +456,7 @@ async fn acknowledged_writes_survive_a_power_cut_after_the_journal_moves_on() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    fs.cut();
-    server.child.kill().expect("SIGKILL");
-    server.wait();
-    for writer in writers {
-        within(60, "a writer to see the server gone", writer)
-            .await
-            .unwrap();
-    }
+    crash_under(&mut server, writers, Some(&fs)).await;
     drop(server);
     fs.remount();
     let server = start(&data_dir, "fsync");

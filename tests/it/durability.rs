@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::harness::{Gate, TestServer, eventually, within};
-use kvstore::client::ListParams;
+use kvstore::client::{ClientError, ListParams};
 use kvstore::server::ServerConfig;
 use kvstore::storage::embedded::{CommitEvent, Durability, EmbeddedConfig, EmbeddedStore};
 use kvstore::storage::{Condition, Expiry, Store, WriteOp, WriteOutcome};
+use kvstore::types::PutResponse;
 use tokio::sync::mpsc;
 
 /// A server whose commit hook reports every event on a channel, and holds
@@ -42,6 +43,26 @@ async fn next_event(events: &mut mpsc::UnboundedReceiver<CommitEvent>) -> Commit
         .expect("a commit event")
 }
 
+/// Puts `key`, the store's first write, and waits until its sync is held at
+/// the gate (its commit reported before).
+async fn first_write_held_at_its_sync(
+    server: &TestServer,
+    events: &mut mpsc::UnboundedReceiver<CommitEvent>,
+    key: &str,
+) -> tokio::task::JoinHandle<Result<PutResponse, ClientError>> {
+    let (client, key) = (server.client.clone(), key.to_owned());
+    let put = tokio::spawn(async move { client.put(&key, "v", Condition::Any).await });
+    assert_eq!(
+        next_event(events).await,
+        CommitEvent::Committed { last_revision: 1 }
+    );
+    assert_eq!(
+        next_event(events).await,
+        CommitEvent::Synced { revision: 1 }
+    );
+    put
+}
+
 /// The default: a write alone commits itself, and syncs on its own thread.
 const INLINE_AFTER: Duration = Duration::from_millis(1);
 
@@ -50,16 +71,7 @@ async fn a_write_is_not_answered_while_its_sync_is_held() {
     let gate = Arc::new(Gate::default());
     let (server, mut events) = gated_server(Arc::clone(&gate), INLINE_AFTER).await;
 
-    let client = server.client.clone();
-    let put = tokio::spawn(async move { client.put("k", "v", Condition::Any).await });
-    assert_eq!(
-        next_event(&mut events).await,
-        CommitEvent::Committed { last_revision: 1 }
-    );
-    assert_eq!(
-        next_event(&mut events).await,
-        CommitEvent::Synced { revision: 1 }
-    );
+    let put = first_write_held_at_its_sync(&server, &mut events, "k").await;
     // The sync is done, but the hook holds it: the answer must not have
     // gone out.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -94,16 +106,7 @@ async fn a_change_is_not_delivered_before_its_sync() {
     let (server, mut events) = gated_server(Arc::clone(&gate), INLINE_AFTER).await;
     let mut watch = crate::watch::watch(server.addr, "").await;
 
-    let client = server.client.clone();
-    let put = tokio::spawn(async move { client.put("k", "v", Condition::Any).await });
-    assert_eq!(
-        next_event(&mut events).await,
-        CommitEvent::Committed { last_revision: 1 }
-    );
-    assert_eq!(
-        next_event(&mut events).await,
-        CommitEvent::Synced { revision: 1 }
-    );
+    let put = first_write_held_at_its_sync(&server, &mut events, "k").await;
     // Held at the hook: nothing may reach the watcher yet (a progress
     // message would come after 5 s at the earliest).
     let early = watch.next_within(1).await;
@@ -129,16 +132,7 @@ async fn writes_committed_during_a_sync_share_the_next_one() {
     let (server, mut events) = gated_server(Arc::clone(&gate), Duration::from_secs(3600)).await;
 
     // The first write's sync is held at the hook ...
-    let client = server.client.clone();
-    let first = tokio::spawn(async move { client.put("first", "v", Condition::Any).await });
-    assert_eq!(
-        next_event(&mut events).await,
-        CommitEvent::Committed { last_revision: 1 }
-    );
-    assert_eq!(
-        next_event(&mut events).await,
-        CommitEvent::Synced { revision: 1 }
-    );
+    let first = first_write_held_at_its_sync(&server, &mut events, "first").await;
 
     // ... while ten more writes are committed behind it.
     let mut queued = Vec::new();
