@@ -90,9 +90,9 @@ impl Lane {
         }
     }
 
-    /// [`Lane::drain`], by a holder of the writer: no commit can wait for
-    /// fjall's journal lock meanwhile, so fjall's own sync serves, with no
-    /// lookup of the journal.
+    /// Syncs and publishes every group queued (see [`Lane::drain_by`]), for
+    /// a holder of the writer: no commit can wait for fjall's journal lock
+    /// meanwhile, so fjall's own sync serves, with no lookup of the journal.
     pub(super) fn drain(&self, shared: &Shared) {
         self.drain_by(shared, Syncer::Writer);
     }
