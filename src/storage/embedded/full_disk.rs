@@ -81,7 +81,7 @@ fn reopen_after_full_disk(shared: &Shared) {
     // Groups committed before the failure are synced and answered first (or
     // refused, if a sync failed), which lets go of the old engine's
     // snapshots; so does the readers' view.
-    shared.lane.drain(shared);
+    shared.lane.drain_through_own_handle(shared);
     shared.lane.reopened();
     shared.view.store(None);
     if let Some(mut old) = shared.engine.swap(None) {

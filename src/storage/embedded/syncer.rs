@@ -94,7 +94,15 @@ impl Lane {
     /// a holder of the writer: no commit can wait for fjall's journal lock
     /// meanwhile, so fjall's own sync serves, with no lookup of the journal.
     pub(super) fn drain(&self, shared: &Shared) {
-        self.drain_by(shared, Syncer::Writer);
+        self.drain_by(shared, SyncThrough::Fjall);
+    }
+
+    /// Syncs and publishes every group queued through the journal handle of
+    /// the lane's own, which works whatever state fjall is in: for the sync
+    /// thread, and for the reopen after a full disk, when fjall has
+    /// poisoned itself and refuses to sync.
+    pub(super) fn drain_through_own_handle(&self, shared: &Shared) {
+        self.drain_by(shared, SyncThrough::OwnHandle);
     }
 
     /// Syncs (in `fsync` durability) and publishes every group queued: the
@@ -103,7 +111,7 @@ impl Lane {
     /// failed, nothing is synced until the engine is reopened, and the
     /// writes are refused: the failed sync may have lost pages that a later
     /// one would claim to cover.
-    fn drain_by(&self, shared: &Shared, syncer: Syncer) {
+    fn drain_by(&self, shared: &Shared, through: SyncThrough) {
         let mut journal = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
         let written = std::mem::take(&mut self.lock_queue().written);
         let Some(last) = written.last() else {
@@ -114,9 +122,11 @@ impl Lane {
             Some(failure) => Err(failure.clone()),
             None if self.sync => {
                 let start = Instant::now();
-                let synced = match syncer {
-                    Syncer::Thread => journal.sync(&shared.path).map_err(fjall::Error::from),
-                    Syncer::Writer => match shared.engine.load().as_deref() {
+                let synced = match through {
+                    SyncThrough::OwnHandle => {
+                        journal.sync(&shared.path).map_err(fjall::Error::from)
+                    }
+                    SyncThrough::Fjall => match shared.engine.load().as_deref() {
                         Some(engine) => engine.db.persist(PersistMode::SyncData),
                         None => Err(fjall::Error::Io(io::Error::other(
                             "the engine is being reopened",
@@ -174,7 +184,7 @@ impl Lane {
                     return;
                 }
             }
-            self.drain_by(shared, Syncer::Thread);
+            self.drain_through_own_handle(shared);
         }
     }
 
@@ -210,14 +220,14 @@ impl Lane {
     }
 }
 
-/// Who syncs a drain's groups.
+/// How a drain syncs the journal.
 #[derive(Clone, Copy)]
-enum Syncer {
-    /// The sync thread, while the writer commits the next group: through
-    /// [`ActiveJournal`], outside fjall's journal lock.
-    Thread,
-    /// A holder of the writer: through fjall.
-    Writer,
+enum SyncThrough {
+    /// The lane's own handle ([`ActiveJournal`]), outside fjall's journal
+    /// lock, which the writer's next commit takes meanwhile.
+    OwnHandle,
+    /// fjall's `persist`, under that lock.
+    Fjall,
 }
 
 /// fjall's active journal, opened again by kvstore to be synced outside
