@@ -171,18 +171,18 @@ impl Leases {
         due.into_iter().map(|(_, id)| id).collect()
     }
 
-    pub(super) fn set(&self, lease: Lease) {
-        self.0
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(lease.id, lease);
-    }
-
-    pub(super) fn remove(&self, id: LeaseId) {
-        self.0
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id);
+    /// Stores (`Some`) or removes (`None`) each lease, in order.
+    pub(super) fn apply(&self, changes: Vec<(LeaseId, Option<Lease>)>) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut leases = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        for (id, lease) in changes {
+            match lease {
+                Some(lease) => leases.insert(id, lease),
+                None => leases.remove(&id),
+            };
+        }
     }
 }
 

@@ -48,6 +48,9 @@ pub(super) struct Writer {
     pub(super) expire_from: Vec<u8>,
 }
 
+/// Leases to store (`Some`) or remove (`None`).
+type LeaseChanges = Vec<(LeaseId, Option<Lease>)>;
+
 /// Where an index entry lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Index {
@@ -65,7 +68,7 @@ struct Group {
     /// Index entries to insert (with their value) or remove, last one winning.
     index: HashMap<(Index, Vec<u8>), Option<Vec<u8>>>,
     /// Lease records to store or remove.
-    leases: Vec<(LeaseId, Option<Lease>)>,
+    leases: LeaseChanges,
     /// The group's change record, committed with its data.
     record: RecordBuilder,
     /// Keys the group deletes for expiry, and for a lease's revocation.
@@ -205,21 +208,26 @@ impl Writer {
         if self.revision == group.first_revision {
             return;
         }
-        if self.commit(shared, engine, group, accepted).is_ok() {
+        if let Ok(leases) = self.commit(shared, engine, group, accepted) {
+            // A group of writes ends only leases that have lapsed, which
+            // readers already take for gone: they may leave the map before
+            // the sync.
+            shared.leases.apply(leases);
             shared.lane.finish(shared, hand_over);
         }
     }
 
-    /// Commits a group in one fjall batch, updates the directory and the
-    /// leases, and queues the group for its sync with the answers it owes.
-    /// If the commit fails, the answers are that failure.
+    /// Commits a group in one fjall batch, updates the directory, and queues
+    /// the group for its sync with the answers it owes. Gives the group's
+    /// lease changes, for the caller to make once readers may see them. If
+    /// the commit fails, the answers are that failure.
     fn commit(
         &mut self,
         shared: &Shared,
         engine: Arc<Engine>,
         group: Group,
         answers: Vec<(Reply, WriteOutcome)>,
-    ) -> Result<(), Failure> {
+    ) -> Result<LeaseChanges, Failure> {
         let Group {
             first_revision,
             pending,
@@ -305,12 +313,6 @@ impl Writer {
         for (key, write) in pending {
             self.directory.set(key, write.map(|(meta, _)| meta));
         }
-        for (id, lease) in leases {
-            match lease {
-                Some(lease) => shared.leases.set(lease),
-                None => shared.leases.remove(id),
-            }
-        }
         shared
             .committed_revision
             .store(self.revision, Ordering::Release);
@@ -323,7 +325,7 @@ impl Writer {
             record: (self.revision > first_revision).then_some(record),
             started: start,
         });
-        Ok(())
+        Ok(leases)
     }
 
     /// Checks one write's conditions and, when they hold, adds its ops to the
@@ -448,13 +450,18 @@ impl Writer {
         engine: Arc<Engine>,
         group: Group,
     ) -> StoreResult<()> {
-        self.commit(shared, engine, group, Vec::new())
+        let leases = self
+            .commit(shared, engine, group, Vec::new())
             .map_err(|failure| failure.error())?;
         shared.lane.drain(shared);
-        // The drain's sync may have failed.
+        // The drain's sync may have failed; if not, the lease changes are
+        // durable and may be seen.
         match shared.failure() {
             Some(failure) => Err(failure.error()),
-            None => Ok(()),
+            None => {
+                shared.leases.apply(leases);
+                Ok(())
+            }
         }
     }
 
