@@ -145,16 +145,16 @@ fn describe() {
     describe_histogram!(
         "kvstore_commit_duration_seconds",
         Unit::Seconds,
-        "Commits of a write group to the embedded engine, the sync included in fsync mode."
+        "Commits of a write group to the embedded engine's journal, without its sync."
     );
     describe_histogram!(
         "kvstore_background_sync_duration_seconds",
         Unit::Seconds,
-        "Background syncs of buffered durability."
+        "Syncs of the embedded engine's journal: each answers the groups it covers in fsync mode; every interval in buffered mode."
     );
     describe_histogram!(
         "kvstore_commit_group_writes",
-        "Write requests (single writes and batches) committed together with one sync."
+        "Write requests (single writes and batches) committed together in one group."
     );
     describe_histogram!(
         "kvstore_commit_group_keys",

@@ -1,10 +1,10 @@
 //! The embedded engine: fjall, with our own group commit.
 //!
-//! Reads go straight to fjall. Writes have one writer at a time, the holder of
-//! the writer lock: it checks conditions against the current versions (and
-//! against the writes before it in the same group), assigns versions and
-//! revisions, commits one fjall batch, syncs once, and only then answers every
-//! write of the group.
+//! Reads go to fjall, through a snapshot (below). Writes have one writer at a
+//! time, the holder of the writer lock: it checks conditions against the
+//! current versions (and against the writes before it in the same group),
+//! assigns versions and revisions, and commits one fjall batch; every write
+//! of the group is answered once a sync covers it.
 //!
 //! A write that is the only one in flight, when no two writes have overlapped
 //! for a while, commits itself on its own thread: handing it to another thread
