@@ -113,8 +113,8 @@ impl Lane {
     /// one would claim to cover.
     fn drain_by(&self, shared: &Shared, through: SyncThrough) {
         let mut journal = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
-        let written = std::mem::take(&mut self.lock_queue().written);
-        let Some(last) = written.last() else {
+        let mut written = std::mem::take(&mut self.lock_queue().written);
+        let Some(last) = written.pop() else {
             return;
         };
         let revision = last.view.revision;
@@ -143,7 +143,7 @@ impl Lane {
             None => Ok(()),
         };
         if let Err(failure) = synced {
-            for group in written {
+            for group in written.into_iter().chain([last]) {
                 for (reply, _) in group.answers {
                     let _ = reply.send((Err(failure.error()), Duration::ZERO));
                 }
@@ -153,17 +153,25 @@ impl Lane {
         if self.sync {
             shared.notify(CommitEvent::Synced { revision });
         }
+        // The last group's snapshot holds every group before it: readers get
+        // it once, before any of them is answered.
+        let Written {
+            view,
+            answers,
+            record,
+            started,
+        } = last;
+        shared.view.store(Some(Arc::new(view)));
         for group in written {
-            let revision = group.view.revision;
-            shared.view.store(Some(Arc::new(group.view)));
-            let took = group.started.elapsed();
-            for (reply, outcome) in group.answers {
-                let _ = reply.send((Ok(outcome), took));
-            }
-            if let Some(record) = group.record {
-                shared.feed.publish_record(record, revision);
-            }
+            publish(
+                shared,
+                group.view.revision,
+                group.answers,
+                group.record,
+                group.started,
+            );
         }
+        publish(shared, revision, answers, record, started);
     }
 
     /// The sync thread: drains the lane whenever a group is queued, until
@@ -217,6 +225,23 @@ impl Lane {
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Answers a synced group's writes, and gives its changes to watchers.
+fn publish(
+    shared: &Shared,
+    revision: u64,
+    answers: Vec<(Reply, WriteOutcome)>,
+    record: Option<Vec<u8>>,
+    started: Instant,
+) {
+    let took = started.elapsed();
+    for (reply, outcome) in answers {
+        let _ = reply.send((Ok(outcome), took));
+    }
+    if let Some(record) = record {
+        shared.feed.publish_record(record, revision);
     }
 }
 
