@@ -1,13 +1,13 @@
 //! What happens around every request: the request timeout, metrics by route
 //! and status, a debug line per request, and the slow-request log.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use metrics::SharedString;
+use metrics::{Counter, Histogram};
 
 use super::AppState;
 use super::error::ApiError;
@@ -40,26 +40,14 @@ pub(crate) async fn observed(
     answer: impl Future<Output = Response>,
 ) -> Response {
     let start = Instant::now();
-    let method = method_label(method);
     let (label, waits) = (route.label, route.waits);
     let (response, timings) = timing::scope(answer).await;
     let elapsed = start.elapsed();
     let status = response.status();
     if state.observe.metrics.is_some() {
-        metrics::counter!(
-            "kvstore_http_requests_total",
-            "route" => label,
-            "method" => method,
-            "status" => status_label(status)
-        )
-        .increment(1);
-        metrics::histogram!(
-            "kvstore_http_request_duration_seconds",
-            "route" => label,
-            "method" => method
-        )
-        .record(elapsed.as_secs_f64());
+        route.metrics.record(label, method, status, elapsed);
     }
+    let method = METHODS[method_index(method)];
     tracing::debug!(
         method = %method,
         route = label,
@@ -94,27 +82,69 @@ fn logged_key(uri: &Uri) -> String {
         .collect()
 }
 
-/// Labels as static strings: recording a metric allocates nothing.
-fn method_label(method: &Method) -> &'static str {
+/// The methods with a label of their own, in the order of [`method_index`];
+/// any other is counted as `other`.
+const METHODS: [&str; 6] = ["GET", "PUT", "POST", "DELETE", "HEAD", "other"];
+
+fn method_index(method: &Method) -> usize {
     match *method {
-        Method::GET => "GET",
-        Method::PUT => "PUT",
-        Method::POST => "POST",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        _ => "other",
+        Method::GET => 0,
+        Method::PUT => 1,
+        Method::POST => 2,
+        Method::DELETE => 3,
+        Method::HEAD => 4,
+        _ => 5,
     }
 }
 
-fn status_label(status: StatusCode) -> SharedString {
-    match status.as_u16() {
-        200 => SharedString::const_str("200"),
-        201 => SharedString::const_str("201"),
-        204 => SharedString::const_str("204"),
-        400 => SharedString::const_str("400"),
-        404 => SharedString::const_str("404"),
-        412 => SharedString::const_str("412"),
-        other => SharedString::from(other.to_string()),
+/// The statuses whose counters are kept resolved; any other status is
+/// looked up in the recorder each time.
+const STATUSES: [&str; 6] = ["200", "201", "204", "400", "404", "412"];
+
+/// A route's request counters and duration histograms, each resolved on its
+/// first use: building a metric's key and looking it up in the recorder on
+/// every request cost more than the recording itself.
+pub(crate) struct RouteMetrics {
+    requests: [[OnceLock<Counter>; STATUSES.len()]; METHODS.len()],
+    durations: [OnceLock<Histogram>; METHODS.len()],
+}
+
+impl RouteMetrics {
+    pub(crate) const fn new() -> Self {
+        RouteMetrics {
+            requests: [const { [const { OnceLock::new() }; STATUSES.len()] }; METHODS.len()],
+            durations: [const { OnceLock::new() }; METHODS.len()],
+        }
+    }
+
+    /// Counts one request to the route `label` and records how long it took.
+    fn record(&self, label: &'static str, method: &Method, status: StatusCode, took: Duration) {
+        let index = method_index(method);
+        let method = METHODS[index];
+        let status = status.as_str();
+        let requests = |status: String| {
+            metrics::counter!(
+                "kvstore_http_requests_total",
+                "route" => label,
+                "method" => method,
+                "status" => status
+            )
+        };
+        match STATUSES.iter().position(|known| *known == status) {
+            Some(known) => self.requests[index][known]
+                .get_or_init(|| requests(STATUSES[known].to_owned()))
+                .increment(1),
+            None => requests(status.to_owned()).increment(1),
+        }
+        self.durations[index]
+            .get_or_init(|| {
+                metrics::histogram!(
+                    "kvstore_http_request_duration_seconds",
+                    "route" => label,
+                    "method" => method
+                )
+            })
+            .record(took.as_secs_f64());
     }
 }
 

@@ -34,6 +34,7 @@ pub(crate) struct Route {
     /// A watch or a long poll: never a slow request.
     pub(crate) waits: bool,
     methods: &'static [(Method, Handler)],
+    pub(crate) metrics: observe::RouteMetrics,
 }
 
 fn boxed<R: IntoResponse>(answer: impl Future<Output = R> + Send + 'static) -> Answer {
@@ -41,10 +42,24 @@ fn boxed<R: IntoResponse>(answer: impl Future<Output = R> + Send + 'static) -> A
 }
 
 const fn route(label: &'static str, methods: &'static [(Method, Handler)]) -> Route {
+    new_route(label, false, methods)
+}
+
+/// A route that waits for changes on purpose.
+const fn waiting_route(label: &'static str, methods: &'static [(Method, Handler)]) -> Route {
+    new_route(label, true, methods)
+}
+
+const fn new_route(
+    label: &'static str,
+    waits: bool,
+    methods: &'static [(Method, Handler)],
+) -> Route {
     Route {
         label,
-        waits: false,
+        waits,
         methods,
+        metrics: observe::RouteMetrics::new(),
     }
 }
 
@@ -85,20 +100,14 @@ static KEEPALIVE: Route = route(
     "/v1/leases/{id}/keepalive",
     &[(Method::POST, |s, r| boxed(leases::keepalive(State(s), r)))],
 );
-static WATCH: Route = Route {
-    waits: true,
-    ..route(
-        "/v1/watch",
-        &[(Method::GET, |s, r| boxed(watch::watch(State(s), r)))],
-    )
-};
-static CHANGES: Route = Route {
-    waits: true,
-    ..route(
-        "/v1/changes",
-        &[(Method::GET, |s, r| boxed(watch::changes(State(s), r)))],
-    )
-};
+static WATCH: Route = waiting_route(
+    "/v1/watch",
+    &[(Method::GET, |s, r| boxed(watch::watch(State(s), r)))],
+);
+static CHANGES: Route = waiting_route(
+    "/v1/changes",
+    &[(Method::GET, |s, r| boxed(watch::changes(State(s), r)))],
+);
 static HEALTHZ: Route = route(
     "/healthz",
     &[(Method::GET, |_, _| boxed(handlers::healthz()))],

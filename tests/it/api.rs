@@ -879,6 +879,19 @@ async fn metrics_in_prometheus_text_format() {
             .status,
         StatusCode::NOT_FOUND
     );
+    // A method and a status outside the labels kept resolved per route.
+    assert_eq!(
+        send(
+            &server.client,
+            Method::PATCH,
+            &Client::key_path("k"),
+            &[],
+            Bytes::new()
+        )
+        .await
+        .status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
     let response = get(&server.client, "/metrics").await;
     assert_eq!(response.status, StatusCode::OK);
     let content_type = response
@@ -894,6 +907,8 @@ async fn metrics_in_prometheus_text_format() {
         "kvstore_http_requests_total{route=\"/v1/kv/{key}\",method=\"PUT\",status=\"201\"}",
         "kvstore_http_requests_total{route=\"/v1/kv/{key}\",method=\"GET\",status=\"404\"}",
         "kvstore_http_requests_total{route=\"/v1/kv/{key}\",method=\"GET\",status=\"200\"}",
+        "kvstore_http_requests_total{route=\"/v1/kv/{key}\",method=\"other\",status=\"405\"}",
+        "kvstore_http_request_duration_seconds_count{route=\"/v1/kv/{key}\",method=\"GET\"}",
         "# TYPE kvstore_http_request_duration_seconds histogram",
         "kvstore_storage_operation_duration_seconds_bucket{op=\"write\"",
         "process_resident_memory_bytes",
