@@ -1,7 +1,7 @@
 //! Once no write has been committed for `flush_when_quiet`, the embedded
 //! engine flushes its memtables of 1 MiB or more to tables, so that reads
 //! stop searching them; smaller ones stay in memory until fjall flushes them
-//! when full.
+//! when full. Either way, readers are then handed the engine as it is.
 
 use std::path::Path;
 use std::time::Duration;
@@ -55,8 +55,24 @@ async fn a_memtable_goes_to_a_table_once_writes_are_quiet() {
     // 1.3 MB: past the 1 MiB below which a memtable is left alone, far
     // below the 64 MiB at which fjall flushes one by itself.
     put_values(&store, 160, 8 << 10).await;
+    let (_, written) = store.sequence_numbers().expect("a view");
     eventually(30, "a table written after writes went quiet", || {
         table_files(dir.path()).len() > tables
+    })
+    .await;
+    // The flush ends after the last write, and gets a later sequence number
+    // than its snapshot: without a new one, reads would go on searching the
+    // flushed memtable.
+    eventually(30, "the flush's table in the engine", || {
+        store
+            .sequence_numbers()
+            .is_some_and(|(_, engine)| engine > written)
+    })
+    .await;
+    eventually(30, "reads that see the flushed memtable's table", || {
+        store
+            .sequence_numbers()
+            .is_some_and(|(reads, engine)| reads >= engine)
     })
     .await;
     assert_values(&store, 160, 8 << 10).await;

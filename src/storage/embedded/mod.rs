@@ -71,7 +71,7 @@ use full_disk::{Failure, ran_out_of_space, run_watcher};
 use history::{read_changes, run_trimmer};
 use key_directory::KeyDirectory;
 pub(crate) use quiet::QUIET_FLUSHES;
-use quiet::run_flusher;
+use quiet::{DEFAULT_QUIET, run_quiet};
 use reads::{View, get_snapshot, range_is_empty, scan_snapshot, to_entry};
 use syncer::{Lane, run_syncer};
 use writer::Writer;
@@ -162,7 +162,9 @@ pub struct EmbeddedConfig {
     /// Once no write has been committed for this long, memtables of at least
     /// 1 MiB are flushed to tables, so that reads stop searching them (see
     /// `quiet.rs`); `None` leaves flushing to fjall, which flushes a memtable
-    /// when it is full.
+    /// when it is full. Either way, readers are handed the engine as it is
+    /// after each quiet spell (2 s when `None`), flushes and compactions
+    /// included.
     pub flush_when_quiet: Option<Duration>,
     /// Called at every commit and sync (tests use it to prove ordering).
     #[cfg(feature = "internals")]
@@ -189,7 +191,7 @@ impl EmbeddedConfig {
             block_cache_bytes: DEFAULT_BLOCK_CACHE_BYTES,
             min_free: MinFree::default(),
             history: History::default(),
-            flush_when_quiet: Some(Duration::from_secs(2)),
+            flush_when_quiet: Some(DEFAULT_QUIET),
             #[cfg(feature = "internals")]
             commit_hook: None,
             #[cfg(feature = "internals")]
@@ -507,12 +509,13 @@ impl EmbeddedStore {
         background("kvstore-watcher", Box::new(run_watcher))?;
         background("kvstore-trimmer", Box::new(run_trimmer))?;
         background("kvstore-expirer", Box::new(run_expirer))?;
-        if let Some(quiet) = config.flush_when_quiet {
-            background(
-                "kvstore-flusher",
-                Box::new(move |shared, stop| run_flusher(shared, quiet, stop)),
-            )?;
-        }
+        let (quiet, flush) = config
+            .flush_when_quiet
+            .map_or((DEFAULT_QUIET, false), |quiet| (quiet, true));
+        background(
+            "kvstore-quiet",
+            Box::new(move |shared, stop| run_quiet(shared, quiet, flush, stop)),
+        )?;
         let committer = Committer {
             shared: Arc::clone(&shared),
             stops,
@@ -530,6 +533,18 @@ impl EmbeddedStore {
             path: config.path,
             threads: Mutex::new(threads),
         })
+    }
+
+    /// The fjall sequence number that reads see, and the engine's own: a
+    /// flush or a compaction moves the engine's on, and reads see what it
+    /// changed once theirs catches up (see `quiet.rs`).
+    #[cfg(feature = "internals")]
+    pub fn sequence_numbers(&self) -> Option<(u64, u64)> {
+        self.shared
+            .view
+            .load()
+            .as_deref()
+            .map(|view| (view.snapshot.seqno(), view.engine.db.snapshot().seqno()))
     }
 
     /// Writes waiting for the committer thread to take them into a group.
