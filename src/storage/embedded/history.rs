@@ -132,8 +132,7 @@ fn trim(shared: &Shared, engine: &Engine) -> StoreResult<()> {
     deleted += delete(engine, &mut doomed)?;
     if deleted > 0 {
         // Readers see the records gone now, not at the next write.
-        let writer = shared.lock_writer();
-        shared.lane.republish(shared, writer.revision);
+        shared.republish_view();
     }
     shared.feed.forget_through(oldest.saturating_sub(1));
     metrics::gauge!(OLDEST_GAUGE).set(oldest as f64);

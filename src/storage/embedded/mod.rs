@@ -425,6 +425,17 @@ impl Shared {
         // returns, and the engine refuses writes after a failed sync.
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Hands readers the engine as it is now, for what changed it outside a
+    /// write (the trimmer's deletes, a flush, a compaction); with the writer
+    /// held, so that no group is committed meanwhile. Not once the store is
+    /// closed.
+    fn republish_view(&self) {
+        let writer = self.lock_writer();
+        if !self.closed.load(Ordering::Acquire) {
+            self.lane.republish(self, writer.revision);
+        }
+    }
 }
 
 /// The embedded, durable engine.

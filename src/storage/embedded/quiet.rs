@@ -58,11 +58,7 @@ pub(super) fn run_quiet(shared: &Shared, quiet: Duration, flush: bool, stop: &Re
         }
         // The flush just asked for ends in fjall's worker, after this: the
         // next quiet look hands it to readers.
-        let writer = shared.lock_writer();
-        if shared.closed.load(Ordering::Acquire) {
-            return;
-        }
-        shared.lane.republish(shared, writer.revision);
+        shared.republish_view();
     }
 }
 

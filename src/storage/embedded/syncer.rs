@@ -202,11 +202,11 @@ impl Lane {
         self.queued.notify_one();
     }
 
-    /// Gives readers the engine as it is now, with the writer held (which
-    /// gives `revision`, the last one committed): for changes made outside
-    /// the writer (the trimmer's), which would otherwise wait for the next
-    /// group to be published. Not after a failed sync, whose groups are
-    /// in the engine but refused.
+    /// Gives readers the engine as it is now, for a holder of the writer
+    /// (which gives `revision`, the last one committed; see
+    /// `Shared::republish_view`): every group queued is synced and published
+    /// first. Not after a failed sync, whose groups are in the engine but
+    /// refused.
     pub(super) fn republish(&self, shared: &Shared, revision: u64) {
         self.drain(shared);
         let journal = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
