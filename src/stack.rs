@@ -118,10 +118,6 @@ pub struct Stack {
     pub store: Arc<dyn Store>,
     /// The engine alone.
     pub engine: Arc<dyn Store>,
-    /// The embedded engine, when it is the backend.
-    pub embedded: Option<Arc<EmbeddedStore>>,
-    /// The PostgreSQL backend, when it is the backend.
-    pub postgres: Option<Arc<PostgresStore>>,
 }
 
 impl Stack {
@@ -142,7 +138,6 @@ impl Stack {
     pub fn over_store(store: Arc<dyn Store>, layers: &Layers) -> Result<Stack, StackError> {
         let engine = Engine {
             store,
-            embedded: None,
             postgres: None,
         };
         Self::over(engine, layers)
@@ -176,8 +171,6 @@ impl Stack {
         Ok(Stack {
             store,
             engine: engine.store,
-            embedded: engine.embedded,
-            postgres: engine.postgres,
         })
     }
 }
@@ -185,7 +178,6 @@ impl Stack {
 /// An open engine, with its concrete type for what only it offers.
 struct Engine {
     store: Arc<dyn Store>,
-    embedded: Option<Arc<EmbeddedStore>>,
     postgres: Option<Arc<PostgresStore>>,
 }
 
@@ -201,10 +193,8 @@ impl Engine {
                     .map_err(|e| StoreError::Internal(format!("opening the store: {e}")))
                     .and_then(|opened| opened)
                     .map_err(|source| StackError::Embedded { path, source })?;
-                let store = Arc::new(opened);
                 Ok(Engine {
-                    store: store.clone(),
-                    embedded: Some(store),
+                    store: Arc::new(opened),
                     postgres: None,
                 })
             }
@@ -219,7 +209,6 @@ impl Engine {
                 );
                 Ok(Engine {
                     store: store.clone(),
-                    embedded: None,
                     postgres: Some(store),
                 })
             }
