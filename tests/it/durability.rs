@@ -98,6 +98,47 @@ async fn a_write_is_not_answered_while_its_sync_is_held() {
     server.stop().await;
 }
 
+/// A condition that fails because of a write not yet synced is not answered
+/// before that sync either: the 412 would tell of a version that a crash can
+/// still take away, and a client that reads again to retry would read the
+/// old one and fail again until the sync is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_condition_failed_by_an_unsynced_write_waits_for_its_sync() {
+    let gate = Arc::new(Gate::default());
+    // Through the committer, which hands the first write's sync to the sync
+    // thread and goes on to judge the next write meanwhile.
+    let (server, mut events) = gated_server(Arc::clone(&gate), Duration::from_secs(3600)).await;
+
+    let put = first_write_held_at_its_sync(&server, &mut events, "k").await;
+    let client = server.client.clone();
+    let create = tokio::spawn(async move { client.put("k", "other", Condition::Absent).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !create.is_finished(),
+        "a condition failed by an unsynced write was answered before its sync"
+    );
+
+    gate.set(true);
+    within(60, "the answer", put).await.unwrap().expect("put");
+    match within(60, "the refusal", create).await.unwrap() {
+        Err(ClientError::Api { status, error }) => {
+            assert_eq!(status, 412, "{error:?}");
+            assert_eq!(error.code, "version_mismatch", "{error:?}");
+        }
+        other => panic!("expected 412, got {other:?}"),
+    }
+    // Once the store is quiet and synced, a failed condition is answered at
+    // once, with no sync of its own.
+    while events.try_recv().is_ok() {}
+    let refused = server.client.put("k", "other", Condition::Absent).await;
+    assert!(matches!(refused, Err(ClientError::Api { status, .. }) if status == 412));
+    assert!(
+        events.try_recv().is_err(),
+        "a failed condition on a synced store took a commit or a sync"
+    );
+    server.stop().await;
+}
+
 /// Watchers get a change only once the sync that covers it is done: while
 /// the hook holds the committer after the sync, the watch stays silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

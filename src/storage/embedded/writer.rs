@@ -191,11 +191,10 @@ impl Writer {
         let now = shared.now_us();
         let mut group = Group::new(self.revision);
         let mut accepted = Vec::with_capacity(writes.len());
+        let mut rejected = Vec::new();
         for (ops, reply) in writes {
             match self.apply(shared, &engine, ops, now, &mut group) {
-                Ok(WriteOutcome::Rejected { failed }) => {
-                    let _ = reply.send((Ok(WriteOutcome::Rejected { failed }), Duration::ZERO));
-                }
+                Ok(outcome @ WriteOutcome::Rejected { .. }) => rejected.push((reply, outcome)),
                 Ok(outcome) => accepted.push((reply, outcome)),
                 // Reading a current version failed (an I/O error, a corrupt
                 // record), or a lease is gone: this write fails alone; it
@@ -206,8 +205,12 @@ impl Writer {
             }
         }
         if self.revision == group.first_revision {
+            self.answer_rejected(shared, engine, rejected, hand_over);
             return;
         }
+        // A condition was judged against this group's writes and the
+        // groups before it: its answer waits for the sync that covers them.
+        accepted.extend(rejected);
         if let Ok(leases) = self.commit(shared, engine, group, accepted) {
             // A group of writes ends only leases that have lapsed, which
             // readers already take for gone: they may leave the map before
@@ -215,6 +218,41 @@ impl Writer {
             shared.leases.apply(leases);
             shared.lane.finish(shared, hand_over);
         }
+    }
+
+    /// Answers writes whose conditions failed, in a group that wrote
+    /// nothing. A condition is judged against every group committed, synced
+    /// or not; its answer (and a retry's read, which sees only synced
+    /// groups) must not come before the sync of the groups it saw, or a
+    /// client would be told of a version that a crash can still take away
+    /// and a read-modify-write loop would read the old one again and again.
+    /// So unless readers already see the last group committed, the answers
+    /// go through the lane with a snapshot of the engine as it is (which
+    /// holds no write of its own), after the groups queued before them.
+    fn answer_rejected(
+        &self,
+        shared: &Shared,
+        engine: Arc<Engine>,
+        rejected: Vec<(Reply, WriteOutcome)>,
+        hand_over: bool,
+    ) {
+        if rejected.is_empty() {
+            return;
+        }
+        let published = shared.view.load().as_ref().map(|view| view.revision);
+        if published == Some(self.revision) {
+            for (reply, outcome) in rejected {
+                let _ = reply.send((Ok(outcome), Duration::ZERO));
+            }
+            return;
+        }
+        shared.lane.push(Written {
+            view: View::now(engine, self.revision),
+            answers: rejected,
+            record: None,
+            started: Instant::now(),
+        });
+        shared.lane.finish(shared, hand_over);
     }
 
     /// Commits a group in one fjall batch, updates the directory, and queues
