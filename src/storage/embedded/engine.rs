@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, Readable};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable};
 
 use super::{KEYSPACES_DIR, MAX_JOURNALING_BYTES, REVISION_KEY};
 use crate::error::{StoreError, StoreResult};
@@ -59,27 +59,16 @@ impl Engine {
         Ok((engine, revision))
     }
 
-    /// Hands every keyspace's memtable of at least `min_bytes` to fjall's
-    /// flush (see [`super::quiet`]); gives how many it handed over.
-    ///
-    /// `rotate_memtable` is public in fjall 3.1.13 but left out of its docs;
-    /// fjall's version is pinned, and `tests/it/quiet_flush.rs` fails if a
-    /// later one stops flushing here.
-    pub(super) fn flush_memtables(&self, min_bytes: u64) -> StoreResult<usize> {
-        let mut flushed = 0;
-        for keyspace in [
+    /// Every keyspace of the engine.
+    pub(super) fn keyspaces(&self) -> [&Keyspace; 6] {
+        [
             &self.kv,
             &self.changes,
             &self.deadlines,
             &self.lease_keys,
             &self.leases,
             &self.meta,
-        ] {
-            if keyspace.tree.active_memtable().size() >= min_bytes && keyspace.rotate_memtable()? {
-                flushed += 1;
-            }
-        }
-        Ok(flushed)
+        ]
     }
 
     /// The store revision a snapshot (or the engine itself) holds.
