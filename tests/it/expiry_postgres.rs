@@ -76,9 +76,9 @@ async fn history(store: &PostgresStore) -> Vec<Change> {
 }
 
 /// Every change up to `revision` (gaps left out), once the watermark passed
-/// it; fails the test after 5 s.
+/// it; fails the test after 30 s.
 async fn history_through(store: &PostgresStore, revision: u64) -> Vec<Change> {
-    within(5, "the history up to a write", async {
+    within(30, "the history up to a write", async {
         loop {
             let changes = history(store).await;
             if changes.last().is_some_and(|c| c.revision >= revision) {

@@ -419,8 +419,17 @@ async fn connections_ended_under_load_are_replaced() {
             .expect("terminate");
         ended += rows.len();
     }
-    // After the last kill, every request must succeed again.
+    // After the last kill, every request must succeed again: once the
+    // workers are past it (the pool has had time to replace what was
+    // ended), no 503 may follow.
+    let after_kills = ok.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
+    within(30, "requests after the last kill", async {
+        while ok.load(Ordering::Relaxed) < after_kills + 50 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let before = unavailable.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(500)).await;
     running.store(false, Ordering::Release);
