@@ -212,6 +212,69 @@ async fn a_late_write_cannot_put_back_its_older_entry() {
     cache.close().await.unwrap();
 }
 
+/// A write of `new` is held after its commit, before `cache` (over
+/// `backing`) hears of it; a write conditional on the old version then
+/// fails, and its 412 tells of the new version: a read after it must not be
+/// served the old one.
+async fn a_failed_condition_drops_the_older_entry_it_was_told_of(
+    cache: Arc<dyn Store>,
+    backing: &StallingStore,
+) {
+    cache.write(put("k", "old")).await.unwrap();
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("old"));
+    // Read twice: the Redis cache fills on a miss, then serves.
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("old"));
+
+    backing.stall_write.store(true, Ordering::SeqCst);
+    let held = {
+        let cache = Arc::clone(&cache);
+        tokio::spawn(async move { cache.write(put("k", "new")).await })
+    };
+    within(60, "the write to be held", backing.write_done.notified()).await;
+    let refused = cache
+        .write(vec![WriteOp::Put {
+            key: b"k".to_vec(),
+            value: b"on old".to_vec(),
+            condition: Condition::Version(1),
+            expiry: Expiry::Never,
+        }])
+        .await
+        .unwrap();
+    let WriteOutcome::Rejected { failed } = refused else {
+        panic!("expected a failed condition, got {refused:?}");
+    };
+    assert_eq!(failed[0].current_version, Some(2));
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("new"));
+
+    backing.release_write.add_permits(1);
+    within(60, "the held write", held).await.unwrap().unwrap();
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("new"));
+    cache.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_cache_drops_what_a_failed_condition_shows_is_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = StallingStore::open(dir.path());
+    let cache = Arc::new(CachedStore::new(backing.clone(), CacheConfig::default()));
+    a_failed_condition_drops_the_older_entry_it_was_told_of(cache, &backing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(kvstore_test_redis),
+    ignore = "set KVSTORE_TEST_REDIS_URL to run it"
+)]
+async fn the_redis_cache_drops_what_a_failed_condition_shows_is_old() {
+    use kvstore::storage::layer::redis_cache::{RedisCachedStore, RedisConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let backing = StallingStore::open(dir.path());
+    let mut config = RedisConfig::new(crate::harness::redis_url());
+    config.prefix = format!("condition-test-{}:", std::process::id());
+    let cache = Arc::new(RedisCachedStore::new(backing.clone(), config).unwrap());
+    a_failed_condition_drops_the_older_entry_it_was_told_of(cache, &backing).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_read_cannot_fill_after_the_newer_entry_was_evicted() {
     let dir = tempfile::tempdir().unwrap();

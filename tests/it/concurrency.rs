@@ -25,10 +25,17 @@ async fn read_counter(client: &Client) -> (u64, u64) {
 }
 
 /// Adds one to the counter with `If-Match`, reading again after every 412;
-/// returns the version written.
+/// returns the version written. The version a 412 reports as current is
+/// durable and readable by the time the 412 arrives, so the read after it
+/// sees that version or a later one.
 async fn increment(client: &Client) -> u64 {
+    let mut reported = 0;
     loop {
         let (value, version) = read_counter(client).await;
+        assert!(
+            version >= reported,
+            "read version {version} after a 412 that reported {reported}"
+        );
         let next = (value + 1).to_string();
         match client.put(COUNTER, next, Condition::Version(version)).await {
             Ok(put) => {
@@ -44,6 +51,7 @@ async fn increment(client: &Client) -> u64 {
                     .get("current_version")
                     .and_then(|v| v.as_u64());
                 assert!(current.is_some_and(|c| c > version), "{error:?}");
+                reported = current.unwrap_or(0);
             }
             Err(err) => panic!("increment: {err}"),
         }

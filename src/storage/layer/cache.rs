@@ -18,6 +18,10 @@
 //! - Writes and reads note the highest revision seen in their stripe, so a slow
 //!   writer does not put its entry back over a newer one that was evicted; it
 //!   removes the key instead.
+//! - A write whose condition failed learnt the key's current version, which
+//!   a concurrent write may have made before settling here: unless the cache
+//!   holds that version, the key is forgotten (as after a write whose
+//!   outcome is unknown), so a read after a 412 never finds an older one.
 //!
 //! A read that finds a key absent does not know since which revision, so only
 //! entries are ordered this way; an absence seen before a concurrent delete is
@@ -124,6 +128,14 @@ impl Slot {
         match self {
             Slot::Present(entry, _) => entry.revision,
             Slot::Absent(revision, _) => *revision,
+        }
+    }
+
+    /// The version the slot holds; `None` for an absent key.
+    fn version(&self) -> Option<u64> {
+        match self {
+            Slot::Present(entry, _) => Some(entry.version),
+            Slot::Absent(..) => None,
         }
     }
 
@@ -418,8 +430,20 @@ impl CachedStore {
                     self.apply_write(key, *revision, slot);
                 }
             }
-            // Nothing was written.
-            Ok(WriteOutcome::Rejected { .. }) => {}
+            // Nothing was written, but a failed condition tells the key's
+            // current version, which another write may have made before it
+            // has settled here: a read after the 412 must not find an older
+            // version in the cache.
+            Ok(WriteOutcome::Rejected { failed }) => {
+                for condition in failed {
+                    if let Some((key, _)) = plan.get(condition.index) {
+                        let cached = self.cache.get(key).map(|slot| slot.version());
+                        if cached != Some(condition.current_version) {
+                            self.forget(key);
+                        }
+                    }
+                }
+            }
             Err(_) => {
                 for (key, _) in &plan {
                     self.forget(key);

@@ -398,15 +398,24 @@ impl RedisCachedStore {
         }
     }
 
-    /// Drops the keys of the writes that may have written something: not
-    /// after a rejection (nothing was written); after an error the outcome is
-    /// unknown, so the keys are dropped as after a write.
+    /// Drops the keys of the writes that may have written something (after
+    /// an error the outcome is unknown, so the keys are dropped as after a
+    /// write), and the keys whose condition failed: that wrote nothing, but
+    /// told the key's current version, which another write may have made
+    /// before invalidating here, and a read after the 412 must not find an
+    /// older one in Redis.
     async fn forget_written(&self, keys: &[Vec<Vec<u8>>], outcomes: &[StoreResult<WriteOutcome>]) {
         let written: Vec<&[u8]> = keys
             .iter()
             .zip(outcomes)
-            .filter(|(_, outcome)| !matches!(outcome, Ok(WriteOutcome::Rejected { .. })))
-            .flat_map(|(keys, _)| keys.iter().map(Vec::as_slice))
+            .flat_map(|(keys, outcome)| match outcome {
+                Ok(WriteOutcome::Rejected { failed }) => failed
+                    .iter()
+                    .filter_map(|condition| keys.get(condition.index))
+                    .map(Vec::as_slice)
+                    .collect::<Vec<_>>(),
+                _ => keys.iter().map(Vec::as_slice).collect(),
+            })
             .collect();
         if !written.is_empty() {
             self.invalidate(&written).await;
