@@ -266,12 +266,9 @@ async fn the_local_cache_drops_what_a_failed_condition_shows_is_old() {
     ignore = "set KVSTORE_TEST_REDIS_URL to run it"
 )]
 async fn the_redis_cache_drops_what_a_failed_condition_shows_is_old() {
-    use kvstore::storage::layer::redis_cache::{RedisCachedStore, RedisConfig};
     let dir = tempfile::tempdir().unwrap();
     let backing = StallingStore::open(dir.path());
-    let mut config = RedisConfig::new(crate::harness::redis_url());
-    config.prefix = format!("condition-test-{}:", std::process::id());
-    let cache = Arc::new(RedisCachedStore::new(backing.clone(), config).unwrap());
+    let cache = redis_cache(backing.clone(), "condition-test");
     a_failed_condition_drops_the_older_entry_it_was_told_of(cache, &backing).await;
 }
 
@@ -545,11 +542,15 @@ async fn the_local_cache_never_serves_an_expired_or_revoked_key() {
     ignore = "set KVSTORE_TEST_REDIS_URL to run it"
 )]
 async fn the_redis_cache_never_serves_an_expired_or_revoked_key() {
-    use kvstore::storage::layer::redis_cache::{RedisCachedStore, RedisConfig};
     let dir = tempfile::tempdir().unwrap();
     let (store, now) = clocked_store(dir.path());
+    cache_forgets_what_expires(redis_cache(store, "expiry-test"), &now).await;
+}
+
+/// The Redis cache over `store`, under a key prefix of this test's own.
+fn redis_cache(store: Arc<dyn Store>, test: &str) -> Arc<dyn Store> {
+    use kvstore::storage::layer::redis_cache::{RedisCachedStore, RedisConfig};
     let mut config = RedisConfig::new(crate::harness::redis_url());
-    config.prefix = format!("expiry-test-{}:", std::process::id());
-    let cache = RedisCachedStore::new(store, config).unwrap();
-    cache_forgets_what_expires(Arc::new(cache), &now).await;
+    config.prefix = format!("{test}-{}:", std::process::id());
+    Arc::new(RedisCachedStore::new(store, config).expect("the Redis cache"))
 }
