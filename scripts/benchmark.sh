@@ -34,7 +34,8 @@ print("%.0f ops/s, p50 %.3f ms, p99 %.3f ms, p99.9 %.3f ms (client %.0f%% of the
 target/release/examples/http_floor 127.0.0.1:7099 2>/dev/null & FLOOR=$!
 trap 'kill $FLOOR ${SERVER:-} 2>/dev/null || true; redis-cli -p 7098 shutdown nosave >/dev/null 2>&1 || true; rm -rf "$DATA"' EXIT
 sleep 0.3
-echo "HTTP floor, 1 connection: $(wrk_row -t1 -c1 -d"$D" http://127.0.0.1:7099/)"
+FLOOR1=$(wrk_row -t1 -c1 -d"$D" http://127.0.0.1:7099/)
+echo "HTTP floor, 1 connection: $FLOOR1"
 echo "HTTP floor, 16 connections: $(wrk_row -t2 -c16 -d"$D" http://127.0.0.1:7099/)"
 kill $FLOOR
 
@@ -63,12 +64,19 @@ if command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null; 
   done
 fi
 
+# The p50 of a wrk_row line, in µs.
+p50_micros() {
+  sed -E 's/.*p50 ([0-9.]+)(us|ms|s),.*/\1 \2/' <<<"$1" |
+    awk '{print $2 == "ms" ? $1 * 1000 : ($2 == "s" ? $1 * 1e6 : $1)}'
+}
+
 # A durable PUT row under wrk at C connections, with its ratio to Redis's
 # rows of the same connections.
 put_row() {
   local c=$1 row rps
   row=$(wrk_row -t$((c == 1 ? 1 : 2)) -c"$c" -d"$D" -s "$PUT_SCRIPT" "$KVSTORE_URL")
   rps=${row%% req/s*}
+  if ((c == 1)); then PUT1=$row; fi
   for policy in always everysec; do
     if [ -n "${REDIS[$policy,$c]:-}" ]; then
       row="$row, $(awk -v a="$rps" -v b="${REDIS[$policy,$c]}" 'BEGIN{printf "%.2f", a / b}')x Redis $policy"
@@ -79,7 +87,8 @@ put_row() {
 
 "$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:$PORT 2>/dev/null & SERVER=$!
 wait_ready
-target/release/examples/fsync_floor "$DATA"
+FSYNC=$(target/release/examples/fsync_floor "$DATA")
+echo "$FSYNC"
 "$BIN" bench read --records 100000 --operations 1000 --concurrency 16 >/dev/null 2>&1
 # The same client as the HTTP floor, on one hot key: a like-for-like ratio.
 VALUE=$(printf 'x%.0s' $(seq 1 100))
@@ -94,6 +103,15 @@ PUT_SCRIPT="$DATA.put.lua"
 put_script "$PUT_SCRIPT"
 for c in 1 16 64; do put_row $c; done
 rm -f "$PUT_SCRIPT"
+# The target of a durable PUT at one connection: fdatasync's p50 plus the
+# HTTP floor's plus 10 µs, against each of the floor's two writes (fjall's
+# journal is a preallocated file; see benches/floors/fsync_floor.rs).
+http1=$(p50_micros "$FLOOR1")
+put1=$(p50_micros "$PUT1")
+while read -r what sync; do
+  echo "durable PUT under wrk, 1 connection, p50 ${put1} us against fdatasync ($what) + HTTP floor + 10 us: $(awk -v s="$sync" -v h="$http1" 'BEGIN{print s + h + 10}') us"
+done < <(sed -nE 's/fdatasync of a 128-byte (append|write into a preallocated file), .* p50 ([0-9.]+) us.*/\1 \2/p' <<<"$FSYNC" |
+  sed 's/^write into a preallocated file/preallocated/')
 echo "range of 100 under wrk, 1 connection: $(wrk_row -t1 -c1 -d"$D" "$KVSTORE_URL/v1/kv?start=bench/user0&limit=100")"
 bench_row "GET, 1 connection" read --concurrency 1 --duration "$D"
 bench_row "GET, 16 connections" read --concurrency 16 --duration "$D"
