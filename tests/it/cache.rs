@@ -91,7 +91,12 @@ impl Store for StallingStore {
         let outcome = self.inner.write(ops).await;
         if self.stall_write.swap(false, Ordering::SeqCst) {
             self.write_done.notify_one();
-            let _permit = self.release_write.acquire().await.expect("semaphore");
+            // One permit releases one held write.
+            self.release_write
+                .acquire()
+                .await
+                .expect("semaphore")
+                .forget();
         }
         outcome
     }
@@ -155,6 +160,21 @@ async fn held_read(
     reader
 }
 
+/// Runs a put of `k` through `cache` until it has committed and is held.
+async fn held_write(
+    cache: &Arc<dyn Store>,
+    backing: &StallingStore,
+    value: &'static str,
+) -> tokio::task::JoinHandle<StoreResult<WriteOutcome>> {
+    backing.stall_write.store(true, Ordering::SeqCst);
+    let writer = {
+        let cache = Arc::clone(cache);
+        tokio::spawn(async move { cache.write(put("k", value)).await })
+    };
+    within(60, "the write to be held", backing.write_done.notified()).await;
+    writer
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_read_cannot_put_back_an_old_version() {
     let dir = tempfile::tempdir().unwrap();
@@ -189,6 +209,35 @@ async fn a_stalled_read_cannot_put_back_an_old_version() {
     cache.close().await.unwrap();
 }
 
+/// A read holds `old`, then the key is rewritten and deleted, the delete's
+/// slot expires, and a later read caches the key's absence (which carries no
+/// revision): the held read may not fill `old` over that absence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_read_cannot_fill_over_a_later_absence() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = StallingStore::open(dir.path());
+    backing.inner.write(put("k", "old")).await.unwrap();
+    let cache = Arc::new(CachedStore::new(
+        backing.clone(),
+        cache_config(|config| config.ttl = Some(Duration::from_millis(50))),
+    ));
+
+    let reader = held_read(&cache, &backing, "k").await;
+    cache.write(put("k", "new")).await.unwrap();
+    cache.write(delete("k")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(value_of(cache.as_ref(), "k").await, None);
+    backing.release.add_permits(1);
+    within(60, "the held read", reader).await.unwrap();
+
+    assert_eq!(
+        value_of(cache.as_ref(), "k").await,
+        None,
+        "the deleted key came back"
+    );
+    cache.close().await.unwrap();
+}
+
 /// A write commits `old`, then is held before the cache hears of it, while a
 /// later write of `new` to the same key updates the cache; when the first
 /// write's answer comes back, the cache must keep `new`.
@@ -196,14 +245,9 @@ async fn a_stalled_read_cannot_put_back_an_old_version() {
 async fn a_late_write_cannot_put_back_its_older_entry() {
     let dir = tempfile::tempdir().unwrap();
     let backing = StallingStore::open(dir.path());
-    let cache = Arc::new(CachedStore::new(backing.clone(), CacheConfig::default()));
+    let cache: Arc<dyn Store> = Arc::new(CachedStore::new(backing.clone(), CacheConfig::default()));
 
-    backing.stall_write.store(true, Ordering::SeqCst);
-    let late = {
-        let cache = Arc::clone(&cache);
-        tokio::spawn(async move { cache.write(put("k", "old")).await })
-    };
-    within(60, "the write to be held", backing.write_done.notified()).await;
+    let late = held_write(&cache, &backing, "old").await;
     cache.write(put("k", "new")).await.unwrap();
     backing.release_write.add_permits(1);
     within(60, "the held write", late).await.unwrap().unwrap();
@@ -212,29 +256,26 @@ async fn a_late_write_cannot_put_back_its_older_entry() {
     cache.close().await.unwrap();
 }
 
-/// A write of `new` is held after its commit, before `cache` (over
-/// `backing`) hears of it; a write conditional on the old version then
-/// fails, and its 412 tells of the new version: a read after it must not be
-/// served the old one.
+/// Two writes (versions 2 and 3) are held after their commits, before
+/// `cache` (over `backing`) hears of them; a write conditional on version 1
+/// then fails, and its 412 tells of version 3. A read after it must not be
+/// served an older version: not version 1, which the cache held, nor
+/// version 2, which the first held write brings when it is released.
 async fn a_failed_condition_drops_the_older_entry_it_was_told_of(
     cache: Arc<dyn Store>,
     backing: &StallingStore,
 ) {
-    cache.write(put("k", "old")).await.unwrap();
-    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("old"));
+    cache.write(put("k", "v1")).await.unwrap();
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("v1"));
     // Read twice: the Redis cache fills on a miss, then serves.
-    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("old"));
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("v1"));
 
-    backing.stall_write.store(true, Ordering::SeqCst);
-    let held = {
-        let cache = Arc::clone(&cache);
-        tokio::spawn(async move { cache.write(put("k", "new")).await })
-    };
-    within(60, "the write to be held", backing.write_done.notified()).await;
+    let v2 = held_write(&cache, backing, "v2").await;
+    let v3 = held_write(&cache, backing, "v3").await;
     let refused = cache
         .write(vec![WriteOp::Put {
             key: b"k".to_vec(),
-            value: b"on old".to_vec(),
+            value: b"on v1".to_vec(),
             condition: Condition::Version(1),
             expiry: Expiry::Never,
         }])
@@ -243,12 +284,16 @@ async fn a_failed_condition_drops_the_older_entry_it_was_told_of(
     let WriteOutcome::Rejected { failed } = refused else {
         panic!("expected a failed condition, got {refused:?}");
     };
-    assert_eq!(failed[0].current_version, Some(2));
-    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("new"));
+    assert_eq!(failed[0].current_version, Some(3));
 
+    // The held writes go on in order (the semaphore is fair): version 2's
+    // answer reaches the cache after the refusal, before any read.
     backing.release_write.add_permits(1);
-    within(60, "the held write", held).await.unwrap().unwrap();
-    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("new"));
+    within(60, "version 2's write", v2).await.unwrap().unwrap();
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("v3"));
+    backing.release_write.add_permits(1);
+    within(60, "version 3's write", v3).await.unwrap().unwrap();
+    assert_eq!(value_of(cache.as_ref(), "k").await.as_deref(), Some("v3"));
     cache.close().await.unwrap();
 }
 

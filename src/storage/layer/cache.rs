@@ -12,7 +12,8 @@
 //!   something newer.
 //! - A read that misses notes its stripe's epoch, reads the store, and fills the
 //!   cache only if that replaces an older cached revision, or if no write and no
-//!   other read of the stripe completed meanwhile; then it bumps the epoch too.
+//!   other read of the stripe completed meanwhile (also over an absence that a
+//!   read found, which has no revision); then it bumps the epoch too.
 //!   Without the epoch, a slow read could fill an old version after a newer one
 //!   was evicted or expired.
 //! - Writes and reads note the highest revision seen in their stripe, so a slow
@@ -20,8 +21,10 @@
 //!   removes the key instead.
 //! - A write whose condition failed learnt the key's current version, which
 //!   a concurrent write may have made before settling here: unless the cache
-//!   holds that version, the key is forgotten (as after a write whose
-//!   outcome is unknown), so a read after a 412 never finds an older one.
+//!   holds that version, the key is forgotten, reads that began before may
+//!   not fill it, and writes that began before may not put their entries in
+//!   (any of them may be older), so a read after a 412 never finds an older
+//!   version.
 //!
 //! A read that finds a key absent does not know since which revision, so only
 //! entries are ordered this way; an absence seen before a concurrent delete is
@@ -50,8 +53,17 @@ use crate::storage::{
     ScanRequest, Store, WriteOp, WriteOutcome,
 };
 
-/// A write's keys, each with its value when it may be cached.
-type Plan = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+/// A write's keys, as [`CachedStore::plan`] notes them before the write.
+type Plan = Vec<Planned>;
+
+/// A key of a write, noted before the write goes to the store.
+struct Planned {
+    key: Vec<u8>,
+    /// The value, when it may be cached.
+    value: Option<Vec<u8>>,
+    /// The key's stripe's [`Stripe::refusals`] then.
+    refusals: u64,
+}
 
 /// Lock stripes; enough that unrelated keys rarely share one.
 const STRIPES: usize = 4096;
@@ -186,6 +198,11 @@ struct Stripe {
     epoch: u64,
     /// The highest revision a write of the stripe's keys has put in the cache.
     max_revision: u64,
+    /// Bumped when a failed condition told of a version of one of the
+    /// stripe's keys that the cache did not hold: a write that began before
+    /// may be older than that version without knowing it, so it puts no
+    /// entry in.
+    refusals: u64,
 }
 
 type SlotCache = quick_cache::sync::Cache<
@@ -249,7 +266,7 @@ impl CachedStore {
     /// and keep reads that began before now from filling one.
     pub(crate) fn invalidate(&self, key: &[u8], revision: u64) {
         // The same ordering as a local write that leaves no entry behind.
-        self.apply_write(key.to_vec(), revision, None);
+        self.apply_write(key.to_vec(), revision, None, None);
     }
 
     /// Forgets everything, and keeps every read that began before now from
@@ -329,9 +346,12 @@ impl CachedStore {
         };
         let revision = found.map_or(0, |e| e.revision);
         let mut stripe = self.stripe(key);
-        let allowed = match self.fresh(key) {
-            Some(cached) => revision > cached.revision(),
-            None => stripe.epoch == epoch,
+        // An absence a read found carries no revision (0), so it orders
+        // nothing: over it, as over an empty slot, only a read that no write
+        // or other read of the stripe has overtaken may fill.
+        let allowed = match self.fresh(key).map(|cached| cached.revision()) {
+            Some(cached) if cached > 0 => revision > cached,
+            _ => stripe.epoch == epoch,
         };
         if let Some(slot) = slot.filter(|_| allowed) {
             self.cache.insert(key.to_vec(), slot);
@@ -345,9 +365,13 @@ impl CachedStore {
 
     /// Applies what a write did to the cache; `slot` is `None` for a put whose
     /// entry may not be cached.
-    fn apply_write(&self, key: Vec<u8>, revision: u64, slot: Option<Slot>) {
+    ///
+    /// `refusals`: the stripe's refusals when the write began, for a write
+    /// that may not put its entry in after a refusal since.
+    fn apply_write(&self, key: Vec<u8>, revision: u64, slot: Option<Slot>, refusals: Option<u64>) {
         let mut stripe = self.stripe(&key);
         stripe.epoch += 1;
+        let slot = slot.filter(|_| refusals.is_none_or(|began| began == stripe.refusals));
         // Whatever the cache holds of the stripe's keys was put there under
         // this lock, which raised `max_revision` to at least its revision. So
         // the newest write of the stripe replaces the key's slot without
@@ -372,11 +396,18 @@ impl CachedStore {
     /// store: each key, with its value when it may be cached.
     fn plan(&self, ops: &[WriteOp]) -> Plan {
         ops.iter()
-            .map(|op| match op {
-                WriteOp::Put { key, value, .. } if self.cacheable(value.len(), None) => {
-                    (key.clone(), Some(value.clone()))
+            .map(|op| {
+                let value = match op {
+                    WriteOp::Put { value, .. } if self.cacheable(value.len(), None) => {
+                        Some(value.clone())
+                    }
+                    _ => None,
+                };
+                Planned {
+                    key: op.key().to_vec(),
+                    value,
+                    refusals: self.stripe(op.key()).refusals,
                 }
-                _ => (op.key().to_vec(), None),
             })
             .collect()
     }
@@ -385,7 +416,15 @@ impl CachedStore {
     fn settle(&self, plan: Plan, outcome: &StoreResult<WriteOutcome>) {
         match outcome {
             Ok(WriteOutcome::Applied { revision, results }) => {
-                for ((key, value), result) in plan.into_iter().zip(results) {
+                for (
+                    Planned {
+                        key,
+                        value,
+                        refusals,
+                    },
+                    result,
+                ) in plan.into_iter().zip(results)
+                {
                     // A put on a lease (given, or kept by keep_ttl) is not cached.
                     let value =
                         value.filter(|_| !matches!(result, OpResult::Put { lease: Some(_), .. }));
@@ -427,28 +466,38 @@ impl CachedStore {
                             continue;
                         }
                     };
-                    self.apply_write(key, *revision, slot);
+                    self.apply_write(key, *revision, slot, Some(refusals));
                 }
             }
             // Nothing was written, but a failed condition tells the key's
-            // current version, which another write may have made before it
-            // has settled here: a read after the 412 must not find an older
-            // version in the cache.
+            // current version, which other writes may have made, or
+            // overtaken, before settling here: a read after the 412 must not
+            // find an older version in the cache.
             Ok(WriteOutcome::Rejected { failed }) => {
                 for condition in failed {
-                    if let Some((key, _)) = plan.get(condition.index) {
-                        let cached = self.cache.get(key).map(|slot| slot.version());
-                        if cached != Some(condition.current_version) {
-                            self.forget(key);
-                        }
+                    if let Some(planned) = plan.get(condition.index) {
+                        self.refused(&planned.key, condition.current_version);
                     }
                 }
             }
             Err(_) => {
-                for (key, _) in &plan {
-                    self.forget(key);
+                for planned in &plan {
+                    self.forget(&planned.key);
                 }
             }
+        }
+    }
+
+    /// A failed condition found `key` at `version`: unless the cache holds
+    /// that version, forget the key, keep reads that began before from
+    /// filling it, and writes that began before from putting their entry in
+    /// (any of them may be older than `version`).
+    fn refused(&self, key: &[u8], version: Option<u64>) {
+        let mut stripe = self.stripe(key);
+        if self.cache.get(key).map(|slot| slot.version()) != Some(version) {
+            stripe.epoch += 1;
+            stripe.refusals += 1;
+            self.cache.remove(key);
         }
     }
 
@@ -543,6 +592,7 @@ impl Store for CachedStore {
                 key.clone(),
                 revoked.revision,
                 Some(Slot::Absent(revoked.revision, self.expiry())),
+                None,
             );
         }
         Ok(revoked)
