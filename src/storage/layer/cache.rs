@@ -494,7 +494,7 @@ impl CachedStore {
     /// (any of them may be older than `version`).
     fn refused(&self, key: &[u8], version: Option<u64>) {
         let mut stripe = self.stripe(key);
-        if self.cache.get(key).map(|slot| slot.version()) != Some(version) {
+        if self.cache.peek(key).map(|slot| slot.version()) != Some(version) {
             stripe.epoch += 1;
             stripe.refusals += 1;
             self.cache.remove(key);
